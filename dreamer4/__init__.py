@@ -1,0 +1,1 @@
+"""Dreamer 4 on Craftax, offline-first, in JAX."""

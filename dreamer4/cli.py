@@ -1,0 +1,72 @@
+"""`dreamer4 <stage>`: argument parsing and dispatch, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dreamer4.config import ConfigError, load_config
+from dreamer4.data.store import DatasetError
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = "configs/tiny.yaml") -> None:
+    p.add_argument("--config", default=default, help="YAML preset (configs/tiny.yaml, classic.yaml, full.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set collect.num_envs=32 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dreamer4", description="Dreamer 4 on Craftax, offline-first, in JAX")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run every stage into one run directory (resumable)")
+    _add_config_args(p)
+    p.add_argument("--run", default="runs/tiny", help="run directory (default runs/tiny)")
+
+    p = sub.add_parser("collect", help="collect Craftax episodes into a sharded TensorStore dataset")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="dataset directory (created, or continued)")
+    p.add_argument("--writer-id", type=int, default=None,
+                   help="this writer's index (default: the JAX process index)")
+    p.add_argument("--num-writers", type=int, default=None,
+                   help="writers filling the dataset together (default: the JAX process count)")
+
+    p = sub.add_parser("dataset", help="inspect a dataset")
+    dsub = p.add_subparsers(dest="dataset_command", required=True)
+    q = dsub.add_parser("info", help="episodes, steps, label fraction, return and achievement statistics")
+    q.add_argument("dir")
+    q = dsub.add_parser("verify", help="re-read every committed shard and check it against the manifest")
+    q.add_argument("dir")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dreamer4.runtime.jax_setup import enable_compilation_cache
+
+    enable_compilation_cache()
+    try:
+        if args.command == "dataset":
+            from dreamer4.pipelines.dataset import print_info, run_verify
+
+            if args.dataset_command == "info":
+                print_info(args.dir)
+                return 0
+            return run_verify(args.dir)
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "collect":
+            from dreamer4.pipelines.collect import run_collect
+
+            run_collect(cfg, args.out, writer_id=args.writer_id, num_writers=args.num_writers)
+        elif args.command == "run":
+            from dreamer4.pipelines.run import run_all
+
+            run_all(cfg, args.run)
+        return 0
+    except (ConfigError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Typed, frozen configuration: a YAML preset plus dotted command-line overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["collect.num_envs=8", "seed=3"])
+
+Every key is checked against the dataclasses below: an unknown key or a value of the wrong type is
+one `ConfigError` naming the key and what was expected. `save_config` writes the resolved config
+into an output directory so that every artefact says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    # "classic" = Craftax-Classic (Crafter rules, 63x63 frames), "full" = Craftax (130x110 frames).
+    name: Literal["classic", "full"] = "classic"
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    # Behaviour policy spec: "random", "sticky", or "NAME:CHECKPOINT" for a registered learned policy.
+    policy: str = "random"
+    # Probability that the sticky policy repeats its previous action.
+    sticky_repeat_prob: float = 0.8
+    num_envs: int = 16
+    # Episodes in the whole dataset (split across writers).
+    num_episodes: int = 48
+    # Environment steps per jitted lax.scan call; results do not depend on it.
+    chunk_steps: int = 64
+    # A shard is committed once its episodes hold at least this many frames (whole episodes only).
+    shard_frames: int = 1024
+    # Frames per zarr read chunk inside a shard (the unit the loader decodes).
+    read_chunk_frames: int = 4
+    zstd_level: int = 3
+    # Share of train episodes whose actions training code may see; the rest is unlabeled video.
+    labeled_fraction: float = 0.1
+    # Share of episodes held out for evaluation (their actions are kept for evaluation only).
+    eval_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int = 8
+    seq_len: int = 16
+    # Distance between window starts inside an episode (seq_len = no overlap).
+    window_stride: int = 8
+    shuffle: bool = True
+    # grain worker processes; 0 reads in the main process.
+    worker_count: int = 0
+    # Batches prefetched per worker (grain's worker_buffer_size).
+    worker_buffer_size: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    env: EnvConfig = field(default_factory=EnvConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from nested dicts, with checked types.
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and for strings from the command line, parse) `value` against type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': got {value!r}, expected one of {list(choices)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': got {value!r}, expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': got {value!r}, expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': got {value!r}, expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': got {value!r}, expected a string")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': got {value!r}, expected a list")
+        (elem,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value))
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(names)}"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(prefix + f.name, data[f.name], tp)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cls: Any = Config
+    node = data
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "<root>"
+            raise ConfigError(
+                f"unknown config key '{dotted}'; valid keys under {where}: {', '.join(names)}"
+            )
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"config key '{dotted}' is a section; set one of its keys: "
+                                  + ", ".join(f.name for f in dataclasses.fields(tp)))
+            node[part] = value
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is not a section")
+            node = node.setdefault(part, {})
+            cls = tp
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` -> (key, value), the value parsed as YAML (so 3, 0.5, true, [1,2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (presets live in configs/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks a type cannot express."""
+    c = cfg.collect
+    checks = [
+        (c.num_envs >= 1, "collect.num_envs", "must be >= 1"),
+        (c.num_episodes >= 1, "collect.num_episodes", "must be >= 1"),
+        (c.chunk_steps >= 1, "collect.chunk_steps", "must be >= 1"),
+        (c.shard_frames >= 1, "collect.shard_frames", "must be >= 1"),
+        (c.read_chunk_frames >= 1, "collect.read_chunk_frames", "must be >= 1"),
+        (0.0 <= c.labeled_fraction <= 1.0, "collect.labeled_fraction", "must be in [0, 1]"),
+        (0.0 <= c.eval_fraction < 1.0, "collect.eval_fraction", "must be in [0, 1)"),
+        (0.0 <= c.sticky_repeat_prob < 1.0, "collect.sticky_repeat_prob", "must be in [0, 1)"),
+        (1 <= c.zstd_level <= 22, "collect.zstd_level", "must be in [1, 22]"),
+        (cfg.loader.batch_size >= 1, "loader.batch_size", "must be >= 1"),
+        (cfg.loader.seq_len >= 1, "loader.seq_len", "must be >= 1"),
+        (cfg.loader.window_stride >= 1, "loader.window_stride", "must be >= 1"),
+        (cfg.loader.worker_count >= 0, "loader.worker_count", "must be >= 0"),
+    ]
+    for ok, key, what in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {what}")
+
+
+def save_config(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config into `directory` (atomically)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""Datasets: Craftax collection, the TensorStore shard format, and the grain loader."""

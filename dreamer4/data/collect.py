@@ -1,0 +1,378 @@
+"""`dreamer4 collect`: step many Craftax envs in one jitted lax.scan and write committed shards.
+
+Step convention (DESIGN.md), one stored row per step t of an episode:
+    frame_t        the frame shown at step t (uint8)
+    action_t       the action that led INTO frame_t; -1 where is_first_t (no action led there)
+    reward_t       reward received on arriving at frame_t; 0 where is_first_t
+    is_first_t     frame_t is the episode's reset frame
+    is_last_t      frame_t is the episode's final frame (death or time limit)
+    is_terminal_t  the episode ended by the game (death), not by the time limit
+    achievements_t achievements unlocked on arriving at frame_t
+So the dynamics at step t sees action_t and predicts frame_t, and an agent acting at step t picks
+action_{t+1}. The collector emits exactly one such row per env per scan iteration: an env whose
+last row was `is_last` is reset in the next iteration and emits its first row.
+
+Resumability: after each committed shard the writer saves its whole collector state (env states,
+PRNG key, the unfinished episodes' rows) to `collector/wNNN/state-KKKKKK.pkl` *before* the manifest
+lists the shard. A restarted writer deletes its uncommitted shard groups, loads the state saved
+with its last committed shard, and continues: the result is byte-identical to an uninterrupted
+run. Episode data never depends on `chunk_steps` (the key is split per step, not per chunk).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreamer4.config import Config, ConfigError, save_config, to_dict
+from dreamer4.data import store
+from dreamer4.data.behavior import BehaviorPolicy, make_policy
+from dreamer4.data.env import EnvSpec, make_env, to_uint8
+from dreamer4.runtime.progress import Progress
+
+ROW_FIELDS = tuple(store.FIELD_DTYPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side: one jitted chunk of `chunk_steps` iterations over `num_envs` envs.
+
+
+def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: int, chunk_steps: int):
+    """Return (init(key) -> carry, chunk(carry) -> (carry, rows_TN)), both jitted.
+
+    carry: env_state, policy_state, frame (N,H,W,C uint8, the frame each env shows now),
+    first (N, the frame is a reset frame), done (N, the frame is a last frame), key.
+    """
+    N = num_envs
+    reset_v = jax.vmap(env.reset_env, in_axes=(0, None))
+    step_v = jax.vmap(env.step_env, in_axes=(0, 0, 0, None))
+
+    def init(key):
+        k_env, key = jax.random.split(key)
+        obs, env_state = reset_v(jax.random.split(k_env, N), params)
+        return dict(
+            env_state=env_state,
+            policy_state=policy.init(N),
+            frame=to_uint8(obs),
+            first=jnp.zeros((N,), bool),
+            done=jnp.ones((N,), bool),  # every env starts by resetting in the first iteration
+            key=key,
+        )
+
+    def select(mask_N, a, b):
+        return jax.tree.map(lambda x, y: jnp.where(mask_N.reshape((N,) + (1,) * (x.ndim - 1)), x, y), a, b)
+
+    def one_step(carry, _):
+        key, k_act, k_step, k_reset = jax.random.split(carry["key"], 4)
+        actions_N, policy_state = policy.act(carry["policy_state"], k_act, carry["frame"], carry["first"])
+        actions_N = actions_N.astype(jnp.int32)
+        obs, next_state, reward_N, done_N, _ = step_v(jax.random.split(k_step, N), carry["env_state"],
+                                                       actions_N, params)
+        unlocked = next_state.achievements & ~carry["env_state"].achievements
+        terminal_N = done_N & (next_state.timestep < params.max_timesteps)
+        stepped = dict(frame=to_uint8(obs), action=actions_N, reward=reward_N.astype(jnp.float32),
+                       is_first=jnp.zeros((N,), bool), is_last=done_N, is_terminal=terminal_N,
+                       achievements=unlocked)
+
+        # World generation is costly: run the batched reset only when some env needs it.
+        need = carry["done"]
+        reset_obs, reset_state = jax.lax.cond(
+            jnp.any(need),
+            lambda: reset_v(jax.random.split(k_reset, N), params),
+            lambda: (obs, next_state),
+        )
+        reset_row = dict(frame=to_uint8(reset_obs), action=jnp.full((N,), -1, jnp.int32),
+                         reward=jnp.zeros((N,), jnp.float32), is_first=jnp.ones((N,), bool),
+                         is_last=jnp.zeros((N,), bool), is_terminal=jnp.zeros((N,), bool),
+                         achievements=jnp.zeros_like(unlocked))
+        row = select(need, reset_row, stepped)
+        env_state = select(need, reset_state, next_state)
+        carry = dict(env_state=env_state, policy_state=policy_state, frame=row["frame"],
+                     first=row["is_first"], done=row["is_last"], key=key)
+        return carry, row
+
+    def chunk(carry):
+        return jax.lax.scan(one_step, carry, None, length=chunk_steps)
+
+    return jax.jit(init), jax.jit(chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: cut per-env row streams into whole episodes.
+
+
+@dataclass
+class EpisodeAssembler:
+    """Collects rows per env and hands out finished episodes in a deterministic order."""
+
+    num_envs: int
+    partial: list[list[dict]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.partial:
+            self.partial = [[] for _ in range(self.num_envs)]
+
+    def add(self, rows_TN: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Feed a chunk of rows (T, N, ...); return finished episodes ordered by (end step, env)."""
+        T = rows_TN["is_first"].shape[0]
+        finished = []
+        for n in range(self.num_envs):
+            lasts = np.flatnonzero(rows_TN["is_last"][:, n])
+            begin = 0
+            for t in lasts:
+                self.partial[n].append({k: v[begin:t + 1, n] for k, v in rows_TN.items()})
+                ep = {k: np.concatenate([p[k] for p in self.partial[n]]) for k in ROW_FIELDS}
+                self.partial[n] = []
+                finished.append((int(t), n, ep))
+                begin = t + 1
+            if begin < T:
+                self.partial[n].append({k: v[begin:, n].copy() for k, v in rows_TN.items()})
+        finished.sort(key=lambda x: (x[0], x[1]))
+        for _, _, ep in finished:
+            assert ep["is_first"][0] and ep["is_last"][-1] and ep["is_first"].sum() == 1, \
+                "collector produced an episode that does not start with is_first / end with is_last"
+        return [ep for _, _, ep in finished]
+
+
+# ---------------------------------------------------------------------------------------------
+# Split / label assignment
+
+
+def stratified_pick(index: int, fraction: float, offset: float) -> bool:
+    """Pick item `index` of a stream so that exactly ~fraction of every prefix is picked.
+
+    picked(n) = floor((n+1) f + u) - floor(n f + u) >= 1, with a seeded offset u in [0, 1):
+    deterministic, streamable, and exact to within one item for any prefix (so a tiny dataset of
+    a few dozen episodes still gets its share of eval and labeled episodes).
+    """
+    return math.floor((index + 1) * fraction + offset) - math.floor(index * fraction + offset) >= 1
+
+
+def _offsets(seed: int, writer: int) -> tuple[float, float]:
+    rng = np.random.default_rng([seed, writer, 0x5EED])
+    return float(rng.random()), float(rng.random())
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer
+
+
+def episodes_for_writer(total: int, writer: int, num_writers: int) -> int:
+    return total // num_writers + (1 if writer < total % num_writers else 0)
+
+
+def _header(cfg: Config, spec: EnvSpec, num_writers: int) -> dict:
+    c = cfg.collect
+    return {
+        "format": store.FORMAT,
+        "format_version": store.FORMAT_VERSION,
+        "env": {"name": spec.name, "id": spec.env_id, "craftax_version": spec.craftax_version},
+        "frame_shape": list(spec.frame_shape),
+        "num_actions": spec.num_actions,
+        "action_meanings": list(spec.action_meanings),
+        "achievement_names": list(spec.achievement_names),
+        "seed": cfg.seed,
+        "num_writers": num_writers,
+        "num_episodes": c.num_episodes,
+        "behavior_policy": c.policy,
+        "labeled_fraction": c.labeled_fraction,
+        "eval_fraction": c.eval_fraction,
+        "step_convention": "row t: frame_t; action_t led into frame_t (-1 at is_first); "
+                           "reward_t received on arriving at frame_t",
+        "collect_config": to_dict(c),
+    }
+
+
+# Header keys that must agree between every writer of one dataset.
+_MUST_MATCH = ("env", "frame_shape", "num_actions", "seed", "num_writers", "num_episodes",
+               "behavior_policy", "labeled_fraction", "eval_fraction", "collect_config")
+
+
+def _check_header(root: Path, existing: dict, mine: dict) -> None:
+    if existing.get("format") != store.FORMAT:
+        raise store.DatasetError(f"{store.manifest_path(root)} exists but is not a dreamer4 dataset manifest")
+    for key in _MUST_MATCH:
+        if existing.get(key) != mine[key]:
+            raise store.DatasetError(
+                f"{store.manifest_path(root)} was created with {key}={existing.get(key)!r}, but this "
+                f"collect run has {key}={mine[key]!r}; use the same config and --num-writers, or a new --out")
+
+
+class CollectorState:
+    """What a writer needs to continue exactly where its last committed shard left it."""
+
+    @staticmethod
+    def path(root: Path, writer: int, shards_done: int) -> Path:
+        return root / "collector" / f"w{writer:03d}" / f"state-{shards_done:06d}.pkl"
+
+    @staticmethod
+    def save(root: Path, writer: int, shards_done: int, carry, assembler: EpisodeAssembler) -> None:
+        p = CollectorState.path(root, writer, shards_done)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump({"carry": jax.device_get(carry), "partial": assembler.partial}, f,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    @staticmethod
+    def load(root: Path, writer: int, shards_done: int):
+        p = CollectorState.path(root, writer, shards_done)
+        if not p.exists():
+            raise store.DatasetError(
+                f"{p} is missing: writer {writer} has {shards_done} committed shards but no saved "
+                f"collector state to continue from deterministically")
+        with open(p, "rb") as f:
+            s = pickle.load(f)
+        return s["carry"], s["partial"]
+
+    @staticmethod
+    def prune(root: Path, writer: int, keep_from: int) -> None:
+        d = root / "collector" / f"w{writer:03d}"
+        for p in d.glob("state-*.pkl"):
+            if int(p.stem.split("-")[1]) < keep_from:
+                p.unlink(missing_ok=True)
+
+
+def resolve_writer(writer_id: int | None, num_writers: int | None) -> tuple[int, int]:
+    """Default to the JAX process index/count so a multi-host job splits writers by itself."""
+    if num_writers is None:
+        num_writers = jax.process_count()
+    if writer_id is None:
+        writer_id = jax.process_index() if num_writers == jax.process_count() else 0
+    if not (0 <= writer_id < num_writers):
+        raise ConfigError(f"--writer-id {writer_id} must be in [0, --num-writers={num_writers})")
+    return writer_id, num_writers
+
+
+def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writers: int | None = None,
+            log=print, stop_after_shards: int | None = None) -> dict:
+    """Fill (or finish filling) dataset `out` with this writer's share of episodes.
+
+    Returns a summary dict. `stop_after_shards` is for tests and benchmarks: stop after committing
+    that many shards in this call, as if killed right after the commit.
+    """
+    root = Path(out)
+    writer, num_writers = resolve_writer(writer_id, num_writers)
+    c = cfg.collect
+    env, params, spec = make_env(cfg.env.name)
+    policy = make_policy(c.policy, spec, c)
+    header = _header(cfg, spec, num_writers)
+
+    root.mkdir(parents=True, exist_ok=True)
+    store.write_group_json(root, {"dreamer4": "dataset; see manifest.json"})
+    with store.locked_manifest(root) as m:
+        if not m:
+            m.update(header)
+            m["shards"] = []
+            m["writers"] = {}
+            save_config(cfg, root)
+        else:
+            _check_header(root, m, header)
+        mine = [s for s in m["shards"] if s["writer"] == writer]
+        wstate = m["writers"].get(str(writer), {})
+    target = episodes_for_writer(c.num_episodes, writer, num_writers)
+    shards_done = len(mine)
+    episodes_done = sum(len(s["episodes"]) for s in mine)
+    if wstate.get("complete"):
+        log(f"writer {writer}: already complete ({episodes_done} episodes in {shards_done} shards)")
+        return {"writer": writer, "episodes": episodes_done, "shards": shards_done, "new_steps": 0}
+
+    # Anything of ours on disk beyond the committed shards is a half-written leftover.
+    sdir = root / "shards"
+    if sdir.is_dir():
+        for p in sdir.glob(f"w{writer:03d}-s*"):
+            if int(p.name.split("-s")[1]) >= shards_done:
+                shutil.rmtree(p)
+
+    init_fn, chunk_fn = make_chunk_fn(env, params, spec, policy, c.num_envs, c.chunk_steps)
+    assembler = EpisodeAssembler(c.num_envs)
+    if shards_done == 0:
+        carry = init_fn(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), writer))
+    else:
+        host_carry, assembler.partial = CollectorState.load(root, writer, shards_done)
+        carry = jax.device_put(host_carry)
+        log(f"writer {writer}: resuming after {shards_done} committed shards ({episodes_done} episodes)")
+
+    eval_u, label_u = _offsets(cfg.seed, writer)
+    train_done = sum(1 for s in mine for e in s["episodes"] if e["split"] == "train")
+    pending: list[dict] = []
+    steps_new = 0
+    bytes_new = 0
+    commits_now = 0
+    t0 = time.time()
+    bar = Progress(total=target, initial=episodes_done, desc=f"collect w{writer}", unit="ep")
+
+    def commit(carry_after, final: bool) -> None:
+        nonlocal shards_done, episodes_done, train_done, pending, bytes_new, commits_now
+        name = store.shard_name(writer, shards_done)
+        arrays = {k: np.concatenate([ep[k] for ep in pending]) for k in ROW_FIELDS}
+        eps, start = [], 0
+        for ep in pending:
+            n = episodes_done + len(eps)
+            is_eval = stratified_pick(n, c.eval_fraction, eval_u)
+            labeled = True if is_eval else stratified_pick(train_done, c.labeled_fraction, label_u)
+            train_done += 0 if is_eval else 1
+            L = len(ep["frame"])
+            eps.append({
+                "id": f"w{writer:03d}-e{n:06d}", "start": start, "length": L,
+                "return": float(ep["reward"][1:].sum()),
+                "achievements": [spec.achievement_names[i] for i in np.flatnonzero(ep["achievements"].any(0))],
+                "labeled": bool(labeled), "split": "eval" if is_eval else "train", "policy": c.policy,
+            })
+            start += L
+        digests = store.write_shard(root, name, arrays, read_chunk=c.read_chunk_frames, zstd_level=c.zstd_level)
+        CollectorState.save(root, writer, shards_done + 1, carry_after, assembler)
+        with store.locked_manifest(root) as m:
+            m["shards"].append({"name": name, "writer": writer, "index": shards_done,
+                                "num_frames": int(len(arrays["frame"])), "sha256": digests, "episodes": eps})
+            m["writers"][str(writer)] = {"committed_shards": shards_done + 1,
+                                         "episodes": episodes_done + len(eps),
+                                         "target_episodes": target, "complete": final}
+        CollectorState.prune(root, writer, keep_from=shards_done + 1)
+        shards_done += 1
+        episodes_done += len(eps)
+        bytes_new += sum(a.nbytes for a in arrays.values())
+        commits_now += 1
+        pending = []
+
+    # Pipelining: the next chunk is dispatched (asynchronously) before the host cuts and writes
+    # the one before it, so writing hides behind stepping.
+    out = chunk_fn(carry)
+    finished = False
+    while True:
+        carry_k, rows_k = out
+        out = chunk_fn(carry_k)
+        rows = jax.device_get(rows_k)
+        steps_new += rows["is_first"].size
+        new_eps = assembler.add(rows)
+        room = target - episodes_done - len(pending)
+        pending.extend(new_eps[:room])
+        bar.update(min(len(new_eps), room), steps_per_s=steps_new / max(time.time() - t0, 1e-9),
+                   MB=bytes_new / 1e6)
+        if episodes_done + len(pending) >= target:
+            commit(carry_k, final=True)
+            finished = True
+            break
+        if sum(len(ep["frame"]) for ep in pending) >= c.shard_frames:
+            commit(carry_k, final=False)
+            if stop_after_shards is not None and commits_now >= stop_after_shards:
+                break
+    bar.close()
+    elapsed = time.time() - t0
+    log(f"writer {writer}: {episodes_done}/{target} episodes in {shards_done} shards; "
+        f"{steps_new} env steps in {elapsed:.1f}s ({steps_new / max(elapsed, 1e-9):.0f} steps/s)")
+    return {"writer": writer, "episodes": episodes_done, "shards": shards_done, "new_steps": steps_new,
+            "seconds": elapsed, "complete": finished}

@@ -1,0 +1,64 @@
+"""Craftax factory and the facts about an environment that a dataset records.
+
+Craftax renders float32 pixels in [0, 1]; we store `round(x * 255)` as uint8, converted on the
+device (`to_uint8`) so only bytes leave it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+
+import jax.numpy as jnp
+
+ENV_IDS = {
+    "classic": "Craftax-Classic-Pixels-v1",
+    "full": "Craftax-Pixels-v1",
+}
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    name: str  # "classic" | "full"
+    env_id: str
+    frame_shape: tuple[int, int, int]  # H, W, C
+    num_actions: int
+    action_meanings: tuple[str, ...]
+    achievement_names: tuple[str, ...]
+    max_timesteps: int
+    craftax_version: str
+
+
+def make_env(name: str):
+    """Return (env, params, spec) for the pixel, no-auto-reset Craftax variant `name`.
+
+    We reset ourselves so that the terminal frame of an episode is kept (auto-reset would replace
+    it by the next episode's first frame).
+    """
+    if name not in ENV_IDS:
+        raise ValueError(f"unknown env.name {name!r}; expected one of {sorted(ENV_IDS)}")
+    from craftax.craftax_env import make_craftax_env_from_name
+
+    env = make_craftax_env_from_name(ENV_IDS[name], auto_reset=False)
+    params = env.default_params
+    if name == "classic":
+        from craftax.craftax_classic import constants as C
+    else:
+        from craftax.craftax import constants as C
+    obs_shape = tuple(int(s) for s in env.observation_space(params).shape)
+    spec = EnvSpec(
+        name=name,
+        env_id=ENV_IDS[name],
+        frame_shape=obs_shape,  # type: ignore[arg-type]
+        num_actions=int(env.num_actions),
+        action_meanings=tuple(a.name.lower() for a in C.Action),
+        achievement_names=tuple(a.name.lower() for a in C.Achievement),
+        max_timesteps=int(params.max_timesteps),
+        craftax_version=metadata.version("craftax"),
+    )
+    return env, params, spec
+
+
+def to_uint8(obs_float):
+    """Craftax float pixels in [0, 1] -> uint8, exactly round(x * 255)."""
+    return jnp.round(jnp.clip(obs_float, 0.0, 1.0) * 255.0).astype(jnp.uint8)

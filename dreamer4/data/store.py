@@ -1,0 +1,326 @@
+"""The dataset format: zarr v3 shards written with TensorStore, and manifest.json as commit marker.
+
+    DATASET_DIR/
+      zarr.json                 zarr v3 group (so any zarr v3 reader can walk the tree)
+      manifest.json             header + committed shards with their episodes; replaced atomically
+      manifest.lock             fcntl lock serialising writers' read-modify-write of the manifest
+      config.yaml               the resolved config of the (first) collection
+      shards/zarr.json          group
+      shards/w000-s000000/      one group per shard: arrays frame, action, reward, is_first,
+                                is_last, is_terminal, achievements; rows follow the step convention
+      collector/w000/           resume state of writer 0 (see collect.py)
+
+Each array has one `sharding_indexed` chunk covering the whole shard (the write unit), inner
+chunks of `read_chunk_frames` rows (the read unit), zstd, and crc32c on both the inner chunks and
+the shard index, so a flipped or truncated byte fails loudly on read. The manifest also stores a
+sha256 of every array, which `verify` re-computes.
+
+A shard exists for readers only once the manifest lists it: a writer killed mid-shard leaves a
+group that no reader opens and the next writer run deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import tensorstore as ts
+
+FORMAT = "dreamer4-dataset"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# Per-step fields: name -> dtype. The frame field has trailing shape (H, W, C); achievements (A,).
+FIELD_DTYPES = {
+    "frame": np.uint8,
+    "action": np.int32,
+    "reward": np.float32,
+    "is_first": np.bool_,
+    "is_last": np.bool_,
+    "is_terminal": np.bool_,
+    "achievements": np.bool_,
+}
+_ZARR_DTYPE = {np.uint8: "uint8", np.int32: "int32", np.float32: "float32", np.bool_: "bool"}
+
+
+class DatasetError(ValueError):
+    """A dataset problem the user can act on; the message names the file and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+
+
+def manifest_path(root: str | Path) -> Path:
+    return Path(root) / MANIFEST
+
+
+def read_manifest(root: str | Path) -> dict | None:
+    """The manifest, or None when the directory holds none yet."""
+    p = manifest_path(root)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{p} is not valid JSON ({e}); the dataset's commit record is damaged") from None
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    # fsync the directory so the rename itself survives a power cut.
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@contextlib.contextmanager
+def locked_manifest(root: str | Path) -> Iterator[dict]:
+    """Read-modify-write the manifest under an exclusive lock shared by all writer processes.
+
+    Yields the current manifest (an empty dict when none exists); whatever the block leaves in it
+    is written back atomically (temp file + rename), so readers never see a half-written manifest.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "manifest.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            data = read_manifest(root) or {}
+            before = json.dumps(data, sort_keys=True)
+            yield data
+            if json.dumps(data, sort_keys=True) != before:
+                _write_json_atomic(manifest_path(root), data)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def write_group_json(path: Path, attributes: dict | None = None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}
+    (path / "zarr.json").write_text(json.dumps(meta, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+
+
+def shard_name(writer: int, index: int) -> str:
+    return f"w{writer:03d}-s{index:06d}"
+
+
+def shard_dir(root: str | Path, name: str) -> Path:
+    return Path(root) / "shards" / name
+
+
+def _array_spec(path: Path, shape: tuple[int, ...], dtype, read_chunk: int, zstd_level: int) -> dict:
+    n = shape[0]
+    inner = [max(1, min(read_chunk, n))] + list(shape[1:])
+    # The one write chunk covers the whole shard, rounded up to whole read chunks (zarr v3 lets a
+    # chunk reach past the array's end).
+    outer = [-(-n // inner[0]) * inner[0]] + list(shape[1:])
+    return {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {
+            "shape": list(shape),
+            "data_type": _ZARR_DTYPE[dtype],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": outer}},
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {
+                        "chunk_shape": inner,
+                        "codecs": [
+                            {"name": "bytes", "configuration": {"endian": "little"}},
+                            {"name": "zstd", "configuration": {"level": zstd_level}},
+                            {"name": "crc32c"},
+                        ],
+                        "index_codecs": [
+                            {"name": "bytes", "configuration": {"endian": "little"}},
+                            {"name": "crc32c"},
+                        ],
+                    },
+                }
+            ],
+        },
+        "create": True,
+        "delete_existing": True,
+    }
+
+
+def digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def write_shard(root: str | Path, name: str, arrays: dict[str, np.ndarray], *,
+                read_chunk: int, zstd_level: int) -> dict[str, str]:
+    """Write one shard group in a single TensorStore transaction; returns sha256 per array.
+
+    Any leftover of an earlier, uncommitted attempt at the same shard is removed first.
+    """
+    d = shard_dir(root, name)
+    if d.exists():
+        shutil.rmtree(d)
+    write_group_json(d.parent)
+    write_group_json(d)
+    n = len(arrays["frame"])
+    txn = ts.Transaction()
+    futures = []
+    for field, dtype in FIELD_DTYPES.items():
+        a = np.asarray(arrays[field], dtype=dtype)
+        assert a.shape[0] == n, (field, a.shape, n)
+        store = ts.open(_array_spec(d / field, a.shape, dtype, read_chunk, zstd_level)).result()
+        futures.append(store.with_transaction(txn).write(a))
+    for f in futures:
+        f.result()
+    txn.commit_async().result()
+    return {field: digest(np.asarray(arrays[field], dtype=dtype)) for field, dtype in FIELD_DTYPES.items()}
+
+
+def open_shard_array(root: str | Path, name: str, field: str):
+    path = shard_dir(root, name) / field
+    try:
+        return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}},
+                       open=True).result()
+    except Exception as e:  # TensorStore raises ValueError / its own status errors
+        raise DatasetError(f"shard {name}: cannot open array {path}: {e}") from None
+
+
+def read_shard_array(store, name: str, field: str, start: int | None = None,
+                     stop: int | None = None) -> np.ndarray:
+    try:
+        return store[start:stop].read().result()
+    except Exception as e:
+        raise DatasetError(f"shard {name}: array '{field}' is damaged or truncated: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a dataset
+
+
+@dataclass(frozen=True)
+class Episode:
+    id: str
+    shard: str
+    start: int
+    length: int
+    ret: float
+    achievements: tuple[str, ...]
+    labeled: bool
+    split: str
+    policy: str
+
+
+class Dataset:
+    """Read side of a dataset: committed shards only, as the manifest lists them."""
+
+    def __init__(self, root: str | Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.frame_shape = tuple(manifest["frame_shape"])
+        self.num_actions = int(manifest["num_actions"])
+        self.achievement_names = tuple(manifest["achievement_names"])
+        self.episodes: list[Episode] = []
+        self.shards = {s["name"]: s for s in manifest["shards"]}
+        for s in manifest["shards"]:
+            for e in s["episodes"]:
+                self.episodes.append(Episode(
+                    id=e["id"], shard=s["name"], start=e["start"], length=e["length"],
+                    ret=e["return"], achievements=tuple(e["achievements"]), labeled=e["labeled"],
+                    split=e["split"], policy=e.get("policy", manifest.get("behavior_policy", "?"))))
+        self._stores: dict[tuple[str, str], Any] = {}
+
+    @classmethod
+    def open(cls, root: str | Path, env_name: str | None = None, allow_empty: bool = False) -> "Dataset":
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(f"dataset directory {root} does not exist")
+        m = read_manifest(root)
+        if m is None:
+            raise DatasetError(
+                f"{root} is not a dreamer4 dataset: {manifest_path(root)} is missing "
+                f"(create one with `dreamer4 collect --out {root}`)")
+        if m.get("format") != FORMAT:
+            raise DatasetError(f"{manifest_path(root)} is not a dreamer4 dataset manifest "
+                               f"(format {m.get('format')!r}, expected {FORMAT!r})")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise DatasetError(f"{manifest_path(root)} has format_version {m.get('format_version')}, "
+                               f"this code reads version {FORMAT_VERSION}")
+        if env_name is not None and m["env"]["name"] != env_name:
+            raise DatasetError(
+                f"dataset {root} holds {m['env']['id']} episodes (env.name={m['env']['name']!r}) "
+                f"but the config has env.name={env_name!r}")
+        ds = cls(root, m)
+        if not ds.episodes and not allow_empty:
+            raise DatasetError(f"dataset {root} has no committed episodes yet")
+        return ds
+
+    def split(self, split: str) -> list[Episode]:
+        return [e for e in self.episodes if e.split == split]
+
+    def _store(self, shard: str, field: str):
+        key = (shard, field)
+        if key not in self._stores:
+            self._stores[key] = open_shard_array(self.root, shard, field)
+        return self._stores[key]
+
+    def read(self, ep: Episode, start: int, stop: int, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of episode `ep` for the given fields."""
+        a, b = ep.start + start, ep.start + stop
+        return {f: read_shard_array(self._store(ep.shard, f), ep.shard, f, a, b) for f in fields}
+
+    def __getstate__(self):  # TensorStore handles stay in their process; reopen lazily
+        state = self.__dict__.copy()
+        state["_stores"] = {}
+        return state
+
+
+def verify(root: str | Path) -> tuple[list[str], list[str]]:
+    """Re-read every committed shard and compare with the manifest.
+
+    Returns (problems, notes): each problem names a shard and what is wrong with it; notes list
+    what is present but not committed (ignored by readers).
+    """
+    root = Path(root)
+    ds = Dataset.open(root, allow_empty=True)
+    problems, notes = [], []
+    for name, s in ds.shards.items():
+        n = s["num_frames"]
+        for field in FIELD_DTYPES:
+            try:
+                store = open_shard_array(root, name, field)
+                if store.shape[0] != n:
+                    problems.append(f"shard {name}: array '{field}' has {store.shape[0]} rows, "
+                                    f"manifest says {n}")
+                    continue
+                data = read_shard_array(store, name, field)
+            except DatasetError as e:
+                problems.append(str(e))
+                continue
+            if digest(data) != s["sha256"][field]:
+                problems.append(f"shard {name}: array '{field}' content differs from the manifest's sha256")
+        ends = [e["start"] + e["length"] for e in s["episodes"]]
+        if sorted(e["start"] for e in s["episodes"]) != [0] + sorted(ends)[:-1] or max(ends) != n:
+            problems.append(f"shard {name}: episodes do not tile its {n} rows")
+    sdir = root / "shards"
+    if sdir.is_dir():
+        for p in sorted(sdir.iterdir()):
+            if p.is_dir() and p.name not in ds.shards:
+                notes.append(f"shard {p.name} is not committed (left by an interrupted writer; ignored)")
+    return problems, notes

@@ -1,0 +1,1 @@
+"""One thin module per stage command, and run.py that chains them."""

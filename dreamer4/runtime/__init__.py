@@ -1,0 +1,1 @@
+"""Shared machinery of every stage: progress output, (later) mesh, checkpoints and logging."""
