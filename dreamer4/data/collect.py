@@ -258,11 +258,12 @@ def resolve_writer(writer_id: int | None, num_writers: int | None) -> tuple[int,
 
 
 def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writers: int | None = None,
-            log=print, stop_after_shards: int | None = None) -> dict:
+            log=print, stop_after_shards: int | None = None, row_sink=None) -> dict:
     """Fill (or finish filling) dataset `out` with this writer's share of episodes.
 
     Returns a summary dict. `stop_after_shards` is for tests and benchmarks: stop after committing
-    that many shards in this call, as if killed right after the commit.
+    that many shards in this call, as if killed right after the commit. `row_sink(rows_TN)`, if
+    given, sees every chunk of raw rows as it leaves the device (tests compare it with the store).
     """
     root = Path(out)
     writer, num_writers = resolve_writer(writer_id, num_writers)
@@ -356,6 +357,8 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
         carry_k, rows_k = out
         out = chunk_fn(carry_k)
         rows = jax.device_get(rows_k)
+        if row_sink is not None:
+            row_sink(rows)
         steps_new += rows["is_first"].size
         new_eps = assembler.add(rows)
         room = target - episodes_done - len(pending)

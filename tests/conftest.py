@@ -1,0 +1,70 @@
+"""Session fixtures: one compiled collector and one small collected dataset for the whole run.
+
+Craftax compiles slowly on CPU (~40 s per scan shape), so every test that collects uses the same
+config (TEST_OVERRIDES) and the persistent JAX compilation cache is shared with subprocesses.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+# One compilation cache for the session and its subprocesses.
+_CACHE = Path(os.environ.get("DREAMER4_TEST_JAX_CACHE", Path(__file__).parent.parent / ".pytest_cache" / "jax"))
+os.environ["DREAMER4_JAX_CACHE"] = str(_CACHE)
+
+from dreamer4.runtime.jax_setup import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache(str(_CACHE))
+
+import framehash_policy  # noqa: E402,F401  (registers the "framehash:" policy)
+
+REPO = Path(__file__).parent.parent
+TEST_OVERRIDES = [
+    "seed=7",
+    "collect.policy=framehash:none",
+    "collect.num_envs=4",
+    "collect.num_episodes=8",
+    "collect.chunk_steps=32",
+    "collect.shard_frames=200",
+    "collect.labeled_fraction=0.5",
+    "collect.eval_fraction=0.25",
+    "loader.batch_size=4",
+    "loader.seq_len=8",
+    "loader.window_stride=4",
+]
+
+
+def make_test_config(extra=()):
+    from dreamer4.config import load_config
+
+    return load_config(REPO / "configs" / "tiny.yaml", TEST_OVERRIDES + list(extra))
+
+
+@pytest.fixture(scope="session")
+def cfg():
+    return make_test_config()
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, cfg):
+    """(path, raw rows) of one dataset collected in-process; raw rows are what the device produced."""
+    from dreamer4.data.collect import collect
+
+    root = tmp_path_factory.mktemp("data") / "ds"
+    raw = []
+    collect(cfg, root, row_sink=raw.append, log=lambda *a: None)
+    return root, raw
+
+
+def cli_subprocess(args, **kw):
+    """Start `dreamer4 ARGS` (with the framehash policy registered) as a real subprocess."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(Path(__file__).parent / "framehash_policy.py"), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
