@@ -39,7 +39,7 @@ def _read_all(ds, ep):
 
 def test_round_trip_equals_what_the_env_produced(dataset, cfg):
     root, raw = dataset
-    ds = Dataset.open(root, env_name="classic")
+    ds = Dataset.open(root, env_name="classic", hide_unlabeled_actions=False)
     expected = _episodes_from_raw(raw, cfg.collect.num_envs)[: cfg.collect.num_episodes]
     assert len(ds.episodes) == cfg.collect.num_episodes == len(expected)
     for ep, exp in zip(ds.episodes, expected):
@@ -53,7 +53,7 @@ def test_round_trip_equals_what_the_env_produced(dataset, cfg):
 
 def test_step_convention(dataset):
     root, _ = dataset
-    ds = Dataset.open(root)
+    ds = Dataset.open(root, hide_unlabeled_actions=False)
     names = ds.achievement_names
     unlocks = 0
     for ep in ds.episodes:
@@ -95,6 +95,7 @@ def test_labels_and_split(dataset, cfg):
 def test_loader_masks_unlabeled_actions_and_never_reads_them(dataset, cfg, monkeypatch):
     root, _ = dataset
     src = WindowSource(root, "train", seq_len=8, stride=4, env_name="classic")
+    raw_ds = Dataset.open(root, hide_unlabeled_actions=False)
     reads = []
     orig = Dataset.read
 
@@ -108,7 +109,7 @@ def test_loader_masks_unlabeled_actions_and_never_reads_them(dataset, cfg, monke
         rec = src[i]
         ei, start = src.windows[i]
         ep = src.episodes[ei]
-        stored = orig(src.ds, ep, start, start + 8, ("action", "is_first"))
+        stored = orig(raw_ds, ep, start, start + 8, ("action", "is_first"))
         if ep.labeled:
             seen_labeled += 1
             want = np.where(stored["is_first"], -1, stored["action"])
@@ -120,6 +121,10 @@ def test_loader_masks_unlabeled_actions_and_never_reads_them(dataset, cfg, monke
         # windows never cross an episode: a first row can only be row 0, a last row only the end
         assert not rec["is_first"][1:].any() and not rec["is_last"][:-1].any()
     assert seen_labeled and seen_unlabeled
+    # the reader's own copy of the actions holds -1 for unlabeled episodes
+    for ep in src.episodes:
+        a = orig(src.ds, ep, 0, ep.length, ("action",))["action"]
+        assert (a == -1).all() == (not ep.labeled)
     assert all("action" not in fields for labeled, fields in reads if not labeled)
 
 
@@ -184,7 +189,7 @@ def test_uncommitted_shard_is_ignored_and_reported(dataset, tmp_path):
 
 
 def _frames_by_episode(root):
-    ds = Dataset.open(root)
+    ds = Dataset.open(root, hide_unlabeled_actions=False)
     return {e.id: _read_all(ds, e) for e in ds.episodes}
 
 

@@ -353,10 +353,13 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
     # the one before it, so writing hides behind stepping.
     out = chunk_fn(carry)
     finished = False
+    t_first, steps_first = None, 0
     while True:
         carry_k, rows_k = out
         out = chunk_fn(carry_k)
         rows = jax.device_get(rows_k)
+        if t_first is None:  # steady-state rate excludes compilation and the first chunk
+            t_first, steps_first = time.time(), steps_new + rows["is_first"].size
         if row_sink is not None:
             row_sink(rows)
         steps_new += rows["is_first"].size
@@ -377,5 +380,6 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
     elapsed = time.time() - t0
     log(f"writer {writer}: {episodes_done}/{target} episodes in {shards_done} shards; "
         f"{steps_new} env steps in {elapsed:.1f}s ({steps_new / max(elapsed, 1e-9):.0f} steps/s)")
+    steady = (steps_new - steps_first) / max(time.time() - t_first, 1e-9) if t_first else 0.0
     return {"writer": writer, "episodes": episodes_done, "shards": shards_done, "new_steps": steps_new,
-            "seconds": elapsed, "complete": finished}
+            "seconds": elapsed, "steady_steps_per_s": steady, "complete": finished}

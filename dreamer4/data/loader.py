@@ -113,6 +113,12 @@ def make_loader(root: str | Path, cfg: Config, split: str = "train", *, seed: in
         num_epochs=num_epochs,
         seed=cfg.seed if seed is None else seed,
     )
+    if lc.worker_count > 0:
+        # grain's worker processes read absl flags; a CLI that never parsed absl flags must say so.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,

@@ -230,8 +230,9 @@ class Episode:
 class Dataset:
     """Read side of a dataset: committed shards only, as the manifest lists them."""
 
-    def __init__(self, root: str | Path, manifest: dict):
+    def __init__(self, root: str | Path, manifest: dict, hide_unlabeled_actions: bool = True):
         self.root = Path(root)
+        self.hide_unlabeled_actions = hide_unlabeled_actions
         self.manifest = manifest
         self.frame_shape = tuple(manifest["frame_shape"])
         self.num_actions = int(manifest["num_actions"])
@@ -245,9 +246,13 @@ class Dataset:
                     ret=e["return"], achievements=tuple(e["achievements"]), labeled=e["labeled"],
                     split=e["split"], policy=e.get("policy", manifest.get("behavior_policy", "?"))))
         self._stores: dict[tuple[str, str], Any] = {}
+        self._cache: dict[tuple[str, str], np.ndarray] = {}
 
     @classmethod
-    def open(cls, root: str | Path, env_name: str | None = None, allow_empty: bool = False) -> "Dataset":
+    def open(cls, root: str | Path, env_name: str | None = None, allow_empty: bool = False,
+             hide_unlabeled_actions: bool = True) -> "Dataset":
+        """Open a dataset's committed shards; `hide_unlabeled_actions=False` is for tools and tests
+        that must see every stored byte, never for training code."""
         root = Path(root)
         if not root.is_dir():
             raise DatasetError(f"dataset directory {root} does not exist")
@@ -266,7 +271,7 @@ class Dataset:
             raise DatasetError(
                 f"dataset {root} holds {m['env']['id']} episodes (env.name={m['env']['name']!r}) "
                 f"but the config has env.name={env_name!r}")
-        ds = cls(root, m)
+        ds = cls(root, m, hide_unlabeled_actions=hide_unlabeled_actions)
         if not ds.episodes and not allow_empty:
             raise DatasetError(f"dataset {root} has no committed episodes yet")
         return ds
@@ -280,14 +285,40 @@ class Dataset:
             self._stores[key] = open_shard_array(self.root, shard, field)
         return self._stores[key]
 
+    def _small(self, shard: str, field: str) -> np.ndarray:
+        """Whole-shard copy of a small per-step field (everything but frames), read once.
+
+        Actions of unlabeled episodes are overwritten with -1 as they are loaded, so they never
+        exist in a reader's memory.
+        """
+        key = (shard, field)
+        if key not in self._cache:
+            a = read_shard_array(self._store(shard, field), shard, field)
+            if field == "action" and self.hide_unlabeled_actions:
+                a = a.copy()
+                for e in self.episodes:
+                    if e.shard == shard and not e.labeled:
+                        a[e.start:e.start + e.length] = -1
+            self._cache[key] = a
+        return self._cache[key]
+
     def read(self, ep: Episode, start: int, stop: int, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Rows [start, stop) of episode `ep` for the given fields."""
+        if not 0 <= start <= stop <= ep.length:
+            raise IndexError(f"rows [{start}, {stop}) outside episode {ep.id} of length {ep.length}")
         a, b = ep.start + start, ep.start + stop
-        return {f: read_shard_array(self._store(ep.shard, f), ep.shard, f, a, b) for f in fields}
+        out = {}
+        for f in fields:
+            if f == "frame":
+                out[f] = read_shard_array(self._store(ep.shard, f), ep.shard, f, a, b)
+            else:
+                out[f] = self._small(ep.shard, f)[a:b]
+        return out
 
     def __getstate__(self):  # TensorStore handles stay in their process; reopen lazily
         state = self.__dict__.copy()
         state["_stores"] = {}
+        state["_cache"] = {}
         return state
 
 
