@@ -65,11 +65,61 @@ class LoaderConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop shared by every training stage (runtime/train_loop.py)."""
+
+    steps: int = 2000
+    batch_size: int = 8  # global batch (split over processes and devices)
+    seq_len: int = 8
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 25
+    eval_every: int = 500  # 0 = only at the end
+    ckpt_every: int = 250
+    keep_checkpoints: int = 3
+    # "bf16" = bf16 compute with fp32 parameters and optimizer state.
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Causal tokenizer (Dreamer 4 sec. 3.1): patches + latent tokens, tanh bottleneck, MAE."""
+
+    patch_size: int = 8
+    width: int = 128
+    depth: int = 4  # layers in the encoder and again in the decoder
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    mlp_ratio: float = 4.0
+    time_every: int = 4  # a time-attention layer every this many layers
+    num_latents: int = 16  # latent tokens per frame
+    latent_dim: int = 16  # bottleneck width per latent token
+    mask_prob_max: float = 0.9  # per-image patch drop probability p ~ U(0, mask_prob_max)
+    logit_cap: float = 50.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Held-out evaluation: episodes of the eval split and frames per episode.
+    eval_episodes: int = 4
+    eval_frames: int = 16
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    # Devices on the "fsdp" mesh axis (parameters sharded over it); 0 = all devices.
+    fsdp: int = 0
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "dreamer4"
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     env: EnvConfig = field(default_factory=EnvConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +279,12 @@ def validate(cfg: Config) -> None:
         (cfg.loader.seq_len >= 1, "loader.seq_len", "must be >= 1"),
         (cfg.loader.window_stride >= 1, "loader.window_stride", "must be >= 1"),
         (cfg.loader.worker_count >= 0, "loader.worker_count", "must be >= 0"),
+        (cfg.tokenizer.width % cfg.tokenizer.num_heads == 0, "tokenizer.width", "must be divisible by tokenizer.num_heads"),
+        (cfg.tokenizer.num_heads % cfg.tokenizer.num_kv_heads == 0, "tokenizer.num_heads",
+         "must be divisible by tokenizer.num_kv_heads"),
+        (0.0 <= cfg.tokenizer.mask_prob_max < 1.0, "tokenizer.mask_prob_max", "must be in [0, 1)"),
+        (cfg.tokenizer.train.steps >= 1, "tokenizer.train.steps", "must be >= 1"),
+        (cfg.tokenizer.train.ckpt_every >= 1, "tokenizer.train.ckpt_every", "must be >= 1"),
     ]
     for ok, key, what in checks:
         if not ok:

@@ -91,20 +91,24 @@ class WindowSource(grain.RandomAccessDataSource):
 
 def make_loader(root: str | Path, cfg: Config, split: str = "train", *, seed: int | None = None,
                 num_epochs: int | None = None, labeled_only: bool = False,
-                shard_index: int | None = None, shard_count: int | None = None):
+                shard_index: int | None = None, shard_count: int | None = None,
+                batch_size: int | None = None, seq_len: int | None = None):
     """A grain DataLoader of per-process batches; iterate it, save `iter.get_state()`.
 
     The global batch `loader.batch_size` is split evenly over JAX processes; each process reads
-    a disjoint share of the windows.
+    a disjoint share of the windows. `batch_size` / `seq_len` default to the loader config; a
+    training stage passes its own.
     """
     lc = cfg.loader
-    source = WindowSource(root, split, lc.seq_len, lc.window_stride, env_name=cfg.env.name,
+    batch_size = lc.batch_size if batch_size is None else batch_size
+    seq_len = lc.seq_len if seq_len is None else seq_len
+    source = WindowSource(root, split, seq_len, min(lc.window_stride, seq_len), env_name=cfg.env.name,
                           labeled_only=labeled_only)
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
-    if lc.batch_size % shard_count:
-        raise ValueError(f"config key 'loader.batch_size' ({lc.batch_size}) must be divisible by the "
-                         f"number of JAX processes ({shard_count})")
+    if batch_size % shard_count:
+        raise ValueError(f"batch size {batch_size} (config loader.batch_size or the stage's "
+                         f"train.batch_size) must be divisible by the number of JAX processes ({shard_count})")
     sampler = grain.IndexSampler(
         num_records=len(source),
         shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
@@ -122,7 +126,7 @@ def make_loader(root: str | Path, cfg: Config, split: str = "train", *, seed: in
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[grain.Batch(lc.batch_size // shard_count, drop_remainder=True)],
+        operations=[grain.Batch(batch_size // shard_count, drop_remainder=True)],
         worker_count=lc.worker_count,
         worker_buffer_size=lc.worker_buffer_size,
     )

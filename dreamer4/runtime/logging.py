@@ -1,0 +1,72 @@
+"""Metrics and images: wandb (offline by default) plus files in the stage directory.
+
+Every metric line is appended to STAGE_DIR/metrics.jsonl and every image is written as a PNG under
+STAGE_DIR/images/, so a run can be read without wandb. Only JAX process 0 logs. Tests set
+WANDB_MODE=disabled (or runtime.wandb=disabled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+class MetricLogger:
+    def __init__(self, stage_dir: str | Path, stage: str, config: dict, mode: str = "offline",
+                 project: str = "dreamer4"):
+        self.dir = Path(stage_dir)
+        self.enabled = jax.process_index() == 0
+        self.run = None
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "images").mkdir(exist_ok=True)
+        mode = os.environ.get("WANDB_MODE", mode)
+        if mode != "disabled":
+            import wandb
+
+            id_file = self.dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.run = wandb.init(project=project, name=f"{self.dir.parent.name}/{stage}", id=run_id,
+                                  resume="allow", dir=str(self.dir), mode=mode, config=config,
+                                  settings=wandb.Settings(silent=True))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        if self.run is not None:
+            self.run.log(clean, step=int(step))
+
+    def log_image(self, step: int, name: str, image_HWC: np.ndarray) -> Path | None:
+        """Write a uint8 image as PNG (and to wandb); returns the file path."""
+        if not self.enabled:
+            return None
+        import imageio.v3 as iio
+
+        path = self.dir / "images" / f"{name}_{int(step):07d}.png"
+        iio.imwrite(path, np.asarray(image_HWC, np.uint8))
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(str(path))}, step=int(step))
+        return path
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def read_metrics(stage_dir: str | Path) -> list[dict]:
+    p = Path(stage_dir) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

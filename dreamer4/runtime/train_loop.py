@@ -1,0 +1,222 @@
+"""The one training loop every stage shares: mesh, sharded state, compiled step, checkpoints,
+resume, logging, NaN guard, evaluation hooks.
+
+A stage supplies a `Stage`: its model (freshly initialised), a loss function, a factory for its
+data iterator (a grain iterator with get_state/set_state), a function turning a loader batch into
+model inputs, and an optional evaluation hook. `train(stage)` then
+
+* builds the ("data", "fsdp") mesh and places model + optimizer state FSDP-sharded on it;
+* compiles one train step (donated state buffers) with the optimiser
+  clip_by_global_norm -> AdamW with linear warm-up and cosine decay;
+* restores the latest checkpoint of STAGE_DIR/checkpoints if there is one (model, optimizer, step,
+  data-iterator state), onto the current mesh, whatever mesh saved it;
+* logs every `log_every` steps (process 0: metrics.jsonl, wandb, progress bar) and checks that
+  every loss since the last check was finite: a NaN/inf stops the run with a message naming the
+  step, saves the offending batch and metrics under STAGE_DIR/nan_debug/, and never overwrites a
+  good checkpoint (checkpoints are only written right after such a check passed);
+* checkpoints every `ckpt_every` steps and at the end, then runs the evaluation hook.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dreamer4.config import Config, TrainConfig, save_config, to_dict
+from dreamer4.runtime.checkpoint import Checkpointer, abstract_like
+from dreamer4.runtime.logging import MetricLogger
+from dreamer4.runtime.mesh import batch_sharding, global_batch, make_mesh, state_shardings
+from dreamer4.runtime.progress import Progress
+
+
+@dataclass
+class Stage:
+    name: str
+    stage_dir: Path
+    cfg: Config
+    train: TrainConfig
+    model: nnx.Module
+    # loss_fn(model, batch, key) -> (scalar loss, dict of scalar metrics)
+    loss_fn: Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+    # make_iterator() -> a fresh grain iterator over process-local batches
+    make_iterator: Callable[[], Iterator]
+    # prepare(local numpy batch) -> dict of numpy arrays the loss reads (leading dim = batch)
+    prepare: Callable[[dict], dict]
+    # evaluate(model, step, logger) -> dict of metrics (also saved to STAGE_DIR/eval.json at the end)
+    evaluate: Callable[[nnx.Module, int, MetricLogger], dict] | None = None
+    # extra JSON facts saved with every checkpoint (e.g. the model's shape config)
+    meta: dict | None = None
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.lr, warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 1)),
+        decay_steps=max(tc.steps, 2), end_value=tc.lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay))
+
+
+def stage_complete(stage_dir: str | Path, steps: int) -> bool:
+    """True when the stage's final checkpoint exists (used by `dreamer4 run` to skip it)."""
+    d = Path(stage_dir) / "checkpoints"
+    if not d.is_dir():
+        return False
+    done = [int(p.name) for p in d.iterdir() if p.name.isdigit()]
+    return bool(done) and max(done) >= steps
+
+
+def _check_batch(tc: TrainConfig, mesh) -> None:
+    n = mesh.devices.size
+    if tc.batch_size % n:
+        raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by the number of devices ({n})")
+
+
+def train(stage: Stage) -> nnx.Module:
+    tc, cfg = stage.train, stage.cfg
+    stage_dir = Path(stage.stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        save_config(cfg, stage_dir)
+    mesh = make_mesh(cfg.runtime.fsdp)
+    _check_batch(tc, mesh)
+
+    optimizer = nnx.Optimizer(stage.model, make_optimizer(tc), wrt=nnx.Param)
+    graphdef, state = nnx.split((stage.model, optimizer))
+    shardings = state_shardings(mesh, state)
+    state = jax.device_put(state, shardings)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    ckpt = Checkpointer(stage_dir / "checkpoints", keep=tc.keep_checkpoints)
+    logger = MetricLogger(stage_dir, stage.name, to_dict(cfg), mode=cfg.runtime.wandb,
+                          project=cfg.runtime.wandb_project)
+    it = stage.make_iterator()
+    step = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(abstract_like(state, shardings), latest)
+        step = int(meta["step"])
+        try:
+            it.set_state(meta["data_state"].encode())
+        except Exception as e:  # e.g. another process count: restart the stream deterministically
+            print(f"[{stage.name}] data iterator restarted from its beginning ({e.__class__.__name__}: {e})")
+        print(f"[{stage.name}] resumed from checkpoint step {step} in {ckpt.directory}")
+
+    def step_fn(state, batch, key):
+        model, opt = nnx.merge(graphdef, state)
+
+        def loss_of(m):
+            return stage.loss_fn(m, batch, key)
+
+        (loss, metrics), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+        opt.update(model, grads)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        return nnx.state((model, opt)), metrics
+
+    bsh = batch_sharding(mesh)
+    train_step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(shardings, bsh, replicated),
+                         out_shardings=(shardings, replicated))
+    base_key = jax.random.PRNGKey(cfg.seed)
+
+    pending: list[tuple[int, dict]] = []
+    last_batch: dict | None = None
+    bar = Progress(total=tc.steps, initial=step, desc=stage.name, unit="step")
+    t_last, steps_since = time.time(), 0
+
+    def flush() -> None:
+        """Fetch pending metrics, stop on a non-finite loss, log means."""
+        nonlocal pending, t_last, steps_since
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, host):
+            if not all(np.isfinite(v) for v in m.values()):
+                debug = stage_dir / "nan_debug"
+                debug.mkdir(exist_ok=True)
+                (debug / "metrics.json").write_text(json.dumps(
+                    {"step": s, "metrics": {k: float(v) for k, v in m.items()}}, indent=1))
+                if last_batch is not None:
+                    np.savez_compressed(debug / "last_batch.npz", **last_batch)
+                good = ckpt.latest_step()
+                raise NonFiniteLoss(
+                    f"[{stage.name}] loss or gradient became non-finite at step {s} "
+                    f"({ {k: float(v) for k, v in m.items()} }); the last good checkpoint is step {good} in "
+                    f"{ckpt.directory} (not overwritten); the batch and metrics are in {debug}")
+        means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        now = time.time()
+        means["steps_per_s"] = steps_since / max(now - t_last, 1e-9)
+        t_last, steps_since = now, 0
+        logger.log(pending[-1][0], means)
+        bar.update(0, loss=means["loss"], steps_per_s=means["steps_per_s"])
+        pending = []
+
+    def save(s: int) -> None:
+        flush()
+        ckpt.save(s, state, {"step": s, "data_state": it.get_state().decode(), "stage": stage.name,
+                             "config": to_dict(cfg), **(stage.meta or {})})
+
+    try:
+        while step < tc.steps:
+            local = stage.prepare(next(it))
+            last_batch = local
+            batch = global_batch(mesh, local)
+            state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
+            step += 1
+            steps_since += 1
+            pending.append((step, metrics))
+            bar.update(1)
+            if step % tc.log_every == 0:
+                flush()
+            if step % tc.ckpt_every == 0 or step == tc.steps:
+                save(step)
+            if stage.evaluate is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                model, _ = nnx.merge(graphdef, state)
+                logger.log(step, stage.evaluate(model, step, logger))
+        flush()
+        if ckpt.latest_step() != step:
+            save(step)
+        ckpt.wait()
+        model, _ = nnx.merge(graphdef, state)
+        if stage.evaluate is not None:
+            results = stage.evaluate(model, step, logger)
+            logger.log(step, results)
+            if jax.process_index() == 0:
+                (stage_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=1))
+        return model
+    finally:
+        bar.close()
+        ckpt.close()
+        logger.close()
+
+
+def load_trained(stage_dir: str | Path, model: nnx.Module, step: int | None = None) -> tuple[nnx.Module, dict]:
+    """Restore only the model weights of a stage's checkpoint into `model` (e.g. a frozen tokenizer)."""
+    stage_dir = Path(stage_dir)
+    optimizer_free_state = nnx.state(model)
+    ckpt = Checkpointer(stage_dir / "checkpoints", async_save=False)
+    try:
+        meta = ckpt.restore_meta(step)
+        # The checkpoint holds (model, optimizer); restore it whole with the model part as target
+        # and a matching optimizer skeleton (it is discarded).
+        tc = TrainConfig()
+        opt = nnx.Optimizer(model, make_optimizer(tc), wrt=nnx.Param)
+        _, full = nnx.split((model, opt))
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), full)
+        state, _ = ckpt.restore(target, step)
+        nnx.update(model, state[0])
+    finally:
+        ckpt.close()
+    del optimizer_free_state
+    return model, meta
