@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-writers", type=int, default=None,
                    help="writers filling the dataset together (default: the JAX process count)")
 
+    p = sub.add_parser("train-tokenizer", help="train the causal tokenizer (resumes RUN_DIR/tokenizer)")
+    _add_config_args(p)
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--run", required=True, help="run directory (the stage writes RUN_DIR/tokenizer)")
+
     p = sub.add_parser("dataset", help="inspect a dataset")
     dsub = p.add_subparsers(dest="dataset_command", required=True)
     q = dsub.add_parser("info", help="episodes, steps, label fraction, return and achievement statistics")
@@ -58,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             from dreamer4.pipelines.collect import run_collect
 
             run_collect(cfg, args.out, writer_id=args.writer_id, num_writers=args.num_writers)
+        elif args.command == "train-tokenizer":
+            from dreamer4.pipelines.tokenizer import run_train_tokenizer
+
+            run_train_tokenizer(cfg, args.data, args.run)
         elif args.command == "run":
             from dreamer4.pipelines.run import run_all
 
@@ -66,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the train loop's NaN guard; its message says what was kept
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

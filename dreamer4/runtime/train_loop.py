@@ -122,7 +122,7 @@ def train(stage: Stage) -> nnx.Module:
 
         (loss, metrics), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
         opt.update(model, grads)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return nnx.state((model, opt)), metrics
 
     bsh = batch_sharding(mesh)
