@@ -1,0 +1,1 @@
+"""Causal video tokenizer: model.py (the network), train.py (stage training and evaluation)."""

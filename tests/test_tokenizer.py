@@ -1,0 +1,188 @@
+"""Causal tokenizer: shapes, mask, causality, frame-by-frame == whole clip, training, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import REPO, TEST_OVERRIDES, make_test_config
+from dreamer4.data.store import Dataset, DatasetError
+from dreamer4.runtime.logging import read_metrics
+from dreamer4.tokenizer.model import Tokenizer, sample_patch_mask
+from dreamer4.tokenizer.train import tokenizer_loss, train_tokenizer
+
+TOK_OVERRIDES = [
+    "tokenizer.patch_size=8", "tokenizer.width=32", "tokenizer.depth=2", "tokenizer.num_heads=2",
+    "tokenizer.num_kv_heads=1", "tokenizer.time_every=2", "tokenizer.num_latents=4",
+    "tokenizer.latent_dim=8", "tokenizer.eval_episodes=2", "tokenizer.eval_frames=4",
+    "tokenizer.train.batch_size=4", "tokenizer.train.seq_len=4", "tokenizer.train.lr=3e-3",
+    "tokenizer.train.warmup_steps=2", "tokenizer.train.log_every=2", "tokenizer.train.ckpt_every=4",
+    "tokenizer.train.eval_every=0", "runtime.wandb=disabled",
+]
+
+
+def tok_config(extra=()):
+    return make_test_config(TOK_OVERRIDES + list(extra))
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tok_config()
+    return Tokenizer(cfg.tokenizer, (63, 63, 3), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def frames(dataset):
+    root, _ = dataset
+    ds = Dataset.open(root)
+    ep = ds.episodes[0]
+    return jnp.asarray(ds.read(ep, 0, 5, ("frame",))["frame"][None], jnp.float32) / 255.0  # 1,5,H,W,C
+
+
+def test_shapes_and_padding(model, frames):
+    assert model.num_patches == 64  # 63x63 padded to 64x64, patch 8
+    z = model.encode(frames)
+    assert z.shape == (1, 5, 4, 8) and float(jnp.abs(z).max()) < 1.0
+    assert model.decode(z).shape == frames.shape
+    np.testing.assert_array_equal(model.unpatchify(model.patchify(frames)), frames)
+
+
+def test_mask_sampling():
+    m = sample_patch_mask(jax.random.PRNGKey(0), 64, 8, 256, 0.9)
+    rate = np.asarray(m.mean(-1))  # per image
+    assert 0.40 < rate.mean() < 0.50  # E[p] = 0.45 for p ~ U(0, 0.9)
+    assert rate.max() < 0.97 and rate.min() < 0.1  # spread across images, p never above 0.9
+
+
+def test_masked_patches_are_replaced(model, frames):
+    P = model.num_patches
+    mask = jnp.zeros((1, 5, P), bool).at[:, :, 3].set(True)
+    changed = frames.at[:, :, 0:8, 24:32].add(0.5)  # pixels of patch 3 (row 0, column 3)
+    np.testing.assert_allclose(model.encode(frames, mask), model.encode(changed, mask), atol=1e-6)
+    assert not np.allclose(model.encode(frames), model.encode(changed), atol=1e-4)
+
+
+@pytest.mark.parametrize("t", [0, 2])
+def test_causality(model, frames, t):
+    later = frames.at[:, t + 1].set(1.0 - frames[:, t + 1])
+    z, z2 = model.encode(frames), model.encode(later)
+    np.testing.assert_allclose(z[:, : t + 1], z2[:, : t + 1], atol=1e-6)
+    assert not np.allclose(z[:, t + 1], z2[:, t + 1], atol=1e-4)
+    zl = z.at[:, t + 1].set(-z[:, t + 1])
+    d, d2 = model.decode(z), model.decode(zl)
+    np.testing.assert_allclose(d[:, : t + 1], d2[:, : t + 1], atol=1e-6)
+    assert not np.allclose(d[:, t + 1], d2[:, t + 1], atol=1e-4)
+
+
+def test_frame_by_frame_equals_whole_clip(model, frames):
+    z_all = model.encode(frames)
+    d_all = model.decode(z_all)
+    cache = model.init_cache(1, 8)
+    enc_step = nnx.jit(lambda m, x, c, t: m.encode_step(x, c, t))
+    dec_step = nnx.jit(lambda m, z, c, t: m.decode_step(z, c, t))
+    for t in range(frames.shape[1]):
+        z_t, cache = enc_step(model, frames[:, t:t + 1], cache, t)
+        d_t, cache = dec_step(model, z_t, cache, t)
+        np.testing.assert_allclose(z_t[:, 0], z_all[:, t], atol=2e-5)
+        np.testing.assert_allclose(d_t[:, 0], d_all[:, t], atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    root, _ = dataset
+    run = tmp_path_factory.mktemp("tok") / "run"
+    cfg = tok_config(["tokenizer.train.steps=24"])
+    results = train_tokenizer(cfg, root, run)
+    return run, results
+
+
+def test_training_reduces_loss_and_evaluates(trained):
+    run, results = trained
+    m = read_metrics(run / "tokenizer")
+    losses = [r["loss"] for r in m if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0], losses
+    for k in ("eval_psnr", "eval_ssim", "eval_psnr_mean_frame_baseline"):
+        assert np.isfinite(results[k])
+    assert list((run / "tokenizer" / "images").glob("recon_grid_*.png"))
+    assert (run / "tokenizer" / "config.yaml").exists()
+
+
+def _cli(args, env_extra=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "dreamer4.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _args(root, run, extra=()):
+    a = ["train-tokenizer", "--config", "configs/tiny.yaml", "--data", str(root), "--run", str(run)]
+    for o in TEST_OVERRIDES + TOK_OVERRIDES + ["tokenizer.train.steps=24"] + list(extra):
+        if not o.startswith("collect.policy"):
+            a += ["--set", o]
+    return a
+
+
+def test_resume_after_sigkill_continues_step_and_stream(dataset, trained, tmp_path):
+    root, _ = dataset
+    run = tmp_path / "run"
+    proc = _cli(_args(root, run))
+    ckpts = run / "tokenizer" / "checkpoints"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        done = [p for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+        if any(int(p.name) >= 8 for p in done):
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = _cli(_args(root, run))
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log
+    assert "resumed from checkpoint step" in log
+    # The resumed run reproduces the uninterrupted run's losses step for step (same data stream).
+    ref = {r["step"]: r["loss"] for r in read_metrics(trained[0] / "tokenizer") if "loss" in r}
+    got = {r["step"]: r["loss"] for r in read_metrics(run / "tokenizer") if "loss" in r}
+    assert max(got) == 24
+    for s in range(12, 25, 2):
+        assert got[s] == pytest.approx(ref[s], rel=1e-4, abs=1e-6), (s, got[s], ref[s])
+
+
+def test_restore_on_another_device_count(dataset, tmp_path):
+    root, _ = dataset
+    run = tmp_path / "run"
+    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    p = _cli(_args(root, run, ["tokenizer.train.steps=4"]), four)
+    log = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, log
+    p = _cli(_args(root, run, ["tokenizer.train.steps=8"]), two)
+    log = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, log
+    assert "resumed from checkpoint step 4" in log
+    steps = [r["step"] for r in read_metrics(run / "tokenizer") if "loss" in r]
+    assert max(steps) == 8
+
+
+def test_other_frame_size_is_a_clear_error(dataset, trained, tmp_path):
+    root, _ = dataset
+    fake = tmp_path / "full"
+    fake.mkdir()
+    m = json.loads((root / "manifest.json").read_text())
+    m["frame_shape"] = [130, 110, 3]
+    (fake / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match=r"frames of shape \(130, 110, 3\) .* configured for \(63, 63, 3\)"):
+        train_tokenizer(tok_config(["tokenizer.train.steps=24"]), fake, trained[0])
+
+
+def test_loss_is_finite_and_positive(model, frames):
+    loss, metrics = tokenizer_loss(model, {"frames": (frames * 255).astype(jnp.uint8)}, jax.random.PRNGKey(1))
+    assert float(loss) > 0 and np.isfinite(float(metrics["psnr"]))
