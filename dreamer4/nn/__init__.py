@@ -1,8 +1,12 @@
-"""Shared network blocks: norms, SwiGLU, RoPE, soft-capped GQA attention, the axial transformer."""
+"""Shared network blocks: RMSNorm, SwiGLU, RoPE, soft-capped GQA attention with masks, the axial transformer."""
 
-from dreamer4.nn.attention import Attention, causal_mask, gqa_attention
-from dreamer4.nn.layers import RMSNorm, SwiGLU, apply_rope, rms_norm, soft_cap
-from dreamer4.nn.transformer import AxialTransformer, Block
+from dreamer4.nn.attention import (Attention, cached_time_mask, causal_time_mask, dot_product_attention,
+                                   space_mask)
+from dreamer4.nn.layers import RMSNorm, SwiGLU, apply_rope, rms_norm, rope_frequencies, soft_cap
+from dreamer4.nn.transformer import SPACE, TIME, AxialTransformer, Block, layer_kinds
 
-__all__ = ["Attention", "AxialTransformer", "Block", "RMSNorm", "SwiGLU", "apply_rope", "causal_mask",
-           "gqa_attention", "rms_norm", "soft_cap"]
+__all__ = [
+    "SPACE", "TIME", "Attention", "AxialTransformer", "Block", "RMSNorm", "SwiGLU", "apply_rope",
+    "cached_time_mask", "causal_time_mask", "dot_product_attention", "layer_kinds", "rms_norm",
+    "rope_frequencies", "soft_cap", "space_mask",
+]

@@ -1,73 +1,177 @@
-"""Multi-head attention with grouped-query heads, QK-norm, RoPE and logit soft-capping.
+"""Multi-head attention with grouped-query heads, QK-norm, RoPE and logit soft-capping; attention masks.
 
-Shape key: N flattened leading dims (batch x time for space attention, batch x tokens for time
-attention), Q queries, S keys, D width, K query heads, G key/value heads (K % G == 0),
-R = K / G query heads per kv head, E head width.
+Shape key (suffixes of array names in this file):
+    N    flattened leading dims (batch x time for space attention, batch x tokens for time attention)
+    L    sequence length of a self-attention input
+    Q    query positions
+    M    key/value (memory) positions
+    S    tokens per time step
+    T    time steps
+    C    cache length (steps a KV cache can hold)
+    D    model width
+    K    query heads
+    G    key/value heads (K % G == 0)
+    R    K / G query heads that share one key/value head
+    H    head width
+
+Masks are boolean, True = may attend: mask[q, m] says whether query q may read key m. They are
+pure functions of static sizes (numpy), except `cached_time_mask`, whose step index may be traced.
 """
 
 from __future__ import annotations
 
+from typing import Hashable, Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
 from dreamer4.nn.layers import RMSNorm, apply_rope, soft_cap
 
+# Masked logits get this instead of -inf, so a fully masked row gives a uniform (finite) softmax
+# rather than NaN; masks built here never leave a row empty.
+_MASKED = float(np.finfo(np.float32).min)
 
-def causal_mask(T: int) -> np.ndarray:
-    """mask[q, s] = s <= q: a step sees itself and the past."""
-    return np.tril(np.ones((T, T), bool))
 
+# -- masks -----------------------------------------------------------------------------------------
+def space_mask(spec, rules: Mapping[Hashable, Sequence[Hashable] | None] | None = None) -> np.ndarray:
+    """Visibility among the S tokens of one time step: vis_SS[q, k] = token q may attend token k.
 
-def gqa_attention(q_NQKE, k_NSGE, v_NSGE, mask, logit_cap: float = 0.0):
-    """softmax(cap(q k^T / sqrt(E)) masked) v, with K query heads sharing G kv heads.
-
-    `mask` (True = may attend) broadcasts to (N, Q, S). Logits and softmax in float32.
+    `spec` is either
+      * an (S, S) boolean visibility matrix, returned (validated) as a numpy array, or
+      * a sequence of S token types (any hashable labels, e.g. "patch", "latent", "agent"), with
+        `rules` mapping a query type to the key types it may see. A type absent from `rules` (or
+        mapped to None) sees every token; without `rules` every token sees every token.
+    Example (Dreamer 4 agent tokens: they read everything, nothing reads them):
+        space_mask(["z"] * 4 + ["agent"], {"z": ["z"]})
+    Every token must see at least one token, else its softmax would be meaningless: ValueError.
     """
-    N, Q, K, E = q_NQKE.shape
-    G = k_NSGE.shape[2]
-    q = q_NQKE.reshape(N, Q, G, K // G, E)
-    logits = jnp.einsum("nqgre,nsge->ngrqs", q, k_NSGE, preferred_element_type=jnp.float32)
-    logits = soft_cap(logits / np.sqrt(E).astype(np.float32), logit_cap)
-    mask = jnp.broadcast_to(jnp.asarray(mask), (N, Q, logits.shape[-1]))[:, None, None]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_NSGE.dtype)
-    out = jnp.einsum("ngrqs,nsge->nqgre", probs, v_NSGE)
-    return out.reshape(N, Q, K * E)
+    arr = np.asarray(spec)
+    if arr.ndim == 2:
+        if arr.dtype != bool or arr.shape[0] != arr.shape[1]:
+            raise ValueError(f"a visibility matrix must be square and boolean, got {arr.dtype} {arr.shape}")
+        vis_SS = arr.copy()
+    elif arr.ndim == 1:
+        types_S = list(spec)
+        rules = rules or {}
+        vis_SS = np.array([[rules.get(q) is None or k in rules[q] for k in types_S] for q in types_S], bool)
+    else:
+        raise ValueError(f"space_mask takes token types (S,) or a visibility matrix (S, S), got shape {arr.shape}")
+    if not vis_SS.any(axis=1).all():
+        blind = np.flatnonzero(~vis_SS.any(axis=1)).tolist()
+        raise ValueError(f"tokens {blind} may attend to no token at all")
+    return vis_SS
+
+
+def causal_time_mask(T: int, window: int = 0) -> np.ndarray:
+    """mask_TT[t, u] = u <= t  (and t - u < window when window > 0): the past and the present only.
+
+    With a window, each step sees itself and the window - 1 steps before it (a sliding context).
+    """
+    t_T1, u_1T = np.arange(T)[:, None], np.arange(T)[None, :]
+    mask_TT = u_1T <= t_T1
+    if window and window > 0:
+        mask_TT &= (t_T1 - u_1T) < window
+    return mask_TT
+
+
+def cached_time_mask(t, max_len: int, window: int = 0):
+    """mask_1C[0, u] = u <= t (and t - u < window when window > 0): which cache slots step t reads.
+
+    `t` may be a traced integer (jit); slots > t hold stale or empty entries and stay masked.
+    """
+    u_C = jnp.arange(max_len)
+    mask_C = u_C <= t
+    if window and window > 0:
+        mask_C &= (t - u_C) < window
+    return mask_C[None, :]
+
+
+# -- attention -------------------------------------------------------------------------------------
+def dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask=None, logit_cap: float = 0.0):
+    """Grouped-query attention; query head k reads key/value head k // R  (R = K / G).
+
+        logits[q, m] = soft_cap(<q_q, k_m> / sqrt(H), cap)      (masked: -> float32 min)
+        out_q = sum_m softmax_m(logits[q, :]) v_m
+
+    Logits and softmax are float32 whatever the input dtype (bf16 logits lose the ordering of near
+    ties and overflow easily); the weighted sum of values runs in v's dtype. `mask` (True = may
+    attend) is (Q, M) or (N, Q, M), or None for no mask. Returns out_NQKH in v's dtype.
+    """
+    K, H = q_NQKH.shape[-2:]
+    G = k_NMGH.shape[-2]
+    if K % G:
+        raise ValueError(f"{K} query heads cannot share {G} key/value heads evenly")
+    q_NQGRH = rearrange(q_NQKH, "n q (g r) h -> n q g r h", g=G)
+    logits_NGRQM = jnp.einsum("nqgrh,nmgh->ngrqm", q_NQGRH, k_NMGH, preferred_element_type=jnp.float32)
+    logits_NGRQM = soft_cap(logits_NGRQM.astype(jnp.float32) / np.float32(np.sqrt(H)), logit_cap)
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask_N11QM = (mask[None] if mask.ndim == 2 else mask)[:, None, None]
+        logits_NGRQM = jnp.where(mask_N11QM, logits_NGRQM, _MASKED)
+    probs_NGRQM = jax.nn.softmax(logits_NGRQM, axis=-1)
+    out_NQGRH = jnp.einsum("ngrqm,nmgh->nqgrh", probs_NGRQM.astype(v_NMGH.dtype), v_NMGH)
+    return rearrange(out_NQGRH, "n q g r h -> n q (g r) h")
 
 
 class Attention(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, *, logit_cap: float = 0.0,
-                 rope: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
-        if dim % num_heads or num_heads % num_kv_heads:
-            raise ValueError(f"width {dim}, heads {num_heads}, kv heads {num_kv_heads}: "
-                             f"heads must divide width and kv heads must divide heads")
-        self.K, self.G, self.E = num_heads, num_kv_heads, dim // num_heads
-        self.logit_cap, self.rope = logit_cap, rope
-        kw = dict(use_bias=False, rngs=rngs, dtype=dtype)
-        self.wq = nnx.Linear(dim, self.K * self.E, **kw)
-        self.wk = nnx.Linear(dim, self.G * self.E, **kw)
-        self.wv = nnx.Linear(dim, self.G * self.E, **kw)
-        self.wo = nnx.Linear(self.K * self.E, dim, **kw)
-        self.q_norm = RMSNorm(self.E)
-        self.k_norm = RMSNorm(self.E)
+    """Multi-head self-attention with grouped-query heads, QK-norm, optional RoPE and logit soft-cap.
 
-    def project(self, x_NSD, positions_S=None):
-        """q_NSKE, k_NSGE, v_NSGE; QK-norm, then RoPE at `positions_S` if enabled."""
-        N, S, _ = x_NSD.shape
-        q = self.q_norm(self.wq(x_NSD).reshape(N, S, self.K, self.E))
-        k = self.k_norm(self.wk(x_NSD).reshape(N, S, self.G, self.E))
-        v = self.wv(x_NSD).reshape(N, S, self.G, self.E)
+    x -> q = W_q x (K heads), k = W_k x, v = W_v x (G heads each); q, k <- RMSNorm over the head
+    width (QK-norm keeps logits bounded, so training is stable without a small learning rate);
+    then RoPE at the given positions; then `dot_product_attention`; y = W_o concat_heads(out).
+    `dtype` is the compute dtype of the projections, `param_dtype` the storage dtype of weights
+    (bf16 compute with float32 parameters: dtype=bfloat16, param_dtype=float32).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, *, head_dim: int | None = None,
+                 qk_norm: bool = True, rope: bool = False, rope_base: float = 10000.0, logit_cap: float = 0.0,
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}; pass head_dim")
+            head_dim = dim // num_heads
+        if rope and head_dim % 2:
+            raise ValueError(f"RoPE needs an even head width, got {head_dim}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope, self.rope_base, self.logit_cap = rope, rope_base, logit_cap
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.wq = nnx.Linear(dim, num_heads * head_dim, **kw)
+        self.wk = nnx.Linear(dim, num_kv_heads * head_dim, **kw)
+        self.wv = nnx.Linear(dim, num_kv_heads * head_dim, **kw)
+        self.wo = nnx.Linear(num_heads * head_dim, dim, **kw)
+        self.q_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
+
+    def project(self, x_NLD, positions=None):
+        """(q_NLKH, k_NLGH, v_NLGH): projections, QK-norm, then RoPE at `positions`.
+
+        `positions` broadcasts to (N, L) (e.g. positions_L); None = 0 .. L-1. Ignored without RoPE.
+        """
+        q_NLKH = rearrange(self.wq(x_NLD), "n l (k h) -> n l k h", h=self.head_dim)
+        k_NLGH = rearrange(self.wk(x_NLD), "n l (g h) -> n l g h", h=self.head_dim)
+        v_NLGH = rearrange(self.wv(x_NLD), "n l (g h) -> n l g h", h=self.head_dim)
+        if self.q_norm is not None:
+            q_NLKH, k_NLGH = self.q_norm(q_NLKH), self.k_norm(k_NLGH)
         if self.rope:
-            pos = jnp.arange(S) if positions_S is None else positions_S
-            q = apply_rope(q, jnp.asarray(pos)[:, None])
-            k = apply_rope(k, jnp.asarray(pos)[:, None])
-        return q, k, v
+            L = x_NLD.shape[1]
+            pos = jnp.arange(L) if positions is None else jnp.asarray(positions)
+            pos_NL1 = jnp.broadcast_to(pos, x_NLD.shape[:2])[..., None]  # one position for all heads
+            q_NLKH = apply_rope(q_NLKH, pos_NL1, self.rope_base)
+            k_NLGH = apply_rope(k_NLGH, pos_NL1, self.rope_base)
+        return q_NLKH, k_NLGH, v_NLGH
 
-    def attend(self, q_NQKE, k_NSGE, v_NSGE, mask):
-        return self.wo(gqa_attention(q_NQKE, k_NSGE, v_NSGE, mask, self.logit_cap))
+    def attend(self, q_NQKH, k_NMGH, v_NMGH, mask=None):
+        """y_NQD = W_o (attention of the given queries over the given keys/values), see `dot_product_attention`."""
+        out_NQKH = dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask, self.logit_cap)
+        return self.wo(rearrange(out_NQKH, "n q k h -> n q (k h)"))
 
-    def __call__(self, x_NSD, mask, positions_S=None):
-        q, k, v = self.project(x_NSD, positions_S)
-        return self.attend(q, k, v, mask)
+    def __call__(self, x_NLD, mask=None, positions=None):
+        """Self-attention y_NLD over x_NLD; `mask` (L, L) or (N, L, L), True = may attend."""
+        q_NLKH, k_NLGH, v_NLGH = self.project(x_NLD, positions)
+        return self.attend(q_NLKH, k_NLGH, v_NLGH, mask)

@@ -1,6 +1,15 @@
-"""Small shared layers: RMSNorm, SwiGLU, rotary embeddings, logit soft-capping.
+"""Small shared layers: RMS normalisation, the SwiGLU MLP, rotary position embeddings, soft-capping.
 
-Shape key: B batch, T time, S tokens, K heads, H head width, D model width, F MLP hidden width.
+Shape key (suffixes of array names in this file):
+    N    any number of leading dims (batch, time, tokens, heads ...)
+    D    model width
+    F    MLP hidden width
+    H    head width (the last dim RoPE rotates; must be even)
+    J    H / 2 rotation frequencies
+
+Numerics: statistics (RMS) and rotations are computed in float32 and cast back to the input's dtype,
+so bf16 activations lose nothing there; parameters live in `param_dtype` (float32 by default) and
+matmuls run in `dtype` (the compute dtype).
 """
 
 from __future__ import annotations
@@ -10,54 +19,87 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def rms_norm(x, scale, eps: float = 1e-6):
-    """y = x / sqrt(mean(x^2) + eps) * scale, statistics in float32."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * scale).astype(x.dtype)
+def rms_norm(x_ND, scale_D, eps: float = 1e-6):
+    """Root-mean-square normalisation over the last dim.
+
+        y = x / sqrt(mean_d(x_d^2) + eps) * scale
+
+    Computed in float32 (bf16 sums of squares are too coarse), returned in x's dtype.
+    """
+    x32 = x_ND.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (x32 * inv_rms * scale_D.astype(jnp.float32)).astype(x_ND.dtype)
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    """RMS normalisation with a learned per-channel scale (initialised to 1): see `rms_norm`."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
         self.eps = eps
 
-    def __call__(self, x):
-        return rms_norm(x, self.scale[...], self.eps)
+    def __call__(self, x_ND):
+        return rms_norm(x_ND, self.scale[...], self.eps)
 
 
 class SwiGLU(nnx.Module):
-    """y = W_down (silu(W_gate x) * (W_up x))."""
+    """Gated MLP:  y = W_down (silu(W_gate x) * (W_up x)),  silu(a) = a * sigmoid(a).
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        kw = dict(use_bias=False, rngs=rngs, dtype=dtype)
-        self.gate = nnx.Linear(dim, hidden, **kw)
-        self.up = nnx.Linear(dim, hidden, **kw)
-        self.down = nnx.Linear(hidden, dim, **kw)
+    `hidden` is the gate/up width F; no biases (as in most modern transformers).
+    """
 
-    def __call__(self, x):
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.w_gate = nnx.Linear(dim, hidden, **kw)
+        self.w_up = nnx.Linear(dim, hidden, **kw)
+        self.w_down = nnx.Linear(hidden, dim, **kw)
+
+    def __call__(self, x_ND):
+        h_NF = jax.nn.silu(self.w_gate(x_ND)) * self.w_up(x_ND)
+        return self.w_down(h_NF)
 
 
 def soft_cap(logits, cap: float):
-    """cap * tanh(logits / cap); cap <= 0 leaves the logits unchanged."""
-    if cap <= 0:
+    """Smoothly bound logits to (-cap, cap):  y = cap * tanh(logits / cap).
+
+    Near zero y ~= logits, so small logits are unchanged; `cap <= 0` disables capping (identity).
+    `cap` is a Python number (static), so the choice is made at trace time.
+    """
+    if cap is None or cap <= 0:
         return logits
     return cap * jnp.tanh(logits / cap)
 
 
-def apply_rope(x_NH, positions_N, base: float = 10000.0):
-    """Rotary position embedding on the last dim (even width H), for integer positions.
+def rope_frequencies(head_dim: int, base: float = 10000.0):
+    """Rotation frequencies freq_J for RoPE:  freq_j = base^(-2j / H),  j = 0 .. H/2 - 1.
 
-    Pairs (x_i, x_{i+H/2}) are rotated by angle pos * base^(-2i/H), so that the dot product of a
-    query at position m and a key at position n depends only on m - n.
-    `positions` broadcasts against x's leading dims (x: (..., H), positions: (...)).
+    Returns a float32 array of H/2 values, from 1 (fastest) down towards 1/base (slowest).
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head width, got {head_dim}")
+    j_J = jnp.arange(head_dim // 2, dtype=jnp.float32)
+    return base ** (-2.0 * j_J / head_dim)
+
+
+def apply_rope(x_NH, positions, base: float = 10000.0):
+    """Rotary position embedding on the last dim, for integer (or float) positions.
+
+    Channel pairs (a_j, b_j) = (x_j, x_{j + H/2}) are rotated by the angle theta_j = pos * freq_j:
+
+        a'_j = a_j cos(theta_j) - b_j sin(theta_j)
+        b'_j = a_j sin(theta_j) + b_j cos(theta_j)
+
+    Rotations compose, so <rope(q, m), rope(k, n)> = <q, R(n - m) k>: attention logits between a
+    query at position m and a key at position n depend only on the offset m - n.
+    `positions` broadcasts against x's leading dims (x: (..., H), positions: shape of x[..., 0] or
+    broadcastable to it, e.g. positions_T[:, None] for x_NTKH).
+    Computed in float32, returned in x's dtype.
     """
     H = x_NH.shape[-1]
-    half = H // 2
-    freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / H)
-    angle = jnp.asarray(positions_N, jnp.float32)[..., None] * freq
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    freq_J = rope_frequencies(H, base)
+    theta_NJ = jnp.asarray(positions, jnp.float32)[..., None] * freq_J
+    cos, sin = jnp.cos(theta_NJ), jnp.sin(theta_NJ)
     x32 = x_NH.astype(jnp.float32)
-    a, b = x32[..., :half], x32[..., half:]
-    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x_NH.dtype)
+    a_NJ, b_NJ = x32[..., : H // 2], x32[..., H // 2:]
+    out = jnp.concatenate([a_NJ * cos - b_NJ * sin, a_NJ * sin + b_NJ * cos], axis=-1)
+    return out.astype(x_NH.dtype)

@@ -1,20 +1,43 @@
-"""Axial transformer over x_BTSD: space attention within a step, causal time attention across steps.
+"""Axial transformer over x_BTSD: space attention within a time step, causal attention across steps.
 
-Shape key: B batch, T time steps, S tokens per step, D width, C cache length (max steps).
+Shape key (suffixes of array names in this file):
+    B    batch
+    T    time steps
+    S    tokens per step
+    D    model width
+    C    cache length (the most steps a KV cache holds)
+    G    key/value heads
+    H    head width
+    K    query heads
+    N    flattened leading dims handed to attention ((b t) for space, (b s) for time layers)
 
-Layer i (0-based) is a *time* layer when (i + 1) % time_every == 0, otherwise a *space* layer:
-with time_every = 4 and 8 layers, layers 3 and 7 attend over time. A space layer lets each token
-attend to the tokens of its own step that `visibility[q, s]` allows (all, by default). A time
-layer lets token position s attend to the same position at steps <= t (causal, RoPE over t).
-Stacked, this is block-causal: every token of step t depends on every token of steps <= t that
-it can reach through the visibility pattern, and on nothing of steps > t.
+Layer rule (`layer_kinds`): layer i (0-based) of `depth` is a *time* layer when time_every > 0 and
+(i + 1) % time_every == 0, otherwise a *space* layer. time_every = 4 with depth 8 gives time
+layers 3 and 7; time_every = 2 alternates space, time, space, time; time_every = 1 makes every
+layer a time layer; time_every = 0 makes every layer a space layer. An explicit `kinds` sequence
+(one "space" / "time" per layer) passed to AxialTransformer overrides the rule.
 
-`step` runs one new step at index t against a KV cache of the time layers (space layers need no
-cache), so autoregressive generation costs attention over the cache instead of recomputing the
-whole context; its outputs equal the full forward pass.
+Each layer is a pre-norm residual block  x += Attn(RMSNorm(x));  x += SwiGLU(RMSNorm(x)).
+  * space layer: token q of step t attends to the tokens k of the same step with vis_SS[q, k]
+    (a static S x S visibility matrix; default all True). Optional RoPE over token index.
+  * time layer: token position s of step t attends to position s of steps u <= t (and t - u <
+    time_window if a window is set), RoPE over the step index.
+A final RMSNorm follows the last layer. Stacked, this is block-causal: outputs at step t never
+depend on inputs at steps > t.
+
+Generation: `step` runs ONE new step at index t against a KV cache that holds, for every time
+layer, the keys/values of steps < t (space layers need no cache). It writes step t's keys/values
+into slot t (calling it again at the same t overwrites that slot, which is what multi-step
+denoising of one frame needs) and returns the same output as the full forward pass. `prefill`
+runs the full pass on a context and returns the cache filled with it.
+
+Residual dtype: the residual stream keeps the dtype of the input x (pass float32 tokens for a
+float32 residual with bf16 matmuls); every sub-layer output is cast to it before the add.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,85 +45,202 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from dreamer4.nn.attention import Attention, causal_mask
+from dreamer4.nn.attention import Attention, cached_time_mask, causal_time_mask, space_mask
 from dreamer4.nn.layers import RMSNorm, SwiGLU
+
+SPACE, TIME = "space", "time"
+
+
+def layer_kinds(depth: int, time_every: int) -> tuple[str, ...]:
+    """("space" | "time") per layer: layer i is "time" iff time_every > 0 and (i + 1) % time_every == 0."""
+    if time_every < 0:
+        raise ValueError(f"time_every must be >= 0, got {time_every}")
+    return tuple(TIME if time_every > 0 and (i + 1) % time_every == 0 else SPACE for i in range(depth))
 
 
 class Block(nnx.Module):
-    def __init__(self, kind: str, width: int, num_heads: int, num_kv_heads: int, mlp_ratio: float,
-                 logit_cap: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.kind = kind
-        self.norm1 = RMSNorm(width)
-        self.attn = Attention(width, num_heads, num_kv_heads, logit_cap=logit_cap, rope=(kind == "time"),
-                              rngs=rngs, dtype=dtype)
-        self.norm2 = RMSNorm(width)
-        self.mlp = SwiGLU(width, int(width * mlp_ratio), rngs=rngs, dtype=dtype)
+    """One pre-norm layer: x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)); attention over space or time."""
 
-    def _space(self, x_BTSD, visibility):
-        B, T, S, D = x_BTSD.shape
-        h = self.attn(self.norm1(x_BTSD).reshape(B * T, S, D), visibility)
-        return h.reshape(B, T, S, D)
+    def __init__(self, kind: str, width: int, num_heads: int, num_kv_heads: int, *, mlp_hidden: int,
+                 logit_cap: float = 0.0, qk_norm: bool = True, time_rope: bool = True, space_rope: bool = False,
+                 rope_base: float = 10000.0, time_window: int = 0, eps: float = 1e-6, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        if kind not in (SPACE, TIME):
+            raise ValueError(f"layer kind must be {SPACE!r} or {TIME!r}, got {kind!r}")
+        self.kind, self.time_window = kind, time_window
+        self.attn_norm = RMSNorm(width, eps=eps, param_dtype=param_dtype)
+        self.attn = Attention(width, num_heads, num_kv_heads, qk_norm=qk_norm,
+                              rope=time_rope if kind == TIME else space_rope, rope_base=rope_base,
+                              logit_cap=logit_cap, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp_norm = RMSNorm(width, eps=eps, param_dtype=param_dtype)
+        self.mlp = SwiGLU(width, mlp_hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def _time(self, x_BTSD):
-        B, T, S, D = x_BTSD.shape
-        h = rearrange(self.norm1(x_BTSD), "b t s d -> (b s) t d")
-        h = self.attn(h, causal_mask(T))
-        return rearrange(h, "(b s) t d -> b t s d", b=B, s=S)
+    def _mlp(self, x_BTSD):
+        return x_BTSD + self.mlp(self.mlp_norm(x_BTSD)).astype(x_BTSD.dtype)
 
-    def __call__(self, x_BTSD, visibility):
-        h = self._space(x_BTSD, visibility) if self.kind == "space" else self._time(x_BTSD)
-        x_BTSD = x_BTSD + h
-        return x_BTSD + self.mlp(self.norm2(x_BTSD))
+    def _space_attn(self, h_BTSD, vis_SS):
+        B, T, S, _ = h_BTSD.shape
+        h_NSD = rearrange(h_BTSD, "b t s d -> (b t) s d")
+        y_NSD = self.attn(h_NSD, vis_SS, positions=jnp.arange(S))
+        return rearrange(y_NSD, "(b t) s d -> b t s d", b=B)
 
-    def step(self, x_B1SD, visibility, cache, t):
-        """One step at index t; `cache` = {"k", "v"}: (B*S, C, G, E) for time layers, else None."""
-        if self.kind == "space":
-            return self(x_B1SD, visibility), cache
-        B, _, S, D = x_B1SD.shape
-        h = self.norm1(x_B1SD).reshape(B * S, 1, D)
-        q, k, v = self.attn.project(h, jnp.reshape(t, (1,)))
-        kc = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, t, 0, 0))
-        vc = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, t, 0, 0))
-        mask = (jnp.arange(kc.shape[1]) <= t)[None, :]  # (Q=1, C)
-        h = self.attn.attend(q, kc, vc, mask).reshape(B, 1, S, D)
-        x_B1SD = x_B1SD + h
-        return x_B1SD + self.mlp(self.norm2(x_B1SD)), {"k": kc, "v": vc}
+    def _time_qkv(self, h_BTSD, t0=0):
+        """q_NTKH, k_NTGH, v_NTGH for time attention, N = (b s), RoPE positions t0 .. t0 + T - 1."""
+        T = h_BTSD.shape[1]
+        h_NTD = rearrange(h_BTSD, "b t s d -> (b s) t d")
+        return self.attn.project(h_NTD, positions=t0 + jnp.arange(T))
+
+    def __call__(self, x_BTSD, vis_SS=None, *, return_kv: bool = False):
+        """Full pass over all T steps; with return_kv, also (k_BSTGH, v_BSTGH) of a time layer."""
+        B, T, S, _ = x_BTSD.shape
+        h_BTSD = self.attn_norm(x_BTSD)
+        kv = None
+        if self.kind == SPACE:
+            y_BTSD = self._space_attn(h_BTSD, vis_SS)
+        else:
+            q_NTKH, k_NTGH, v_NTGH = self._time_qkv(h_BTSD)
+            y_NTD = self.attn.attend(q_NTKH, k_NTGH, v_NTGH, causal_time_mask(T, self.time_window))
+            y_BTSD = rearrange(y_NTD, "(b s) t d -> b t s d", b=B)
+            kv = tuple(rearrange(a, "(b s) t g h -> b s t g h", b=B) for a in (k_NTGH, v_NTGH))
+        x_BTSD = self._mlp(x_BTSD + y_BTSD.astype(x_BTSD.dtype))
+        return (x_BTSD, kv) if return_kv else x_BTSD
+
+    def step(self, x_B1SD, vis_SS, cache, t):
+        """One step at index t. `cache` = {"k": k_BSCGH, "v": v_BSCGH} for a time layer (None for a
+        space layer); slot t is overwritten with this step's keys/values and slots <= t are read."""
+        if self.kind == SPACE:
+            return self(x_B1SD, vis_SS), cache
+        B = x_B1SD.shape[0]
+        C = cache["k"].shape[2]
+        q_N1KH, k_N1GH, v_N1GH = self._time_qkv(self.attn_norm(x_B1SD), t0=t)
+        start = (0, 0, jnp.asarray(t, jnp.int32), 0, 0)
+        new = {}
+        for name, a_N1GH in (("k", k_N1GH), ("v", v_N1GH)):
+            a_BS1GH = rearrange(a_N1GH, "(b s) 1 g h -> b s 1 g h", b=B).astype(cache[name].dtype)
+            new[name] = jax.lax.dynamic_update_slice(cache[name], a_BS1GH, start)
+        k_NCGH, v_NCGH = (rearrange(new[n], "b s c g h -> (b s) c g h") for n in ("k", "v"))
+        y_N1D = self.attn.attend(q_N1KH, k_NCGH, v_NCGH, cached_time_mask(t, C, self.time_window))
+        y_B1SD = rearrange(y_N1D, "(b s) 1 d -> b 1 s d", b=B)
+        return self._mlp(x_B1SD + y_B1SD.astype(x_B1SD.dtype)), new
 
 
 class AxialTransformer(nnx.Module):
-    def __init__(self, *, width: int, depth: int, num_heads: int, num_kv_heads: int, mlp_ratio: float = 4.0,
-                 time_every: int = 4, logit_cap: float = 0.0, visibility: np.ndarray | None = None,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
-        self.kinds = tuple("time" if (i + 1) % time_every == 0 else "space" for i in range(depth))
-        self.blocks = nnx.List([Block(k, width, num_heads, num_kv_heads, mlp_ratio, logit_cap, rngs=rngs,
-                                      dtype=dtype) for k in self.kinds])
-        self.norm = RMSNorm(width)
-        # Static (not a parameter): which token may see which inside a step.
-        self.visibility = None if visibility is None else np.asarray(visibility, bool)
-        self.num_kv_heads, self.head_dim = num_kv_heads, width // num_heads
-        self.dtype = dtype
+    """Space/time axial transformer over x_BTSD with a final RMSNorm (layer rule: see module doc).
 
-    def _vis(self, S):
-        return np.ones((S, S), bool) if self.visibility is None else self.visibility
+    Build:  AxialTransformer(width=D, depth=4, num_heads=4, num_kv_heads=2, time_every=4,
+                             visibility=vis_SS, rngs=nnx.Rngs(0))
+    Call:   y_BTSD = model(x_BTSD)
+    Cache:  cache = model.init_cache(B, max_len); y_B1SD, cache = model.step(x_B1SD, cache, t)
+    """
 
-    def __call__(self, x_BTSD):
-        vis = self._vis(x_BTSD.shape[2])
+    def __init__(self, *, width: int, depth: int, num_heads: int, num_kv_heads: int | None = None,
+                 mlp_ratio: float = 4.0, mlp_hidden: int | None = None, time_every: int = 4,
+                 kinds: Sequence[str] | None = None, logit_cap: float = 0.0, qk_norm: bool = True,
+                 time_rope: bool = True, space_rope: bool = False, rope_base: float = 10000.0,
+                 time_window: int = 0, visibility=None, remat: bool = False, eps: float = 1e-6,
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        kinds = tuple(kinds) if kinds is not None else layer_kinds(depth, time_every)
+        if len(kinds) != depth:
+            raise ValueError(f"kinds has {len(kinds)} entries for depth {depth}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        hidden = mlp_hidden if mlp_hidden is not None else int(round(width * mlp_ratio))
+        self.kinds = kinds
+        self.blocks = nnx.List([
+            Block(k, width, num_heads, num_kv_heads, mlp_hidden=hidden, logit_cap=logit_cap, qk_norm=qk_norm,
+                  time_rope=time_rope, space_rope=space_rope, rope_base=rope_base, time_window=time_window,
+                  eps=eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            for k in kinds])
+        self.out_norm = RMSNorm(width, eps=eps, param_dtype=param_dtype)
+        # Stored as nested tuples: static structure, not a (traced, trainable) array.
+        self.visibility = None if visibility is None else tuple(map(tuple, space_mask(visibility).tolist()))
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = self.blocks[0].attn.head_dim if depth else width // num_heads
+        self.time_window, self.remat, self.dtype = time_window, remat, dtype
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _vis(self, S: int, visibility=None):
+        """The S x S space visibility: the call's override, else the constructor's, else all True."""
+        if visibility is not None:
+            vis_SS = space_mask(visibility) if isinstance(visibility, np.ndarray) else visibility
+        elif self.visibility is not None:
+            vis_SS = np.array(self.visibility, bool)
+        else:
+            return None  # no mask: every token of a step sees every other
+        if tuple(vis_SS.shape) != (S, S):
+            raise ValueError(f"the visibility matrix is {tuple(vis_SS.shape)} but each step has {S} tokens")
+        return vis_SS
+
+    @property
+    def time_layers(self) -> tuple[int, ...]:
+        """Indices of the time layers (the layers that own a KV cache entry)."""
+        return tuple(i for i, k in enumerate(self.kinds) if k == TIME)
+
+    # -- full pass ---------------------------------------------------------------------------------
+    def __call__(self, x_BTSD, visibility=None):
+        """y_BTSD for all steps at once (block-causal over time)."""
+        vis_SS = self._vis(x_BTSD.shape[2], visibility)
         for blk in self.blocks:
-            x_BTSD = blk(x_BTSD, vis)
-        return self.norm(x_BTSD)
+            if self.remat:
+                # Recompute the layer's activations in the backward pass instead of storing them.
+                x_BTSD = nnx.remat(lambda b, x: b(x, vis_SS))(blk, x_BTSD)
+            else:
+                x_BTSD = blk(x_BTSD, vis_SS)
+        return self.out_norm(x_BTSD)
 
-    def init_cache(self, batch: int, max_len: int, num_tokens: int | None = None):
-        """Empty KV cache for `max_len` steps of `num_tokens` tokens (default: the visibility's size)."""
-        S = num_tokens if num_tokens is not None else self.visibility.shape[0]
-        shape = (batch * S, max_len, self.num_kv_heads, self.head_dim)
-        return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} if k == "time" else None
-                for k in self.kinds]
+    # -- KV cache ----------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, num_tokens: int | None = None, dtype=None):
+        """Empty cache for up to `max_len` steps: a tuple with one {"k", "v"} (k_BSCGH) per time layer.
 
-    def step(self, x_B1SD, cache, t):
-        """Process step t (x_B1SD) given the cache of steps < t; returns (y_B1SD, new cache)."""
-        vis = self._vis(x_B1SD.shape[2])
-        new = []
-        for blk, c in zip(self.blocks, cache):
-            x_B1SD, c = blk.step(x_B1SD, vis, c, t)
-            new.append(c)
-        return self.norm(x_B1SD), new
+        `num_tokens` (S) defaults to the size of the constructor's visibility matrix; `dtype` to
+        the compute dtype.
+        """
+        if num_tokens is None:
+            if self.visibility is None:
+                raise ValueError("init_cache needs num_tokens (no visibility matrix fixes S)")
+            num_tokens = len(self.visibility)
+        shape = (batch, num_tokens, max_len, self.num_kv_heads, self.head_dim)
+        dt = self.dtype if dtype is None else dtype
+        return tuple({"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in self.time_layers)
+
+    def prefill(self, x_BTSD, max_len: int, visibility=None):
+        """Full pass over a context of T <= max_len steps; returns (y_BTSD, cache holding steps < T)."""
+        B, T, S, _ = x_BTSD.shape
+        if T > max_len:
+            raise ValueError(f"a context of {T} steps does not fit a cache of {max_len}")
+        vis_SS = self._vis(S, visibility)
+        cache = list(self.init_cache(B, max_len, S))
+        j = 0
+        for blk in self.blocks:
+            x_BTSD, kv = blk(x_BTSD, vis_SS, return_kv=True)
+            if kv is not None:
+                cache[j] = {n: jax.lax.dynamic_update_slice(cache[j][n], a.astype(cache[j][n].dtype), (0,) * 5)
+                            for n, a in zip(("k", "v"), kv)}
+                j += 1
+        return self.out_norm(x_BTSD), tuple(cache)
+
+    def step(self, x_B1SD, cache, t, visibility=None):
+        """Process step t (x_B1SD) given the cache of steps < t; returns (y_B1SD, updated cache).
+
+        Equals the full pass at step t. `t` may be a traced integer under jit. The cache holds
+        max_len steps: a concrete t >= max_len raises ValueError; a traced one cannot raise, so the
+        outputs are NaN instead (never a silent overwrite of another step's slot).
+        """
+        cache = tuple(cache)
+        if len(cache) != len(self.time_layers):
+            raise ValueError(f"the cache has {len(cache)} entries; this model has {len(self.time_layers)} time layers")
+        C = cache[0]["k"].shape[2] if cache else None
+        if C is not None and not isinstance(t, jax.core.Tracer) and int(t) >= C:
+            raise ValueError(f"step {int(t)} does not fit a KV cache of {C} steps")
+        vis_SS = self._vis(x_B1SD.shape[2], visibility)
+        new, j = [], 0
+        for blk in self.blocks:
+            if blk.kind == TIME:
+                x_B1SD, c = blk.step(x_B1SD, vis_SS, cache[j], t)
+                new.append(c)
+                j += 1
+            else:
+                x_B1SD, _ = blk.step(x_B1SD, vis_SS, None, t)
+        y_B1SD = self.out_norm(x_B1SD)
+        if C is not None:
+            y_B1SD = jnp.where(jnp.asarray(t) < C, y_B1SD, jnp.nan).astype(y_B1SD.dtype)
+        return y_B1SD, tuple(new)

@@ -8,6 +8,7 @@ WANDB_MODE=disabled (or runtime.wandb=disabled).
 from __future__ import annotations
 
 import json
+import uuid
 import os
 from pathlib import Path
 
@@ -30,7 +31,7 @@ class MetricLogger:
             import wandb
 
             id_file = self.dir / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.run = wandb.init(project=project, name=f"{self.dir.parent.name}/{stage}", id=run_id,
                                   resume="allow", dir=str(self.dir), mode=mode, config=config,

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -78,6 +77,30 @@ def stage_complete(stage_dir: str | Path, steps: int) -> bool:
     return bool(done) and max(done) >= steps
 
 
+def place_train_state(model: nnx.Module, tc: TrainConfig, mesh):
+    """(graphdef, state, shardings) of model + optimizer, the state FSDP-sharded on `mesh`."""
+    optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    shardings = state_shardings(mesh, state)
+    return graphdef, jax.device_put(state, shardings), shardings
+
+
+def compile_train_step(graphdef, loss_fn, shardings, mesh):
+    """jit(step(state, batch, key) -> (state, metrics)) with the state donated and kept sharded."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step_fn(state, batch, key):
+        model, opt = nnx.merge(graphdef, state)
+        (loss, metrics), grads = nnx.value_and_grad(
+            lambda m: loss_fn(m, batch, key), has_aux=True)(model)
+        opt.update(model, grads)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        return nnx.state((model, opt)), metrics
+
+    return jax.jit(step_fn, donate_argnums=(0,), in_shardings=(shardings, batch_sharding(mesh), replicated),
+                   out_shardings=(shardings, replicated))
+
+
 def _check_batch(tc: TrainConfig, mesh) -> None:
     n = mesh.devices.size
     if tc.batch_size % n:
@@ -93,12 +116,7 @@ def train(stage: Stage) -> nnx.Module:
     mesh = make_mesh(cfg.runtime.fsdp)
     _check_batch(tc, mesh)
 
-    optimizer = nnx.Optimizer(stage.model, make_optimizer(tc), wrt=nnx.Param)
-    graphdef, state = nnx.split((stage.model, optimizer))
-    shardings = state_shardings(mesh, state)
-    state = jax.device_put(state, shardings)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
+    graphdef, state, shardings = place_train_state(stage.model, tc, mesh)
     ckpt = Checkpointer(stage_dir / "checkpoints", keep=tc.keep_checkpoints)
     logger = MetricLogger(stage_dir, stage.name, to_dict(cfg), mode=cfg.runtime.wandb,
                           project=cfg.runtime.wandb_project)
@@ -114,20 +132,7 @@ def train(stage: Stage) -> nnx.Module:
             print(f"[{stage.name}] data iterator restarted from its beginning ({e.__class__.__name__}: {e})")
         print(f"[{stage.name}] resumed from checkpoint step {step} in {ckpt.directory}")
 
-    def step_fn(state, batch, key):
-        model, opt = nnx.merge(graphdef, state)
-
-        def loss_of(m):
-            return stage.loss_fn(m, batch, key)
-
-        (loss, metrics), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
-        opt.update(model, grads)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-        return nnx.state((model, opt)), metrics
-
-    bsh = batch_sharding(mesh)
-    train_step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(shardings, bsh, replicated),
-                         out_shardings=(shardings, replicated))
+    train_step = compile_train_step(graphdef, stage.loss_fn, shardings, mesh)
     base_key = jax.random.PRNGKey(cfg.seed)
 
     pending: list[tuple[int, dict]] = []
@@ -202,21 +207,17 @@ def train(stage: Stage) -> nnx.Module:
 
 
 def load_trained(stage_dir: str | Path, model: nnx.Module, step: int | None = None) -> tuple[nnx.Module, dict]:
-    """Restore only the model weights of a stage's checkpoint into `model` (e.g. a frozen tokenizer)."""
-    stage_dir = Path(stage_dir)
-    optimizer_free_state = nnx.state(model)
-    ckpt = Checkpointer(stage_dir / "checkpoints", async_save=False)
+    """Load the model weights of a stage's checkpoint (default: latest) into `model`, in place.
+
+    Checkpoints hold (model, optimizer); the optimizer part is restored into a throw-away skeleton.
+    """
+    ckpt = Checkpointer(Path(stage_dir) / "checkpoints", async_save=False)
     try:
         meta = ckpt.restore_meta(step)
-        # The checkpoint holds (model, optimizer); restore it whole with the model part as target
-        # and a matching optimizer skeleton (it is discarded).
-        tc = TrainConfig()
-        opt = nnx.Optimizer(model, make_optimizer(tc), wrt=nnx.Param)
-        _, full = nnx.split((model, opt))
+        _, full = nnx.split((model, nnx.Optimizer(model, make_optimizer(TrainConfig()), wrt=nnx.Param)))
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), full)
         state, _ = ckpt.restore(target, step)
         nnx.update(model, state[0])
     finally:
         ckpt.close()
-    del optimizer_free_state
     return model, meta

@@ -74,7 +74,11 @@ class Tokenizer(nnx.Module):
         self.from_bottleneck = nnx.Linear(cfg.latent_dim, D, rngs=rngs, dtype=dtype)
         self.latent_pos = nnx.Param(init(rngs.params(), (L, D)))
         self.patch_queries = nnx.Param(init(rngs.params(), (P, D)))
-        self.patch_out = nnx.Linear(D, X, rngs=rngs, dtype=dtype)
+        # Zero-initialised read-out: training starts from the (learned) bias, not from noise.
+        self.patch_out = nnx.Linear(D, X, rngs=rngs, dtype=dtype, kernel_init=nnx.initializers.zeros_init())
+        # Per-position output bias: learns the average frame within a few steps, so the network
+        # spends its capacity on what differs from it.
+        self.patch_bias = nnx.Param(jnp.zeros((P, X), jnp.float32))
         common = dict(width=D, depth=cfg.depth, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                       mlp_ratio=cfg.mlp_ratio, time_every=cfg.time_every, logit_cap=cfg.logit_cap,
                       rngs=rngs, dtype=dtype)
@@ -115,7 +119,8 @@ class Tokenizer(nnx.Module):
         return jnp.concatenate([q_BTPD.astype(lat_BTLD.dtype), lat_BTLD], axis=2)
 
     def _dec_out(self, y_BTSD):
-        return self.unpatchify(self.patch_out(y_BTSD[:, :, : self.num_patches]).astype(jnp.float32))
+        out_BTPX = self.patch_out(y_BTSD[:, :, : self.num_patches]).astype(jnp.float32) + self.patch_bias[...]
+        return self.unpatchify(out_BTPX)
 
     # -- whole clips ---------------------------------------------------------------------------
     def encode(self, frames_BTHWC, mask_BTP=None):

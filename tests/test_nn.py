@@ -1,0 +1,264 @@
+"""Shared nn blocks: norms, soft-cap, RoPE, GQA attention vs a numpy reference, masks, the axial
+transformer's causality and space visibility, KV-cache stepping == full pass, bf16 compute, remat."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dreamer4.nn import (Attention, AxialTransformer, RMSNorm, SwiGLU, apply_rope, cached_time_mask,
+                         causal_time_mask, layer_kinds, rms_norm, rope_frequencies, soft_cap, space_mask)
+
+B, T, S, D = 2, 6, 5, 32
+# Token S-1 is an "agent" token: it reads every token of its step, no other token reads it.
+AGENT_VIS = space_mask(["z"] * (S - 1) + ["agent"], {"z": ["z"]})
+
+
+def forward(m, x, **kw):
+    """The full pass, jitted (eager op-by-op dispatch is the slow part on CPU)."""
+    return nnx.jit(lambda m, x: m(x, **kw))(m, x)
+
+
+def rand(seed, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
+
+
+def make_model(**kw):
+    args = dict(width=D, depth=4, num_heads=4, num_kv_heads=2, time_every=2, logit_cap=20.0,
+                visibility=AGENT_VIS, rngs=nnx.Rngs(0))
+    args.update(kw)
+    return AxialTransformer(**args)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return rand(1, (B, T, S, D))
+
+
+# -- layers ----------------------------------------------------------------------------------------
+def test_rms_norm_matches_numpy():
+    x_np = np.random.default_rng(0).normal(size=(3, 7, 16)).astype(np.float32) * 3.0
+    scale = np.random.default_rng(1).normal(size=(16,)).astype(np.float32)
+    ref = x_np / np.sqrt((x_np.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * scale
+    np.testing.assert_allclose(rms_norm(jnp.asarray(x_np), jnp.asarray(scale)), ref, rtol=1e-5, atol=1e-5)
+    # The module starts at scale 1 and keeps the input dtype (bf16 in, bf16 out).
+    y = RMSNorm(16)(jnp.asarray(x_np, jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref / scale, rtol=2e-2, atol=2e-2)
+
+
+def test_soft_cap_values():
+    got = soft_cap(jnp.array([0.0, 1.0, 100.0, -100.0]), 2.0)
+    np.testing.assert_allclose(got, [0.0, 2 * np.tanh(0.5), 2.0, -2.0], rtol=1e-6)
+    assert float(soft_cap(jnp.array(100.0), 2.0)) <= 2.0
+    x = jnp.array([0.0, 1.0, 100.0])
+    np.testing.assert_array_equal(soft_cap(x, 0.0), x)  # cap <= 0 disables
+    np.testing.assert_array_equal(soft_cap(x, -1.0), x)
+
+
+def test_swiglu_matches_formula():
+    mlp = SwiGLU(8, 12, rngs=nnx.Rngs(0))
+    x_np = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    g, u, d = (np.asarray(w.kernel[...]) for w in (mlp.w_gate, mlp.w_up, mlp.w_down))
+    a = x_np @ g
+    ref = (a / (1 + np.exp(-a)) * (x_np @ u)) @ d
+    np.testing.assert_allclose(mlp(jnp.asarray(x_np)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_dot_depends_only_on_offset():
+    H = 16
+    q, k = rand(2, (H,)), rand(3, (H,))
+
+    def dot(m, n):
+        return float(jnp.dot(apply_rope(q, m), apply_rope(k, n)))
+
+    assert dot(3, 1) == pytest.approx(dot(7, 5), abs=1e-5)  # offset 2 twice
+    assert dot(0, 4) == pytest.approx(dot(10, 14), abs=1e-5)  # offset -4 twice
+    assert abs(dot(3, 1) - dot(3, 0)) > 1e-3  # another offset, another dot
+    np.testing.assert_allclose(apply_rope(q, 0), q, atol=1e-7)  # position 0: no rotation
+    assert float(jnp.linalg.norm(apply_rope(q, 9))) == pytest.approx(float(jnp.linalg.norm(q)), rel=1e-5)
+    np.testing.assert_allclose(rope_frequencies(8), [1.0, 0.1, 0.01, 0.001], rtol=1e-5)
+    # Positions broadcast over leading dims: rows of x_TH at positions 0..T-1.
+    x_TH = rand(4, (5, H))
+    rows = jnp.stack([apply_rope(x_TH[t], t) for t in range(5)])
+    np.testing.assert_allclose(apply_rope(x_TH, jnp.arange(5)), rows, atol=1e-6)
+
+
+# -- attention vs an independent numpy reference ---------------------------------------------------
+def reference_attention(att, x_NLD, mask_LL, positions_L):
+    """Plain loops-over-heads attention in numpy (float64) with the module's weights."""
+    x = np.asarray(x_NLD, np.float64)
+    K, G, H = att.num_heads, att.num_kv_heads, att.head_dim
+    w = {n: np.asarray(getattr(att, n).kernel[...], np.float64) for n in ("wq", "wk", "wv", "wo")}
+    q = (x @ w["wq"]).reshape(*x.shape[:2], K, H)
+    k = (x @ w["wk"]).reshape(*x.shape[:2], G, H)
+    v = (x @ w["wv"]).reshape(*x.shape[:2], G, H)
+
+    def norm(a, scale):
+        return a / np.sqrt((a ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(scale, np.float64)
+
+    q, k = norm(q, att.q_norm.scale[...]), norm(k, att.k_norm.scale[...])
+    if att.rope:  # rotate (a_j, b_j) = (x_j, x_{j+H/2}) as the complex number a_j + i b_j
+        freq = 10000.0 ** (-np.arange(H // 2) * 2.0 / H)
+        rot = np.exp(1j * np.asarray(positions_L)[:, None, None] * freq)  # L, 1, J
+
+        def rope(a):
+            z = (a[..., : H // 2] + 1j * a[..., H // 2:]) * rot
+            return np.concatenate([z.real, z.imag], -1)
+
+        q, k = rope(q), rope(k)
+    out = np.zeros(q.shape)
+    for h in range(K):
+        g = h // (K // G)  # query head h reads kv head h // R
+        logits = np.einsum("nqe,nme->nqm", q[:, :, h], k[:, :, g]) / np.sqrt(H)
+        if att.logit_cap > 0:
+            logits = att.logit_cap * np.tanh(logits / att.logit_cap)
+        logits = np.where(mask_LL, logits, -np.inf)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, :, h] = np.einsum("nqm,nme->nqe", p, v[:, :, g])
+    return out.reshape(*x.shape[:2], K * H) @ w["wo"]
+
+
+@pytest.mark.parametrize("kv_heads,rope,cap", [(4, False, 0.0), (4, True, 3.0), (2, True, 0.0), (1, False, 3.0)])
+def test_attention_matches_numpy_reference(kv_heads, rope, cap):
+    L = 6
+    att = Attention(D, 4, kv_heads, rope=rope, logit_cap=cap, rngs=nnx.Rngs(0))
+    # Non-trivial QK-norm scales so the reference checks where they apply.
+    att.q_norm.scale[...] = 1.0 + 0.5 * rand(7, (att.head_dim,))
+    att.k_norm.scale[...] = 1.0 + 0.5 * rand(8, (att.head_dim,))
+    x_NLD = rand(5, (3, L, D)) * 2.0
+    mask_LL = causal_time_mask(L) | (np.arange(L)[None, :] == L - 1)  # causal plus one global key
+    positions = np.arange(L) + 3
+    got = att(x_NLD, mask_LL, positions=positions)
+    np.testing.assert_allclose(got, reference_attention(att, x_NLD, mask_LL, positions), rtol=1e-4, atol=1e-4)
+
+
+# -- masks -----------------------------------------------------------------------------------------
+def test_masks():
+    np.testing.assert_array_equal(causal_time_mask(3), [[1, 0, 0], [1, 1, 0], [1, 1, 1]])
+    w = causal_time_mask(5, window=2)
+    assert w[4].tolist() == [False, False, False, True, True] and w[0].tolist() == [True] + [False] * 4
+    for t in range(5):  # the cache mask is the full mask's row t (padded to the cache length)
+        np.testing.assert_array_equal(cached_time_mask(t, 7, 2)[0, :5], w[t])
+        assert not np.asarray(cached_time_mask(t, 7, 2)[0, 5:]).any()
+    # Agent token (last): sees everything; nothing else sees it.
+    assert AGENT_VIS[-1].all() and not AGENT_VIS[:-1, -1].any() and AGENT_VIS[:-1, :-1].all()
+    vis = space_mask(["p", "p", "lat"], {"p": ["p"], "lat": ["p", "lat"]})
+    np.testing.assert_array_equal(vis, [[1, 1, 0], [1, 1, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(space_mask(vis), vis)
+    with pytest.raises(ValueError, match="attend to no token"):
+        space_mask(["a", "b"], {"a": ["b"], "b": []})
+    with pytest.raises(ValueError, match="square"):
+        space_mask(np.ones((2, 3), bool))
+
+
+def test_layer_rule():
+    assert layer_kinds(8, 4) == ("space",) * 3 + ("time",) + ("space",) * 3 + ("time",)
+    assert layer_kinds(4, 2) == ("space", "time", "space", "time")
+    assert layer_kinds(2, 1) == ("time", "time") and layer_kinds(2, 0) == ("space", "space")
+    assert make_model(kinds=("time", "space", "space", "time")).time_layers == (0, 3)
+
+
+# -- axial transformer -----------------------------------------------------------------------------
+@pytest.mark.parametrize("t", [0, 3])
+def test_causality_over_time(model, x, t):
+    fwd = nnx.jit(lambda m, x: m(x))  # one compilation for the four passes
+    y = fwd(model, x)
+    assert model.kinds == ("space", "time", "space", "time")
+    later = x.at[:, t + 1:].add(rand(2, (B, T - t - 1, S, D)))  # every token of steps > t
+    y2 = fwd(model, later)
+    np.testing.assert_allclose(y2[:, : t + 1], y[:, : t + 1], atol=1e-6)
+    # ... and the change does reach step t+1 and every later step (the test can fail).
+    assert (np.abs(np.asarray(y2 - y))[:, t + 1:].max(axis=(0, 2, 3)) > 1e-3).all()
+    # Only the last token index of step t+1 changed: steps <= t still untouched.
+    last = x.at[:, t + 1, S - 1].add(3.0)
+    y3 = fwd(model, last)
+    np.testing.assert_allclose(y3[:, : t + 1], y[:, : t + 1], atol=1e-6)
+    assert np.abs(np.asarray(y3 - y))[:, t + 1, S - 1].max() > 1e-3
+    # Changing step t itself changes step t and all later steps.
+    now = x.at[:, t].add(rand(3, (B, S, D)))
+    y4 = fwd(model, now)
+    np.testing.assert_allclose(y4[:, :t], y[:, :t], atol=1e-6)
+    assert (np.abs(np.asarray(y4 - y))[:, t:].max(axis=(0, 2, 3)) > 1e-3).all()
+
+
+def test_space_visibility_hides_token_from_others(x):
+    vis = np.ones((S, S), bool)
+    vis[1:, 0] = False  # token 0 is seen by nobody but itself
+    m = make_model(depth=1, time_every=0, visibility=vis)
+    assert m.kinds == ("space",)
+    fwd = nnx.jit(lambda m, x: m(x))
+    y = fwd(m, x)
+    x2 = x.at[:, :, 0].add(rand(4, (B, T, D)))  # token 0 changed at every step
+    y2 = fwd(m, x2)
+    np.testing.assert_allclose(y2[:, :, 1:], y[:, :, 1:], atol=1e-6)
+    assert (np.abs(np.asarray(y2 - y))[:, :, 0].max(axis=(0, 2)) > 1e-3).all()
+    # A visibility given at call time overrides the constructor's: now token 0 leaks.
+    everyone = np.ones((S, S), bool)
+    y3 = forward(m, x2, visibility=everyone)
+    assert np.abs(np.asarray(y3 - forward(m, x, visibility=everyone)))[:, :, 1:].max() > 1e-3
+
+
+def test_kv_cache_steps_equal_full_pass(model, x):
+    y_full = forward(model, x)
+    step = nnx.jit(lambda m, x_t, c, t: m.step(x_t, c, t))
+    cache = model.init_cache(B, max_len=8)
+    assert len(cache) == 2 and cache[0]["k"].shape == (B, S, 8, 2, D // 4)
+    for t in range(T):
+        if t == 2:  # a denoising pass at the same t with other inputs: overwritten by the next call
+            _, cache = step(model, x[:, t:t + 1] + 1.0, cache, jnp.int32(t))
+        y_t, cache = step(model, x[:, t:t + 1], cache, jnp.int32(t))
+        np.testing.assert_allclose(y_t[:, 0], y_full[:, t], atol=1e-5)
+    # Prefill a context of 3 steps, then continue step by step.
+    y_ctx, cache = nnx.jit(lambda m, x: m.prefill(x, max_len=8))(model, x[:, :3])
+    np.testing.assert_allclose(y_ctx, y_full[:, :3], atol=1e-5)
+    for t in range(3, T):
+        y_t, cache = step(model, x[:, t:t + 1], cache, jnp.int32(t))
+        np.testing.assert_allclose(y_t[:, 0], y_full[:, t], atol=1e-5)
+    # Past the cache: a clear error for a concrete t, NaN (never a silent overwrite) under jit.
+    with pytest.raises(ValueError, match="does not fit a KV cache of 8 steps"):
+        model.step(x[:, :1], cache, 8)
+    assert np.isnan(np.asarray(step(model, x[:, :1], cache, jnp.int32(8))[0])).all()
+
+
+def test_sliding_window_cache_equals_full_pass(x):
+    m = make_model(time_window=3)
+    y_full = forward(m, x)
+    assert np.abs(np.asarray(y_full - forward(make_model(), x)))[:, 3:].max() > 1e-4  # the window matters
+    step = nnx.jit(lambda m, x_t, c, t: m.step(x_t, c, t))
+    cache = m.init_cache(B, max_len=T)
+    for t in range(T):
+        y_t, cache = step(m, x[:, t:t + 1], cache, jnp.int32(t))
+        np.testing.assert_allclose(y_t[:, 0], y_full[:, t], atol=1e-5)
+
+
+def test_bf16_compute_with_fp32_params(model, x):
+    m16 = make_model(dtype=jnp.bfloat16, param_dtype=jnp.float32)  # same seed: same fp32 weights
+    params = nnx.state(m16, nnx.Param)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    y16 = nnx.jit(lambda m, x: m(x))(m16, x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16 and np.isfinite(np.asarray(y16, np.float32)).all()
+    y32 = np.asarray(forward(model, x))
+    err = np.abs(np.asarray(y16, np.float32) - y32)
+    assert err.mean() < 0.05 and err.max() < 0.5, (err.mean(), err.max())
+    # The cached path runs in bf16 too, with a bf16 cache.
+    cache = m16.init_cache(B, T)
+    assert cache[0]["k"].dtype == jnp.bfloat16
+    y_t, _ = nnx.jit(lambda m, x_t, c, t: m.step(x_t, c, t))(m16, x[:, :1].astype(jnp.bfloat16), cache, 0)
+    np.testing.assert_allclose(np.asarray(y_t, np.float32)[:, 0], np.asarray(y16, np.float32)[:, 0], atol=0.1)
+
+
+def test_remat_gives_the_same_gradients(x):
+    def loss(m, x):
+        return jnp.mean(m(x) ** 2)
+
+    grads = [nnx.jit(nnx.grad(loss))(make_model(depth=2, remat=r), x) for r in (False, True)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
