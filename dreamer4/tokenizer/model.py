@@ -66,11 +66,14 @@ class Tokenizer(nnx.Module):
         P, L, D, X = self.num_patches, cfg.num_latents, cfg.width, p * p * C
         self.dtype = dtype
         init = nnx.initializers.normal(0.02)
+        pos_init = nnx.initializers.normal(0.5)
         self.patch_in = nnx.Linear(X, D, rngs=rngs, dtype=dtype)
-        self.patch_pos = nnx.Param(init(rngs.params(), (P, D)))
+        self.patch_pos = nnx.Param(pos_init(rngs.params(), (P, D)))
         self.mask_token = nnx.Param(init(rngs.params(), (D,)))
         self.latent_tokens = nnx.Param(init(rngs.params(), (L, D)))
-        self.to_bottleneck = nnx.Linear(D, cfg.latent_dim, rngs=rngs, dtype=dtype)
+        # Small init keeps the tanh in its linear range at the start; a saturated bottleneck
+        # passes almost no gradient and training stalls near the mean frame.
+        self.to_bottleneck = nnx.Linear(D, cfg.latent_dim, rngs=rngs, dtype=dtype, kernel_init=init)
         self.from_bottleneck = nnx.Linear(cfg.latent_dim, D, rngs=rngs, dtype=dtype)
         self.latent_pos = nnx.Param(init(rngs.params(), (L, D)))
         self.patch_queries = nnx.Param(init(rngs.params(), (P, D)))

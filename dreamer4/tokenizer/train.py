@@ -48,34 +48,47 @@ def build_tokenizer(cfg: Config, frame_shape, seed: int | None = None) -> Tokeni
                      dtype=dtype)
 
 
-def eval_frames(data_dir, cfg: Config) -> np.ndarray:
-    """(E, F, H, W, C) uint8: the first F frames of E held-out episodes (or as many as exist)."""
+def eval_frames(data_dir, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out clips and the train-set mean frame.
+
+    Returns (frames_EFHWC uint8: F consecutive frames from the middle of each of E eval episodes,
+    mean_frame_HWC float in [0, 1] over middle frames of up to 64 train episodes). The mean frame
+    is the trivial baseline: the best constant prediction that has not seen the eval data.
+    """
     ds = Dataset.open(data_dir, env_name=cfg.env.name)
     F = cfg.tokenizer.eval_frames
     eps = [e for e in ds.split("eval") if e.length >= F][: cfg.tokenizer.eval_episodes]
     if not eps:
         raise DatasetError(f"dataset {data_dir} has no eval episode of >= tokenizer.eval_frames={F} steps")
-    return np.stack([ds.read(e, 0, F, ("frame",))["frame"] for e in eps])
+    clips = np.stack([ds.read(e, (e.length - F) // 2, (e.length - F) // 2 + F, ("frame",))["frame"] for e in eps])
+    train = ds.split("train")[:64]
+    sample = np.concatenate([ds.read(e, e.length // 2, min(e.length, e.length // 2 + 8), ("frame",))["frame"]
+                             for e in train])
+    return clips, sample.astype(np.float32).mean(0) / 255.0
 
 
-def evaluate_tokenizer(model: Tokenizer, frames_EFHWC: np.ndarray) -> tuple[dict, np.ndarray]:
-    """PSNR/SSIM of whole-clip encode->decode on held-out frames, against the mean-frame baseline."""
+def evaluate_tokenizer(model: Tokenizer, frames_EFHWC: np.ndarray, mean_frame_HWC: np.ndarray
+                       ) -> tuple[dict, np.ndarray]:
+    """PSNR/SSIM of whole-clip encode->decode on held-out frames, against two constant baselines:
+    the train-set mean frame (the trivial baseline) and the eval clips' own mean (an oracle)."""
     x = jnp.asarray(frames_EFHWC, jnp.float32) / 255.0
     recon = jax.jit(lambda m, x: m.decode(m.encode(x)))(model, x)
     recon = jnp.clip(recon.astype(jnp.float32), 0.0, 1.0)
-    mean_frame = jnp.broadcast_to(x.mean(axis=(0, 1), keepdims=True), x.shape)
+    train_mean = jnp.broadcast_to(jnp.asarray(mean_frame_HWC), x.shape)
+    oracle_mean = jnp.broadcast_to(x.mean(axis=(0, 1), keepdims=True), x.shape)
     p = psnr(recon, x)  # (E, F)
     s = ssim(recon, x)
     out = {
         "eval_psnr": float(p.mean()), "eval_ssim": float(s.mean()),
-        "eval_psnr_mean_frame_baseline": float(psnr(mean_frame, x).mean()),
-        "eval_ssim_mean_frame_baseline": float(ssim(mean_frame, x).mean()),
+        "eval_psnr_mean_frame_baseline": float(psnr(train_mean, x).mean()),
+        "eval_ssim_mean_frame_baseline": float(ssim(train_mean, x).mean()),
+        "eval_psnr_oracle_mean_baseline": float(psnr(oracle_mean, x).mean()),
     }
     out["eval_psnr_gain_over_baseline"] = out["eval_psnr"] - out["eval_psnr_mean_frame_baseline"]
-    per_frame = {f"eval_psnr_t{t}": float(v) for t, v in enumerate(np.asarray(p.mean(0)))}
-    out.update(per_frame)
+    out.update({f"eval_psnr_t{t}": float(v) for t, v in enumerate(np.asarray(p.mean(0)))})
     n = min(8, x.shape[1])
-    grid = image_grid([np.asarray(x[0, :n]), np.asarray(recon[0, :n])])
+    grid = image_grid([np.asarray(x[0, :n]), np.asarray(recon[0, :n]),
+                       np.asarray(x[-1, :n]), np.asarray(recon[-1, :n])])
     return out, grid
 
 
@@ -104,10 +117,10 @@ def train_tokenizer(cfg: Config, data_dir: str | Path, run_dir: str | Path) -> d
         check_frame_shape(data_dir, stage_dir, meta["frame_shape"])
     tc = cfg.tokenizer.train
     model = build_tokenizer(cfg, frame_shape)
-    frames = eval_frames(data_dir, cfg)
+    frames, mean_frame = eval_frames(data_dir, cfg)
 
     def evaluate(m, step, logger):
-        metrics, grid = evaluate_tokenizer(m, frames)
+        metrics, grid = evaluate_tokenizer(m, frames, mean_frame)
         logger.log_image(step, "recon_grid", grid)
         return metrics
 
