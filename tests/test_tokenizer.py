@@ -191,3 +191,13 @@ def test_other_frame_size_is_a_clear_error(dataset, trained, tmp_path):
 def test_loss_is_finite_and_positive(model, frames):
     loss, metrics = tokenizer_loss(model, {"frames": (frames * 255).astype(jnp.uint8)}, jax.random.PRNGKey(1))
     assert float(loss) > 0 and np.isfinite(float(metrics["psnr"]))
+
+
+def test_bf16_compute_keeps_fp32_params(frames):
+    from dreamer4.tokenizer.train import build_tokenizer
+
+    m = build_tokenizer(tok_config(["tokenizer.train.precision=bf16"]), (63, 63, 3))
+    params = jax.tree.leaves(nnx.state(m, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params)
+    loss, _ = tokenizer_loss(m, {"frames": (frames * 255).astype(jnp.uint8)}, jax.random.PRNGKey(0))
+    assert np.isfinite(float(loss))
