@@ -105,6 +105,32 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class DynamicsConfig:
+    """Block-causal axial transformer trained with shortcut forcing (Dreamer 4 sec. 3.2)."""
+
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    mlp_ratio: float = 4.0
+    time_every: int = 4  # a time-attention layer every this many layers
+    logit_cap: float = 50.0
+    # Tokenizer latents (L per frame) are grouped into S_z spatial tokens (L % S_z == 0).
+    spatial_tokens: int = 8
+    register_tokens: int = 4
+    k_max: int = 64  # finest step size d_min = 1 / k_max (a power of two)
+    sample_steps: int = 4  # K sampling steps per generated frame
+    context_tau: float = 0.1  # signal level of past frames during generation
+    single_image_share: float = 0.3  # share of each batch trained as single images (start frames)
+    short_seq_len: int = 0  # > 0: alternate batches of this length with train.seq_len
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Open-loop evaluation: C context frames, H generated frames, E held-out episodes.
+    eval_context: int = 4
+    eval_horizon: int = 8
+    eval_episodes: int = 4
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     # Devices on the "fsdp" mesh axis (parameters sharded over it); 0 = all devices.
     fsdp: int = 0
@@ -119,6 +145,7 @@ class Config:
     collect: CollectConfig = field(default_factory=CollectConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -290,6 +317,15 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.tokenizer.mask_prob_max < 1.0, "tokenizer.mask_prob_max", "must be in [0, 1)"),
         (cfg.tokenizer.train.steps >= 1, "tokenizer.train.steps", "must be >= 1"),
         (cfg.tokenizer.train.ckpt_every >= 1, "tokenizer.train.ckpt_every", "must be >= 1"),
+        (cfg.dynamics.k_max >= 1 and cfg.dynamics.k_max & (cfg.dynamics.k_max - 1) == 0, "dynamics.k_max",
+         "must be a power of two"),
+        (1 <= cfg.dynamics.sample_steps <= cfg.dynamics.k_max
+         and cfg.dynamics.sample_steps & (cfg.dynamics.sample_steps - 1) == 0, "dynamics.sample_steps",
+         "must be a power of two <= dynamics.k_max"),
+        (0.0 <= cfg.dynamics.single_image_share < 1.0, "dynamics.single_image_share", "must be in [0, 1)"),
+        (cfg.dynamics.width % cfg.dynamics.num_heads == 0, "dynamics.width", "must be divisible by dynamics.num_heads"),
+        (cfg.dynamics.num_heads % cfg.dynamics.num_kv_heads == 0, "dynamics.num_heads",
+         "must be divisible by dynamics.num_kv_heads"),
     ]
     for ok, key, what in checks:
         if not ok:

@@ -60,7 +60,7 @@ def test_nan_stops_run_and_keeps_good_checkpoint(tmp_path):
 
     it = ToyIterator(nan_at=6)
     stage = Stage(name="toy", stage_dir=tmp_path / "toy", cfg=cfg, train=tc, model=model, loss_fn=loss_fn,
-                  make_iterator=lambda: it, prepare=lambda b: b)
+                  make_iterator=lambda: it, prepare=lambda b, step: b)
     with pytest.raises(NonFiniteLoss, match=r"non-finite at step 6.*last good checkpoint is step 4"):
         train(stage)
     steps = sorted(int(p.name) for p in (tmp_path / "toy" / "checkpoints").iterdir() if p.name.isdigit())
@@ -71,7 +71,7 @@ def test_nan_stops_run_and_keeps_good_checkpoint(tmp_path):
     stage2 = Stage(name="toy", stage_dir=tmp_path / "toy", cfg=cfg,
                    train=tc.__class__(steps=6, batch_size=2, log_every=1, ckpt_every=2, warmup_steps=1),
                    model=nnx.Linear(3, 1, rngs=nnx.Rngs(1)), loss_fn=loss_fn, make_iterator=lambda: it2,
-                   prepare=lambda b: b)
+                   prepare=lambda b, step: b)
     m = train(stage2)
     assert it2.i == 6  # restored iterator position 4, then two more batches
     assert np.all(np.isfinite(np.asarray(m.kernel[...])))

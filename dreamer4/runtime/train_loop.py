@@ -48,12 +48,15 @@ class Stage:
     loss_fn: Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
     # make_iterator() -> a fresh grain iterator over process-local batches
     make_iterator: Callable[[], Iterator]
-    # prepare(local numpy batch) -> dict of numpy arrays the loss reads (leading dim = batch)
-    prepare: Callable[[dict], dict]
+    # prepare(local numpy batch, step) -> dict of numpy arrays the loss reads (leading dim = batch)
+    prepare: Callable[[dict, int], dict]
     # evaluate(model, step, logger) -> dict of metrics (also saved to STAGE_DIR/eval.json at the end)
     evaluate: Callable[[nnx.Module, int, MetricLogger], dict] | None = None
     # extra JSON facts saved with every checkpoint (e.g. the model's shape config)
     meta: dict | None = None
+    # which variables the optimizer trains (e.g. only the dynamics inside a world model that
+    # also holds a frozen tokenizer); everything else is carried, checkpointed, never updated
+    trainable: Any = nnx.Param
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -77,22 +80,22 @@ def stage_complete(stage_dir: str | Path, steps: int) -> bool:
     return bool(done) and max(done) >= steps
 
 
-def place_train_state(model: nnx.Module, tc: TrainConfig, mesh):
+def place_train_state(model: nnx.Module, tc: TrainConfig, mesh, trainable=nnx.Param):
     """(graphdef, state, shardings) of model + optimizer, the state FSDP-sharded on `mesh`."""
-    optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=trainable)
     graphdef, state = nnx.split((model, optimizer))
     shardings = state_shardings(mesh, state)
     return graphdef, jax.device_put(state, shardings), shardings
 
 
-def compile_train_step(graphdef, loss_fn, shardings, mesh):
+def compile_train_step(graphdef, loss_fn, shardings, mesh, trainable=nnx.Param):
     """jit(step(state, batch, key) -> (state, metrics)) with the state donated and kept sharded."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def step_fn(state, batch, key):
         model, opt = nnx.merge(graphdef, state)
         (loss, metrics), grads = nnx.value_and_grad(
-            lambda m: loss_fn(m, batch, key), has_aux=True)(model)
+            lambda m: loss_fn(m, batch, key), argnums=nnx.DiffState(0, trainable), has_aux=True)(model)
         opt.update(model, grads)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return nnx.state((model, opt)), metrics
@@ -116,7 +119,7 @@ def train(stage: Stage) -> nnx.Module:
     mesh = make_mesh(cfg.runtime.fsdp)
     _check_batch(tc, mesh)
 
-    graphdef, state, shardings = place_train_state(stage.model, tc, mesh)
+    graphdef, state, shardings = place_train_state(stage.model, tc, mesh, stage.trainable)
     ckpt = Checkpointer(stage_dir / "checkpoints", keep=tc.keep_checkpoints)
     logger = MetricLogger(stage_dir, stage.name, to_dict(cfg), mode=cfg.runtime.wandb,
                           project=cfg.runtime.wandb_project)
@@ -132,7 +135,7 @@ def train(stage: Stage) -> nnx.Module:
             print(f"[{stage.name}] data iterator restarted from its beginning ({e.__class__.__name__}: {e})")
         print(f"[{stage.name}] resumed from checkpoint step {step} in {ckpt.directory}")
 
-    train_step = compile_train_step(graphdef, stage.loss_fn, shardings, mesh)
+    train_step = compile_train_step(graphdef, stage.loss_fn, shardings, mesh, stage.trainable)
     base_key = jax.random.PRNGKey(cfg.seed)
 
     pending: list[tuple[int, dict]] = []
@@ -174,7 +177,7 @@ def train(stage: Stage) -> nnx.Module:
 
     try:
         while step < tc.steps:
-            local = stage.prepare(next(it))
+            local = stage.prepare(next(it), step)
             last_batch = local
             batch = global_batch(mesh, local)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
@@ -206,7 +209,8 @@ def train(stage: Stage) -> nnx.Module:
         logger.close()
 
 
-def load_trained(stage_dir: str | Path, model: nnx.Module, step: int | None = None) -> tuple[nnx.Module, dict]:
+def load_trained(stage_dir: str | Path, model: nnx.Module, step: int | None = None,
+                 trainable=nnx.Param) -> tuple[nnx.Module, dict]:
     """Load the model weights of a stage's checkpoint (default: latest) into `model`, in place.
 
     Checkpoints hold (model, optimizer); the optimizer part is restored into a throw-away skeleton.
@@ -214,7 +218,7 @@ def load_trained(stage_dir: str | Path, model: nnx.Module, step: int | None = No
     ckpt = Checkpointer(Path(stage_dir) / "checkpoints", async_save=False)
     try:
         meta = ckpt.restore_meta(step)
-        _, full = nnx.split((model, nnx.Optimizer(model, make_optimizer(TrainConfig()), wrt=nnx.Param)))
+        _, full = nnx.split((model, nnx.Optimizer(model, make_optimizer(TrainConfig()), wrt=trainable)))
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), full)
         state, _ = ckpt.restore(target, step)
         nnx.update(model, state[0])
