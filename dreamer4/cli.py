@@ -36,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--run", required=True, help="run directory (the stage writes RUN_DIR/tokenizer)")
 
+    p = sub.add_parser("train-dynamics", help="train the dynamics with shortcut forcing (resumes RUN_DIR/dynamics)")
+    _add_config_args(p)
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--run", required=True, help="run directory holding a trained tokenizer")
+
+    p = sub.add_parser("dream", help="open-loop evaluation of RUN_DIR's world model: PSNR/SSIM, videos")
+    p.add_argument("--run", required=True)
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("dataset", help="inspect a dataset")
     dsub = p.add_subparsers(dest="dataset_command", required=True)
     q = dsub.add_parser("info", help="episodes, steps, label fraction, return and achievement statistics")
@@ -58,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                 print_info(args.dir)
                 return 0
             return run_verify(args.dir)
+        if args.command == "dream":
+            from dreamer4.pipelines.dynamics import run_dream
+
+            run_dream(args.run, args.seed)
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "collect":
             from dreamer4.pipelines.collect import run_collect
@@ -67,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             from dreamer4.pipelines.tokenizer import run_train_tokenizer
 
             run_train_tokenizer(cfg, args.data, args.run)
+        elif args.command == "train-dynamics":
+            from dreamer4.pipelines.dynamics import run_train_dynamics
+
+            run_train_dynamics(cfg, args.data, args.run)
         elif args.command == "run":
             from dreamer4.pipelines.run import run_all
 

@@ -14,21 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, TEST_OVERRIDES, make_test_config
+from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
 from dreamer4.data.store import Dataset, DatasetError
 from dreamer4.runtime.logging import read_metrics
 from dreamer4.tokenizer.model import Tokenizer, sample_patch_mask
 from dreamer4.tokenizer.train import tokenizer_loss, train_tokenizer
-
-TOK_OVERRIDES = [
-    "tokenizer.patch_size=8", "tokenizer.width=32", "tokenizer.depth=2", "tokenizer.num_heads=2",
-    "tokenizer.num_kv_heads=1", "tokenizer.time_every=2", "tokenizer.num_latents=4",
-    "tokenizer.latent_dim=8", "tokenizer.eval_episodes=2", "tokenizer.eval_frames=4",
-    "tokenizer.train.batch_size=4", "tokenizer.train.seq_len=4", "tokenizer.train.lr=3e-3",
-    "tokenizer.train.warmup_steps=2", "tokenizer.train.log_every=2", "tokenizer.train.ckpt_every=4",
-    "tokenizer.train.eval_every=0", "runtime.wandb=disabled",
-]
-
 
 def tok_config(extra=()):
     return make_test_config(TOK_OVERRIDES + list(extra))
@@ -102,12 +92,8 @@ def test_frame_by_frame_equals_whole_clip(model, frames):
 
 
 @pytest.fixture(scope="module")
-def trained(dataset, tmp_path_factory):
-    root, _ = dataset
-    run = tmp_path_factory.mktemp("tok") / "run"
-    cfg = tok_config(["tokenizer.train.steps=24"])
-    results = train_tokenizer(cfg, root, run)
-    return run, results
+def trained(trained_tokenizer):
+    return trained_tokenizer
 
 
 def test_training_reduces_loss_and_evaluates(trained):

@@ -4,17 +4,23 @@ RUN_DIR/
   config.yaml     the resolved config
   dataset/        `dreamer4 collect` output
   tokenizer/      `dreamer4 train-tokenizer` output
-Later stages (dynamics, agent, evaluation) join this chain as they are built; each is
-resumable, so running the same command again continues an interrupted run.
+  dynamics/       `dreamer4 train-dynamics` output
+  dream/          `dreamer4 dream` output (open-loop PSNR/SSIM per K, action gap, videos)
+Later stages (agent, evaluation) join this chain as they are built; each is resumable, so
+running the same command again continues an interrupted run.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from dreamer4.config import Config, save_config
 from dreamer4.data.collect import collect
 from dreamer4.pipelines.dataset import print_info
+from dreamer4.dynamics.train import dynamics_complete
+from dreamer4.pipelines.dynamics import run_dream, run_train_dynamics
 from dreamer4.pipelines.tokenizer import run_train_tokenizer
 from dreamer4.tokenizer.train import tokenizer_complete
 
@@ -23,12 +29,27 @@ def run_all(cfg: Config, run_dir: str) -> None:
     root = Path(run_dir)
     save_config(cfg, root)
     data = root / "dataset"
-    print(f"== stage 1/2: collect -> {data}")
+    t0 = time.time()
+    times = {}
+    print(f"== stage 1/4: collect -> {data}")
     collect(cfg, data)
     print_info(str(data))
-    print(f"== stage 2/2: tokenizer -> {root / 'tokenizer'}")
+    times["collect"] = time.time() - t0
+    print(f"== stage 2/4: tokenizer -> {root / 'tokenizer'}")
     if tokenizer_complete(cfg, root):
         print("tokenizer: complete, skipped")
     else:
         run_train_tokenizer(cfg, str(data), str(root))
+    times["tokenizer"] = time.time() - t0 - sum(times.values())
+    print(f"== stage 3/4: dynamics -> {root / 'dynamics'}")
+    if dynamics_complete(cfg, root):
+        print("dynamics: complete, skipped")
+    else:
+        run_train_dynamics(cfg, str(data), str(root))
+    times["dynamics"] = time.time() - t0 - sum(times.values())
+    print(f"== stage 4/4: dream -> {root / 'dream'}")
+    run_dream(str(root))
+    times["dream"] = time.time() - t0 - sum(times.values())
+    (root / "stage_times.json").write_text(json.dumps(times, indent=1))
+    print("wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print(f"run complete: {root}")

@@ -1,0 +1,100 @@
+"""Imagination speed: frames/s of the world model for K = sample_steps vs K = k_max, single-stream
+interactive generation with the KV cache, and batched rollouts.
+
+    python benchmarks/dream.py [--config configs/classic.yaml] [--batch 64] [--frames 32]
+
+Random weights of the preset's sizes (speed does not depend on training). A generated frame costs
+K + 1 cached forward passes of one step (K denoising steps, one context pass); "with decode"
+adds the tokenizer's cached per-frame decoder, i.e. pixels a person would see. Prints a table and
+writes JSON. Goals (issue 4): K=4 >= 12x faster than K=64; >= 100 interactive frames/s for the
+classic preset on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dreamer4.config import load_config
+from dreamer4.dynamics.model import Dynamics
+from dreamer4.dynamics.sampler import generate_step
+from dreamer4.runtime.jax_setup import enable_compilation_cache
+from dreamer4.tokenizer.train import build_tokenizer
+
+FRAME_SHAPES = {"classic": (63, 63, 3), "full": (130, 110, 3)}
+
+
+@nnx.jit
+def _decode_step(tok, z_B1LN, cache, t):
+    return tok.decode_step(z_B1LN, cache, t)
+
+
+def frames_per_s(dyn, tok, batch: int, frames: int, K: int, decode: bool) -> float:
+    cache = dyn.init_cache(batch, frames + 1)
+    tcache = tok.init_cache(batch, frames + 1) if decode else None
+    act = jnp.zeros((batch, 1), jnp.int32)
+    mask = jnp.ones((batch, 1), bool)
+    key = jax.random.PRNGKey(0)
+
+    def run(n, cache, tcache):
+        z = None
+        for t in range(n):
+            z, cache = generate_step(dyn, cache, jnp.int32(t), act, mask, jax.random.fold_in(key, t), K=K)
+            if decode:
+                x, tcache = _decode_step(tok, z, tcache, jnp.int32(t))
+                z = x
+        jax.block_until_ready(z)
+        return cache, tcache
+
+    run(2, cache, tcache)  # compile
+    t0 = time.time()
+    run(frames, cache, tcache)
+    return batch * frames / (time.time() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/classic.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--json", default="bench_out/dream.json")
+    args = ap.parse_args()
+    enable_compilation_cache()
+    cfg = load_config(args.config, args.overrides)
+    dc = cfg.dynamics
+    dtype = jnp.bfloat16 if dc.train.precision == "bf16" else jnp.float32
+    tok = build_tokenizer(cfg, FRAME_SHAPES[cfg.env.name])
+    dyn = Dynamics(dc, cfg.tokenizer.num_latents, cfg.tokenizer.latent_dim, 17, rngs=nnx.Rngs(0), dtype=dtype)
+    rows = []
+    for name, batch, K, decode in [
+        (f"interactive K={dc.sample_steps}", 1, dc.sample_steps, False),
+        (f"interactive K={dc.sample_steps} + decode", 1, dc.sample_steps, True),
+        (f"interactive K={dc.k_max}", 1, dc.k_max, False),
+        (f"batched K={dc.sample_steps}", args.batch, dc.sample_steps, False),
+        (f"batched K={dc.k_max}", args.batch, dc.k_max, False),
+    ]:
+        n = max(4, args.frames // (4 if K > 16 else 1))
+        rows.append({"case": name, "batch": batch, "K": K, "decode": decode,
+                     "frames_per_s": frames_per_s(dyn, tok, batch, n, K, decode)})
+    by = {r["case"]: r["frames_per_s"] for r in rows}
+    speedup = by[f"batched K={dc.sample_steps}"] / by[f"batched K={dc.k_max}"]
+    print(f"\n{'case':36} {'batch':>6} {'frames/s':>10}")
+    for r in rows:
+        print(f"{r['case']:36} {r['batch']:>6} {r['frames_per_s']:>10.1f}")
+    print(f"speed-up K={dc.sample_steps} over K={dc.k_max} (batched): {speedup:.1f}x (goal >= 12x)")
+    res = {"config": args.config, "overrides": args.overrides, "device": jax.devices()[0].device_kind,
+           "rows": rows, "speedup": speedup, "date": time.strftime("%Y-%m-%d")}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

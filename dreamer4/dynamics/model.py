@@ -1,0 +1,101 @@
+"""Dynamics model: block-causal axial transformer over tokenizer latents and actions (sec. 3.2).
+
+Shape key:
+    B batch, T time steps, L tokenizer latents per frame, N latent width,
+    Z = S_z spatial tokens per step, R = S_r register tokens, S tokens per step, D width.
+
+Tokens of step t, in this order (S = 2 + R + Z):
+    [action token, signal-level/step-size token, R registers, Z spatial tokens]
+* action token: a learned embedding, plus the embedding of action_t only where it is labeled
+  (action_mask_t); unlabeled video uses the learned embedding alone. Step convention: action_t
+  is the action that led INTO frame t, so the dynamics at step t sees action_t and predicts z_t.
+* signal level tau_t and step size d_t are discrete: tau on the grid i / k_max, d = 1 / 2^j;
+  each is looked up in its own embedding table and the two halves are concatenated channel-wise
+  into one token.
+* spatial tokens: the L latents of the (corrupted) frame, grouped into Z tokens of L/Z latents
+  each and linearly projected to the width.
+Space attention lets every token of a step see every other token of that step; time layers are
+causal, so all tokens of step t see all tokens of steps <= t and none of later steps.
+Output: the spatial tokens are projected back to the latents: x-prediction of the clean z_t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from dreamer4.config import DynamicsConfig
+from dreamer4.nn import AxialTransformer
+
+
+def tau_index(tau, k_max: int):
+    """Signal level -> row of the tau embedding table: round(tau * k_max), in [0, k_max]."""
+    return jnp.clip(jnp.round(jnp.asarray(tau, jnp.float32) * k_max), 0, k_max).astype(jnp.int32)
+
+
+def d_index(d, k_max: int):
+    """Step size d = 1/2^j -> j = round(log2(1/d)), in [0, log2 k_max]."""
+    j = jnp.round(-jnp.log2(jnp.maximum(jnp.asarray(d, jnp.float32), 1.0 / k_max)))
+    return jnp.clip(j, 0, int(math.log2(k_max))).astype(jnp.int32)
+
+
+class Dynamics(nnx.Module):
+    def __init__(self, cfg: DynamicsConfig, num_latents: int, latent_dim: int, num_actions: int, *,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        self.L, self.N, self.A = num_latents, latent_dim, num_actions
+        self.Z, self.R, D = cfg.spatial_tokens, cfg.register_tokens, cfg.width
+        self.group = num_latents // cfg.spatial_tokens
+        self.num_tokens = 2 + self.R + self.Z
+        self.dtype = dtype
+        init = nnx.initializers.normal(0.02)
+        self.z_in = nnx.Linear(self.group * latent_dim, D, rngs=rngs, dtype=dtype)
+        self.z_out = nnx.Linear(D, self.group * latent_dim, rngs=rngs, dtype=dtype)
+        self.spatial_pos = nnx.Param(init(rngs.params(), (self.Z, D)))
+        self.registers = nnx.Param(init(rngs.params(), (self.R, D)))
+        self.tau_embed = nnx.Embed(cfg.k_max + 1, D // 2, rngs=rngs)
+        self.d_embed = nnx.Embed(int(math.log2(cfg.k_max)) + 1, D - D // 2, rngs=rngs)
+        self.action_base = nnx.Param(init(rngs.params(), (D,)))
+        self.action_embed = nnx.Embed(num_actions, D, rngs=rngs)
+        self.transformer = AxialTransformer(
+            width=D, depth=cfg.depth, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            mlp_ratio=cfg.mlp_ratio, time_every=cfg.time_every, logit_cap=cfg.logit_cap, rngs=rngs,
+            dtype=dtype)
+
+    def action_tokens(self, actions_BT, action_mask_BT):
+        """Learned embedding + the action's own embedding where labeled (masked actions never
+        index the table: they are replaced by 0 and their embedding is zeroed)."""
+        safe = jnp.where(action_mask_BT, actions_BT, 0)
+        emb = self.action_embed(safe) * action_mask_BT[..., None]
+        return (self.action_base[...] + emb)[:, :, None, :]  # B T 1 D
+
+    def tokens(self, z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT):
+        B, T = z_BTLN.shape[:2]
+        k = self.cfg.k_max
+        sig = jnp.concatenate([self.tau_embed(tau_index(tau_BT, k)), self.d_embed(d_index(d_BT, k))], -1)
+        z = rearrange(z_BTLN, "b t (z g) n -> b t z (g n)", g=self.group)
+        spatial = self.z_in(z.astype(self.dtype)).astype(jnp.float32) + self.spatial_pos[...]
+        regs = jnp.broadcast_to(self.registers[...], (B, T, self.R, self.registers.shape[-1]))
+        parts = [self.action_tokens(actions_BT, action_mask_BT), sig[:, :, None, :], regs, spatial]
+        return jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=2)
+
+    def readout(self, y_BTSD):
+        out = self.z_out(y_BTSD[:, :, 2 + self.R:]).astype(jnp.float32)
+        return rearrange(out, "b t z (g n) -> b t (z g) n", g=self.group)
+
+    def __call__(self, z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT):
+        """x-prediction: the clean latents z1_BTLN for every step, from corrupted inputs."""
+        return self.readout(self.transformer(self.tokens(z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT)))
+
+    # -- generation with a KV cache -----------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int):
+        return self.transformer.init_cache(batch, max_len, num_tokens=self.num_tokens)
+
+    def step(self, z_B1LN, tau_B1, d_B1, action_B1, action_mask_B1, cache, t):
+        """Predict clean z_t for one step t (inputs at t), reading the cache of steps < t."""
+        y, cache = self.transformer.step(self.tokens(z_B1LN, tau_B1, d_B1, action_B1, action_mask_B1), cache, t)
+        return self.readout(y), cache

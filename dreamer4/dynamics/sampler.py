@@ -1,0 +1,81 @@
+"""Autoregressive generation with the dynamics model: K shortcut steps per frame, KV cache.
+
+Shape key: B batch (independent rollouts), C context steps, H generated steps, L latents, N width.
+
+For each new step t (action_t given: from data, a policy or a person):
+  1. `denoise_frame` runs K = sample_steps shortcut steps of size d = 1/K from noise, each one
+     a cached forward pass of step t (the pass overwrites cache slot t);
+  2. the result, corrupted to the context signal level tau_ctx (0.1), is passed once more at
+     step t with d = d_min so that slot t holds what later steps read as context (slightly
+     noisy, as in training, which makes the model robust to its own small errors).
+So a frame costs K + 1 forward passes of one step against the cache, never a pass over the
+whole context. Context frames (true latents) are written with one `prefill` pass.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dreamer4.dynamics.model import Dynamics
+from dreamer4.dynamics.shortcut import corrupt, denoise_frame
+
+
+def _context_inputs(dyn: Dynamics, z_BTLN, key):
+    """Corrupt clean latents to tau_ctx; return (z, tau, d) inputs for context steps."""
+    B, T = z_BTLN.shape[:2]
+    tau = jnp.full((B, T), dyn.cfg.context_tau, jnp.float32)
+    z0 = jax.random.normal(key, z_BTLN.shape, jnp.float32)
+    return corrupt(z_BTLN, z0, tau), tau, jnp.full((B, T), 1.0 / dyn.cfg.k_max, jnp.float32)
+
+
+@partial(nnx.jit, static_argnames=("max_len",))
+def prefill_context(dyn: Dynamics, z_ctx_BCLN, actions_BC, mask_BC, key, max_len: int):
+    """Write C context steps into a fresh cache of `max_len` steps; returns the cache."""
+    z, tau, d = _context_inputs(dyn, z_ctx_BCLN, key)
+    x = dyn.tokens(z, tau, d, actions_BC, mask_BC)
+    _, cache = dyn.transformer.prefill(x, max_len)
+    return cache
+
+
+@partial(nnx.jit, static_argnames=("K",))
+def generate_step(dyn: Dynamics, cache, t, action_B1, mask_B1, key, K: int):
+    """Generate the clean latents of step t (B, 1, L, N) with K shortcut steps; update the cache."""
+    B = action_B1.shape[0]
+    k_noise, k_ctx = jax.random.split(key)
+    state = {"cache": cache}
+
+    def predict(z_B1LN, tau, d):
+        tau_B1 = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (B, 1))
+        d_B1 = jnp.broadcast_to(jnp.asarray(d, jnp.float32), (B, 1))
+        z1_hat, state["cache"] = dyn.step(z_B1LN, tau_B1, d_B1, action_B1, mask_B1, state["cache"], t)
+        return z1_hat
+
+    z_t = denoise_frame(predict, k_noise, (B, 1, dyn.L, dyn.N), K, dyn.cfg.k_max)
+    zc, tau, d = _context_inputs(dyn, z_t, k_ctx)
+    _, cache = dyn.step(zc, tau, d, action_B1, mask_B1, state["cache"], t)
+    return z_t, cache
+
+
+def rollout(dyn: Dynamics, z_ctx_BCLN, actions_BT, mask_BT, key, K: int, horizon: int):
+    """Open-loop imagination: C true context steps, then `horizon` generated steps.
+
+    actions_BT / mask_BT cover all C + horizon steps (action_t leads into step t).
+    Returns the generated latents (B, horizon, L, N).
+    """
+    C = z_ctx_BCLN.shape[1]
+    k_pre, key = jax.random.split(key)
+    if C == 0:  # generation from scratch: the model learned start frames from single images
+        cache = dyn.init_cache(actions_BT.shape[0], horizon)
+    else:
+        cache = prefill_context(dyn, z_ctx_BCLN, actions_BT[:, :C], mask_BT[:, :C], k_pre, max_len=C + horizon)
+    out = []
+    for h in range(horizon):
+        t = C + h
+        z_t, cache = generate_step(dyn, cache, jnp.int32(t), actions_BT[:, t:t + 1], mask_BT[:, t:t + 1],
+                                   jax.random.fold_in(key, t), K=K)
+        out.append(z_t)
+    return jnp.concatenate(out, axis=1)
