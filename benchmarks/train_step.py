@@ -1,6 +1,9 @@
 """Training-step benchmark: step time, tokens/s and model FLOPs utilisation (MFU).
 
-    python benchmarks/train_step.py --stage tokenizer [--config configs/classic.yaml] [--batch 64] [--seq-len 16]
+    python benchmarks/train_step.py --stage tokenizer|dynamics [--config configs/classic.yaml] [--batch 64] [--seq-len 16]
+
+Dynamics FLOPs count the trained forward+backward (6N per token), the two half-step forwards of
+the bootstrap target (4N) and the frozen tokenizer's encoder forward (2N).
 
 Uses the real compiled train step of the shared runtime (runtime/train_loop.py) on random uint8
 frames of the preset's frame size. FLOPs per step = 6 x (matmul parameters x the tokens that pass
@@ -24,6 +27,7 @@ from dreamer4.config import load_config
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 from dreamer4.runtime.mesh import global_batch, make_mesh
 from dreamer4.runtime.train_loop import compile_train_step, place_train_state
+from dreamer4.tokenizer.train import build_tokenizer
 
 # Dense bf16 peak FLOP/s (no sparsity) by device kind substring.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "TPU v5p": 459e12, "TPU v4": 275e12}
@@ -54,7 +58,7 @@ def _attention_flops(transformer, B, T, S, D) -> float:
 
 
 def tokenizer_case(cfg, batch, seq_len):
-    from dreamer4.tokenizer.train import build_tokenizer, tokenizer_loss
+    from dreamer4.tokenizer.train import tokenizer_loss
 
     shape = FRAME_SHAPES[cfg.env.name]
     model = build_tokenizer(cfg, shape)
@@ -72,9 +76,37 @@ def tokenizer_case(cfg, batch, seq_len):
     return model, tokenizer_loss, data, dense + attn, 2 * B_T * S, n_params, frames
 
 
+def dynamics_case(cfg, batch, seq_len):
+    from dreamer4.dynamics.train import WorldModel, build_dynamics, make_dynamics_loss
+
+    shape = FRAME_SHAPES[cfg.env.name]
+    tok = build_tokenizer(cfg, shape)
+    dyn = build_dynamics(cfg, cfg, 17)
+    world = WorldModel(tok, dyn)
+    dc, tc = cfg.dynamics, cfg.tokenizer
+    S = dyn.num_tokens
+    n_img = int(round(batch * dc.single_image_share))
+    B_T = batch * seq_len
+    n_dyn = _matmul_params(dyn)
+    # one trained forward+backward (6N) and two half-step forwards for the bootstrap target (4N)
+    dense = 10.0 * n_dyn * B_T * S
+    attn_seq = _attention_flops(dyn.transformer, batch - n_img, seq_len, S, dc.width)
+    attn_img = _attention_flops(dyn.transformer, n_img * seq_len, 1, S, dc.width)
+    attn = (attn_seq + attn_img) * 10.0 / 6.0
+    # frozen tokenizer encoder forward on the frames
+    P = tok.num_patches
+    dense += 2.0 * _matmul_params(tok.encoder) * B_T * (P + tc.num_latents)
+    rng = np.random.default_rng(0)
+    data = {"frames": rng.integers(0, 256, (batch, seq_len) + shape, dtype=np.uint8),
+            "actions": rng.integers(0, 17, (batch, seq_len)).astype(np.int32),
+            "action_mask": rng.random((batch, seq_len)) < 0.1}
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(dyn, nnx.Param)))
+    return world, make_dynamics_loss(cfg), data, dense + attn, B_T * S, n_params, B_T
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["tokenizer"], default="tokenizer")
+    ap.add_argument("--stage", choices=["tokenizer", "dynamics"], default="tokenizer")
     ap.add_argument("--config", default="configs/classic.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
@@ -84,12 +116,16 @@ def main():
     args = ap.parse_args()
     enable_compilation_cache()
     cfg = load_config(args.config, args.overrides)
-    tc = cfg.tokenizer.train
+    tc = cfg.tokenizer.train if args.stage == "tokenizer" else cfg.dynamics.train
     batch, seq_len = args.batch or tc.batch_size, args.seq_len or tc.seq_len
-    model, loss_fn, data, flops, tokens, n_params, frames = tokenizer_case(cfg, batch, seq_len)
+    case = tokenizer_case if args.stage == "tokenizer" else dynamics_case
+    model, loss_fn, data, flops, tokens, n_params, frames = case(cfg, batch, seq_len)
+    trainable = nnx.Param
+    if args.stage == "dynamics":
+        from dreamer4.dynamics.train import TRAINABLE as trainable
     mesh = make_mesh(cfg.runtime.fsdp)
-    graphdef, state, shardings = place_train_state(model, tc, mesh)
-    step = compile_train_step(graphdef, loss_fn, shardings, mesh)
+    graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
+    step = compile_train_step(graphdef, loss_fn, shardings, mesh, trainable)
     gb = global_batch(mesh, data)
     key = jax.random.PRNGKey(0)
     t0 = time.time()
