@@ -1,135 +1,225 @@
-"""Shortcut forcing (Dreamer 4 eq. for the dynamics loss) and the K-step shortcut denoiser.
+"""Shortcut forcing: the dynamics objective of Dreamer 4 (sec. 3.2) and the K-step shortcut sampler.
 
-Shape key: B batch, T time, L latents, N latent width; tau_BT signal levels, d_BT step sizes.
+Shape key:
+  B batch, T time steps, L latent tokens per step, N latent width.
+  z_BTLN latents; tau_BT signal levels; d_BT step sizes (one pair per time step: diffusion forcing).
 
-tau in [0, 1]: 0 = pure noise, 1 = clean. z_tau = (1 - tau) z0 + tau z1, z0 ~ N(0, I).
-The network predicts the clean z1 (x-prediction). Step sizes d in {1, 1/2, ..., 1/K_max}.
+Notation (paper): tau in [0, 1], tau = 0 pure noise, tau = 1 clean data;
+  z_tau = (1 - tau) z0 + tau z1,  z0 ~ N(0, I).
+Step sizes d in {1, 1/2, 1/4, ..., 1/K_max}, d_min = 1/K_max. The network f(z~, tau, d, a) predicts
+the clean z1 (x-prediction); its implied velocity is v = (z1_hat - z_tau) / (1 - tau).
 """
 
 from __future__ import annotations
 
-import math
+import operator
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+Predict = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
-def _check_pow2(k: int, name: str) -> None:
+
+# ----------------------------------------------------------------------------- step sizes and levels
+
+
+def _log2_pow2(k, name: str) -> int:
+    """Return j with k = 2^j; ValueError unless k is a positive power of two."""
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer power of two, got {k!r}") from None
     if k < 1 or k & (k - 1):
         raise ValueError(f"{name} must be a power of two >= 1, got {k}")
+    return k.bit_length() - 1
 
 
 def step_size_grid(k_max: int) -> np.ndarray:
-    """(1, 1/2, 1/4, ..., 1/k_max)."""
-    _check_pow2(k_max, "k_max")
-    return 1.0 / 2.0 ** np.arange(int(math.log2(k_max)) + 1)
+    """d_j = 1 / 2^j for j = 0..log2(k_max): (1, 1/2, ..., 1/k_max), float32, coarsest first."""
+    j_max = _log2_pow2(k_max, "k_max")
+    return (1.0 / 2.0 ** np.arange(j_max + 1)).astype(np.float32)
 
 
 def sample_tau_d(key, shape, k_max: int):
-    """d = 1 / U({1, 2, 4, ..., K_max}); tau ~ U({0, d, 2d, ..., 1 - d}), independently per entry."""
-    grid = jnp.asarray(step_size_grid(k_max), jnp.float32)
-    k_d, k_tau = jax.random.split(key)
-    d = grid[jax.random.randint(k_d, shape, 0, len(grid))]
-    steps = jnp.round(1.0 / d)  # number of grid points for this d
-    tau = jnp.floor(jax.random.uniform(k_tau, shape) * steps) * d
-    return tau, d
+    """d = 1 / U({1, 2, 4, ..., K_max});  tau = i d with i ~ U({0, 1, ..., 1/d - 1}).
+
+    So tau lies on the grid reached by steps of size d and tau + d <= 1. Independent per entry of
+    `shape` (e.g. (B, T): every time step its own pair). Returns float32 (tau, d), exact powers of
+    two and their multiples.
+    """
+    j_max = _log2_pow2(k_max, "k_max")
+    k_j, k_i = jax.random.split(key)
+    j = jax.random.randint(k_j, shape, 0, j_max + 1)
+    n_steps = jnp.left_shift(1, j)  # 1/d = 2^j grid points for this d
+    i = jax.random.randint(k_i, shape, 0, n_steps)  # per-entry upper bound
+    d = jnp.ldexp(jnp.float32(1.0), -j)
+    return i.astype(jnp.float32) * d, d
 
 
-def _bcast(x_BT, like):
-    return jnp.reshape(x_BT, x_BT.shape + (1,) * (like.ndim - x_BT.ndim))
+# ----------------------------------------------------------------------------- loss pieces
+
+
+def _expand_as(x, like):
+    """Append singleton axes to x so it broadcasts against `like` from the left (tau_BT vs z_BTLN)."""
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.reshape(x, x.shape + (1,) * (jnp.ndim(like) - x.ndim))
+
+
+def _mean_trailing(x, lead: int):
+    """Mean over every axis after the first `lead` ones."""
+    return jnp.mean(x, axis=tuple(range(lead, x.ndim)))
 
 
 def corrupt(z1, z0, tau):
-    """z_tau = (1 - tau) z0 + tau z1 (tau broadcast over trailing dims)."""
-    t = _bcast(jnp.asarray(tau, jnp.float32), z1)
+    """z_tau = (1 - tau) z0 + tau z1, tau (e.g. tau_BT) broadcast over the trailing dims of z."""
+    t = _expand_as(tau, z1)
     return (1.0 - t) * z0 + t * z1
 
 
 def ramp_weight(tau):
-    """w(tau) = 0.9 tau + 0.1: more weight where the signal carries more learning signal."""
+    """w(tau) = 0.9 tau + 0.1: low signal levels carry little learning signal, so weigh them less."""
     return 0.9 * tau + 0.1
 
 
 def flow_loss(z1_hat, z1):
-    """||z1_hat - z1||^2, mean over the trailing dims: (B, T)."""
-    return jnp.mean(((z1_hat - z1) ** 2).reshape(z1.shape[:2] + (-1,)), axis=-1)
+    """L_flow[b, t] = mean_{l,n} (z1_hat - z1)^2: the x-space flow loss, shape (B, T)."""
+    return _mean_trailing(jnp.square(z1_hat - z1), 2)
 
 
 def x_to_v(z1_hat, z_tau, tau):
-    """v = (z1_hat - z_tau) / (1 - tau): the velocity implied by an x-prediction."""
-    return (z1_hat - z_tau) / _bcast(1.0 - tau, z_tau)
+    """v = (z1_hat - z_tau) / (1 - tau): the velocity implied by an x-prediction (needs tau < 1)."""
+    return (z1_hat - z_tau) / _expand_as(1.0 - tau, z_tau)
 
 
 def bootstrap_target(b1, b2):
-    """(b' + b'') / 2; the caller stops its gradient."""
+    """v_target = (b' + b'') / 2, the mean velocity of two half steps.
+
+    The caller wraps it in jax.lax.stop_gradient: the target is a constant for the main prediction.
+    """
     return (b1 + b2) / 2.0
 
 
 def bootstrap_loss(z1_hat, z_tau, tau, v_target):
-    """(1 - tau)^2 ||(z1_hat - z_tau)/(1 - tau) - v_target||^2, mean over trailing dims: (B, T)."""
-    err = (x_to_v(z1_hat, z_tau, tau) - v_target) ** 2
-    return (1.0 - tau) ** 2 * jnp.mean(err.reshape(tau.shape + (-1,)), axis=-1)
+    """L_boot[b, t] = (1 - tau)^2 mean_{l,n} ((z1_hat - z_tau)/(1 - tau) - v_target)^2, shape (B, T).
+
+    The (1 - tau)^2 factor maps the v-space error back to x-space scale, since
+    ||x1_hat - x1||^2 = (1 - tau)^2 ||v_hat - v||^2 (paper footnote).
+    """
+    err = jnp.square(x_to_v(z1_hat, z_tau, tau) - v_target)
+    return jnp.square(1.0 - tau) * _mean_trailing(err, jnp.ndim(tau))
 
 
-def shortcut_forcing_loss(predict: Callable, z1, key, k_max: int, mask_BT=None):
-    """Shortcut forcing with per-step (tau_t, d_t) (diffusion forcing) and the ramp weight.
+def _guarded_velocity(z1_hat, z_tau, tau):
+    """v = (z1_hat - z_tau) / (1 - tau) where tau < 1, else 0.
 
-    predict(z_tilde_BTLN, tau_BT, d_BT) -> z1_hat_BTLN. Each time step takes its own corruption,
-    so the other steps of the sequence are its (noisy) context. For d_t = d_min: flow loss in
-    x-space. Otherwise two half steps of the model itself, h = d/2, every step taking its own:
-        b' = (f(z~, tau, h) - z~) / (1 - tau),  z' = z~ + b' h,
-        b'' = (f(z', tau + h, h) - z') / (1 - (tau + h)),
-    and the bootstrap loss (1 - tau)^2 ||(z1_hat - z~)/(1 - tau) - sg(b' + b'')/2||^2.
-    Returns (mean loss over mask_BT, metrics).
+    A clean step (tau >= 1) has no velocity; the guard keeps the division finite so that no
+    inf/NaN reaches the loss or its gradient through an unused jnp.where branch.
+    """
+    live = tau < 1.0
+    denom = jnp.where(live, 1.0 - tau, 1.0)
+    return jnp.where(_expand_as(live, z_tau), (z1_hat - z_tau) / _expand_as(denom, z_tau), 0.0)
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def shortcut_forcing_terms(predict: Predict, z1, z0, tau, d, k_max: int, mask_BT=None):
+    """Shortcut forcing for given noise z0 and per-step (tau_BT, d_BT); see shortcut_forcing_loss.
+
+    loss = sum_bt m w(tau) L[b, t] / sum_bt m, with
+      L = ||z1_hat - z1||^2                                          if d = d_min,
+      L = (1 - tau)^2 ||(z1_hat - z~)/(1 - tau) - sg(b' + b'')/2||^2  else,
+    z~ = (1 - tau) z0 + tau z1, z1_hat = f(z~, tau, d), h = d/2,
+      b' = (f(z~, tau, h) - z~)/(1 - tau),  z' = z~ + b' h,
+      b'' = (f(z', tau + h, h) - z')/(1 - (tau + h)).
+
+    Diffusion forcing: one predict call covers all T steps, each with its own (tau_t, d_t); the
+    other steps are each step's context. The two half-step calls are also single calls over the
+    whole sequence in which *every* step takes its own half step (h_t = d_t / 2, z'_t replaces
+    z~_t, tau_t + h_t replaces tau_t), so a step's context in those calls is its neighbours'
+    half-stepped inputs rather than exactly the z~ of the main call. This costs 3 passes in all
+    instead of one pair of passes per bootstrap step. Entries with d = d_min also take their
+    (unused) half step, at d_min/2, which is off the step-size grid: the model sees it only as
+    context for other steps. tau + h is clipped to 1 before it is passed to predict.
+
+    Returns (loss, metrics); metrics: `flow` / `bootstrap` = masked means of the weighted
+    per-step loss over flow / bootstrap entries, `bootstrap_frac` = their share of valid entries.
+    """
+    tau = jnp.asarray(tau, jnp.float32)
+    d = jnp.asarray(d, jnp.float32)
+    # d takes powers of two only, so halfway between d_min and 2 d_min separates the two cases.
+    is_boot = d > 1.5 / k_max
+
+    z_tilde = corrupt(z1, z0, tau)
+    z1_hat = predict(z_tilde, tau, d)
+
+    # Half steps (values only used where is_boot; stop_gradient makes them constants).
+    h = d / 2.0
+    b1 = _guarded_velocity(predict(z_tilde, tau, h), z_tilde, tau)
+    z_mid = z_tilde + b1 * _expand_as(h, z_tilde)
+    tau_mid = jnp.minimum(tau + h, 1.0)
+    b2 = _guarded_velocity(predict(z_mid, tau_mid, h), z_mid, tau_mid)
+    v_target = jax.lax.stop_gradient(bootstrap_target(b1, b2))
+
+    # Bootstrap entries have tau <= 1 - d < 1; elsewhere feed tau = 0 so 1/(1 - tau) stays finite
+    # (an inf in the unused branch would turn into NaN in the gradient).
+    tau_boot = jnp.where(is_boot, tau, 0.0)
+    per_step = jnp.where(is_boot, bootstrap_loss(z1_hat, z_tilde, tau_boot, v_target), flow_loss(z1_hat, z1))
+    per_step = per_step * ramp_weight(tau)
+
+    m = jnp.ones(tau.shape, jnp.float32) if mask_BT is None else jnp.asarray(mask_BT, jnp.float32)
+    m_boot = m * is_boot
+    m_flow = m - m_boot
+
+    def masked_mean(x, w):
+        return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)  # 0 when nothing is valid
+
+    metrics = {
+        "flow": masked_mean(per_step, m_flow),
+        "bootstrap": masked_mean(per_step, m_boot),
+        "bootstrap_frac": jnp.sum(m_boot) / jnp.maximum(jnp.sum(m), 1.0),
+    }
+    return masked_mean(per_step, m), metrics
+
+
+def shortcut_forcing_loss(predict: Predict, z1, key, k_max: int, mask_BT=None):
+    """Shortcut forcing objective: sample z0 ~ N(0, I) and (tau_BT, d_BT), then shortcut_forcing_terms.
+
+    predict(z_tilde_BTLN, tau_BT, d_BT) -> z1_hat_BTLN closes over the model and the actions.
+    mask_BT (default all ones) marks the valid steps. Returns (loss, metrics).
     """
     B, T = z1.shape[:2]
     k_td, k_noise = jax.random.split(key)
     tau, d = sample_tau_d(k_td, (B, T), k_max)
     z0 = jax.random.normal(k_noise, z1.shape, jnp.float32)
-    z_tilde = corrupt(z1, z0, tau)
-    z1_hat = predict(z_tilde, tau, d)
-    d_min = 1.0 / k_max
-    is_flow = d <= d_min + 1e-9
-
-    h = d / 2.0
-    b1 = x_to_v(predict(z_tilde, tau, h), z_tilde, tau)
-    z_mid = z_tilde + b1 * _bcast(h, z_tilde)
-    tau_mid = tau + h
-    # Where tau + h reaches 1 (only possible for flow entries, whose bootstrap value is unused),
-    # keep the division finite.
-    safe = jnp.where(tau_mid < 1.0, tau_mid, 0.0)
-    b2 = x_to_v(predict(z_mid, safe, h), z_mid, safe)
-    v_target = jax.lax.stop_gradient(bootstrap_target(b1, b2))
-
-    per_step = jnp.where(is_flow, flow_loss(z1_hat, z1), bootstrap_loss(z1_hat, z_tilde, tau, v_target))
-    per_step = per_step * ramp_weight(tau)
-    m = jnp.ones((B, T), jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
-    loss = jnp.sum(per_step * m) / jnp.maximum(m.sum(), 1.0)
-    fm, bm = m * is_flow, m * (~is_flow)
-    metrics = {
-        "flow": jnp.sum(per_step * fm) / jnp.maximum(fm.sum(), 1.0),
-        "bootstrap": jnp.sum(per_step * bm) / jnp.maximum(bm.sum(), 1.0),
-        "bootstrap_frac": bm.sum() / jnp.maximum(m.sum(), 1.0),
-    }
-    return loss, metrics
+    return shortcut_forcing_terms(predict, z1, z0, tau, d, k_max, mask_BT)
 
 
-def denoise_frame(predict: Callable, key, shape, k: int, k_max: int):
-    """K shortcut steps from noise: z <- z + (f(z, tau, d) - z) / (1 - tau) * d, tau <- tau + d.
+# ----------------------------------------------------------------------------- sampling
 
-    predict(z, tau, d) takes scalar tau and d (the caller handles context and caches). After the
-    last step z equals the last x-prediction (tau reaches 1), which is returned exactly.
+
+def denoise_frame(predict: Predict, key, shape, k: int, k_max: int):
+    """K shortcut steps from noise, d = 1/K:  z <- z + (f(z, tau, d) - z)/(1 - tau) d,  tau <- tau + d.
+
+    Starts at z ~ N(0, I) (shape `shape`), tau = 0. predict(z, tau, d) receives the current z of
+    `shape` and tau, d as Python floats on the grid (the caller broadcasts them to its batch and
+    supplies the sequence context / KV cache). At the last step tau + d = 1 makes the update land
+    on the x-prediction itself (z + (z1_hat - z) = z1_hat up to rounding), so that prediction is
+    returned exactly. K must be a power of two <= k_max (the finest step the model learned).
+    Makes exactly K predict calls.
     """
-    _check_pow2(k, "K (sampling steps)")
+    _log2_pow2(k, "K (sampling steps)")
+    _log2_pow2(k_max, "k_max")
     if k > k_max:
-        raise ValueError(f"K = {k} sampling steps exceeds k_max = {k_max} (the finest step the model learned)")
-    z = jax.random.normal(key, shape, jnp.float32)
+        raise ValueError(f"K = {k} sampling steps is finer than the model's finest step 1/k_max = 1/{k_max}")
     d = 1.0 / k
+    z = jax.random.normal(key, shape, jnp.float32)
     z1_hat = z
     for i in range(k):
         tau = i * d
         z1_hat = predict(z, tau, d)
-        z = z + (z1_hat - z) / (1.0 - tau) * d
+        if i < k - 1:
+            z = z + (z1_hat - z) * (d / (1.0 - tau))
     return z1_hat
