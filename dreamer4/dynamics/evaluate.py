@@ -105,8 +105,9 @@ def open_loop_eval_hook(cfg: Config, data_dir):
         metrics, _, videos = open_loop(world, clips, cfg, jax.random.PRNGKey(step), ks=ks)
         if logger.enabled:
             (logger.dir / "videos").mkdir(exist_ok=True)
-            write_video(logger.dir / "videos" / f"dream_{step:07d}.gif",
-                        side_by_side_frames(videos["real"][0], videos["true_actions"][0]))
+            path = write_video(logger.dir / "videos" / f"dream_{step:07d}.gif",
+                               side_by_side_frames(videos["real"][0], videos["true_actions"][0]))
+            logger.log_video(step, "real_vs_imagined", path)
         return metrics
 
     return hook

@@ -60,6 +60,13 @@ class MetricLogger:
             self.run.log({name: wandb.Image(str(path))}, step=int(step))
         return path
 
+    def log_video(self, step: int, name: str, path: str | Path) -> None:
+        """Send a video file already written to the stage dir (GIF/MP4) to wandb too."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Video(str(path))}, step=int(step))
+
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
