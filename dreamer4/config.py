@@ -120,7 +120,10 @@ class DynamicsConfig:
     register_tokens: int = 4
     k_max: int = 64  # finest step size d_min = 1 / k_max (a power of two)
     sample_steps: int = 4  # K sampling steps per generated frame
-    context_tau: float = 0.1  # signal level of past frames during generation
+    # Signal level of past frames during generation (tau = 1 clean). The paper "slightly corrupts"
+    # the context "to tau_ctx = 0.1"; read as a signal level that would be 90% noise, so we take it
+    # as 10% noise: tau = 0.9 (on the k_max grid it rounds to the nearest level the model learned).
+    context_tau: float = 0.9
     single_image_share: float = 0.3  # share of each batch trained as single images (start frames)
     short_seq_len: int = 0  # > 0: alternate batches of this length with train.seq_len
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -323,6 +326,7 @@ def validate(cfg: Config) -> None:
          and cfg.dynamics.sample_steps & (cfg.dynamics.sample_steps - 1) == 0, "dynamics.sample_steps",
          "must be a power of two <= dynamics.k_max"),
         (0.0 <= cfg.dynamics.single_image_share < 1.0, "dynamics.single_image_share", "must be in [0, 1)"),
+        (0.0 <= cfg.dynamics.context_tau <= 1.0, "dynamics.context_tau", "must be a signal level in [0, 1] (1 = clean)"),
         (cfg.dynamics.width % cfg.dynamics.num_heads == 0, "dynamics.width", "must be divisible by dynamics.num_heads"),
         (cfg.dynamics.num_heads % cfg.dynamics.num_kv_heads == 0, "dynamics.num_heads",
          "must be divisible by dynamics.num_kv_heads"),

@@ -271,3 +271,29 @@ def test_denoise_frame_rejects_bad_k():
     for k, k_max in ((3, 4), (8, 4), (0, 4), (2, 6)):
         with pytest.raises(ValueError):
             denoise_frame(predict, jax.random.key(0), (1, 2), k, k_max)
+
+
+def test_flow_steps_enter_half_step_calls_unchanged():
+    """The half-step calls move only bootstrap steps; flow steps (d = d_min) keep (z~, tau, d) of the
+    main call, so a bootstrap step's context there is what it was in the main call."""
+    z1, z0 = _data(4)
+    k_max = 4
+    tau = jnp.array([[0.25, 0.5, 0.0, 0.75], [0.0, 0.5, 0.25, 0.0]])
+    d = jnp.array([[0.25, 0.5, 0.25, 0.25], [1.0, 0.25, 0.5, 0.25]])
+    calls = []
+
+    def predict(z, t, s):
+        calls.append((np.asarray(z), np.asarray(t), np.asarray(s)))
+        return 0.5 * z
+
+    shortcut_forcing_terms(predict, z1, z0, tau, d, k_max)
+    assert len(calls) == 3
+    z_main, tau_main, d_main = calls[0]
+    flow = np.asarray(d) == 0.25
+    for z_c, tau_c, d_c in calls[1:]:
+        np.testing.assert_array_equal(z_c[flow], z_main[flow])
+        np.testing.assert_array_equal(tau_c[flow], tau_main[flow])
+        np.testing.assert_array_equal(d_c[flow], d_main[flow])
+        np.testing.assert_array_equal(d_c[~flow], np.asarray(d)[~flow] / 2)  # bootstrap: half steps
+    # the second half step starts from tau + d/2 for bootstrap entries
+    np.testing.assert_allclose(calls[2][1][~flow], (np.asarray(tau) + np.asarray(d) / 2)[~flow])

@@ -5,7 +5,7 @@ Shape key: B batch (independent rollouts), C context steps, H generated steps, L
 For each new step t (action_t given: from data, a policy or a person):
   1. `denoise_frame` runs K = sample_steps shortcut steps of size d = 1/K from noise, each one
      a cached forward pass of step t (the pass overwrites cache slot t);
-  2. the result, corrupted to the context signal level tau_ctx (0.1), is passed once more at
+  2. the result, corrupted to the context signal level tau_ctx (default 0.9, i.e. 10% noise), is passed once more at
      step t with d = d_min so that slot t holds what later steps read as context (slightly
      noisy, as in training, which makes the model robust to its own small errors).
 So a frame costs K + 1 forward passes of one step against the cache, never a pass over the

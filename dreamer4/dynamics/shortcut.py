@@ -137,12 +137,12 @@ def shortcut_forcing_terms(predict: Predict, z1, z0, tau, d, k_max: int, mask_BT
 
     Diffusion forcing: one predict call covers all T steps, each with its own (tau_t, d_t); the
     other steps are each step's context. The two half-step calls are also single calls over the
-    whole sequence in which *every* step takes its own half step (h_t = d_t / 2, z'_t replaces
-    z~_t, tau_t + h_t replaces tau_t), so a step's context in those calls is its neighbours'
-    half-stepped inputs rather than exactly the z~ of the main call. This costs 3 passes in all
-    instead of one pair of passes per bootstrap step. Entries with d = d_min also take their
-    (unused) half step, at d_min/2, which is off the step-size grid: the model sees it only as
-    context for other steps. tau + h is clipped to 1 before it is passed to predict.
+    whole sequence: every bootstrap step takes its own half step (h_t = d_t / 2, z'_t replaces
+    z~_t, tau_t + h_t replaces tau_t) while flow steps (d = d_min) enter both calls exactly as in
+    the main call (z~_t, tau_t, d_t). So the context a bootstrap step sees in its half steps is the
+    main call's, except for the other bootstrap steps, which are half-stepped alongside it. This
+    costs 3 passes in all instead of one pair of passes per bootstrap step. tau + h is clipped to 1
+    before it is passed to predict.
 
     Returns (loss, metrics); metrics: `flow` / `bootstrap` = masked means of the weighted
     per-step loss over flow / bootstrap entries, `bootstrap_frac` = their share of valid entries.
@@ -155,12 +155,14 @@ def shortcut_forcing_terms(predict: Predict, z1, z0, tau, d, k_max: int, mask_BT
     z_tilde = corrupt(z1, z0, tau)
     z1_hat = predict(z_tilde, tau, d)
 
-    # Half steps (values only used where is_boot; stop_gradient makes them constants).
-    h = d / 2.0
-    b1 = _guarded_velocity(predict(z_tilde, tau, h), z_tilde, tau)
+    # Half steps (values only used where is_boot; stop_gradient makes them constants). Flow steps
+    # keep their main-call inputs so that they are the same context as in the main call.
+    h = jnp.where(is_boot, d / 2.0, 0.0)
+    d_half = jnp.where(is_boot, h, d)
+    b1 = _guarded_velocity(predict(z_tilde, tau, d_half), z_tilde, tau)
     z_mid = z_tilde + b1 * _expand_as(h, z_tilde)
     tau_mid = jnp.minimum(tau + h, 1.0)
-    b2 = _guarded_velocity(predict(z_mid, tau_mid, h), z_mid, tau_mid)
+    b2 = _guarded_velocity(predict(z_mid, tau_mid, d_half), z_mid, tau_mid)
     v_target = jax.lax.stop_gradient(bootstrap_target(b1, b2))
 
     # Bootstrap entries have tau <= 1 - d < 1; elsewhere feed tau = 0 so 1/(1 - tau) stays finite
