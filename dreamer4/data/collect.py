@@ -304,6 +304,15 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
             m["shards"] = []
             m["writers"] = {}
             save_config(cfg, root)
+        elif m.get("created_by") == "import-video" and "collect_config" not in m:
+            # Labeled Craftax play added to a dataset of imported videos: adopt its header.
+            for key in ("env", "frame_shape", "num_actions"):
+                if m.get(key) != header[key]:
+                    raise store.DatasetError(
+                        f"{store.manifest_path(root)} (imported videos) has {key}={m.get(key)!r}, but this "
+                        f"collect run has {key}={header[key]!r}")
+            m.update({k: v for k, v in header.items() if k not in ("has_actions", "has_rewards")})
+            m.setdefault("writers", {})
         else:
             _check_header(root, m, header)
         mine = [s for s in m["shards"] if s["writer"] == writer]
