@@ -162,7 +162,7 @@ class PPO:
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, mb)
             updates, opt_state = self.tx.update(grads, opt_state, p)
             p = optax.apply_updates(p, updates)
-            return (p, opt_state), dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+            return (p, opt_state), dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
 
         def epoch(state, k):
             perm = jax.random.permutation(k, T * N)
