@@ -163,3 +163,25 @@ def test_cli_import_video_error_exit(tmp_path):
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "error:" in r.stderr and "junk.webm" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "ds").exists()
+
+
+@pytest.mark.slow
+def test_tokenizer_trains_on_video_only_dataset(tmp_path):
+    """A dataset of imported videos alone is enough for the tokenizer stage (no actions needed)."""
+    from conftest import TOK_OVERRIDES
+    from dreamer4.pipelines.dataset import dataset_stats
+    from dreamer4.tokenizer.train import train_tokenizer
+
+    cfg = make_test_config(["collect.eval_fraction=0.5"] + TOK_OVERRIDES + ["tokenizer.train.steps=4"])
+    files = []
+    for i in range(4):
+        p = tmp_path / f"v{i}.gif"
+        iio.imwrite(p, _palette_frames(12 + i, (63, 63, 3)), duration=50)
+        files.append(str(p))
+    root = tmp_path / "ds"
+    import_videos(cfg, root, files, log=lambda *a: None)
+    s = dataset_stats(str(root))
+    assert s["episodes"] == 4 and s["policies"] == ["video"] and s["has_actions"] is False
+    assert s["splits"]["eval"]["episodes"] == 2 and s["splits"]["train"]["labeled_episodes"] == 0
+    results = train_tokenizer(cfg, root, tmp_path / "run")
+    assert np.isfinite(results["eval_psnr"])
