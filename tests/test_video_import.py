@@ -185,3 +185,27 @@ def test_tokenizer_trains_on_video_only_dataset(tmp_path):
     assert s["splits"]["eval"]["episodes"] == 2 and s["splits"]["train"]["labeled_episodes"] == 0
     results = train_tokenizer(cfg, root, tmp_path / "run")
     assert np.isfinite(results["eval_psnr"])
+
+
+@pytest.mark.slow
+def test_collect_adds_labeled_play_to_a_video_dataset(tmp_path):
+    """Pretrain-on-video first, add labeled Craftax play later: collect adopts the imported header."""
+    from dreamer4.data.collect import collect
+
+    cfg = make_test_config()  # the session's collect config (compiled collector in the cache)
+    clip = tmp_path / "v.gif"
+    iio.imwrite(clip, _palette_frames(20, (63, 63, 3)), duration=50)
+    root = tmp_path / "ds"
+    import_videos(cfg, root, [str(clip)], log=lambda *a: None)
+    collect(cfg, root, log=lambda *a: None)
+    m = read_manifest(root)
+    assert m["has_actions"] is False and m["collect_config"]["policy"] == "framehash:none"
+    ds = Dataset.open(root, env_name=cfg.env.name)
+    video = [e for e in ds.episodes if e.policy == "video"]
+    played = [e for e in ds.episodes if e.policy != "video"]
+    assert len(video) == 1 and not video[0].has_actions and len(played) == cfg.collect.num_episodes
+    assert any(e.labeled for e in played) and all(e.has_actions for e in played)
+    assert verify(root)[0] == []
+    # Rerunning collect finds its writer complete and leaves the video shard alone.
+    collect(cfg, root, log=lambda *a: None)
+    assert read_manifest(root)["shards"] == m["shards"]
