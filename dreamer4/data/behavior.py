@@ -77,6 +77,8 @@ def make_policy(spec: str, env_spec, collect_cfg) -> BehaviorPolicy:
     if spec == "sticky":
         return sticky_policy(env_spec.num_actions, collect_cfg.sticky_repeat_prob)
     kind, sep, path = spec.partition(":")
+    if sep and kind == "ppo" and kind not in _LEARNED:
+        import dreamer4.behavior.policy  # noqa: F401  (registers "ppo"; imported lazily, it depends on us)
     if sep and kind in _LEARNED:
         return _LEARNED[kind](path, env_spec, collect_cfg)
     known = ["random", "sticky"] + [f"{k}:CHECKPOINT" for k in sorted(_LEARNED)]
