@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from dreamer4.config import ConfigError, load_config
@@ -30,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this writer's index (default: the JAX process index)")
     p.add_argument("--num-writers", type=int, default=None,
                    help="writers filling the dataset together (default: the JAX process count)")
+    p.add_argument("--policy", default=None, help="behaviour policy: random, sticky or ppo:CHECKPOINT (collect.policy)")
+    p.add_argument("--epsilon", type=float, default=None, help="probability of a random action (collect.epsilon)")
+    p.add_argument("--mix", default=None, metavar="SPEC=W,...",
+                   help="mixture of policies, e.g. ppo:runs/a=0.5,random=0.5 (collect.mix)")
+
+    p = sub.add_parser("train-behavior", help="train a PPO behaviour policy online in Craftax (resumes RUN_DIR/behavior)")
+    _add_config_args(p)
+    p.add_argument("--run", required=True, help="run directory (the stage writes RUN_DIR/behavior)")
 
     p = sub.add_parser("train-tokenizer", help="train the causal tokenizer (resumes RUN_DIR/tokenizer)")
     _add_config_args(p)
@@ -51,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir")
     q = dsub.add_parser("verify", help="re-read every committed shard and check it against the manifest")
     q.add_argument("dir")
+    q = dsub.add_parser("import-video", help="add MP4/GIF/WebM files or PNG folders as unlabeled episodes")
+    _add_config_args(q)
+    q.add_argument("--out", required=True, help="dataset directory (created, or added to)")
+    q.add_argument("--frame-shape", default=None, metavar="H,W,C",
+                   help="frame shape of a new dataset (default: the config's env)")
+    q.add_argument("--fit", choices=("resize", "pad", "letterbox"), default="resize",
+                   help="how frames of another size are fitted (default resize)")
+    q.add_argument("--fps", type=float, default=None, help="frame rate to record where a file has none")
+    q.add_argument("files", nargs="+", help="video files or folders of PNG frames")
     return ap
 
 
@@ -63,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dataset":
             from dreamer4.pipelines.dataset import print_info, run_verify
 
+            if args.dataset_command == "import-video":
+                from dreamer4.pipelines.dataset import run_import_video
+
+                run_import_video(load_config(args.config, args.overrides), args.out, args.files,
+                                 frame_shape=args.frame_shape, fit=args.fit, fps=args.fps)
+                return 0
             if args.dataset_command == "info":
                 print_info(args.dir)
                 return 0
@@ -72,8 +96,17 @@ def main(argv: list[str] | None = None) -> int:
 
             run_dream(args.run, args.seed)
             return 0
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "collect":
+        overrides = list(args.overrides)
+        if args.command == "collect":  # flags are shorthands for collect.* keys (JSON-quoted for YAML)
+            for key, value in (("policy", args.policy), ("epsilon", args.epsilon), ("mix", args.mix)):
+                if value is not None:
+                    overrides.append(f"collect.{key}={json.dumps(value)}")
+        cfg = load_config(args.config, overrides)
+        if args.command == "train-behavior":
+            from dreamer4.pipelines.behavior import run_train_behavior
+
+            run_train_behavior(cfg, args.run)
+        elif args.command == "collect":
             from dreamer4.pipelines.collect import run_collect
 
             run_collect(cfg, args.out, writer_id=args.writer_id, num_writers=args.num_writers)

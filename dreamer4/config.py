@@ -49,6 +49,12 @@ class CollectConfig:
     labeled_fraction: float = 0.1
     # Share of episodes held out for evaluation (their actions are kept for evaluation only).
     eval_fraction: float = 0.1
+    # Probability that any behaviour policy's action is replaced by a uniformly random one.
+    epsilon: float = 0.0
+    # Mixture of behaviour policies, "SPEC=WEIGHT,SPEC=WEIGHT" (e.g. "ppo:runs/a=0.5,random=0.5");
+    # each env is assigned one for the whole collection, deterministically from the seed.
+    # Empty: every env uses `policy`.
+    mix: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,37 @@ class DynamicsConfig:
 
 
 @dataclass(frozen=True)
+class BehaviorConfig:
+    """PPO behaviour policy trained online in Craftax (`dreamer4 train-behavior`).
+
+    Defaults follow the Craftax baselines' PPO (Matthews et al. 2024, Craftax_Baselines ppo.py).
+    """
+
+    total_steps: int = 1_000_000  # environment steps over the whole run
+    num_envs: int = 64
+    num_steps: int = 64  # rollout length per env and update
+    update_epochs: int = 4
+    num_minibatches: int = 8
+    lr: float = 2.0e-4
+    anneal_lr: bool = True  # linear decay to 0 over the run
+    gamma: float = 0.99
+    gae_lambda: float = 0.8
+    clip_eps: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 1.0
+    frame_stack: int = 2  # the policy sees the last K frames, stacked on channels
+    conv_channels: tuple[int, ...] = (16, 32)  # 8x8/4, then 4x4/2, then 3x3/1 convolutions
+    hidden: int = 512
+    log_every: int = 1  # updates
+    ckpt_every: int = 50  # updates
+    keep_checkpoints: int = 5  # several stages of training make a skill spread for `collect --mix`
+    # Final evaluation: trained policy vs uniform random from the same env seeds, fixed horizon.
+    eval_envs: int = 16
+    eval_steps: int = 256
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     # Devices on the "fsdp" mesh axis (parameters sharded over it); 0 = all devices.
     fsdp: int = 0
@@ -149,6 +186,7 @@ class Config:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -330,6 +368,18 @@ def validate(cfg: Config) -> None:
         (cfg.dynamics.width % cfg.dynamics.num_heads == 0, "dynamics.width", "must be divisible by dynamics.num_heads"),
         (cfg.dynamics.num_heads % cfg.dynamics.num_kv_heads == 0, "dynamics.num_heads",
          "must be divisible by dynamics.num_kv_heads"),
+    ]
+    b = cfg.behavior
+    checks += [
+        (0.0 <= c.epsilon <= 1.0, "collect.epsilon", "must be in [0, 1]"),
+        (b.num_envs >= 1 and b.num_steps >= 1, "behavior.num_envs", "and behavior.num_steps must be >= 1"),
+        (b.num_minibatches >= 1 and (b.num_envs * b.num_steps) % b.num_minibatches == 0,
+         "behavior.num_minibatches", "must divide behavior.num_envs * behavior.num_steps"),
+        (b.total_steps >= b.num_envs * b.num_steps, "behavior.total_steps",
+         "must be at least one update (behavior.num_envs * behavior.num_steps)"),
+        (b.frame_stack >= 1, "behavior.frame_stack", "must be >= 1"),
+        (1 <= len(b.conv_channels) <= 3, "behavior.conv_channels", "must list 1 to 3 channel counts"),
+        (b.ckpt_every >= 1 and b.log_every >= 1, "behavior.ckpt_every", "and behavior.log_every must be >= 1"),
     ]
     for ok, key, what in checks:
         if not ok:

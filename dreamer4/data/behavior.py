@@ -77,9 +77,87 @@ def make_policy(spec: str, env_spec, collect_cfg) -> BehaviorPolicy:
     if spec == "sticky":
         return sticky_policy(env_spec.num_actions, collect_cfg.sticky_repeat_prob)
     kind, sep, path = spec.partition(":")
+    if sep and kind == "ppo" and kind not in _LEARNED:
+        import dreamer4.behavior.policy  # noqa: F401  (registers "ppo"; imported lazily, it depends on us)
     if sep and kind in _LEARNED:
         return _LEARNED[kind](path, env_spec, collect_cfg)
     known = ["random", "sticky"] + [f"{k}:CHECKPOINT" for k in sorted(_LEARNED)]
     raise ConfigError(
         f"config key 'collect.policy': unknown behaviour policy {spec!r}; expected one of {known}"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures and epsilon-random actions (`collect.mix`, `collect.epsilon`)
+
+
+def parse_mix(mix: str) -> list[tuple[str, float]]:
+    """"SPEC=W,SPEC=W" -> [(spec, weight)], weights normalised to sum 1.
+
+    A spec may itself contain "=" (a path): the weight is what follows the last "=".
+    """
+    members = []
+    for part in (p.strip() for p in mix.split(",")):
+        spec, sep, w = part.rpartition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = -1.0
+        if not sep or not spec or weight < 0:
+            raise ConfigError(f"config key 'collect.mix': {part!r} must look like SPEC=WEIGHT with a "
+                              f"weight >= 0 (e.g. 'ppo:runs/a=0.5,random=0.5')")
+        members.append((spec.strip(), weight))
+    total = sum(w for _, w in members)
+    if total <= 0:
+        raise ConfigError(f"config key 'collect.mix': the weights of {mix!r} must not all be 0")
+    if len({s for s, _ in members}) != len(members):
+        raise ConfigError(f"config key 'collect.mix': {mix!r} names a policy twice")
+    return [(s, w / total) for s, w in members]
+
+
+def assign_envs(weights: list[float], num_envs: int, seed: int, writer: int) -> list[int]:
+    """Policy index of each env: env counts proportional to the weights, placement seeded.
+
+    Slot j of num_envs gets the member i with cum_{i-1} <= (j + u) / N < cum_i (stratified, so
+    the counts are within one of weight * N); a seeded permutation maps slots to envs.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed, writer, 0x313C])
+    u = float(rng.random())
+    cum = np.cumsum(weights)
+    slots = [min(int(np.searchsorted(cum, (j + u) / num_envs, side="right")), len(weights) - 1)
+             for j in range(num_envs)]
+    perm = rng.permutation(num_envs)
+    out = [0] * num_envs
+    for j, n in enumerate(perm):
+        out[int(n)] = slots[j]
+    return out
+
+
+def mixture_policy(members: list[BehaviorPolicy], env_member_N, epsilon: float, num_actions: int) -> BehaviorPolicy:
+    """Each env acts with its assigned member; then any action is replaced by a uniform random
+    one with probability `epsilon`. Every member runs on every env (their states stay in step) and
+    the assigned member's action is kept: simple, and the cost is one more network pass per member.
+    """
+    env_member_N = jnp.asarray(env_member_N, jnp.int32)
+
+    def init(num_envs: int):
+        return tuple(m.init(num_envs) for m in members)
+
+    def act(states, key, frames_NHWC, is_first_N):
+        keys = jax.random.split(key, len(members) + 2)
+        actions = []
+        new_states = []
+        for m, s, k in zip(members, states, keys[:-2]):
+            a, s = m.act(s, k, frames_NHWC, is_first_N)
+            actions.append(a.astype(jnp.int32))
+            new_states.append(s)
+        actions_N = jnp.take_along_axis(jnp.stack(actions, axis=1), env_member_N[:, None], axis=1)[:, 0]
+        if epsilon > 0:
+            n = frames_NHWC.shape[0]
+            explore = jax.random.uniform(keys[-2], (n,)) < epsilon
+            actions_N = jnp.where(explore, jax.random.randint(keys[-1], (n,), 0, num_actions, jnp.int32), actions_N)
+        return actions_N, tuple(new_states)
+
+    return BehaviorPolicy("mixture", init, act)

@@ -36,7 +36,7 @@ import numpy as np
 
 from dreamer4.config import Config, ConfigError, save_config, to_dict
 from dreamer4.data import store
-from dreamer4.data.behavior import BehaviorPolicy, make_policy
+from dreamer4.data.behavior import BehaviorPolicy, assign_envs, make_policy, mixture_policy, parse_mix
 from dreamer4.data.env import EnvSpec, make_env, to_uint8
 from dreamer4.runtime.progress import Progress
 
@@ -47,13 +47,17 @@ ROW_FIELDS = tuple(store.FIELD_DTYPES)
 # Device side: one jitted chunk of `chunk_steps` iterations over `num_envs` envs.
 
 
-def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: int, chunk_steps: int):
+def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: int, chunk_steps: int,
+                  policy_ids=None):
     """Return (init(key) -> carry, chunk(carry) -> (carry, rows_TN)), both jitted.
 
     carry: env_state, policy_state, frame (N,H,W,C uint8, the frame each env shows now),
     first (N, the frame is a reset frame), done (N, the frame is a last frame), key.
+    `policy_ids` (N,), for a mixture: which member policy drives each env; rows then carry it as
+    a `policy_id` field (host-side bookkeeping only, never stored in a shard).
     """
     N = num_envs
+    extra = {} if policy_ids is None else {"policy_id": jnp.asarray(policy_ids, jnp.int32)}
     reset_v = jax.vmap(env.reset_env, in_axes=(0, None))
     step_v = jax.vmap(env.step_env, in_axes=(0, 0, 0, None))
 
@@ -82,7 +86,7 @@ def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: 
         terminal_N = done_N & (next_state.timestep < params.max_timesteps)
         stepped = dict(frame=to_uint8(obs), action=actions_N, reward=reward_N.astype(jnp.float32),
                        is_first=jnp.zeros((N,), bool), is_last=done_N, is_terminal=terminal_N,
-                       achievements=unlocked)
+                       achievements=unlocked, **extra)
 
         # World generation is costly: run the batched reset only when some env needs it.
         need = carry["done"]
@@ -94,7 +98,7 @@ def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: 
         reset_row = dict(frame=to_uint8(reset_obs), action=jnp.full((N,), -1, jnp.int32),
                          reward=jnp.zeros((N,), jnp.float32), is_first=jnp.ones((N,), bool),
                          is_last=jnp.zeros((N,), bool), is_terminal=jnp.zeros((N,), bool),
-                         achievements=jnp.zeros_like(unlocked))
+                         achievements=jnp.zeros_like(unlocked), **extra)
         row = select(need, reset_row, stepped)
         env_state = select(need, reset_state, next_state)
         carry = dict(env_state=env_state, policy_state=policy_state, frame=row["frame"],
@@ -131,7 +135,7 @@ class EpisodeAssembler:
             begin = 0
             for t in lasts:
                 self.partial[n].append({k: v[begin:t + 1, n] for k, v in rows_TN.items()})
-                ep = {k: np.concatenate([p[k] for p in self.partial[n]]) for k in ROW_FIELDS}
+                ep = {k: np.concatenate([p[k] for p in self.partial[n]]) for k in rows_TN}
                 self.partial[n] = []
                 finished.append((int(t), n, ep))
                 begin = t + 1
@@ -171,6 +175,11 @@ def episodes_for_writer(total: int, writer: int, num_writers: int) -> int:
     return total // num_writers + (1 if writer < total % num_writers else 0)
 
 
+def behavior_members(c) -> list[tuple[str, float]]:
+    """[(policy spec, weight)] of the collection: the `collect.mix` members, or `collect.policy`."""
+    return parse_mix(c.mix) if c.mix else [(c.policy, 1.0)]
+
+
 def _header(cfg: Config, spec: EnvSpec, num_writers: int) -> dict:
     c = cfg.collect
     return {
@@ -184,7 +193,11 @@ def _header(cfg: Config, spec: EnvSpec, num_writers: int) -> dict:
         "seed": cfg.seed,
         "num_writers": num_writers,
         "num_episodes": c.num_episodes,
-        "behavior_policy": c.policy,
+        "behavior_policy": c.mix or c.policy,
+        "behavior_mixture": [{"policy": s, "weight": w} for s, w in behavior_members(c)],
+        "epsilon": c.epsilon,
+        "has_actions": True,
+        "has_rewards": True,
         "labeled_fraction": c.labeled_fraction,
         "eval_fraction": c.eval_fraction,
         "step_convention": "row t: frame_t; action_t led into frame_t (-1 at is_first); "
@@ -269,7 +282,18 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
     writer, num_writers = resolve_writer(writer_id, num_writers)
     c = cfg.collect
     env, params, spec = make_env(cfg.env.name)
-    policy = make_policy(c.policy, spec, c)
+    members = behavior_members(c)
+    policy_ids = None
+    if c.mix or c.epsilon > 0:
+        policy_ids = assign_envs([w for _, w in members], c.num_envs, cfg.seed, writer)
+        for i, (s, w) in enumerate(members):
+            if w > 0 and i not in policy_ids:
+                raise ConfigError(f"config key 'collect.mix': policy {s!r} (weight {w:.3g}) gets none of the "
+                                  f"collect.num_envs={c.num_envs} envs; raise num_envs or its weight")
+        policy = mixture_policy([make_policy(s, spec, c) for s, _ in members], policy_ids, c.epsilon,
+                                spec.num_actions)
+    else:
+        policy = make_policy(c.policy, spec, c)
     header = _header(cfg, spec, num_writers)
 
     root.mkdir(parents=True, exist_ok=True)
@@ -280,6 +304,15 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
             m["shards"] = []
             m["writers"] = {}
             save_config(cfg, root)
+        elif m.get("created_by") == "import-video" and "collect_config" not in m:
+            # Labeled Craftax play added to a dataset of imported videos: adopt its header.
+            for key in ("env", "frame_shape", "num_actions"):
+                if m.get(key) != header[key]:
+                    raise store.DatasetError(
+                        f"{store.manifest_path(root)} (imported videos) has {key}={m.get(key)!r}, but this "
+                        f"collect run has {key}={header[key]!r}")
+            m.update({k: v for k, v in header.items() if k not in ("has_actions", "has_rewards")})
+            m.setdefault("writers", {})
         else:
             _check_header(root, m, header)
         mine = [s for s in m["shards"] if s["writer"] == writer]
@@ -298,7 +331,7 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
             if int(p.name.split("-s")[1]) >= shards_done:
                 shutil.rmtree(p)
 
-    init_fn, chunk_fn = make_chunk_fn(env, params, spec, policy, c.num_envs, c.chunk_steps)
+    init_fn, chunk_fn = make_chunk_fn(env, params, spec, policy, c.num_envs, c.chunk_steps, policy_ids)
     assembler = EpisodeAssembler(c.num_envs)
     if shards_done == 0:
         carry = init_fn(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), writer))
@@ -331,7 +364,8 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
                 "id": f"w{writer:03d}-e{n:06d}", "start": start, "length": L,
                 "return": float(ep["reward"][1:].sum()),
                 "achievements": [spec.achievement_names[i] for i in np.flatnonzero(ep["achievements"].any(0))],
-                "labeled": bool(labeled), "split": "eval" if is_eval else "train", "policy": c.policy,
+                "labeled": bool(labeled), "split": "eval" if is_eval else "train",
+                "policy": members[int(ep["policy_id"][0])][0] if "policy_id" in ep else c.policy,
             })
             start += L
         digests = store.write_shard(root, name, arrays, read_chunk=c.read_chunk_frames, zstd_level=c.zstd_level)

@@ -8,6 +8,7 @@ episodes is reported by `WindowSource.describe()`. Batches are dicts of numpy ar
     actions_BT     int32    action_t (led into frame_t); -1 where not delivered
     action_mask_BT bool     True where actions_BT is a real, labeled action
     rewards_BT     float32  reward_t (received on arriving at frame_t)
+    reward_mask_BT bool     True where rewards_BT was recorded (False for imported videos)
     is_first_BT, is_last_BT, is_terminal_BT   bool
 
 Unlabeled train episodes never deliver actions: their action array is not even read, the record
@@ -73,7 +74,7 @@ class WindowSource(grain.RandomAccessDataSource):
             mask = np.zeros((T,), bool)
         return {
             "frames": rows["frame"], "actions": actions, "action_mask": mask,
-            "rewards": rows["reward"], "is_first": rows["is_first"], "is_last": rows["is_last"],
+            "rewards": rows["reward"], "reward_mask": np.full((T,), ep.has_rewards), "is_first": rows["is_first"], "is_last": rows["is_last"],
             "is_terminal": rows["is_terminal"],
         }
 

@@ -225,6 +225,9 @@ class Episode:
     labeled: bool
     split: str
     policy: str
+    # False for imported videos: no action or reward was ever recorded (see data/video.py).
+    has_actions: bool = True
+    has_rewards: bool = True
 
 
 class Dataset:
@@ -244,7 +247,8 @@ class Dataset:
                 self.episodes.append(Episode(
                     id=e["id"], shard=s["name"], start=e["start"], length=e["length"],
                     ret=e["return"], achievements=tuple(e["achievements"]), labeled=e["labeled"],
-                    split=e["split"], policy=e.get("policy", manifest.get("behavior_policy", "?"))))
+                    split=e["split"], policy=e.get("policy", manifest.get("behavior_policy", "?")),
+                    has_actions=e.get("has_actions", True), has_rewards=e.get("has_rewards", True)))
         self._stores: dict[tuple[str, str], Any] = {}
         self._cache: dict[tuple[str, str], np.ndarray] = {}
 

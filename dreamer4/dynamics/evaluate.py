@@ -51,7 +51,7 @@ def open_loop(world, clips: dict, cfg: Config, key, ks=None, with_conditioning: 
     x = frames.astype(jnp.float32) / 255.0
     z_true = world.latents(frames)
     actions = jnp.asarray(clips["actions"], jnp.int32)
-    mask = jnp.ones(actions.shape, bool)
+    mask = actions >= 0  # imported videos carry no actions (-1)
     decode = jax.jit(lambda w, z: jnp.clip(w.tokenizer.decode(z), 0.0, 1.0))
 
     def predict(acts, msk, K, k):

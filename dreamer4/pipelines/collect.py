@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dreamer4.behavior.policy  # noqa: F401  (registers the "ppo:CHECKPOINT" policy kind)
 from dreamer4.config import Config
 from dreamer4.data.collect import collect
 

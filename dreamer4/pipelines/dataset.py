@@ -15,8 +15,10 @@ def dataset_stats(root: str) -> dict:
         "dir": str(root), "env": m["env"]["id"], "craftax_version": m["env"]["craftax_version"],
         "frame_shape": m["frame_shape"], "num_actions": m["num_actions"], "seed": m["seed"],
         "behavior_policy": m["behavior_policy"], "shards": len(ds.shards),
-        "writers_complete": sum(bool(w.get("complete")) for w in m["writers"].values()),
-        "num_writers": m["num_writers"], "target_episodes": m["num_episodes"],
+        "writers_complete": sum(bool(w.get("complete")) for w in m.get("writers", {}).values()),
+        "num_writers": m.get("num_writers", 0), "target_episodes": m.get("num_episodes", len(ds.episodes)),
+        "epsilon": m.get("epsilon", 0.0), "has_actions": m.get("has_actions", True),
+        "has_rewards": m.get("has_rewards", True),
         "episodes": len(eps), "steps": int(sum(e.length for e in eps)), "splits": {},
     }
     for split in ("train", "eval"):
@@ -39,6 +41,11 @@ def dataset_stats(root: str) -> dict:
         for name in ds.achievement_names
     }
     out["policies"] = sorted({e.policy for e in eps})
+    out["per_policy"] = {
+        p: {"episodes": len(pe), "steps": int(sum(e.length for e in pe)),
+            "return_mean": float(np.mean([e.ret for e in pe])),
+            "achievements_mean": float(np.mean([len(e.achievements) for e in pe]))}
+        for p in out["policies"] for pe in [[e for e in eps if e.policy == p]]}
     return out
 
 
@@ -57,10 +64,26 @@ def print_info(root: str) -> dict:
         print(f"{split:6} {d['episodes']:>8} {d['steps']:>8} {d['label_fraction']:>8.1%} "
               f"{d['return_mean']:>10.2f} ± {d['return_std']:<5.2f} {d['return_min']:>6.1f} {d['return_max']:>6.1f} "
               f"{d['length_mean']:>8.1f}")
+    if len(s["per_policy"]) > 1 or s["epsilon"]:
+        print(f"behaviour policies (epsilon {s['epsilon']}):")
+        for p, d in s["per_policy"].items():
+            print(f"  {p:40} {d['episodes']:>6} episodes {d['steps']:>8} steps  return {d['return_mean']:.2f}  "
+                  f"achievements {d['achievements_mean']:.2f}")
+    if not (s["has_actions"] and s["has_rewards"]):
+        print("note: some episodes are imported videos without actions or rewards (never labeled)")
     print("achievements (share of episodes that unlocked each):")
     for name, rate in sorted(s["achievements"].items(), key=lambda kv: -kv[1]):
         print(f"  {name:24} {rate:6.1%}")
     return s
+
+
+def run_import_video(cfg, out: str, files: list[str], frame_shape: str | None = None, fit: str = "resize",
+                     fps: float | None = None) -> dict:
+    from dreamer4.data.video import import_videos
+
+    summary = import_videos(cfg, out, files, frame_shape=frame_shape, fit=fit, fps=fps)
+    print(f"dataset: {out} (inspect with `dreamer4 dataset info {out}`)")
+    return summary
 
 
 def run_verify(root: str) -> int:
