@@ -150,6 +150,10 @@ def train(stage: Stage) -> nnx.Module:
     _check_batch(tc, mesh)
 
     graphdef, state, shardings = place_train_state(stage.model, tc, mesh, stage.trainable)
+    leaves = jax.tree.leaves(shardings)
+    split = sum(any(a is not None for a in sh.spec) for sh in leaves)
+    log0(f"[{stage.name}] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
+         f"{jax.process_count()} process(es); {split}/{len(leaves)} state arrays sharded over 'fsdp'")
     ckpt = Checkpointer(stage_dir / "checkpoints", keep=tc.keep_checkpoints)
     logger = MetricLogger(stage_dir, stage.name, to_dict(cfg), mode=cfg.runtime.wandb,
                           project=cfg.runtime.wandb_project)
