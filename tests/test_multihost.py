@@ -30,7 +30,7 @@ STEPS = 4
 SETS = [a for kv in TEST_OVERRIDES + TOK_OVERRIDES + DYN_OVERRIDES + [
     f"tokenizer.train.steps={STEPS}", f"dynamics.train.steps={STEPS}", "tokenizer.train.log_every=1",
     "dynamics.train.log_every=1", f"tokenizer.train.ckpt_every={STEPS}", f"dynamics.train.ckpt_every={STEPS}",
-    "tokenizer.eval_episodes=1", "dynamics.eval_episodes=1"] for a in ("--set", kv)]
+    "tokenizer.eval_episodes=1"] for a in ("--set", kv)]
 CONFIG = ["--config", str(REPO / "configs" / "tiny.yaml")]
 
 
@@ -95,7 +95,12 @@ def jobs(dataset, tmp_path_factory):
         "ref": launch(train_cmds(data, base / "ref"), 1, 4, "ref", base),
         "mp": launch(train_cmds(data, base / "mp"), 2, 2, "mp", base),
     }
-    out = {k: wait(v) for k, v in started.items()}
+    try:
+        out = {k: wait(v) for k, v in started.items()}
+    finally:  # a failed job must not leave the others running
+        for p, _ in [x for v in started.values() for x in v]:
+            if p.poll() is None:
+                p.kill()
     # Continue both tokenizers to STEPS + 2 in one process with one device (another process and
     # device count than the 2-process run that saved one of them).
     cont = {k: launch(train_cmds(data, base / k, STEPS + 2), 1, 1, f"cont_{k}", base) for k in ("ref", "mp")}
@@ -114,9 +119,10 @@ def test_two_processes_equal_one_process(jobs, stage):
     assert f"[{stage}] mesh data=1 x fsdp=4 over 1 process(es)" in out["ref"][0]
     assert "[tokenizer] mesh" not in out["mp"][1]  # only process 0 reports
     ref, mp = losses(base / "ref" / stage), losses(base / "mp" / stage)
-    assert sorted(ref) == list(range(1, STEPS + 1)) and sorted(mp) == sorted(ref)
-    np.testing.assert_allclose([mp[s] for s in ref], [ref[s] for s in ref], rtol=2e-5)
-    assert len({round(v, 6) for v in ref.values()}) == STEPS  # the losses move: equality is not trivial
+    first = list(range(1, STEPS + 1))  # (the tokenizers were continued afterwards: steps 5, 6)
+    assert sorted(ref)[:STEPS] == first and sorted(mp)[:STEPS] == first
+    np.testing.assert_allclose([mp[s] for s in first], [ref[s] for s in first], rtol=2e-5)
+    assert len({round(ref[s], 6) for s in first}) == STEPS  # the losses move: equality is not trivial
     assert (base / "mp" / stage / "eval.json").exists()
 
 
