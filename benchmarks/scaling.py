@@ -7,8 +7,8 @@ Every case runs in fresh subprocesses (the device count of a JAX process is fixe
 one process with 1, 2 and 4 devices, and a real 2-process job (loopback coordinator, gloo
 collectives) with 1 and 2 devices per process. The per-device batch is fixed, so the global
 batch grows with the device count (weak scaling); the state is FSDP-sharded over all devices as in
-training (runtime.fsdp = 0). Reported: step time, frames/s and tokens/s of the global batch, and
-the weak-scaling efficiency step_time(1 device) / step_time(n devices).
+training (runtime.fsdp = 0; --fsdp 1 for pure data parallelism). Reported: step time, frames/s
+and tokens/s of the global batch, and the weak-scaling efficiency step_time(1) / step_time(n).
 
 On CPU (--platform cpu, the default) the devices are fake: XLA_FLAGS=
 --xla_force_host_platform_device_count=N splits one machine's cores into N "devices", so the
@@ -50,7 +50,7 @@ def worker(args) -> None:
     from dreamer4.runtime.train_loop import compile_train_step, place_train_state
     from train_step import dynamics_case, tokenizer_case
 
-    cfg = load_config(args.config, args.overrides + ["runtime.fsdp=0"])
+    cfg = load_config(args.config, args.overrides + [f"runtime.fsdp={args.fsdp}"])
     tc = cfg.tokenizer.train if args.stage == "tokenizer" else cfg.dynamics.train
     n_dev, n_local = jax.device_count(), jax.local_device_count()
     batch = args.per_device_batch * n_dev
@@ -59,7 +59,7 @@ def worker(args) -> None:
     trainable = nnx.Param
     if args.stage == "dynamics":
         from dreamer4.dynamics.train import TRAINABLE as trainable
-    mesh = make_mesh(0)
+    mesh = make_mesh(args.fsdp)
     graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
     step = compile_train_step(graphdef, loss_fn, shardings, mesh, trainable)
     lo = jax.process_index() * args.per_device_batch * n_local
@@ -104,7 +104,7 @@ def run_case(case: str, args, tmp: Path) -> dict:
     if args.platform == "cpu":
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devs}"
     env.pop("SLURM_JOB_ID", None)
-    cmd = [sys.executable, __file__, "--worker", "--stage", args.stage, "--config", args.config,
+    cmd = [sys.executable, __file__, "--worker", "--stage", args.stage, "--config", args.config, "--fsdp", str(args.fsdp),
            "--per-device-batch", str(args.per_device_batch), "--steps", str(args.steps), "--out", str(out),
            "--num-processes", str(procs), "--coordinator", f"127.0.0.1:{port}"]
     for o in args.overrides:
@@ -130,6 +130,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cases", default=",".join(CASES), help="PROCESSESxDEVICES, comma-separated")
     ap.add_argument("--platform", default="cpu")
+    ap.add_argument("--fsdp", type=int, default=0, help="runtime.fsdp (0 = all devices, 1 = pure data parallel)")
     ap.add_argument("--json", default="bench_out/scaling.json")
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true")
@@ -147,7 +148,8 @@ def main():
         rows.append(run_case(case, args, tmp))
         print(f"  {case}: {rows[-1]['step_s'] * 1e3:.1f} ms/step", flush=True)
     base = next((r["step_s"] for r in rows if r["devices"] == 1), None)
-    print(f"\n{args.stage} weak scaling, {args.per_device_batch} sequences/device, seq_len {rows[0]['seq_len']}, "
+    print(f"\n{args.stage} weak scaling, fsdp={args.fsdp or 'all'}, {args.per_device_batch} sequences/device, "
+          f"seq_len {rows[0]['seq_len']}, "
           f"{rows[0]['params'] / 1e6:.2f}M params, {rows[0]['device']}")
     print(f"{'procs x dev':>11} {'devices':>7} {'batch':>5} {'step ms':>9} {'frames/s':>9} {'tokens/s':>10} "
           f"{'efficiency':>10} {'compile s':>9}")
@@ -156,7 +158,7 @@ def main():
         eff = f"{r['weak_scaling_efficiency']:.2f}" if base else "n/a"
         print(f"{r['case']:>11} {r['devices']:>7} {r['global_batch']:>5} {r['step_s'] * 1e3:>9.1f} "
               f"{r['frames_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} {eff:>10} {r['compile_s']:>9.1f}")
-    res = {"stage": args.stage, "config": args.config, "overrides": args.overrides,
+    res = {"stage": args.stage, "fsdp": args.fsdp, "config": args.config, "overrides": args.overrides,
            "per_device_batch": args.per_device_batch, "platform": args.platform, "cpu_count": os.cpu_count(),
            "date": time.strftime("%Y-%m-%d"), "cases": rows}
     Path(args.json).write_text(json.dumps(res, indent=1))
