@@ -1,7 +1,8 @@
 """Multi-host proof on CPU: real JAX multi-controller jobs of 2 processes over loopback (gloo).
 
-* 2 processes x 2 fake CPU devices train the tokenizer and then the dynamics with FSDP-sharded
-  state; their losses equal a 1-process x 4-device run of the same config and seed;
+* 2 processes x 2 fake CPU devices train the tokenizer (fsdp over all 4 devices) and then the
+  dynamics (hybrid mesh: fsdp inside each process, data across) with FSDP-sharded state; their
+  losses equal a 1-process x 4-device run of the same config and seed;
 * the 2-process checkpoint restores in a 1-process, 1-device run that continues training exactly
   like the 1-process reference's checkpoint does;
 * 2 processes collect into one dataset (writer id = process index): disjoint shards, valid manifest;
@@ -75,7 +76,8 @@ def wait(procs, timeout=420) -> list[str]:
 def train_cmds(data, run, steps=None):
     extra = [] if steps is None else ["--set", f"tokenizer.train.steps={steps}"]
     tok = ["train-tokenizer", *CONFIG, *SETS, *extra, "--data", str(data), "--run", str(run)]
-    dyn = ["train-dynamics", *CONFIG, *SETS, "--data", str(data), "--run", str(run)]
+    # the dynamics uses fsdp groups of 2: inside each process in the 2 x 2 job (hybrid mesh)
+    dyn = ["train-dynamics", *CONFIG, *SETS, "--set", "runtime.fsdp=2", "--data", str(data), "--run", str(run)]
     return [tok] if steps is not None else [tok, dyn]
 
 
@@ -113,10 +115,12 @@ def jobs(dataset, tmp_path_factory):
 def test_two_processes_equal_one_process(jobs, stage):
     base, out = jobs
     assert "[distributed] explicit: 2 processes, 4 devices (2 per process, cpu)" in out["mp"][0]
-    # the state really is sharded across both processes' devices
-    assert f"[{stage}] mesh data=1 x fsdp=4 over 2 process(es)" in out["mp"][0]
+    # the state really is sharded: over both processes' devices (tokenizer), or over each
+    # process's own two devices with the batch split across processes (dynamics, hybrid mesh)
+    mesh = "data=1 x fsdp=4" if stage == "tokenizer" else "data=2 x fsdp=2"
+    assert f"[{stage}] mesh {mesh} over 2 process(es)" in out["mp"][0]
     assert " 0/" not in out["mp"][0].split(f"[{stage}] mesh")[1].splitlines()[0]
-    assert f"[{stage}] mesh data=1 x fsdp=4 over 1 process(es)" in out["ref"][0]
+    assert f"[{stage}] mesh {mesh} over 1 process(es)" in out["ref"][0]
     assert "[tokenizer] mesh" not in out["mp"][1]  # only process 0 reports
     ref, mp = losses(base / "ref" / stage), losses(base / "mp" / stage)
     first = list(range(1, STEPS + 1))  # (the tokenizers were continued afterwards: steps 5, 6)
