@@ -7,13 +7,16 @@ Every command gets the same --coordinator/--num-processes/--process-id flags fro
 "framehash:" test policy is registered for `collect`. Exits with the first non-zero exit code.
 """
 
+import faulthandler
 import json
+import signal
 import sys
 
 import framehash_policy  # noqa: F401  (registers the "framehash:" policy)
 from dreamer4.cli import main
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` shows where a job hangs
     for argv in json.loads(sys.argv[1]):
         rc = main(argv)
         if rc:
