@@ -150,11 +150,26 @@ def log0(msg: str) -> None:
         print(msg, flush=True)
 
 
-def barrier(name: str) -> None:
-    """Wait until every process reaches the same `name` (a no-op with one process).
+_barriers = 0
 
-    Call it unconditionally from every process (it is a collective)."""
-    if jax.process_count() > 1:
+
+def barrier(name: str, timeout_s: float = 4 * 3600) -> None:
+    """Wait until every process reaches this point (a no-op with one process).
+
+    Call it unconditionally from every process, in the same order. It waits on the coordination
+    service (no device collective), so a process may arrive hours after another (e.g. after a long
+    collection or evaluation); CPU gloo collectives give up after 30 s.
+    """
+    global _barriers
+    if jax.process_count() == 1:
+        return
+    _barriers += 1
+    from jax._src import distributed as _dist  # the coordination client; no public handle exists
+
+    client = _dist.global_state.client
+    if client is not None and hasattr(client, "wait_at_barrier"):
+        client.wait_at_barrier(f"dreamer4/{_barriers}/{name}", int(timeout_s * 1000))
+    else:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)

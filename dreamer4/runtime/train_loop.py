@@ -131,6 +131,7 @@ def agree(value: int, what: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
+        barrier(f"agree {what}")  # line up first: the comparison itself is a device collective
         multihost_utils.assert_equal(np.asarray(value, np.int64), f"processes disagree on {what}")
 
 
