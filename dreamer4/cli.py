@@ -16,6 +16,13 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = "configs/
                    help="dotted override, e.g. --set collect.num_envs=32 (repeatable)")
 
 
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """--coordinator/--num-processes/--process-id/--process-per (runtime/distributed.py)."""
+    from dreamer4.runtime.distributed import add_distributed_args
+
+    add_distributed_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dreamer4", description="Dreamer 4 on Craftax, offline-first, in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -23,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage into one run directory (resumable)")
     _add_config_args(p)
     p.add_argument("--run", default="runs/tiny", help="run directory (default runs/tiny)")
+    _add_distributed_args(p)
 
     p = sub.add_parser("collect", help="collect Craftax episodes into a sharded TensorStore dataset")
     _add_config_args(p)
@@ -35,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=None, help="probability of a random action (collect.epsilon)")
     p.add_argument("--mix", default=None, metavar="SPEC=W,...",
                    help="mixture of policies, e.g. ppo:runs/a=0.5,random=0.5 (collect.mix)")
+    _add_distributed_args(p)
 
     p = sub.add_parser("train-behavior", help="train a PPO behaviour policy online in Craftax (resumes RUN_DIR/behavior)")
     _add_config_args(p)
@@ -44,11 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--run", required=True, help="run directory (the stage writes RUN_DIR/tokenizer)")
+    _add_distributed_args(p)
 
     p = sub.add_parser("train-dynamics", help="train the dynamics with shortcut forcing (resumes RUN_DIR/dynamics)")
     _add_config_args(p)
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--run", required=True, help="run directory holding a trained tokenizer")
+    _add_distributed_args(p)
 
     p = sub.add_parser("dream", help="open-loop evaluation of RUN_DIR's world model: PSNR/SSIM, videos")
     p.add_argument("--run", required=True)
@@ -78,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_compilation_cache()
     try:
+        if hasattr(args, "coordinator"):  # before anything touches a JAX backend
+            from dreamer4.runtime.distributed import initialize_from_args
+
+            initialize_from_args(args)
         if args.command == "dataset":
             from dreamer4.pipelines.dataset import print_info, run_verify
 

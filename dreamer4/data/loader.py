@@ -15,12 +15,18 @@ Unlabeled train episodes never deliver actions: their action array is not even r
 carries -1 and mask False. Eval episodes keep their actions (they are never trained on; evaluation
 of action conditioning needs them). The first row of an episode has no action (mask False).
 
-The iterator's state (`it.get_state()` / `it.set_state(s)`) is a few bytes saved in training
-checkpoints, so a resumed run continues the same stream.
+One global stream for any number of processes: the window order (a seeded shuffle per epoch) and
+its cut into global batches of `batch_size` are the same everywhere; process p of P reads only rows
+[p*b, (p+1)*b) of each global batch (b = batch_size / P), which are exactly the rows its devices
+hold in the ("data", "fsdp") mesh. So a 2-process run sees the same global batches, in the same
+order, as a 1-process run, and the iterator's state (`it.get_state()` / `it.set_state(s)`, a few
+bytes of JSON saved in training checkpoints: the index of the next global batch) means the same
+position whatever the process count that saved it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grain.python as grain
@@ -90,15 +96,85 @@ class WindowSource(grain.RandomAccessDataSource):
                 f"of {self.seq_len} steps; {len(self.skipped)} episodes shorter than that skipped")
 
 
+class _ReadRows:
+    """Global batch of window indices -> this process's rows of it, read and stacked."""
+
+    def __init__(self, source: WindowSource, lo: int, hi: int):
+        self.source, self.lo, self.hi = source, lo, hi
+
+    def __call__(self, index_B: np.ndarray) -> dict[str, np.ndarray]:
+        records = [self.source[int(i)] for i in index_B[self.lo:self.hi]]
+        return {k: np.stack([r[k] for r in records]) for k in records[0]}
+
+
+class WindowLoader:
+    """Iterable of process-local batches; `iter()` gives a `LoaderIterator` (get_state/set_state)."""
+
+    def __init__(self, source: WindowSource, batch_size: int, shard_index: int, shard_count: int,
+                 seed: int, shuffle: bool, num_epochs: int | None, worker_count: int, buffer_size: int):
+        self.source, self.batch_size = source, batch_size
+        self.shard_index, self.shard_count, self.seed = shard_index, shard_count, seed
+        local = batch_size // shard_count
+        ds = grain.MapDataset.range(len(source))
+        if shuffle:
+            ds = ds.shuffle(seed=seed)  # a new permutation every epoch
+        ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
+        ds = ds.map(_ReadRows(source, shard_index * local, (shard_index + 1) * local))
+        if worker_count > 0:
+            self._dataset = ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=buffer_size))
+        else:  # one reader thread overlaps reading with training
+            self._dataset = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer_size))
+        # What a saved position refers to; the process count is deliberately not part of it.
+        self.stream_id = {"source": repr(source), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
+                          "worker_count": worker_count}
+
+    def __iter__(self) -> "LoaderIterator":
+        return LoaderIterator(self)
+
+
+class LoaderIterator:
+    def __init__(self, loader: WindowLoader):
+        self.loader = loader
+        self._it = iter(loader._dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> bytes:
+        return json.dumps({"stream": self.loader.stream_id, "process_count": self.loader.shard_count,
+                           "position": self._it.get_state()}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Continue at a saved position; ValueError if it belongs to another stream."""
+        saved = json.loads(state)
+        if not isinstance(saved, dict) or saved.get("stream") != self.loader.stream_id:
+            theirs = saved.get("stream") if isinstance(saved, dict) else saved
+            raise ValueError(f"the saved data position belongs to another stream ({theirs}; this one is "
+                             f"{self.loader.stream_id})")
+        self._it.set_state(saved["position"])
+
+
+def saved_process_count(state: bytes) -> int | None:
+    """The process count of the run that saved a loader state (None if unknown)."""
+    try:
+        return int(json.loads(state)["process_count"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def make_loader(root: str | Path, cfg: Config, split: str = "train", *, seed: int | None = None,
                 num_epochs: int | None = None, labeled_only: bool = False,
                 shard_index: int | None = None, shard_count: int | None = None,
                 batch_size: int | None = None, seq_len: int | None = None):
-    """A grain DataLoader of per-process batches; iterate it, save `iter.get_state()`.
+    """A loader of this process's share of every global batch; iterate it, save `iter.get_state()`.
 
-    The global batch `loader.batch_size` is split evenly over JAX processes; each process reads
-    a disjoint share of the windows. `batch_size` / `seq_len` default to the loader config; a
-    training stage passes its own.
+    The global batch `loader.batch_size` is split evenly over JAX processes (`shard_index` of
+    `shard_count`, default this process of all); each process reads only its rows. `batch_size` /
+    `seq_len` default to the loader config; a training stage passes its own.
     """
     lc = cfg.loader
     batch_size = lc.batch_size if batch_size is None else batch_size
@@ -110,24 +186,11 @@ def make_loader(root: str | Path, cfg: Config, split: str = "train", *, seed: in
     if batch_size % shard_count:
         raise ValueError(f"batch size {batch_size} (config loader.batch_size or the stage's "
                          f"train.batch_size) must be divisible by the number of JAX processes ({shard_count})")
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
-                                         drop_remainder=True),
-        shuffle=lc.shuffle,
-        num_epochs=num_epochs,
-        seed=cfg.seed if seed is None else seed,
-    )
     if lc.worker_count > 0:
         # grain's worker processes read absl flags; a CLI that never parsed absl flags must say so.
         from absl import flags
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-    return grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=[grain.Batch(batch_size // shard_count, drop_remainder=True)],
-        worker_count=lc.worker_count,
-        worker_buffer_size=lc.worker_buffer_size,
-    )
+    return WindowLoader(source, batch_size, shard_index, shard_count, cfg.seed if seed is None else seed,
+                        lc.shuffle, num_epochs, lc.worker_count, lc.worker_buffer_size)

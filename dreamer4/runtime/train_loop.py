@@ -15,6 +15,14 @@ model inputs, and an optional evaluation hook. `train(stage)` then
   step, saves the offending batch and metrics under STAGE_DIR/nan_debug/, and never overwrites a
   good checkpoint (checkpoints are only written right after such a check passed);
 * checkpoints every `ckpt_every` steps and at the end, then runs the evaluation hook.
+
+Multi-process (one JAX multi-controller job, see runtime/distributed.py): every process runs this
+same loop on its own rows of each global batch. Every decision about when to stop is taken on
+values all processes share: the step count, and the metrics of the compiled step, which are
+computed over the global batch and replicated, so a non-finite loss stops every process at the
+same step. Checkpoint saves and restores are collective (every process writes its shards).
+Evaluation runs on process 0 alone, on a host-local copy of the weights, while the others wait at
+a barrier; only process 0 logs, prints and writes files.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ import optax
 from flax import nnx
 
 from dreamer4.config import Config, TrainConfig, save_config, to_dict
+from dreamer4.data.loader import saved_process_count
 from dreamer4.runtime.checkpoint import Checkpointer, abstract_like
+from dreamer4.runtime.distributed import barrier, is_main_process, log0
 from dreamer4.runtime.logging import MetricLogger
 from dreamer4.runtime.mesh import batch_sharding, global_batch, make_mesh, state_shardings
 from dreamer4.runtime.progress import Progress
@@ -104,6 +114,27 @@ def compile_train_step(graphdef, loss_fn, shardings, mesh, trainable=nnx.Param):
                    out_shardings=(shardings, replicated))
 
 
+def local_copy(graphdef, state, mesh):
+    """The model (and optimizer) with every weight fully on this process, for process-local work.
+
+    Gathering is a collective: every process must call this, whatever it does with the result."""
+    if jax.process_count() == 1:
+        return nnx.merge(graphdef, state)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    full = jax.jit(lambda s: s, out_shardings=replicated)(state)
+    local = jax.device_put(jax.device_get(full), jax.local_devices()[0])
+    return nnx.merge(graphdef, local)
+
+
+def agree(value: int, what: str) -> None:
+    """Fail loudly (rather than hang later) if the processes disagree on an integer."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        barrier(f"agree {what}")  # line up first: the comparison itself is a device collective
+        multihost_utils.assert_equal(np.asarray(value, np.int64), f"processes disagree on {what}")
+
+
 def _check_batch(tc: TrainConfig, mesh) -> None:
     n = mesh.devices.size
     if tc.batch_size % n:
@@ -120,6 +151,10 @@ def train(stage: Stage) -> nnx.Module:
     _check_batch(tc, mesh)
 
     graphdef, state, shardings = place_train_state(stage.model, tc, mesh, stage.trainable)
+    leaves = jax.tree.leaves(shardings)
+    split = sum(any(a is not None for a in sh.spec) for sh in leaves)
+    log0(f"[{stage.name}] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
+         f"{jax.process_count()} process(es); {split}/{len(leaves)} state arrays sharded over 'fsdp'")
     ckpt = Checkpointer(stage_dir / "checkpoints", keep=tc.keep_checkpoints)
     logger = MetricLogger(stage_dir, stage.name, to_dict(cfg), mode=cfg.runtime.wandb,
                           project=cfg.runtime.wandb_project)
@@ -129,11 +164,21 @@ def train(stage: Stage) -> nnx.Module:
     if latest is not None:
         state, meta = ckpt.restore(abstract_like(state, shardings), latest)
         step = int(meta["step"])
+        saved = meta["data_state"].encode()
+        before, now = meta.get("process_count", saved_process_count(saved)), jax.process_count()
         try:
-            it.set_state(meta["data_state"].encode())
-        except Exception as e:  # e.g. another process count: restart the stream deterministically
-            print(f"[{stage.name}] data iterator restarted from its beginning ({e.__class__.__name__}: {e})")
-        print(f"[{stage.name}] resumed from checkpoint step {step} in {ckpt.directory}")
+            it.set_state(saved)
+            if before is not None and before != now:
+                # The loader's global stream does not depend on the process count (data/loader.py).
+                log0(f"[{stage.name}] process count changed ({before} -> {now}): the data stream continues "
+                     f"at the same global batch, each process now reading 1/{now} of it")
+        except Exception as e:  # another dataset, batch size or seed: restart the stream deterministically
+            it = stage.make_iterator()
+            log0(f"[{stage.name}] data iterator restarted from its beginning: the saved position does not fit "
+                 f"this run ({e.__class__.__name__}: {e})")
+        log0(f"[{stage.name}] resumed from checkpoint step {step} in {ckpt.directory} "
+             f"(saved by {before or '?'} processes, now {now})")
+    agree(step, "the step to start from")
 
     train_step = compile_train_step(graphdef, stage.loss_fn, shardings, mesh, stage.trainable)
     base_key = jax.random.PRNGKey(cfg.seed)
@@ -150,13 +195,17 @@ def train(stage: Stage) -> nnx.Module:
             return
         host = jax.device_get([m for _, m in pending])
         for (s, _), m in zip(pending, host):
+            # m holds the replicated metrics of the global batch: every process sees the same
+            # values here and stops at the same step.
             if not all(np.isfinite(v) for v in m.values()):
                 debug = stage_dir / "nan_debug"
                 debug.mkdir(exist_ok=True)
-                (debug / "metrics.json").write_text(json.dumps(
-                    {"step": s, "metrics": {k: float(v) for k, v in m.items()}}, indent=1))
-                if last_batch is not None:
-                    np.savez_compressed(debug / "last_batch.npz", **last_batch)
+                if is_main_process():
+                    (debug / "metrics.json").write_text(json.dumps(
+                        {"step": s, "metrics": {k: float(v) for k, v in m.items()}}, indent=1))
+                if last_batch is not None:  # each process saves its own rows of the batch
+                    suffix = "" if jax.process_index() == 0 else f"_p{jax.process_index()}"
+                    np.savez_compressed(debug / f"last_batch{suffix}.npz", **last_batch)
                 good = ckpt.latest_step()
                 raise NonFiniteLoss(
                     f"[{stage.name}] loss or gradient became non-finite at step {s} "
@@ -173,7 +222,18 @@ def train(stage: Stage) -> nnx.Module:
     def save(s: int) -> None:
         flush()
         ckpt.save(s, state, {"step": s, "data_state": it.get_state().decode(), "stage": stage.name,
+                             "process_count": jax.process_count(), "device_count": jax.device_count(),
                              "config": to_dict(cfg), **(stage.meta or {})})
+
+    def run_eval(s: int) -> dict | None:
+        """Evaluate on process 0 (a local copy of the weights); the others wait."""
+        model, _ = local_copy(graphdef, state, mesh)
+        results = None
+        if is_main_process():
+            results = stage.evaluate(model, s, logger)
+            logger.log(s, results)
+        barrier(f"{stage.name}-eval-{s}")
+        return results
 
     try:
         while step < tc.steps:
@@ -190,18 +250,17 @@ def train(stage: Stage) -> nnx.Module:
             if step % tc.ckpt_every == 0 or step == tc.steps:
                 save(step)
             if stage.evaluate is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                model, _ = nnx.merge(graphdef, state)
-                logger.log(step, stage.evaluate(model, step, logger))
+                run_eval(step)
         flush()
         if ckpt.latest_step() != step:
             save(step)
         ckpt.wait()
-        model, _ = nnx.merge(graphdef, state)
         if stage.evaluate is not None:
-            results = stage.evaluate(model, step, logger)
-            logger.log(step, results)
-            if jax.process_index() == 0:
+            results = run_eval(step)
+            if is_main_process():
                 (stage_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=1))
+            barrier(f"{stage.name}-eval-written")
+        model, _ = nnx.merge(graphdef, state)
         return model
     finally:
         bar.close()
@@ -214,12 +273,15 @@ def load_trained(stage_dir: str | Path, model: nnx.Module, step: int | None = No
     """Load the model weights of a stage's checkpoint (default: latest) into `model`, in place.
 
     Checkpoints hold (model, optimizer); the optimizer part is restored into a throw-away skeleton.
+    The weights come back replicated over all devices of all processes (every process must call
+    this), whatever mesh saved them; a training stage then reshards them onto its own mesh.
     """
     ckpt = Checkpointer(Path(stage_dir) / "checkpoints", async_save=False)
     try:
         meta = ckpt.restore_meta(step)
         _, full = nnx.split((model, nnx.Optimizer(model, make_optimizer(TrainConfig()), wrt=trainable)))
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), full)
+        replicated = jax.sharding.NamedSharding(make_mesh(), jax.sharding.PartitionSpec())
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), full)
         state, _ = ckpt.restore(target, step)
         nnx.update(model, state[0])
     finally:
