@@ -6,8 +6,12 @@ RUN_DIR/
   tokenizer/      `dreamer4 train-tokenizer` output
   dynamics/       `dreamer4 train-dynamics` output
   dream/          `dreamer4 dream` output (open-loop PSNR/SSIM per K, action gap, videos)
-Later stages (agent, evaluation) join this chain as they are built; each is resumable, so
-running the same command again continues an interrupted run.
+  agent_bc/       `dreamer4 train-agent` phase bc (behaviour cloning + reward model)
+  agent/          `dreamer4 train-agent` phase imagine (RL in imagination)
+  evaluate/       `dreamer4 evaluate` output (real game and imagination)
+  report.html     one page: metrics, reconstructions, videos, achievement chart
+Each stage is resumable, so running the same command again continues an interrupted run; a
+stage whose final checkpoint (or result file) exists is skipped.
 """
 
 from __future__ import annotations
@@ -18,38 +22,52 @@ from pathlib import Path
 
 from dreamer4.config import Config, save_config
 from dreamer4.data.collect import collect
-from dreamer4.pipelines.dataset import print_info
 from dreamer4.dynamics.train import dynamics_complete
+from dreamer4.pipelines.agent import run_evaluate, run_train_agent
+from dreamer4.pipelines.dataset import print_info
 from dreamer4.pipelines.dynamics import run_dream, run_train_dynamics
+from dreamer4.pipelines.report import write_report
 from dreamer4.pipelines.tokenizer import run_train_tokenizer
+from dreamer4.policy.train import agent_complete
 from dreamer4.tokenizer.train import tokenizer_complete
+
+N_STAGES = 6
 
 
 def run_all(cfg: Config, run_dir: str) -> None:
     root = Path(run_dir)
     save_config(cfg, root)
     data = root / "dataset"
-    t0 = time.time()
-    times = {}
-    print(f"== stage 1/4: collect -> {data}")
-    collect(cfg, data)
-    print_info(str(data))
-    times["collect"] = time.time() - t0
-    print(f"== stage 2/4: tokenizer -> {root / 'tokenizer'}")
-    if tokenizer_complete(cfg, root):
-        print("tokenizer: complete, skipped")
-    else:
-        run_train_tokenizer(cfg, str(data), str(root))
-    times["tokenizer"] = time.time() - t0 - sum(times.values())
-    print(f"== stage 3/4: dynamics -> {root / 'dynamics'}")
-    if dynamics_complete(cfg, root):
-        print("dynamics: complete, skipped")
-    else:
-        run_train_dynamics(cfg, str(data), str(root))
-    times["dynamics"] = time.time() - t0 - sum(times.values())
-    print(f"== stage 4/4: dream -> {root / 'dream'}")
-    run_dream(str(root))
-    times["dream"] = time.time() - t0 - sum(times.values())
-    (root / "stage_times.json").write_text(json.dumps(times, indent=1))
+    times_path = root / "stage_times.json"
+    # Times of stages done by an earlier (interrupted) invocation are kept.
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+
+    def stage(i: int, name: str, out: Path, done: bool, fn) -> None:
+        print(f"== stage {i}/{N_STAGES}: {name} -> {out}")
+        if done:
+            print(f"{name}: complete, skipped")
+            return
+        t0 = time.time()
+        fn()
+        times[name] = time.time() - t0
+        times_path.write_text(json.dumps(times, indent=1))
+
+    def do_collect():
+        collect(cfg, data)
+        print_info(str(data))
+
+    # collect itself skips committed shards and returns at once when the dataset is complete
+    stage(1, "collect", data, False, do_collect)
+    stage(2, "tokenizer", root / "tokenizer", tokenizer_complete(cfg, root),
+          lambda: run_train_tokenizer(cfg, str(data), str(root)))
+    stage(3, "dynamics", root / "dynamics", dynamics_complete(cfg, root),
+          lambda: run_train_dynamics(cfg, str(data), str(root)))
+    stage(4, "dream", root / "dream", (root / "dream" / "results.json").exists() and "dream" in times,
+          lambda: run_dream(str(root)))
+    stage(5, "agent", root / "agent", agent_complete(cfg, root),
+          lambda: run_train_agent(cfg, str(data), str(root), "all"))
+    stage(6, "evaluate", root / "evaluate", (root / "evaluate" / "results.json").exists() and "evaluate" in times,
+          lambda: run_evaluate(str(root)))
+    report = write_report(root)
     print("wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    print(f"run complete: {root}")
+    print(f"run complete: {root} (report: {report})")
