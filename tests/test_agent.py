@@ -108,3 +108,37 @@ def test_imagine_resumes(trained_agent, dataset):
     train_agent(agent_config(["agent.imagine.steps=6"]), dataset[0], trained_agent, phase="imagine")
     steps = [r["step"] for r in read_metrics(trained_agent / "agent") if "loss" in r]
     assert steps == [2, 4, 6]  # continued from 4, not restarted
+
+
+def test_cli_errors_name_the_missing_stage(dataset, tmp_path, capsys):
+    from dreamer4.cli import main
+
+    rc = main(["train-agent", "--data", str(dataset[0]), "--run", str(tmp_path / "none")])
+    assert rc == 2 and "holds no trained dynamics" in capsys.readouterr().err
+    rc = main(["evaluate", "--run", str(tmp_path / "none")])
+    assert rc == 2 and "holds no trained agent" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_evaluate_real_episodes_and_report(trained_agent):
+    from dreamer4.pipelines.report import write_report
+    from dreamer4.policy.evaluate import crafter_score, evaluate
+
+    res = evaluate(trained_agent, episodes=3)
+    P = res["policies"]
+    assert set(P) == {"bc", "imagine", "random", "dataset"}
+    for name in ("bc", "imagine", "random"):
+        p = P[name]
+        assert p["episodes"] == 3 and 1 <= p["length_mean"] <= 10  # capped at agent.eval_max_steps
+        assert len(p["achievements"]) == 22  # every Craftax-Classic achievement is reported
+        np.testing.assert_allclose(p["crafter_score"], crafter_score(list(p["achievements"].values())))
+        np.testing.assert_allclose(p["reward_pct_of_max"], 100 * p["return_mean"] / 22)
+    assert P["dataset"]["episodes"] == 8
+    assert np.isfinite(res["imagination"]["imagined_return_mean"])
+    out = trained_agent / "evaluate"
+    table = (out / "table.md").read_text()
+    assert "| metric | bc | imagine | random | dataset |" in table and "collect_wood" in table
+    for f in ("results.json", "achievements.png", "real_bc.gif", "real_imagine.gif", "imagined_0.gif"):
+        assert (out / f).exists(), f
+    page = write_report(trained_agent).read_text()
+    assert "Agent in the real game" in page and "evaluate/achievements.png" in page

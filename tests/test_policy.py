@@ -215,3 +215,12 @@ def test_heads_shapes_and_prior_copy(agent):
     assert not np.allclose(agent.policy_logits(h), agent.policy_logits(h, prior=True))
     freeze_prior(agent)
     np.testing.assert_array_equal(agent.policy_logits(h), agent.policy_logits(h, prior=True))
+
+
+def test_crafter_score_geometric_mean():
+    from dreamer4.policy.evaluate import crafter_score
+
+    # exp(mean(ln(1 + s))) - 1: rates 0% and 100% -> sqrt(1 * 101) - 1
+    np.testing.assert_allclose(crafter_score([0.0, 100.0]), math.sqrt(101) - 1, rtol=1e-9)
+    np.testing.assert_allclose(crafter_score([5.0] * 22), 5.0, rtol=1e-9)
+    assert crafter_score([0.0] * 22) == 0.0
