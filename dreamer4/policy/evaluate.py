@@ -233,7 +233,7 @@ def results_table(results: dict) -> str:
     lines = [f"Real Craftax, {results['episodes']} episodes per policy, capped at {results['max_steps']} steps "
              f"(dataset: its own episodes, uncapped).", "",
              "| metric | " + " | ".join(pols) + " |", "|---|" + "---|" * len(pols)]
-    for key, fmt in (("return_mean", "{:.2f}"), ("reward_pct_of_max", "{:.1f}%"), ("crafter_score", "{:.2f}"),
+    for key, fmt in (("return_mean", "{:.2f}"), ("return_std", "{:.2f}"), ("reward_pct_of_max", "{:.1f}%"), ("crafter_score", "{:.2f}"),
                      ("length_mean", "{:.0f}"), ("episodes", "{}")):
         lines.append(f"| {key} | " + " | ".join(fmt.format(P[p][key]) for p in pols) + " |")
     for name in P[pols[0]]["achievements"]:
