@@ -12,7 +12,8 @@ Policies side by side: the BC policy (RUN_DIR/agent_bc), the imagination-trained
 (RUN_DIR/agent), a uniform random policy (same step cap), and the dataset's behaviour policy
 (its episode statistics from the manifest, episodes NOT capped). Reported per policy: mean
 return, return as % of the maximum (Craftax-Classic: +1 per achievement, so the number of
-achievements), every achievement's success rate (% of episodes unlocking it) and the Crafter
+achievements; for full Craftax, whose achievements pay different rewards, the same count is
+used and the % is only indicative), every achievement's success rate (% of episodes unlocking it) and the Crafter
 score  S = exp(mean_i ln(1 + s_i)) - 1  with s_i the success rates in %.
 
 Imagination: the imagination-trained policy rolled out in the world model from eval-split
