@@ -65,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("train-agent", help="train the agent: BC + reward model, then RL in imagination "
+                                          "(resumes RUN_DIR/agent_bc and RUN_DIR/agent)")
+    _add_config_args(p)
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--run", required=True, help="run directory holding a trained world model")
+    p.add_argument("--phase", choices=["bc", "imagine", "all"], default="all",
+                   help="bc: behaviour cloning + reward model; imagine: RL in imagination; all: both (default)")
+
+    p = sub.add_parser("evaluate", help="evaluate RUN_DIR's agents in the real game and in imagination")
+    p.add_argument("--run", required=True)
+    p.add_argument("--episodes", type=int, default=None, help="episodes per policy (default agent.eval_episodes)")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("dataset", help="inspect a dataset")
     dsub = p.add_subparsers(dest="dataset_command", required=True)
     q = dsub.add_parser("info", help="episodes, steps, label fraction, return and achievement statistics")
@@ -111,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
             run_dream(args.run, args.seed)
             return 0
+        if args.command == "evaluate":
+            from dreamer4.pipelines.agent import run_evaluate
+
+            if args.episodes is not None and args.episodes < 1:
+                raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
+            run_evaluate(args.run, args.episodes, args.seed)
+            return 0
         overrides = list(args.overrides)
         if args.command == "collect":  # flags are shorthands for collect.* keys (JSON-quoted for YAML)
             for key, value in (("policy", args.policy), ("epsilon", args.epsilon), ("mix", args.mix)):
@@ -133,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             from dreamer4.pipelines.dynamics import run_train_dynamics
 
             run_train_dynamics(cfg, args.data, args.run)
+        elif args.command == "train-agent":
+            from dreamer4.pipelines.agent import run_train_agent
+
+            run_train_agent(cfg, args.data, args.run, args.phase)
         elif args.command == "run":
             from dreamer4.pipelines.run import run_all
 

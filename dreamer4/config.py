@@ -171,6 +171,34 @@ class BehaviorConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    """Agent tokens + policy/reward/value heads in the world model (Dreamer 4 sec. 3.3)."""
+
+    num_tasks: int = 1  # task 0 = maximise the game's reward
+    mtp: int = 8  # multi-token prediction length L of the policy and reward heads
+    head_hidden: int = 256  # MLP width of each head
+    num_bins: int = 255  # two-hot bins (uniform in symlog space on [-20, 20])
+    # Phase bc: behaviour cloning + reward model (MTP) while the video loss continues.
+    bc_weight: float = 1.0
+    reward_weight: float = 1.0
+    video_weight: float = 1.0
+    bc: TrainConfig = field(default_factory=TrainConfig)
+    # Phase imagine: RL in the world model, transformer frozen.
+    context_len: int = 4  # dataset steps that start each imagined rollout (one rollout per context)
+    horizon: int = 16  # imagined steps per rollout
+    gamma: float = 0.997
+    lam: float = 0.95
+    pmpo_alpha: float = 0.5
+    pmpo_beta: float = 0.3
+    imagine: TrainConfig = field(default_factory=TrainConfig)
+    # Evaluation in the real environment.
+    eval_episodes: int = 32  # per policy
+    eval_envs: int = 16  # episodes run in parallel
+    eval_max_steps: int = 1000  # episodes are cut at this many steps (the KV cache holds them all)
+    eval_imagine: int = 4  # rollouts for imagined-vs-real returns and videos
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     # Devices on the "fsdp" mesh axis (parameters sharded over it); 0 = all devices.
     fsdp: int = 0
@@ -187,6 +215,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -368,6 +397,17 @@ def validate(cfg: Config) -> None:
         (cfg.dynamics.width % cfg.dynamics.num_heads == 0, "dynamics.width", "must be divisible by dynamics.num_heads"),
         (cfg.dynamics.num_heads % cfg.dynamics.num_kv_heads == 0, "dynamics.num_heads",
          "must be divisible by dynamics.num_kv_heads"),
+        (cfg.agent.num_tasks >= 1, "agent.num_tasks", "must be >= 1"),
+        (cfg.agent.mtp >= 1, "agent.mtp", "must be >= 1"),
+        (cfg.agent.num_bins >= 3, "agent.num_bins", "must be >= 3"),
+        (cfg.agent.context_len >= 1, "agent.context_len", "must be >= 1"),
+        (cfg.agent.horizon >= 1, "agent.horizon", "must be >= 1"),
+        (0.0 < cfg.agent.gamma <= 1.0, "agent.gamma", "must be in (0, 1]"),
+        (0.0 <= cfg.agent.lam <= 1.0, "agent.lam", "must be in [0, 1]"),
+        (0.0 <= cfg.agent.pmpo_alpha <= 1.0, "agent.pmpo_alpha", "must be in [0, 1]"),
+        (cfg.agent.pmpo_beta >= 0.0, "agent.pmpo_beta", "must be >= 0"),
+        (cfg.agent.eval_envs >= 1, "agent.eval_envs", "must be >= 1"),
+        (cfg.agent.eval_max_steps >= 2, "agent.eval_max_steps", "must be >= 2"),
     ]
     b = cfg.behavior
     checks += [

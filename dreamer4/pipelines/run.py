@@ -6,12 +6,17 @@ RUN_DIR/
   tokenizer/      `dreamer4 train-tokenizer` output
   dynamics/       `dreamer4 train-dynamics` output
   dream/          `dreamer4 dream` output (open-loop PSNR/SSIM per K, action gap, videos)
-Later stages (agent, evaluation) join this chain as they are built; each is resumable, so
-running the same command again continues an interrupted run.
+  agent_bc/       `dreamer4 train-agent` phase bc (behaviour cloning + reward model)
+  agent/          `dreamer4 train-agent` phase imagine (RL in imagination)
+  evaluate/       `dreamer4 evaluate` output (real game and imagination)
+  report.html     one page: metrics, reconstructions, videos, achievement chart
+Each stage is resumable, so running the same command again continues an interrupted run; a
+stage whose final checkpoint (or result file) exists is skipped.
 
 In a multi-process job every process runs this chain: each collects its writer's share, all wait
 until the dataset is complete, then train together; only process 0 prints and writes reports.
-`dream` is a single-process evaluation and is skipped there (run it afterwards as one process).
+`dream` and `evaluate` are single-process evaluations and are skipped there (run them afterwards
+as one process).
 """
 
 from __future__ import annotations
@@ -24,12 +29,17 @@ import jax
 
 from dreamer4.config import Config, save_config
 from dreamer4.data.collect import collect
-from dreamer4.pipelines.dataset import print_info
 from dreamer4.dynamics.train import dynamics_complete
+from dreamer4.pipelines.agent import run_evaluate, run_train_agent
+from dreamer4.pipelines.dataset import print_info
 from dreamer4.pipelines.dynamics import run_dream, run_train_dynamics
+from dreamer4.pipelines.report import write_report
 from dreamer4.pipelines.tokenizer import run_train_tokenizer
+from dreamer4.policy.train import agent_complete
 from dreamer4.runtime.distributed import barrier, is_main_process, log0
 from dreamer4.tokenizer.train import tokenizer_complete
+
+N_STAGES = 6
 
 
 def run_all(cfg: Config, run_dir: str) -> None:
@@ -37,34 +47,46 @@ def run_all(cfg: Config, run_dir: str) -> None:
     if is_main_process():
         save_config(cfg, root)
     data = root / "dataset"
-    t0 = time.time()
-    times = {}
-    log0(f"== stage 1/4: collect -> {data}")
-    collect(cfg, data)
-    barrier("run-collect-done")  # every writer's shards are committed before anyone trains
-    if is_main_process():
-        print_info(str(data))
-    times["collect"] = time.time() - t0
-    log0(f"== stage 2/4: tokenizer -> {root / 'tokenizer'}")
-    if tokenizer_complete(cfg, root):
-        log0("tokenizer: complete, skipped")
-    else:
-        run_train_tokenizer(cfg, str(data), str(root))
-    times["tokenizer"] = time.time() - t0 - sum(times.values())
-    log0(f"== stage 3/4: dynamics -> {root / 'dynamics'}")
-    if dynamics_complete(cfg, root):
-        log0("dynamics: complete, skipped")
-    else:
-        run_train_dynamics(cfg, str(data), str(root))
-    times["dynamics"] = time.time() - t0 - sum(times.values())
-    log0(f"== stage 4/4: dream -> {root / 'dream'}")
-    if jax.process_count() == 1:
-        run_dream(str(root))
-    else:
-        log0(f"dream: skipped in a {jax.process_count()}-process job; run `dreamer4 dream --run {root}` "
-             f"as one process")
-    times["dream"] = time.time() - t0 - sum(times.values())
-    if is_main_process():
-        (root / "stage_times.json").write_text(json.dumps(times, indent=1))
+    times_path = root / "stage_times.json"
+    # Times of stages done by an earlier (interrupted) invocation are kept.
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    single = jax.process_count() == 1
+
+    def stage(i: int, name: str, out: Path, done: bool, fn, one_process: bool = False) -> None:
+        log0(f"== stage {i}/{N_STAGES}: {name} -> {out}")
+        if done:
+            log0(f"{name}: complete, skipped")
+            return
+        if one_process and not single:
+            log0(f"{name}: skipped in a {jax.process_count()}-process job; run `dreamer4 {name} --run {root}` "
+                 f"as one process")
+            return
+        t0 = time.time()
+        fn()
+        times[name] = time.time() - t0
+        if is_main_process():
+            times_path.write_text(json.dumps(times, indent=1))
+
+    def do_collect():
+        collect(cfg, data)
+        barrier("run-collect-done")  # every writer's shards are committed before anyone trains
+        if is_main_process():
+            print_info(str(data))
+
+    # collect itself skips committed shards and returns at once when the dataset is complete
+    stage(1, "collect", data, False, do_collect)
+    stage(2, "tokenizer", root / "tokenizer", tokenizer_complete(cfg, root),
+          lambda: run_train_tokenizer(cfg, str(data), str(root)))
+    stage(3, "dynamics", root / "dynamics", dynamics_complete(cfg, root),
+          lambda: run_train_dynamics(cfg, str(data), str(root)))
+    stage(4, "dream", root / "dream", (root / "dream" / "results.json").exists() and "dream" in times,
+          lambda: run_dream(str(root)), one_process=True)
+    stage(5, "agent", root / "agent", agent_complete(cfg, root),
+          lambda: run_train_agent(cfg, str(data), str(root), "all"))
+    stage(6, "evaluate", root / "evaluate", (root / "evaluate" / "results.json").exists() and "evaluate" in times,
+          lambda: run_evaluate(str(root)), one_process=True)
+    if not is_main_process():
+        return
+    report = write_report(root)
     log0("wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    log0(f"run complete: {root}")
+    log0(f"run complete: {root} (report: {report})")

@@ -1,0 +1,135 @@
+"""Agent tokens inside the world-model transformer, and the policy / reward / value heads.
+
+Shape key: B batch, T time steps, S dynamics tokens per step, D width, L tokenizer latents,
+N latent width, J MTP distances, A actions, K two-hot bins.
+
+Tokens of step t (S + 1 of them): the dynamics' own S tokens [action, signal, registers, spatial]
+followed by ONE agent token, which is the embedding of the step's task (task 0 = maximise the
+game's reward). Space layers use `agent_visibility`: the agent token reads every token of its
+step, the S world-model tokens read only each other. Time layers attend position s to position
+s of earlier steps, so the agent token also reads the agent tokens of past steps while no world
+model token ever reads an agent token. Hence the world model's predictions are exactly those of
+the dynamics alone (tests/test_policy.py checks it), and the task cannot leak into the future
+frames except through the actions (no causal confusion, paper sec. 3.3).
+
+Heads read the agent token's output h_BTD. Policy and reward use multi-token prediction: a small
+MLP trunk, then J output layers, one per distance (stored as one Linear whose J blocks of outputs
+have disjoint weights: the same function as J separate layers). The value head is one output.
+Distances and targets: see dreamer4/policy/losses.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import nnx
+
+from dreamer4.config import AgentConfig
+from dreamer4.nn import RMSNorm, symlog_bins, two_hot_mean
+
+
+def agent_visibility(S: int) -> np.ndarray:
+    """(S+1, S+1) space visibility: vis[q, k] = q may read k. The agent token (last) reads all;
+    the S world-model tokens read only the world-model tokens."""
+    vis = np.ones((S + 1, S + 1), bool)
+    vis[:S, S] = False
+    return vis
+
+
+class MTPHead(nnx.Module):
+    """h_BTD -> out_BTJO: RMSNorm, Linear, SiLU, then one output layer per distance j < J."""
+
+    def __init__(self, width: int, hidden: int, out_dim: int, num_out: int, *, rngs: nnx.Rngs,
+                 zero_init: bool = False):
+        self.J, self.O = num_out, out_dim
+        self.norm = RMSNorm(width)
+        self.hidden = nnx.Linear(width, hidden, rngs=rngs)
+        # Zero-initialised reward/value outputs start at a prediction of exactly 0 (DreamerV3).
+        kinit = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
+        self.out = nnx.Linear(hidden, num_out * out_dim, kernel_init=kinit, rngs=rngs)
+
+    def __call__(self, h_BTD):
+        y = self.out(jax.nn.silu(self.hidden(self.norm(h_BTD.astype(jnp.float32)))))
+        return rearrange(y, "... (j o) -> ... j o", j=self.J)
+
+
+class Agent(nnx.Module):
+    """The world model (frozen tokenizer + dynamics) with agent tokens and heads.
+
+    `prior` is the frozen behavioural prior of imagination training: a copy of the BC policy
+    head taken when that phase starts (`freeze_prior`); it is never trained.
+    """
+
+    def __init__(self, world, cfg: AgentConfig, num_actions: int, *, rngs: nnx.Rngs):
+        self.world = world
+        dyn = world.dynamics
+        D = dyn.cfg.width
+        self.cfg, self.A, self.S = cfg, num_actions, dyn.num_tokens
+        self.task_embed = nnx.Embed(cfg.num_tasks, D, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.policy = MTPHead(D, cfg.head_hidden, num_actions, cfg.mtp, rngs=rngs)
+        self.reward = MTPHead(D, cfg.head_hidden, cfg.num_bins, cfg.mtp, rngs=rngs, zero_init=True)
+        self.value = MTPHead(D, cfg.head_hidden, cfg.num_bins, 1, rngs=rngs, zero_init=True)
+        self.prior = MTPHead(D, cfg.head_hidden, num_actions, cfg.mtp, rngs=rngs)
+
+    @property
+    def dynamics(self):
+        return self.world.dynamics
+
+    @property
+    def bins(self):
+        return symlog_bins(self.cfg.num_bins)
+
+    def visibility(self):
+        return agent_visibility(self.S)
+
+    def tokens(self, z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT, task_BT):
+        """The dynamics' S tokens of each step, then the agent token (the task embedding): B T S+1 D."""
+        x = self.dynamics.tokens(z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT)
+        agent = self.task_embed(task_BT).astype(jnp.float32)[:, :, None, :]
+        return jnp.concatenate([x, agent], axis=2)
+
+    def split(self, y_BTSD):
+        """Transformer output -> (x-prediction z1_hat_BTLN, agent output h_BTD)."""
+        return self.dynamics.readout(y_BTSD[:, :, : self.S]), y_BTSD[:, :, self.S]
+
+    def __call__(self, z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT, task_BT):
+        """Full block-causal pass: (z1_hat_BTLN, h_BTD)."""
+        x = self.tokens(z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT, task_BT)
+        return self.split(self.dynamics.transformer(x, visibility=self.visibility()))
+
+    # -- generation with a KV cache ---------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int):
+        return self.dynamics.transformer.init_cache(batch, max_len, num_tokens=self.S + 1)
+
+    def prefill(self, z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT, task_BT, max_len: int):
+        x = self.tokens(z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT, task_BT)
+        y, cache = self.dynamics.transformer.prefill(x, max_len, visibility=self.visibility())
+        return self.split(y), cache
+
+    def step(self, z_B1LN, tau_B1, d_B1, action_B1, mask_B1, task_B1, cache, t):
+        """One step t against the cache of steps < t: ((z1_hat_B1LN, h_B1D), cache)."""
+        x = self.tokens(z_B1LN, tau_B1, d_B1, action_B1, mask_B1, task_B1)
+        y, cache = self.dynamics.transformer.step(x, cache, t, visibility=self.visibility())
+        return self.split(y), cache
+
+    # -- head read-outs ---------------------------------------------------------------------------
+    def policy_logits(self, h_BTD, prior: bool = False):
+        """Logits of the next action (MTP distance 1), B T A."""
+        return (self.prior if prior else self.policy)(h_BTD)[..., 0, :]
+
+    def reward_now(self, h_BTD):
+        """Predicted reward of the transition into the current step (distance 0), B T."""
+        return two_hot_mean(self.reward(h_BTD)[..., 0, :], self.bins)
+
+    def value_logits(self, h_BTD):
+        return self.value(h_BTD)[..., 0, :]
+
+    def value_now(self, h_BTD):
+        return two_hot_mean(self.value_logits(h_BTD), self.bins)
+
+
+def freeze_prior(agent: Agent) -> None:
+    """Copy the (behaviour-cloned) policy head into the prior head."""
+    nnx.update(agent.prior, jax.tree.map(jnp.array, nnx.state(agent.policy)))

@@ -1,0 +1,144 @@
+"""Agent stage end to end on the session dataset: BC + reward, imagination RL, freezing, evaluation."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import TOK_OVERRIDES, make_test_config
+from dreamer4.runtime.logging import read_metrics
+from test_dynamics import DYN_OVERRIDES
+
+AGENT_OVERRIDES = [
+    "agent.mtp=3", "agent.head_hidden=16", "agent.num_bins=21", "agent.context_len=2", "agent.horizon=3",
+    "agent.bc.steps=6", "agent.bc.batch_size=4", "agent.bc.seq_len=6", "agent.bc.lr=3e-3",
+    "agent.bc.warmup_steps=1", "agent.bc.log_every=2", "agent.bc.ckpt_every=6",
+    "agent.imagine.steps=4", "agent.imagine.batch_size=4", "agent.imagine.lr=3e-3",
+    "agent.imagine.warmup_steps=1", "agent.imagine.log_every=2", "agent.imagine.ckpt_every=4",
+    "agent.eval_episodes=4", "agent.eval_envs=4", "agent.eval_max_steps=10", "agent.eval_imagine=2",
+]
+
+
+def agent_config(extra=()):
+    return make_test_config(TOK_OVERRIDES + DYN_OVERRIDES + AGENT_OVERRIDES + list(extra))
+
+
+@pytest.fixture(scope="module")
+def world_run(dataset, trained_tokenizer, tmp_path_factory):
+    """A run dir with the session tokenizer and a dynamics model trained for 8 steps."""
+    from dreamer4.dynamics.train import train_dynamics
+
+    run = tmp_path_factory.mktemp("agent") / "run"
+    shutil.copytree(trained_tokenizer[0] / "tokenizer", run / "tokenizer")
+    train_dynamics(agent_config(["dynamics.train.steps=8", "dynamics.train.ckpt_every=8"]), dataset[0], run,
+                   evaluate=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained_agent(world_run, dataset):
+    from dreamer4.policy.train import train_agent
+
+    train_agent(agent_config(), dataset[0], world_run, phase="all")
+    return world_run
+
+
+def _leaves(module):
+    return jax.tree.leaves(nnx.state(module))
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(_leaves(a), _leaves(b)))
+
+
+def test_bc_and_imagine_train_and_log(trained_agent):
+    bc = [r for r in read_metrics(trained_agent / "agent_bc") if "loss" in r]
+    assert [r["step"] for r in bc] == [2, 4, 6]
+    for k in ("video", "bc", "bc_next", "reward", "reward_now"):
+        assert all(np.isfinite(r[k]) for r in bc), k
+    assert bc[0]["bc"] > 0 and bc[0]["action_label_frac"] > 0  # the labeled half of the dataset
+    im = [r for r in read_metrics(trained_agent / "agent") if "loss" in r]
+    assert [r["step"] for r in im] == [2, 4]
+    for k in ("policy", "value", "pmpo_kl", "pmpo_pos_frac", "entropy", "imagined_reward_sum"):
+        assert all(np.isfinite(r[k]) for r in im), k
+
+
+def test_freezing_per_phase(trained_agent):
+    from dreamer4.dynamics.train import load_world_model
+    from dreamer4.policy.train import STAGE_BC, load_agent
+
+    world, _, _ = load_world_model(trained_agent)
+    bc, _, _ = load_agent(trained_agent, STAGE_BC)
+    im, _, _ = load_agent(trained_agent)
+    # phase bc: the tokenizer is frozen, the dynamics transformer trains with the heads
+    assert _same(bc.world.tokenizer, world.tokenizer)
+    assert not _same(bc.world.dynamics, world.dynamics)
+    # phase imagine: the whole world model, the reward head and the task embedding do not change
+    assert _same(im.world, bc.world)
+    assert _same(im.reward, bc.reward) and _same(im.task_embed, bc.task_embed)
+    # the prior is the frozen BC policy; the policy and value heads moved away from it
+    assert _same(im.prior, bc.policy)
+    assert not _same(im.policy, bc.policy) and not _same(im.value, bc.value)
+
+
+def test_imagination_rollout_shapes(trained_agent, dataset):
+    from dreamer4.data.loader import make_loader
+    from dreamer4.policy.imagine import imagine_rollout
+    from dreamer4.policy.train import load_agent
+
+    agent, wcfg, info = load_agent(trained_agent)
+    batch = next(iter(make_loader(dataset[0], agent_config(), "train", batch_size=2, seq_len=2)))
+    z = agent.world.latents(jnp.asarray(batch["frames"]))
+    roll = imagine_rollout(agent, z, jnp.asarray(batch["actions"]), jnp.asarray(batch["action_mask"]),
+                           jnp.zeros((2,), jnp.int32), jax.random.PRNGKey(0), horizon=3, K=2)
+    D, L, N = agent.dynamics.cfg.width, agent.dynamics.L, agent.dynamics.N
+    assert roll["h"].shape == (2, 4, D) and roll["z"].shape == (2, 3, L, N) and roll["actions"].shape == (2, 3)
+    assert roll["actions"].dtype == jnp.int32 and int(roll["actions"].min()) >= 0
+    assert int(roll["actions"].max()) < info["num_actions"]
+    assert all(bool(jnp.all(jnp.isfinite(roll[k]))) for k in ("h", "z"))
+
+
+def test_imagine_resumes(trained_agent, dataset):
+    from dreamer4.policy.train import train_agent
+
+    train_agent(agent_config(["agent.imagine.steps=6"]), dataset[0], trained_agent, phase="imagine")
+    steps = [r["step"] for r in read_metrics(trained_agent / "agent") if "loss" in r]
+    assert steps == [2, 4, 6]  # continued from 4, not restarted
+
+
+def test_cli_errors_name_the_missing_stage(dataset, tmp_path, capsys):
+    from dreamer4.cli import main
+
+    rc = main(["train-agent", "--data", str(dataset[0]), "--run", str(tmp_path / "none")])
+    assert rc == 2 and "holds no trained dynamics" in capsys.readouterr().err
+    rc = main(["evaluate", "--run", str(tmp_path / "none")])
+    assert rc == 2 and "holds no trained agent" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_evaluate_real_episodes_and_report(trained_agent):
+    from dreamer4.pipelines.report import write_report
+    from dreamer4.policy.evaluate import crafter_score, evaluate
+
+    res = evaluate(trained_agent, episodes=3)
+    P = res["policies"]
+    assert set(P) == {"bc", "imagine", "random", "dataset"}
+    for name in ("bc", "imagine", "random"):
+        p = P[name]
+        assert p["episodes"] == 3 and 1 <= p["length_mean"] <= 10  # capped at agent.eval_max_steps
+        assert len(p["achievements"]) == 22  # every Craftax-Classic achievement is reported
+        np.testing.assert_allclose(p["crafter_score"], crafter_score(list(p["achievements"].values())))
+        np.testing.assert_allclose(p["reward_pct_of_max"], 100 * p["return_mean"] / 22)
+    assert P["dataset"]["episodes"] == 8
+    assert np.isfinite(res["imagination"]["imagined_return_mean"])
+    out = trained_agent / "evaluate"
+    table = (out / "table.md").read_text()
+    assert "| metric | bc | imagine | random | dataset |" in table and "collect_wood" in table
+    for f in ("results.json", "achievements.png", "real_bc.gif", "real_imagine.gif", "imagined_0.gif"):
+        assert (out / f).exists(), f
+    page = write_report(trained_agent).read_text()
+    assert "Agent in the real game" in page and "evaluate/achievements.png" in page

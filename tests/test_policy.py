@@ -1,0 +1,226 @@
+"""Agent stage pieces: two-hot, lambda-returns, PMPO, KL, MTP alignment, agent-token attention masks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dreamer4.config import AgentConfig
+from dreamer4.nn import symexp, symlog, symlog_bins, two_hot, two_hot_mean, two_hot_nll
+from dreamer4.policy import losses as Lo
+from dreamer4.policy.heads import Agent, agent_visibility, freeze_prior
+
+
+# ----------------------------------------------------------------------------- distributions
+def test_symlog_symexp_values():
+    np.testing.assert_allclose(symlog(jnp.array([0.0, math.e - 1, -(math.e ** 2 - 1)])), [0, 1, -2], atol=1e-6)
+    x = jnp.array([-1000.0, -3.5, 0.0, 0.2, 77.0])
+    np.testing.assert_allclose(symexp(symlog(x)), x, rtol=1e-5)
+
+
+def test_two_hot_hand_values():
+    bins = jnp.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    x = jnp.array([math.exp(0.25) - 1, -(math.exp(1.5) - 1), 1e6, -1e6, math.e - 1])
+    expect = np.array([[0, 0, 0.75, 0.25, 0], [0.5, 0.5, 0, 0, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0],
+                       [0, 0, 0, 1, 0]])
+    np.testing.assert_allclose(two_hot(x, bins), expect, atol=1e-5)
+    # the head reading two-hot probabilities back gives the value (inside the bin range)
+    logits = jnp.log(jnp.asarray(expect[:2]) + 1e-30)
+    np.testing.assert_allclose(two_hot_mean(logits, bins), x[:2], rtol=1e-4)
+    # cross-entropy: uniform logits over 5 bins cost ln 5 whatever the target
+    np.testing.assert_allclose(two_hot_nll(jnp.zeros((2, 5)), x[:2], bins), [math.log(5)] * 2, rtol=1e-6)
+
+
+def test_symlog_bins():
+    b = symlog_bins(5, 20.0)
+    np.testing.assert_allclose(b, [-20, -10, 0, 10, 20])
+
+
+# ----------------------------------------------------------------------------- returns and losses
+def test_lambda_returns_hand_values():
+    r = jnp.array([[9.0, 1.0, 2.0]])  # r_0 (reward into s_0) is never used
+    v = jnp.array([[0.5, 1.0, 3.0]])
+    c = jnp.ones((1, 3))
+    # R_2 = v_2 = 3; R_1 = 2 + .5 (.5 * 3 + .5 * 3) = 3.5; R_0 = 1 + .5 (.5 * 1 + .5 * 3.5) = 2.125
+    np.testing.assert_allclose(Lo.lambda_returns(r, v, c, 0.5, 0.5), [[2.125, 3.5]], rtol=1e-6)
+    # s_2 terminal: nothing after r_2; R_1 = 2, R_0 = 1 + .5 (.5 + .5 * 2) = 1.75
+    np.testing.assert_allclose(Lo.lambda_returns(r, v, c.at[0, 2].set(0.0), 0.5, 0.5), [[1.75, 2.0]], rtol=1e-6)
+    # lambda = 1, gamma = 1: Monte Carlo sum plus the bootstrap: 1 + 2 + 3 = 6; lambda = 0: 1 + .5 * 1
+    np.testing.assert_allclose(Lo.lambda_returns(r, v, c, 1.0, 1.0)[0, 0], 6.0)
+    np.testing.assert_allclose(Lo.lambda_returns(r, v, c, 0.5, 0.0)[0, 0], 1.5)
+
+
+def test_lambda_returns_matches_numpy_loop():
+    rng = np.random.default_rng(0)
+    r, v = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    c = (rng.random((3, 7)) > 0.2).astype(np.float64)
+    g, lam = 0.997, 0.95
+    R = np.zeros((3, 6))
+    for b in range(3):
+        nxt = v[b, -1]
+        for t in range(5, -1, -1):
+            nxt = r[b, t + 1] + g * c[b, t + 1] * ((1 - lam) * v[b, t + 1] + lam * nxt)
+            R[b, t] = nxt
+    np.testing.assert_allclose(Lo.lambda_returns(r, v, c, g, lam), R, rtol=1e-5, atol=1e-5)
+
+
+def test_value_loss_is_two_hot_ce_without_gradient_to_target():
+    bins = symlog_bins(5, 2.0)  # [-2, -1, 0, 1, 2]
+    R = jnp.array([[math.exp(0.5) - 1]])  # symlog 0.5: half on bin 0, half on bin 1
+    logits = jnp.log(jnp.array([[[0.1, 0.1, 0.4, 0.2, 0.2]]]))
+    expect = -(0.5 * math.log(0.4) + 0.5 * math.log(0.2))
+    np.testing.assert_allclose(Lo.value_loss(logits, R, bins), expect, rtol=1e-5)
+    g = jax.grad(lambda R_: Lo.value_loss(logits, R_, bins))(R)
+    assert float(jnp.abs(g).max()) == 0.0
+
+
+def test_reverse_kl_hand_value_and_direction():
+    p = jnp.log(jnp.array([[0.5, 0.5]]))
+    q = jnp.log(jnp.array([[0.25, 0.75]]))
+    expect = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # KL[p || q] = 0.1438
+    np.testing.assert_allclose(Lo.reverse_kl(p, q), [expect], rtol=1e-5)
+    forward = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)  # 0.1308: the other direction
+    assert abs(expect - forward) > 0.01
+    # no gradient into the prior
+    g = jax.grad(lambda q_: Lo.reverse_kl(p, q_).sum())(q)
+    assert float(jnp.abs(g).max()) == 0.0
+
+
+def test_pmpo_hand_value_and_gradient_signs():
+    logp = jnp.array([-1.0, -2.0, -0.5, -3.0])
+    adv = jnp.array([1.0, -1.0, 0.0, -2.0])  # A = 0 counts as positive
+    kl = jnp.array([0.1, 0.2, 0.3, 0.4])
+    # D+ = {0, 2}: -.5 * mean(-1, -.5) = .375;  D- = {1, 3}: .5 * mean(-2, -3) = -1.25;  .3 * .25 = .075
+    loss, m = Lo.pmpo_loss(logp, adv, kl, 0.5, 0.3)
+    np.testing.assert_allclose(loss, 0.375 - 1.25 + 0.075, rtol=1e-6)
+    np.testing.assert_allclose(m["pmpo_pos_frac"], 0.5)
+    g = jax.grad(lambda lp: Lo.pmpo_loss(lp, adv, kl, 0.5, 0.3)[0])(logp)
+    np.testing.assert_allclose(g, [-0.25, 0.25, -0.25, 0.25])  # raise D+ likelihoods, lower D-
+    # the advantage's magnitude is ignored
+    np.testing.assert_allclose(Lo.pmpo_loss(logp, adv * 100, kl)[0], loss, rtol=1e-6)
+    # all positive: the negative set is empty and contributes 0
+    np.testing.assert_allclose(Lo.pmpo_loss(logp, jnp.ones(4), kl * 0, 0.5, 0.3)[0], -0.5 * -1.625, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- MTP alignment
+def test_mtp_targets_follow_the_step_convention():
+    x = jnp.array([[10, 11, 12, 13]])
+    valid = jnp.array([[False, True, True, True]])  # row 0 (is_first) has no action
+    tgt, ok = Lo.mtp_targets(x, valid, Lo.policy_offsets(2))
+    # agent token at step t predicts action_{t+1} (distance 1) and action_{t+2} (distance 2)
+    np.testing.assert_array_equal(tgt[0, :, 0], [11, 12, 13, 0])
+    np.testing.assert_array_equal(tgt[0, :, 1], [12, 13, 0, 0])
+    np.testing.assert_array_equal(ok[0], [[True, True], [True, True], [True, False], [False, False]])
+    # rewards: distance 0 is reward_t (received on arriving at frame_t), distance 1 reward_{t+1}
+    tgt, ok = Lo.mtp_targets(x, jnp.ones_like(valid), Lo.reward_offsets(2))
+    np.testing.assert_array_equal(tgt[0], [[10, 11], [11, 12], [12, 13], [13, 0]])
+    np.testing.assert_array_equal(ok[0, :, 1], [True, True, True, False])
+
+
+def test_bc_mtp_loss_hand_values():
+    logits = jnp.zeros((1, 3, 2, 2)).at[0, 0, 0].set(jnp.array([math.log(3.0), 0.0]))  # p = (.75, .25)
+    actions = jnp.array([[-1, 0, 1]])
+    mask = jnp.array([[False, True, True]])
+    loss, per = Lo.bc_mtp_loss(logits, actions, mask)
+    # distance 1: t=0 -> a_1 = 0 (-ln .75), t=1 -> a_2 = 1 (ln 2); distance 2: t=0 -> a_2 = 1 (ln 2)
+    np.testing.assert_allclose(per, [(-math.log(0.75) + math.log(2)) / 2, math.log(2)], rtol=1e-5)
+    np.testing.assert_allclose(loss, per.sum(), rtol=1e-6)
+    # unlabeled targets contribute nothing (a distance without valid pairs costs 0)
+    _, per = Lo.bc_mtp_loss(logits, actions, jnp.zeros_like(mask))
+    np.testing.assert_array_equal(per, [0.0, 0.0])
+
+
+def test_reward_mtp_loss_aligns_distance_zero_with_reward_t():
+    bins = symlog_bins(5, 2.0)
+    rewards = jnp.array([[0.0, math.e - 1, 0.0]])  # symlog 1 -> bin 3
+    # distance 0 at t=1 puts all mass on bin 3: zero loss there only if aligned with reward_1
+    big = jnp.full((5,), -30.0)
+    logits = jnp.zeros((1, 3, 1, 5))
+    logits = logits.at[0, :, 0].set(jnp.stack([big.at[2].set(30.0), big.at[3].set(30.0), big.at[2].set(30.0)]))
+    loss, _ = Lo.reward_mtp_loss(logits, rewards, bins)
+    assert float(loss) < 1e-6
+    shifted, _ = Lo.reward_mtp_loss(jnp.roll(logits, 1, axis=1), rewards, bins)
+    assert float(shifted) > 10.0
+
+
+# ----------------------------------------------------------------------------- agent tokens
+class _World(nnx.Module):
+    def __init__(self, dyn):
+        self.dynamics = dyn
+
+
+@pytest.fixture(scope="module")
+def agent():
+    from test_dynamics import A, L, N, dyn_config
+    from dreamer4.dynamics.model import Dynamics
+
+    dyn = Dynamics(dyn_config().dynamics, L, N, A, rngs=nnx.Rngs(0))
+    return Agent(_World(dyn), AgentConfig(num_tasks=2, mtp=3, head_hidden=16, num_bins=11), A, rngs=nnx.Rngs(1))
+
+
+def test_agent_visibility():
+    vis = agent_visibility(3)
+    assert vis[3].all()  # the agent token reads every token of its step
+    assert not vis[:3, 3].any() and vis[:3, :3].all()  # nothing reads the agent token
+
+
+def test_agent_tokens_leave_the_world_model_unchanged(agent):
+    from test_dynamics import _inputs
+
+    z, tau, d, acts, mask = _inputs(4)
+    task0 = jnp.zeros(acts.shape, jnp.int32)
+    z_hat, h0 = agent(z, tau, d, acts, mask, task0)
+    np.testing.assert_allclose(z_hat, agent.dynamics(z, tau, d, acts, mask), atol=1e-5)
+    z_hat1, h1 = agent(z, tau, d, acts, mask, jnp.ones_like(task0))
+    np.testing.assert_array_equal(z_hat, z_hat1)  # the task never reaches the world model
+    assert not np.allclose(h0, h1, atol=1e-4)  # but it does reach the agent token
+    # the agent token reads past agent tokens (time layers): a task change at step 0 alone moves h_2
+    _, h2 = agent(z, tau, d, acts, mask, task0.at[:, 0].set(1))
+    assert not np.allclose(h2[:, 2], h0[:, 2], atol=1e-5)
+    # ... and never the future: steps <= 1 are unchanged by a change at step 2
+    _, h3 = agent(z, tau, d, acts, mask, task0.at[:, 2].set(1))
+    np.testing.assert_allclose(h3[:, :2], h0[:, :2], atol=1e-6)
+    # the agent token reads the frame: changing z_1 moves h_1
+    _, h4 = agent(z.at[:, 1].add(1.0), tau, d, acts, mask, task0)
+    assert not np.allclose(h4[:, 1], h0[:, 1], atol=1e-4)
+
+    # no gradient flows from the world model's prediction into the task embedding
+    g = nnx.grad(lambda m: jnp.sum(m(z, tau, d, acts, mask, task0)[0] ** 2))(agent)
+    assert float(jnp.abs(g.task_embed.embedding[...]).max()) == 0.0
+
+
+def test_agent_kv_cache_equals_full_pass(agent):
+    from test_dynamics import B, T, _inputs
+
+    z, tau, d, acts, mask = _inputs(5)
+    task = jnp.zeros(acts.shape, jnp.int32)
+    z_full, h_full = agent(z, tau, d, acts, mask, task)
+    (z_pre, h_pre), cache = agent.prefill(z[:, :2], tau[:, :2], d[:, :2], acts[:, :2], mask[:, :2], task[:, :2], T)
+    np.testing.assert_allclose(h_pre, h_full[:, :2], atol=2e-5)
+    for t in range(2, T):
+        s = slice(t, t + 1)
+        (z_t, h_t), cache = agent.step(z[:, s], tau[:, s], d[:, s], acts[:, s], mask[:, s], task[:, s], cache, t)
+        np.testing.assert_allclose(h_t[:, 0], h_full[:, t], atol=2e-5)
+        np.testing.assert_allclose(z_t[:, 0], z_full[:, t], atol=2e-5)
+
+
+def test_heads_shapes_and_prior_copy(agent):
+    h = jax.random.normal(jax.random.PRNGKey(0), (2, 5, agent.dynamics.cfg.width))
+    assert agent.policy(h).shape == (2, 5, 3, agent.A)
+    assert agent.reward(h).shape == (2, 5, 3, 11) and agent.value(h).shape == (2, 5, 1, 11)
+    np.testing.assert_allclose(agent.reward_now(h), 0.0, atol=1e-5)  # zero-initialised outputs
+    assert not np.allclose(agent.policy_logits(h), agent.policy_logits(h, prior=True))
+    freeze_prior(agent)
+    np.testing.assert_array_equal(agent.policy_logits(h), agent.policy_logits(h, prior=True))
+
+
+def test_crafter_score_geometric_mean():
+    from dreamer4.policy.evaluate import crafter_score
+
+    # exp(mean(ln(1 + s))) - 1: rates 0% and 100% -> sqrt(1 * 101) - 1
+    np.testing.assert_allclose(crafter_score([0.0, 100.0]), math.sqrt(101) - 1, rtol=1e-9)
+    np.testing.assert_allclose(crafter_score([5.0] * 22), 5.0, rtol=1e-9)
+    assert crafter_score([0.0] * 22) == 0.0
