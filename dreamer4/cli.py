@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from dreamer4.config import ConfigError, load_config
 from dreamer4.data.store import DatasetError
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=None, help="episodes per policy (default agent.eval_episodes)")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("report", help="(re)write RUN_DIR/report.html from what the run holds")
+    p.add_argument("--run", required=True)
+
     p = sub.add_parser("dataset", help="inspect a dataset")
     dsub = p.add_subparsers(dest="dataset_command", required=True)
     q = dsub.add_parser("info", help="episodes, steps, label fraction, return and achievement statistics")
@@ -131,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.episodes is not None and args.episodes < 1:
                 raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
             run_evaluate(args.run, args.episodes, args.seed)
+            return 0
+        if args.command == "report":
+            from dreamer4.pipelines.report import write_report
+
+            if not Path(args.run).is_dir():
+                raise ConfigError(f"--run {args.run}: no such run directory")
+            print(f"wrote {write_report(args.run)}")
             return 0
         overrides = list(args.overrides)
         if args.command == "collect":  # flags are shorthands for collect.* keys (JSON-quoted for YAML)

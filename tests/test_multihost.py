@@ -181,6 +181,7 @@ def test_two_process_collect(jobs):
 
 
 def test_explicit_flags_must_come_together():
+    distributed.initialize(env={})  # single process, as any earlier CLI call in this interpreter does
     with pytest.raises(ConfigError, match="must be given together"):
         distributed.initialize("127.0.0.1:1234", None, 0)
     with pytest.raises(ConfigError, match=r"--process-id 2 must be in \[0, --num-processes=2\)"):
@@ -230,7 +231,8 @@ SCRIPTS = sorted(SLURM.glob("*.sbatch"))
 
 def test_sbatch_scripts_parse():
     assert {p.name for p in SCRIPTS} >= {"collect.sbatch", "train_tokenizer.sbatch", "train_dynamics.sbatch",
-                                        "dream.sbatch", "pipeline.sbatch"}
+                                        "dream.sbatch", "train_agent.sbatch", "evaluate.sbatch",
+                                        "train_behavior.sbatch", "pipeline.sbatch"}
     for p in SCRIPTS + [SLURM / "launch.sh"]:
         r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
         assert r.returncode == 0, (p, r.stderr)
@@ -265,8 +267,9 @@ def run_script(script: Path, tmp_path: Path, **env_over) -> list[dict]:
 
 def test_srun_lines_pass_what_the_tasks_rely_on(tmp_path):
     calls = run_script(SLURM / "pipeline.sbatch", tmp_path, SETS="seed=3")
-    assert [c["command"][0] for c in calls] == ["collect", "train-tokenizer", "train-dynamics", "dream"]
-    for c in calls[:3]:
+    assert [c["command"][0] for c in calls] == ["collect", "train-tokenizer", "train-dynamics", "dream",
+                                                "train-agent", "evaluate", "report"]
+    for c in calls[:3] + calls[4:5]:
         # one process per GPU: 2 nodes x 4 tasks; JAX's Slurm detection reads SLURM_* set by srun
         assert c["opts"]["--nodes"] == "2" and c["opts"]["--ntasks-per-node"] == "4"
         assert c["export"]["DREAMER4_PROCESS_PER"] == "device"
@@ -275,14 +278,27 @@ def test_srun_lines_pass_what_the_tasks_rely_on(tmp_path):
         cmd = " ".join(c["command"])
         assert "--set runtime.fsdp=4" in cmd and "--set seed=3" in cmd  # fsdp inside a node
     assert calls[3]["opts"]["--ntasks"] == "1" and calls[3]["command"] == ["dream", "--run", "runs/classic"]
+    for c in calls[5:]:
+        assert c["opts"]["--ntasks"] == "1" and c["command"][1:] == ["--run", "runs/classic"]
+    # every script's subcommand and flags parse with the CLI's own parser
+    from dreamer4.cli import build_parser
+
+    for c in calls:
+        build_parser().parse_args(c["command"])
+    one = run_script(SLURM / "evaluate.sbatch", tmp_path, EPISODES="7")
+    assert [c["command"] for c in one] == [["evaluate", "--run", "runs/classic", "--episodes", "7"],
+                                           ["report", "--run", "runs/classic"]]
+    beh = run_script(SLURM / "train_behavior.sbatch", tmp_path, RUN="runs/ppo")
+    assert beh[0]["opts"]["--ntasks"] == "1" and beh[0]["command"][0] == "train-behavior"
+    build_parser().parse_args(beh[0]["command"])
+    agent = run_script(SLURM / "train_agent.sbatch", tmp_path, PHASE="imagine")
+    assert agent[0]["opts"]["--ntasks-per-node"] == "4" and agent[0]["command"][-2:] == ["--phase", "imagine"]
     # one process per node: 1 task per node, told so through the environment
     node = run_script(SLURM / "train_tokenizer.sbatch", tmp_path, PROCESS_PER="node", RUN="runs/x")
     assert len(node) == 1 and node[0]["opts"]["--ntasks-per-node"] == "1"
     assert node[0]["export"]["DREAMER4_PROCESS_PER"] == "node"
     assert node[0]["command"][:1] == ["train-tokenizer"] and "runs/x" in node[0]["command"]
     # the CLI's default for --process-per is the variable srun passes
-    from dreamer4.cli import build_parser
-
     os_env = dict(os.environ)
     try:
         os.environ["DREAMER4_PROCESS_PER"] = "node"

@@ -94,10 +94,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_per: str = "device", env=os.environ) -> DistributedInfo:
     """Initialise jax.distributed exactly once for this process (see the module docstring)."""
     global _initialized
-    if _initialized is not None:
-        return _initialized
     explicit = (coordinator, num_processes, process_id)
-    policy = env.get("DREAMER4_DISTRIBUTED", "").lower()
+    # Bad flags are an error even when an earlier command in this interpreter already initialised.
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
             raise ConfigError("--coordinator, --num-processes and --process-id must be given together "
@@ -106,6 +104,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise ConfigError(f"--coordinator {coordinator!r} must look like HOST:PORT")
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ConfigError(f"--process-id {process_id} must be in [0, --num-processes={num_processes})")
+    if _initialized is not None:
+        return _initialized
+    policy = env.get("DREAMER4_DISTRIBUTED", "").lower()
+    if any(v is not None for v in explicit):
         if num_processes == 1:
             _initialized = DistributedInfo("single", 0, 1)
             return _initialized
