@@ -208,6 +208,16 @@ class FakeDevice:
         self.process_index, self.id, self.platform, self.device_kind = process, i, "cpu", "cpu"
 
 
+def test_single_process_commands_refuse_a_multi_task_step():
+    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "4", "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0"}
+    for command in ("dream", "evaluate"):
+        with pytest.raises(ConfigError, match=f"`dreamer4 {command}` is a single-process evaluation"):
+            distributed.require_single_process(command, step)
+    distributed.require_single_process("evaluate", dict(step, SLURM_NTASKS="1"))
+    distributed.require_single_process("evaluate", {})
+
+
 def test_hybrid_mesh_keeps_fsdp_inside_a_process():
     devs = [FakeDevice(p, 4 * p + i) for p in range(2) for i in range(4)]
     grid = device_grid(devs, 2)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dreamer4.config import Config, ConfigError
-from dreamer4.runtime.distributed import log0, slurm_task_count
+from dreamer4.config import Config
+from dreamer4.runtime.distributed import log0, require_single_process
 from dreamer4.dynamics.evaluate import dream
 from dreamer4.dynamics.train import train_dynamics
 
@@ -18,9 +18,7 @@ def run_train_dynamics(cfg: Config, data: str, run: str) -> dict:
 
 
 def run_dream(run: str, seed: int = 0) -> dict:
-    if slurm_task_count() > 1:
-        raise ConfigError("`dreamer4 dream` is a single-process evaluation; start it with one task "
-                          "(srun --ntasks=1 ...), not inside a multi-task srun step")
+    require_single_process("dream")
     metrics = dream(run, seed=seed)
     print(open(f"{run}/dream/table.md").read())
     print(f"written to {run}/dream/ (results.json, table.md, psnr_vs_horizon.png, real_vs_imagined_*.gif)")

@@ -66,6 +66,13 @@ def slurm_task_count(env=os.environ) -> int:
     return int(env["SLURM_NTASKS"])
 
 
+def require_single_process(command: str, env=os.environ) -> None:
+    """Refuse a single-process command started inside a multi-task srun step (it would run N times)."""
+    if slurm_task_count(env) > 1:
+        raise ConfigError(f"`dreamer4 {command}` is a single-process evaluation; start it with one task "
+                          "(srun --ntasks=1 ...), not inside a multi-task srun step")
+
+
 def _visible_gpus(env) -> list[str] | None:
     cvd = env.get("CUDA_VISIBLE_DEVICES")
     if cvd is not None and cvd.strip():
