@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory holding a trained world model")
     p.add_argument("--phase", choices=["bc", "imagine", "all"], default="all",
                    help="bc: behaviour cloning + reward model; imagine: RL in imagination; all: both (default)")
-    _add_distributed_args(p)  # the shared train loop; not yet exercised multi-process by a test
+    _add_distributed_args(p)
 
     p = sub.add_parser("evaluate", help="evaluate RUN_DIR's agents in the real game and in imagination")
     p.add_argument("--run", required=True)
