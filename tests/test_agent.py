@@ -142,3 +142,41 @@ def test_evaluate_real_episodes_and_report(trained_agent):
         assert (out / f).exists(), f
     page = write_report(trained_agent).read_text()
     assert "Agent in the real game" in page and "evaluate/achievements.png" in page
+
+
+CHROMIUM = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(trained_agent, tmp_path):
+    """The report loads in a real browser: every image and GIF it links decodes, tables are laid out."""
+    import re
+    import subprocess
+
+    from dreamer4.pipelines.report import write_report
+
+    page = write_report(trained_agent).read_text()
+    # A copy of the page next to it (same relative links) that records, once loaded, how many
+    # images it has and how many failed to decode.
+    probe = trained_agent / "_probe.html"
+    probe.write_text(page.replace("</body>", """<script>window.addEventListener('load', () => {
+      const imgs = [...document.images];
+      document.body.setAttribute('data-images', imgs.length);
+      document.body.setAttribute('data-broken', imgs.filter(i => !i.complete || i.naturalWidth === 0).length);
+      document.body.setAttribute('data-tables', document.querySelectorAll('table tr').length);
+    });</script></body>"""))
+    try:
+        r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+                            "--dump-dom", probe.resolve().as_uri()],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        probe.unlink()
+    m = re.search(r'<body data-images="(\d+)" data-broken="(\d+)" data-tables="(\d+)"', r.stdout)
+    assert m, (r.returncode, r.stdout[:500], r.stderr[-2000:])
+    images, broken, rows = map(int, m.groups())
+    n_linked = len(re.findall(r"<img src=", page))
+    assert images == n_linked >= 5 and broken == 0  # grid, achievements chart, real and imagined GIFs
+    assert rows > 10
