@@ -1,8 +1,8 @@
 """Multi-host proof on CPU: real JAX multi-controller jobs of 2 processes over loopback (gloo).
 
 * 2 processes x 2 fake CPU devices train the tokenizer, the dynamics and the agent (BC, then
-  imagination) with state FSDP-sharded over all 4 devices; their losses equal a 1-process x 4-device run of the same
-  config and seed;
+  imagination) with state FSDP-sharded over all 4 devices; their losses equal a 1-process x
+  4-device run of the same config and seed;
 * the 2-process checkpoint restores in a 1-process, 1-device run that continues training exactly
   like the 1-process reference's checkpoint does;
 * 2 processes collect into one dataset (writer id = process index): disjoint shards, valid manifest;

@@ -97,24 +97,31 @@ def slurm_local_device_ids(process_per: str, env=os.environ) -> list[int] | None
     return None
 
 
+def _explicit_flags(coordinator, num_processes, process_id) -> bool:
+    """Whether --coordinator/--num-processes/--process-id were given; a bad combination is an error."""
+    explicit = (coordinator, num_processes, process_id)
+    if all(v is None for v in explicit):
+        return False
+    if any(v is None for v in explicit):
+        raise ConfigError("--coordinator, --num-processes and --process-id must be given together "
+                          f"(got {coordinator!r}, {num_processes!r}, {process_id!r})")
+    if ":" not in coordinator:
+        raise ConfigError(f"--coordinator {coordinator!r} must look like HOST:PORT")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ConfigError(f"--process-id {process_id} must be in [0, --num-processes={num_processes})")
+    return True
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                process_per: str = "device", env=os.environ) -> DistributedInfo:
     """Initialise jax.distributed exactly once for this process (see the module docstring)."""
     global _initialized
-    explicit = (coordinator, num_processes, process_id)
-    # Bad flags are an error even when an earlier command in this interpreter already initialised.
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise ConfigError("--coordinator, --num-processes and --process-id must be given together "
-                              f"(got {coordinator!r}, {num_processes!r}, {process_id!r})")
-        if ":" not in coordinator:
-            raise ConfigError(f"--coordinator {coordinator!r} must look like HOST:PORT")
-        if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ConfigError(f"--process-id {process_id} must be in [0, --num-processes={num_processes})")
+    # Checked first: bad flags are an error even when an earlier command in this interpreter initialised.
+    explicit = _explicit_flags(coordinator, num_processes, process_id)
     if _initialized is not None:
         return _initialized
     policy = env.get("DREAMER4_DISTRIBUTED", "").lower()
-    if any(v is not None for v in explicit):
+    if explicit:
         if num_processes == 1:
             _initialized = DistributedInfo("single", 0, 1)
             return _initialized
