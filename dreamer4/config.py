@@ -2,9 +2,12 @@
 
     cfg = load_config("configs/tiny.yaml", ["collect.num_envs=8", "seed=3"])
 
-Every key is checked against the dataclasses below: an unknown key or a value of the wrong type is
-one `ConfigError` naming the key and what was expected. `save_config` writes the resolved config
-into an output directory so that every artefact says how it was made.
+A preset is a delta over another (`base: base.yaml`, resolved by `read_preset`). Every key is
+checked against the dataclasses below: an unknown key or a value of the wrong type is one
+`ConfigError` naming the key and what was expected. Each stage's config is made of parts: the
+network (`.net`, all a model receives and all a resume compares), sampling, training and
+evaluation. `save_config` writes the resolved config into an output directory so that every
+artefact says how it was made.
 """
 
 from __future__ import annotations
@@ -89,9 +92,20 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
+def _part(cfg: Any, cls: type) -> Any:
+    """The fields of `cls` (one part of a stage config) read off the stage config `cfg`."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+# Each stage's config is the union of its parts: the network (the only part a model receives and the
+# only part compared when a stage resumes), sampling, training and evaluation. YAML keys stay flat
+# under the stage (`tokenizer.width`, `tokenizer.train.steps`, `tokenizer.eval_frames`); the parts
+# are views (`cfg.tokenizer.net`, `.training`, `.evaluation`).
+
+
 @dataclass(frozen=True)
-class TokenizerConfig:
-    """Causal tokenizer (Dreamer 4 sec. 3.1): patches + latent tokens, tanh bottleneck, MAE."""
+class TokenizerNet:
+    """Causal tokenizer network (Dreamer 4 sec. 3.1): patches + latent tokens, tanh bottleneck."""
 
     patch_size: int = 8
     width: int = 128
@@ -102,17 +116,42 @@ class TokenizerConfig:
     time_every: int = 4  # a time-attention layer every this many layers
     num_latents: int = 16  # latent tokens per frame
     latent_dim: int = 16  # bottleneck width per latent token
-    mask_prob_max: float = 0.9  # per-image patch drop probability p ~ U(0, mask_prob_max)
     logit_cap: float = 50.0
+
+
+@dataclass(frozen=True)
+class TokenizerTraining:
+    mask_prob_max: float = 0.9  # per-image patch drop probability p ~ U(0, mask_prob_max) (MAE)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class TokenizerEvaluation:
     # Held-out evaluation: episodes of the eval split and frames per episode.
     eval_episodes: int = 4
     eval_frames: int = 16
 
 
 @dataclass(frozen=True)
-class DynamicsConfig:
-    """Block-causal axial transformer trained with shortcut forcing (Dreamer 4 sec. 3.2)."""
+class TokenizerConfig(TokenizerEvaluation, TokenizerTraining, TokenizerNet):
+    """Causal tokenizer (Dreamer 4 sec. 3.1): network, MAE training, held-out evaluation."""
+
+    @property
+    def net(self) -> TokenizerNet:
+        return _part(self, TokenizerNet)
+
+    @property
+    def training(self) -> TokenizerTraining:
+        return _part(self, TokenizerTraining)
+
+    @property
+    def evaluation(self) -> TokenizerEvaluation:
+        return _part(self, TokenizerEvaluation)
+
+
+@dataclass(frozen=True)
+class DynamicsNet:
+    """Block-causal axial transformer (Dreamer 4 sec. 3.2)."""
 
     width: int = 128
     depth: int = 4
@@ -124,15 +163,29 @@ class DynamicsConfig:
     # Tokenizer latents (L per frame) are grouped into S_z spatial tokens (L % S_z == 0).
     spatial_tokens: int = 8
     register_tokens: int = 4
-    k_max: int = 64  # finest step size d_min = 1 / k_max (a power of two)
+    k_max: int = 64  # finest step size d_min = 1 / k_max (a power of two); sizes the tau/d embeddings
+
+
+@dataclass(frozen=True)
+class DynamicsSampling:
     sample_steps: int = 4  # K sampling steps per generated frame
     # Signal level of past frames during generation (tau = 1 clean). The paper "slightly corrupts"
     # the context "to tau_ctx = 0.1"; read as a signal level that would be 90% noise, so we take it
     # as 10% noise: tau = 0.9 (on the k_max grid it rounds to the nearest level the model learned).
     context_tau: float = 0.9
+
+
+@dataclass(frozen=True)
+class DynamicsTraining:
+    """Shortcut forcing (sec. 3.2) on sequences and single images."""
+
     single_image_share: float = 0.3  # share of each batch trained as single images (start frames)
     short_seq_len: int = 0  # > 0: alternate batches of this length with train.seq_len
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class DynamicsEvaluation:
     # Open-loop evaluation: C context frames, H generated frames, E held-out episodes.
     eval_context: int = 4
     eval_horizon: int = 8
@@ -140,11 +193,38 @@ class DynamicsConfig:
 
 
 @dataclass(frozen=True)
-class BehaviorConfig:
-    """PPO behaviour policy trained online in Craftax (`dreamer4 train-behavior`).
+class DynamicsConfig(DynamicsEvaluation, DynamicsTraining, DynamicsSampling, DynamicsNet):
+    """Dynamics: network, sampling (generation), shortcut-forcing training, open-loop evaluation."""
 
-    Defaults follow the Craftax baselines' PPO (Matthews et al. 2024, Craftax_Baselines ppo.py).
-    """
+    @property
+    def net(self) -> DynamicsNet:
+        return _part(self, DynamicsNet)
+
+    @property
+    def sampling(self) -> DynamicsSampling:
+        return _part(self, DynamicsSampling)
+
+    @property
+    def training(self) -> DynamicsTraining:
+        return _part(self, DynamicsTraining)
+
+    @property
+    def evaluation(self) -> DynamicsEvaluation:
+        return _part(self, DynamicsEvaluation)
+
+
+@dataclass(frozen=True)
+class BehaviorNet:
+    """The PPO actor-critic: a CNN over stacked frames."""
+
+    frame_stack: int = 2  # the policy sees the last K frames, stacked on channels
+    conv_channels: tuple[int, ...] = (16, 32)  # 8x8/4, then 4x4/2, then 3x3/1 convolutions
+    hidden: int = 512
+
+
+@dataclass(frozen=True)
+class BehaviorTraining:
+    """PPO as in the Craftax baselines (Matthews et al. 2024, Craftax_Baselines ppo.py)."""
 
     total_steps: int = 1_000_000  # environment steps over the whole run
     num_envs: int = 64
@@ -159,25 +239,54 @@ class BehaviorConfig:
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     max_grad_norm: float = 1.0
-    frame_stack: int = 2  # the policy sees the last K frames, stacked on channels
-    conv_channels: tuple[int, ...] = (16, 32)  # 8x8/4, then 4x4/2, then 3x3/1 convolutions
-    hidden: int = 512
     log_every: int = 1  # updates
     ckpt_every: int = 50  # updates
     keep_checkpoints: int = 5  # several stages of training make a skill spread for `collect --mix`
+
+
+@dataclass(frozen=True)
+class BehaviorEvaluation:
     # Final evaluation: trained policy vs uniform random from the same env seeds, fixed horizon.
     eval_envs: int = 16
     eval_steps: int = 256
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class BehaviorConfig(BehaviorEvaluation, BehaviorTraining, BehaviorNet):
+    """PPO behaviour policy trained online in Craftax (`dreamer4 train-behavior`).
+
+    Defaults follow the Craftax baselines' PPO (Matthews et al. 2024, Craftax_Baselines ppo.py).
+    """
+
+    @property
+    def net(self) -> BehaviorNet:
+        return _part(self, BehaviorNet)
+
+    @property
+    def training(self) -> BehaviorTraining:
+        return _part(self, BehaviorTraining)
+
+    @property
+    def evaluation(self) -> BehaviorEvaluation:
+        return _part(self, BehaviorEvaluation)
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_steps // (self.num_envs * self.num_steps)
+
+
+@dataclass(frozen=True)
+class AgentNet:
     """Agent tokens + policy/reward/value heads in the world model (Dreamer 4 sec. 3.3)."""
 
     num_tasks: int = 1  # task 0 = maximise the game's reward
     mtp: int = 8  # multi-token prediction length L of the policy and reward heads
     head_hidden: int = 256  # MLP width of each head
     num_bins: int = 255  # two-hot bins (uniform in symlog space on [-20, 20])
+
+
+@dataclass(frozen=True)
+class AgentTraining:
     # Phase bc: behaviour cloning + reward model (MTP) while the video loss continues.
     bc_weight: float = 1.0
     reward_weight: float = 1.0
@@ -191,11 +300,32 @@ class AgentConfig:
     pmpo_alpha: float = 0.5
     pmpo_beta: float = 0.3
     imagine: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class AgentEvaluation:
     # Evaluation in the real environment.
     eval_episodes: int = 32  # per policy
     eval_envs: int = 16  # episodes run in parallel
     eval_max_steps: int = 1000  # episodes are cut at this many steps (the KV cache holds them all)
     eval_imagine: int = 4  # rollouts for imagined-vs-real returns and videos
+
+
+@dataclass(frozen=True)
+class AgentConfig(AgentEvaluation, AgentTraining, AgentNet):
+    """Agent: heads (network), BC + imagination training, evaluation in the real game."""
+
+    @property
+    def net(self) -> AgentNet:
+        return _part(self, AgentNet)
+
+    @property
+    def training(self) -> AgentTraining:
+        return _part(self, AgentTraining)
+
+    @property
+    def evaluation(self) -> AgentEvaluation:
+        return _part(self, AgentEvaluation)
 
 
 @dataclass(frozen=True)
@@ -346,18 +476,42 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _merge(base: dict, delta: dict) -> dict:
+    """`base` with `delta` laid over it: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_preset(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A preset file as a nested dict, its `base:` chain resolved.
+
+    A preset may start with `base: OTHER.yaml` (relative to its own directory): it is then that
+    preset with this file's keys laid over it (a named delta, as in dreamerv3's configs.yaml).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist (presets live in configs/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {p}: 'base' must name another preset file, got {base!r}")
+    bp = (p.parent / base).resolve()
+    if bp in _seen or bp == p.resolve():
+        raise ConfigError(f"config file {p}: 'base: {base}' makes a cycle of presets")
+    return _merge(read_preset(bp, _seen + (p.resolve(),)), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (presets live in configs/)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    data: dict = read_preset(path) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
