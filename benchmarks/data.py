@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamer4.config import load_config
-from dreamer4.data.behavior import make_policy
 from dreamer4.data.collect import collect
 from dreamer4.data.env import ENV_IDS, make_env, to_uint8
 from dreamer4.data.loader import make_loader
+from dreamer4.data.policies import make_policy
 from dreamer4.data.store import Dataset
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 

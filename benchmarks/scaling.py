@@ -44,11 +44,12 @@ def worker(args) -> None:
     import jax
     import numpy as np
     from flax import nnx
+    from train_step import dynamics_case, tokenizer_case
 
     from dreamer4.config import load_config
+    from dreamer4.runtime.loading import TRAINABLE
     from dreamer4.runtime.mesh import global_batch, make_mesh
     from dreamer4.runtime.train_loop import compile_train_step, place_train_state
-    from train_step import dynamics_case, tokenizer_case
 
     cfg = load_config(args.config, args.overrides + [f"runtime.fsdp={args.fsdp}"])
     tc = cfg.tokenizer.train if args.stage == "tokenizer" else cfg.dynamics.train
@@ -58,7 +59,7 @@ def worker(args) -> None:
     model, loss_fn, data, _, tokens, n_params, frames = case(cfg, batch, tc.seq_len)
     trainable = nnx.Param
     if args.stage == "dynamics":
-        from dreamer4.dynamics.train import TRAINABLE as trainable
+        trainable = TRAINABLE["dynamics"]
     mesh = make_mesh(args.fsdp)
     graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
     step = compile_train_step(graphdef, loss_fn, shardings, mesh, trainable)

@@ -25,9 +25,9 @@ from flax import nnx
 
 from dreamer4.config import load_config
 from dreamer4.runtime.jax_setup import enable_compilation_cache
+from dreamer4.runtime.loading import TRAINABLE, build_dynamics, build_tokenizer
 from dreamer4.runtime.mesh import global_batch, make_mesh
 from dreamer4.runtime.train_loop import compile_train_step, place_train_state
-from dreamer4.tokenizer.train import build_tokenizer
 
 # Dense bf16 peak FLOP/s (no sparsity) by device kind substring.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "TPU v5p": 459e12, "TPU v4": 275e12}
@@ -77,7 +77,8 @@ def tokenizer_case(cfg, batch, seq_len):
 
 
 def dynamics_case(cfg, batch, seq_len):
-    from dreamer4.dynamics.train import WorldModel, build_dynamics, make_dynamics_loss
+    from dreamer4.dynamics.model import WorldModel
+    from dreamer4.dynamics.train import make_dynamics_loss
 
     shape = FRAME_SHAPES[cfg.env.name]
     tok = build_tokenizer(cfg, shape)
@@ -122,7 +123,7 @@ def main():
     model, loss_fn, data, flops, tokens, n_params, frames = case(cfg, batch, seq_len)
     trainable = nnx.Param
     if args.stage == "dynamics":
-        from dreamer4.dynamics.train import TRAINABLE as trainable
+        trainable = TRAINABLE["dynamics"]
     mesh = make_mesh(cfg.runtime.fsdp)
     graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
     step = compile_train_step(graphdef, loss_fn, shardings, mesh, trainable)

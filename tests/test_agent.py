@@ -1,17 +1,17 @@
 """Agent stage end to end on the session dataset: BC + reward, imagination RL, freezing, evaluation."""
 
-import json
+import dataclasses
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import TOK_OVERRIDES, make_test_config
-from dreamer4.runtime.logging import read_metrics
+from flax import nnx
 from test_dynamics import DYN_OVERRIDES
+
+from dreamer4.runtime.logging import read_metrics
 
 AGENT_OVERRIDES = [
     "agent.mtp=3", "agent.head_hidden=16", "agent.num_bins=21", "agent.context_len=2", "agent.horizon=3",
@@ -68,8 +68,8 @@ def test_bc_and_imagine_train_and_log(trained_agent):
 
 
 def test_freezing_per_phase(trained_agent):
-    from dreamer4.dynamics.train import load_world_model
-    from dreamer4.policy.train import STAGE_BC, load_agent
+    from dreamer4.policy.train import STAGE_BC
+    from dreamer4.runtime.loading import load_agent, load_world_model
 
     world, _, _ = load_world_model(trained_agent)
     bc, _, _ = load_agent(trained_agent, STAGE_BC)
@@ -88,13 +88,14 @@ def test_freezing_per_phase(trained_agent):
 def test_imagination_rollout_shapes(trained_agent, dataset):
     from dreamer4.data.loader import make_loader
     from dreamer4.policy.imagine import imagine_rollout
-    from dreamer4.policy.train import load_agent
+    from dreamer4.runtime.loading import load_agent
 
     agent, wcfg, info = load_agent(trained_agent)
     batch = next(iter(make_loader(dataset[0], agent_config(), "train", batch_size=2, seq_len=2)))
     z = agent.world.latents(jnp.asarray(batch["frames"]))
     roll = imagine_rollout(agent, z, jnp.asarray(batch["actions"]), jnp.asarray(batch["action_mask"]),
-                           jnp.zeros((2,), jnp.int32), jax.random.PRNGKey(0), horizon=3, K=2)
+                           jnp.zeros((2,), jnp.int32), jax.random.PRNGKey(0), horizon=3,
+                           sampling=dataclasses.replace(wcfg.dynamics.sampling, sample_steps=2))
     D, L, N = agent.dynamics.cfg.width, agent.dynamics.L, agent.dynamics.N
     assert roll["h"].shape == (2, 4, D) and roll["z"].shape == (2, 3, L, N) and roll["actions"].shape == (2, 3)
     assert roll["actions"].dtype == jnp.int32 and int(roll["actions"].min()) >= 0

@@ -4,12 +4,11 @@ uniform random on the same seeds, resume after a stop, and collection with PPO /
 import json
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import make_test_config
+
 from dreamer4.behavior import ppo
 from dreamer4.behavior.model import push_frame
 from dreamer4.config import ConfigError
@@ -151,7 +150,6 @@ def test_ppo_checkpoint_spec_resolution(trained_ppo, tmp_path):
 
 @pytest.mark.slow
 def test_collect_with_ppo_mixture_and_epsilon(trained_ppo, tmp_path):
-    import dreamer4.behavior.policy  # noqa: F401  (registers "ppo")
     from dreamer4.data.collect import collect
     from dreamer4.data.store import read_manifest
 

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TOK_OVERRIDES, make_test_config
 from flax import nnx
 
-from conftest import TOK_OVERRIDES, make_test_config
 from dreamer4.config import ConfigError
 from dreamer4.dynamics.model import Dynamics, d_index, tau_index
 from dreamer4.dynamics.sampler import rollout
@@ -31,7 +31,7 @@ def dyn_config(extra=()):
 
 @pytest.fixture(scope="module")
 def dyn():
-    return Dynamics(dyn_config().dynamics, L, N, A, rngs=nnx.Rngs(0))
+    return Dynamics(dyn_config().dynamics.net, L, N, A, rngs=nnx.Rngs(0))
 
 
 def _inputs(seed=0):
@@ -97,10 +97,10 @@ def test_unlabeled_actions_never_reach_the_embedding(dyn):
 @pytest.mark.parametrize("K", [1, 2, 4, 8])
 def test_sampler_shapes_for_every_k(dyn, K):
     z, _, _, acts, mask = _inputs(3)
-    out = rollout(dyn, z[:, :2], acts, mask, jax.random.PRNGKey(0), K, horizon=3)
+    out = rollout(dyn, z[:, :2], acts, mask, jax.random.PRNGKey(0), K, horizon=3, context_tau=0.9)
     assert out.shape == (B, 3, L, N) and bool(jnp.all(jnp.isfinite(out)))
     with pytest.raises(ValueError):
-        rollout(dyn, z[:, :2], acts, mask, jax.random.PRNGKey(0), 3, horizon=1)
+        rollout(dyn, z[:, :2], acts, mask, jax.random.PRNGKey(0), 3, horizon=1, context_tau=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def test_training_reduces_loss_and_evaluates(trained_dynamics):
 
 
 def test_resume_keeps_tokenizer_frozen(trained_dynamics, dataset):
-    from dreamer4.dynamics.train import load_world_model, train_dynamics
-    from dreamer4.tokenizer.train import load_tokenizer
+    from dreamer4.dynamics.train import train_dynamics
+    from dreamer4.runtime.loading import load_tokenizer, load_world_model
 
     run, _ = trained_dynamics
     root, _ = dataset

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dreamer4.config import AgentConfig
+from dreamer4.config import AgentNet
 from dreamer4.nn import symexp, symlog, symlog_bins, two_hot, two_hot_mean, two_hot_nll
 from dreamer4.policy import losses as Lo
 from dreamer4.policy.heads import Agent, agent_visibility, freeze_prior
@@ -155,10 +155,11 @@ class _World(nnx.Module):
 @pytest.fixture(scope="module")
 def agent():
     from test_dynamics import A, L, N, dyn_config
+
     from dreamer4.dynamics.model import Dynamics
 
-    dyn = Dynamics(dyn_config().dynamics, L, N, A, rngs=nnx.Rngs(0))
-    return Agent(_World(dyn), AgentConfig(num_tasks=2, mtp=3, head_hidden=16, num_bins=11), A, rngs=nnx.Rngs(1))
+    dyn = Dynamics(dyn_config().dynamics.net, L, N, A, rngs=nnx.Rngs(0))
+    return Agent(_World(dyn), AgentNet(num_tasks=2, mtp=3, head_hidden=16, num_bins=11), A, rngs=nnx.Rngs(1))
 
 
 def test_agent_visibility():
@@ -193,7 +194,7 @@ def test_agent_tokens_leave_the_world_model_unchanged(agent):
 
 
 def test_agent_kv_cache_equals_full_pass(agent):
-    from test_dynamics import B, T, _inputs
+    from test_dynamics import T, _inputs
 
     z, tau, d, acts, mask = _inputs(5)
     task = jnp.zeros(acts.shape, jnp.int32)

@@ -6,19 +6,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
 from flax import nnx
 
-from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
 from dreamer4.data.store import Dataset, DatasetError
 from dreamer4.runtime.logging import read_metrics
 from dreamer4.tokenizer.model import Tokenizer, sample_patch_mask
 from dreamer4.tokenizer.train import tokenizer_loss, train_tokenizer
+
 
 def tok_config(extra=()):
     return make_test_config(TOK_OVERRIDES + list(extra))
@@ -27,7 +27,7 @@ def tok_config(extra=()):
 @pytest.fixture(scope="module")
 def model():
     cfg = tok_config()
-    m = Tokenizer(cfg.tokenizer, (63, 63, 3), rngs=nnx.Rngs(0))
+    m = Tokenizer(cfg.tokenizer.net, (63, 63, 3), rngs=nnx.Rngs(0))
     # The read-out starts at zero (training begins from the bias); give it weights so that the
     # causality checks below see the decoder's output depend on its input.
     k = m.patch_out.kernel
@@ -180,7 +180,7 @@ def test_loss_is_finite_and_positive(model, frames):
 
 
 def test_bf16_compute_keeps_fp32_params(frames):
-    from dreamer4.tokenizer.train import build_tokenizer
+    from dreamer4.runtime.loading import build_tokenizer
 
     m = build_tokenizer(tok_config(["tokenizer.train.precision=bf16"]), (63, 63, 3))
     params = jax.tree.leaves(nnx.state(m, nnx.Param))

@@ -3,7 +3,7 @@
 CHECKPOINT is a run directory (RUN_DIR, holding behavior/checkpoints/), the stage directory
 (RUN_DIR/behavior), its checkpoints/ directory (all three mean: the latest checkpoint), or one
 checkpoint step directory (RUN_DIR/behavior/checkpoints/<update>) to pick an earlier stage of
-training. Importing this module registers the kind "ppo" with `data.behavior.register_policy`.
+training. The kind "ppo" is listed in the policy registry, `data/policies.py`.
 
 The policy keeps its frame stack as its state (reset to the episode's first frame on is_first)
 and samples from its categorical distribution, as it did in training.
@@ -18,10 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dreamer4.behavior.model import push_frame
+from dreamer4.behavior.train import PPO, _from_saved, _to_saved, abstract_runner
 from dreamer4.config import ConfigError, from_dict
-from dreamer4.data.behavior import BehaviorPolicy, register_policy
+from dreamer4.data.behavior import BehaviorPolicy
 from dreamer4.data.env import EnvSpec, make_env
 from dreamer4.runtime.checkpoint import Checkpointer
+from dreamer4.runtime.stage import CHECKPOINTS, StageDir
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
@@ -32,7 +34,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
         if not p.is_dir():
             raise ConfigError(f"{where}: checkpoint step directory {p} does not exist")
         return p.parent, int(p.name)
-    for d in (p / "behavior" / "checkpoints", p / "checkpoints", p):
+    for d in (StageDir(p, "behavior").checkpoints, p / CHECKPOINTS, p):
         if d.is_dir():
             steps = sorted(int(c.name) for c in d.iterdir() if c.is_dir() and c.name.isdigit())
             if steps:
@@ -43,8 +45,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
 
 def load_ppo(path: str | Path, env_spec: EnvSpec | None = None):
     """(graphdef, params, behavior config, meta) of a PPO checkpoint, checked against `env_spec`."""
-    from dreamer4.behavior.train import PPO, _from_saved, _to_saved, abstract_runner
-
     ckpt_dir, step = resolve_checkpoint(path)
     ck = Checkpointer(ckpt_dir, async_save=False)
     try:
@@ -81,5 +81,3 @@ def ppo_policy(path: str, env_spec: EnvSpec, collect_cfg) -> BehaviorPolicy:
 
     return BehaviorPolicy("ppo", init, act)
 
-
-register_policy("ppo", ppo_policy)

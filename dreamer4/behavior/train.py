@@ -6,9 +6,10 @@ GAE, then `update_epochs` passes of `num_minibatches` shuffled minibatch updates
 around it only logs, checkpoints and counts.
 
 This is online RL, so it does not use the dataset-driven `train()` of runtime/train_loop.py; it
-uses the same runtime pieces: orbax checkpoints (`Checkpointer`), `MetricLogger` (metrics.jsonl +
-wandb), `Progress`, and the same NaN discipline (metrics are checked before every checkpoint, so a
-non-finite loss never overwrites a good checkpoint).
+shares that loop's host-side core (`runtime.host_loop.HostLoop`: metric flush, finite check before
+every checkpoint, so a non-finite loss never overwrites a good checkpoint, log and checkpoint
+cadence) and its runtime pieces: orbax checkpoints (`Checkpointer`), `MetricLogger`, the stage
+contract (`StageDir`).
 
 RUN_DIR/behavior/ holds config.yaml, checkpoints/<update>/, metrics.jsonl and eval.json. A
 checkpoint holds the whole runner: parameters, optimizer state, env states, frame stacks, PRNG
@@ -19,8 +20,6 @@ reassociation on another device count).
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import jax
@@ -34,20 +33,18 @@ from dreamer4.behavior.model import ActorCritic, push_frame
 from dreamer4.config import BehaviorConfig, Config, save_config, to_dict
 from dreamer4.data.env import EnvSpec, make_env, to_uint8
 from dreamer4.runtime.checkpoint import Checkpointer
+from dreamer4.runtime.distributed import is_main_process
+from dreamer4.runtime.host_loop import HostLoop
 from dreamer4.runtime.logging import MetricLogger
-from dreamer4.runtime.progress import Progress
+from dreamer4.runtime.stage import StageDir
 
 STAGE = "behavior"
-
-
-def num_updates(b: BehaviorConfig) -> int:
-    return b.total_steps // (b.num_envs * b.num_steps)
 
 
 def make_optimizer(b: BehaviorConfig) -> optax.GradientTransformation:
     """Adam with global-norm clipping; the learning rate decays linearly to 0 over the updates."""
     per_update = b.update_epochs * b.num_minibatches
-    total = num_updates(b)
+    total = b.num_updates
 
     def lr(count):
         if not b.anneal_lr:
@@ -271,14 +268,16 @@ def train_behavior(cfg: Config, run_dir: str | Path, log=print, stop_after_updat
     right after a checkpoint (set behavior.ckpt_every to divide it).
     """
     b = cfg.behavior
-    stage_dir = Path(run_dir) / STAGE
+    stage = StageDir(run_dir, STAGE)
+    stage.check_network(cfg)
+    stage_dir = stage.dir
     stage_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
+    if is_main_process():
         save_config(cfg, stage_dir)
     env, env_params, spec = make_env(cfg.env.name)
     fns = PPO(cfg, env, env_params, spec)
-    total = num_updates(b)
-    ckpt = Checkpointer(stage_dir / "checkpoints", keep=b.keep_checkpoints)
+    total = b.num_updates
+    ckpt = Checkpointer(stage.checkpoints, keep=b.keep_checkpoints)
     logger = MetricLogger(stage_dir, STAGE, to_dict(cfg), mode=cfg.runtime.wandb, project=cfg.runtime.wandb_project)
     latest = ckpt.latest_step()
     like = abstract_runner(fns, cfg.seed)
@@ -291,71 +290,46 @@ def train_behavior(cfg: Config, run_dir: str | Path, log=print, stop_after_updat
         log(f"[{STAGE}] resumed from update {int(meta['step'])} ({meta['env_steps']} env steps) in {ckpt.directory}")
     update = int(runner["update"])
     steps_per_update = b.num_envs * b.num_steps
-    bar = Progress(total=total, initial=update, desc=STAGE, unit="update")
-    pending: list[tuple[int, dict]] = []
-    t_last, updates_since = time.time(), 0
-    last: dict = {}
     done_now = 0
 
-    def flush() -> None:
-        nonlocal pending, t_last, updates_since, last
-        if not pending:
-            return
-        host = jax.device_get([m for _, m in pending])
-        for (u, _), m in zip(pending, host):
-            if not all(np.isfinite(v) for v in m.values()):
-                raise FloatingPointError(
-                    f"[{STAGE}] PPO loss became non-finite at update {u} "
-                    f"({ {k: float(v) for k, v in m.items()} }); the last good checkpoint is update "
-                    f"{ckpt.latest_step()} in {ckpt.directory} (not overwritten)")
-        now = time.time()
+    def on_nonfinite(u: int, m: dict) -> None:
+        raise FloatingPointError(
+            f"[{STAGE}] PPO loss became non-finite at update {u} "
+            f"({ {k: float(v) for k, v in m.items()} }); the last good checkpoint is update "
+            f"{ckpt.latest_step()} in {ckpt.directory} (not overwritten)")
+
+    def summarize(host: list[dict], updates: int, seconds: float) -> dict:
         # Episode statistics are weighted by the episodes that ended in each update.
         n = np.array([m["episodes"] for m in host], float)
-        means = {k: float(np.mean([m[k] for m in host])) for k in host[0]
-                 if not k.startswith("episode")}
+        means = {k: float(np.mean([m[k] for m in host])) for k in host[0] if not k.startswith("episode")}
         for k in ("episode_return", "episode_length", "episode_achievements"):
             if n.sum() > 0:
                 means[k] = float(np.sum([m[k] * w for m, w in zip(host, n)]) / n.sum())
         means["episodes"] = float(n.sum())
-        means["env_steps"] = float(pending[-1][0] * steps_per_update)
-        means["env_steps_per_s"] = updates_since * steps_per_update / max(now - t_last, 1e-9)
-        t_last, updates_since = now, 0
-        logger.log(pending[-1][0], means)
-        bar.update(0, ret=means.get("episode_return", float("nan")), sps=means["env_steps_per_s"])
-        last = means
-        pending = []
+        means["env_steps"] = float(loop.pending[-1][0] * steps_per_update)
+        means["env_steps_per_s"] = updates * steps_per_update / seconds
+        return means
 
-    def save(u: int) -> None:
-        flush()
-        ckpt.save(u, _to_saved(runner), checkpoint_meta(cfg, spec, u))
-
+    loop = HostLoop(STAGE, total=total, initial=update, unit="update", log_every=b.log_every,
+                    ckpt_every=b.ckpt_every, ckpt=ckpt, logger=logger,
+                    save_state=lambda u: (_to_saved(runner), checkpoint_meta(cfg, spec, u)),
+                    summarize=summarize, on_nonfinite=on_nonfinite,
+                    progress=lambda m: {"ret": m.get("episode_return", float("nan")), "sps": m["env_steps_per_s"]})
     try:
         while update < total:
             runner, metrics = fns.update(runner)
             update += 1
-            updates_since += 1
             done_now += 1
-            pending.append((update, metrics))
-            bar.update(1)
-            if update % b.log_every == 0:
-                flush()
-            if update % b.ckpt_every == 0 or update == total:
-                save(update)
+            loop.record(update, metrics)
             if stop_after_updates is not None and done_now >= stop_after_updates and update < total:
-                flush()
+                loop.flush()
                 ckpt.wait()
-                return {"update": update, "complete": False, **last}
-        flush()
-        if ckpt.latest_step() != update:
-            save(update)
-        ckpt.wait()
+                return {"update": update, "complete": False, **loop.last}
+        loop.finish(update)
         results = evaluate_vs_random(fns, runner["params"], cfg.seed)
         results.update(update=update, env_steps=update * steps_per_update, complete=True)
         logger.log(update, {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        if jax.process_index() == 0:
-            (stage_dir / "eval.json").write_text(json.dumps({**results, "train": last}, indent=1))
-        return {**last, **results}
+        stage.write_results({**results, "train": loop.last})
+        return {**loop.last, **results}
     finally:
-        bar.close()
-        ckpt.close()
-        logger.close()
+        loop.close()

@@ -7,14 +7,15 @@ A policy is two pure functions, traced inside the collector's jitted `lax.scan`:
 
 `frames_NHWC` are the uint8 frames the envs show now; `is_first_N` marks envs whose episode just
 began (a recurrent or sticky policy resets there). Policies are chosen by a spec string:
-"random", "sticky", or "KIND:CHECKPOINT" for a learned policy registered with `register_policy`
-(the PPO policy of a later stage registers itself as "ppo").
+"random", "sticky", or "KIND:CHECKPOINT" for a learned policy; the one registry of policy kinds
+is `data/policies.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,31 +61,6 @@ def sticky_policy(num_actions: int, repeat_prob: float) -> BehaviorPolicy:
         return actions, actions
 
     return BehaviorPolicy("sticky", init, act)
-
-
-# KIND -> factory(checkpoint_path, env_spec, collect_cfg) -> BehaviorPolicy
-_LEARNED: dict[str, Callable[..., BehaviorPolicy]] = {}
-
-
-def register_policy(kind: str, factory: Callable[..., BehaviorPolicy]) -> None:
-    """Make "KIND:CHECKPOINT" specs resolvable; used by stages that train a behaviour policy."""
-    _LEARNED[kind] = factory
-
-
-def make_policy(spec: str, env_spec, collect_cfg) -> BehaviorPolicy:
-    if spec == "random":
-        return random_policy(env_spec.num_actions)
-    if spec == "sticky":
-        return sticky_policy(env_spec.num_actions, collect_cfg.sticky_repeat_prob)
-    kind, sep, path = spec.partition(":")
-    if sep and kind == "ppo" and kind not in _LEARNED:
-        import dreamer4.behavior.policy  # noqa: F401  (registers "ppo"; imported lazily, it depends on us)
-    if sep and kind in _LEARNED:
-        return _LEARNED[kind](path, env_spec, collect_cfg)
-    known = ["random", "sticky"] + [f"{k}:CHECKPOINT" for k in sorted(_LEARNED)]
-    raise ConfigError(
-        f"config key 'collect.policy': unknown behaviour policy {spec!r}; expected one of {known}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +35,9 @@ import numpy as np
 
 from dreamer4.config import Config, ConfigError, save_config, to_dict
 from dreamer4.data import store
-from dreamer4.data.behavior import BehaviorPolicy, assign_envs, make_policy, mixture_policy, parse_mix
+from dreamer4.data.behavior import BehaviorPolicy, assign_envs, mixture_policy, parse_mix
 from dreamer4.data.env import EnvSpec, make_env, to_uint8
+from dreamer4.data.policies import make_policy
 from dreamer4.runtime.progress import Progress
 
 ROW_FIELDS = tuple(store.FIELD_DTYPES)

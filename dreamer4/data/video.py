@@ -26,6 +26,8 @@ import numpy as np
 
 from dreamer4.config import Config, save_config
 from dreamer4.data import store
+from dreamer4.data.collect import stratified_pick
+from dreamer4.data.env import make_env
 from dreamer4.data.store import DatasetError
 
 FIT_MODES = ("resize", "pad", "letterbox")
@@ -153,8 +155,6 @@ def _parse_shape(text: str | None) -> tuple[int, int, int] | None:
 
 
 def _new_header(cfg: Config, frame_shape) -> dict:
-    from dreamer4.data.env import make_env
-
     _, _, spec = make_env(cfg.env.name)
     return {
         "format": store.FORMAT, "format_version": store.FORMAT_VERSION,
@@ -172,8 +172,6 @@ def _new_header(cfg: Config, frame_shape) -> dict:
 def import_videos(cfg: Config, out: str | Path, files: list[str], *, frame_shape: str | None = None,
                   fit: str = "resize", fps: float | None = None, log=print) -> dict:
     """Import `files` into dataset `out` (created when missing); returns a summary."""
-    from dreamer4.data.collect import stratified_pick
-
     if fit not in FIT_MODES:
         raise DatasetError(f"--fit {fit!r}: expected one of {FIT_MODES}")
     root = Path(out)

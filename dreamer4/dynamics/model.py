@@ -28,8 +28,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from dreamer4.config import DynamicsConfig
+from dreamer4.config import DynamicsNet
 from dreamer4.nn import AxialTransformer
+from dreamer4.tokenizer.model import Tokenizer
 
 
 def tau_index(tau, k_max: int):
@@ -44,7 +45,7 @@ def d_index(d, k_max: int):
 
 
 class Dynamics(nnx.Module):
-    def __init__(self, cfg: DynamicsConfig, num_latents: int, latent_dim: int, num_actions: int, *,
+    def __init__(self, cfg: DynamicsNet, num_latents: int, latent_dim: int, num_actions: int, *,
                  rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
         self.L, self.N, self.A = num_latents, latent_dim, num_actions
@@ -99,3 +100,23 @@ class Dynamics(nnx.Module):
         """Predict clean z_t for one step t (inputs at t), reading the cache of steps < t."""
         y, cache = self.transformer.step(self.tokens(z_B1LN, tau_B1, d_B1, action_B1, action_mask_B1), cache, t)
         return self.readout(y), cache
+
+
+class WorldModel(nnx.Module):
+    """The world model: the (frozen) tokenizer and the dynamics, as one module (one state, one checkpoint).
+
+    The tokenizer is trained first and frozen here (training only updates parameters under `dynamics`);
+    holding both in one module places, shards and checkpoints them together.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, dynamics: Dynamics):
+        self.tokenizer = tokenizer
+        self.dynamics = dynamics
+
+    def latents(self, frames_BTHWC_uint8):
+        """Clean tokenizer latents z1 of uint8 frames, with no gradient into the tokenizer."""
+        return jax.lax.stop_gradient(self.tokenizer.encode(frames_BTHWC_uint8.astype(jnp.float32) / 255.0))
+
+    def decode(self, z_BTLN):
+        """Tokenizer latents -> frames in [0, 1] (clipped)."""
+        return jnp.clip(self.tokenizer.decode(z_BTLN), 0.0, 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dreamer4.data.store import Dataset, verify
+from dreamer4.data.video import import_videos
 
 
 def dataset_stats(root: str) -> dict:
@@ -79,8 +80,6 @@ def print_info(root: str) -> dict:
 
 def run_import_video(cfg, out: str, files: list[str], frame_shape: str | None = None, fit: str = "resize",
                      fps: float | None = None) -> dict:
-    from dreamer4.data.video import import_videos
-
     summary = import_videos(cfg, out, files, frame_shape=frame_shape, fit=fit, fps=fps)
     print(f"dataset: {out} (inspect with `dreamer4 dataset info {out}`)")
     return summary

@@ -26,7 +26,8 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from dreamer4.config import AgentConfig
+from dreamer4.config import AgentNet
+from dreamer4.dynamics.model import Dynamics, WorldModel
 from dreamer4.nn import RMSNorm, symlog_bins, two_hot_mean
 
 
@@ -62,7 +63,7 @@ class Agent(nnx.Module):
     head taken when that phase starts (`freeze_prior`); it is never trained.
     """
 
-    def __init__(self, world, cfg: AgentConfig, num_actions: int, *, rngs: nnx.Rngs):
+    def __init__(self, world: WorldModel, cfg: AgentNet, num_actions: int, *, rngs: nnx.Rngs):
         self.world = world
         dyn = world.dynamics
         D = dyn.cfg.width
@@ -74,7 +75,7 @@ class Agent(nnx.Module):
         self.prior = MTPHead(D, cfg.head_hidden, num_actions, cfg.mtp, rngs=rngs)
 
     @property
-    def dynamics(self):
+    def dynamics(self) -> Dynamics:
         return self.world.dynamics
 
     @property

@@ -8,6 +8,7 @@ of the *current* mesh, so a checkpoint saved on 4 devices restores onto 2 (or on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -55,3 +56,17 @@ class Checkpointer:
 def abstract_like(state, shardings):
     """ShapeDtypeStructs of `state` placed with `shardings` (the restore target)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def checkpoint_steps(directory: str | Path) -> list[int]:
+    """The committed checkpoint steps in `directory`, ascending (orbax renames a step directory to
+    its number only once it is complete); [] when there is none."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def read_meta(directory: str | Path, step: int) -> dict:
+    """The JSON meta of checkpoint `step`, read directly (no checkpoint manager, nothing created)."""
+    return json.loads((Path(directory) / str(step) / "meta" / "metadata").read_text())

@@ -8,19 +8,20 @@ WANDB_MODE=disabled (or runtime.wandb=disabled).
 from __future__ import annotations
 
 import json
-import uuid
 import os
+import uuid
 from pathlib import Path
 
-import jax
 import numpy as np
+
+from dreamer4.runtime.distributed import is_main_process
 
 
 class MetricLogger:
     def __init__(self, stage_dir: str | Path, stage: str, config: dict, mode: str = "offline",
                  project: str = "dreamer4"):
         self.dir = Path(stage_dir)
-        self.enabled = jax.process_index() == 0
+        self.enabled = is_main_process()
         self.run = None
         if not self.enabled:
             return

@@ -8,21 +8,14 @@ from __future__ import annotations
 import sys
 import time
 
-
-def _is_main_process() -> bool:
-    try:
-        import jax
-
-        return jax.process_index() == 0
-    except Exception:
-        return True
+from dreamer4.runtime.distributed import is_main_process
 
 
 class Progress:
     def __init__(self, total: int | None, desc: str, unit: str = "it", initial: int = 0,
                  log_every_s: float = 10.0, stream=None):
         self.stream = stream or sys.stderr
-        self.enabled = _is_main_process()
+        self.enabled = is_main_process()
         self.total, self.desc, self.unit = total, desc, unit
         self.n = initial
         self.log_every_s = log_every_s

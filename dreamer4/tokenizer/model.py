@@ -28,7 +28,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from dreamer4.config import TokenizerConfig
+from dreamer4.config import TokenizerNet
 from dreamer4.nn import AxialTransformer
 
 
@@ -55,7 +55,7 @@ def decoder_visibility(P: int, L: int) -> np.ndarray:
 
 
 class Tokenizer(nnx.Module):
-    def __init__(self, cfg: TokenizerConfig, frame_shape: tuple[int, int, int], *, rngs: nnx.Rngs,
+    def __init__(self, cfg: TokenizerNet, frame_shape: tuple[int, int, int], *, rngs: nnx.Rngs,
                  dtype=jnp.float32):
         self.cfg = cfg
         self.frame_shape = tuple(frame_shape)
