@@ -8,13 +8,13 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import TEST_OVERRIDES, cli_subprocess, make_test_config
+from framehash_policy import framehash_action
+
 from dreamer4.data import store
 from dreamer4.data.collect import ROW_FIELDS, collect
 from dreamer4.data.loader import WindowSource
 from dreamer4.data.store import Dataset, DatasetError, verify
-from framehash_policy import framehash_action
 
 
 def _episodes_from_raw(raw, num_envs):
@@ -166,7 +166,6 @@ def test_damaged_and_truncated_shards_are_named(dataset, tmp_path):
     problems, _ = verify(bad)
     assert problems and all(name in p for p in problems), problems
     ds = Dataset.open(bad)
-    ep = ds.episodes[0]
     with pytest.raises(DatasetError, match=f"shard {name}: array 'frame'"):
         # the corrupted byte is in the middle of the shard; read all of the shard's episodes
         for e in [e for e in ds.episodes if e.shard == name]:

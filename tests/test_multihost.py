@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES
+from test_agent import AGENT_OVERRIDES
+from test_dynamics import DYN_OVERRIDES
+
 from dreamer4.config import ConfigError
 from dreamer4.runtime import distributed
 from dreamer4.runtime.mesh import check_process_layout, device_grid
-from test_agent import AGENT_OVERRIDES
-from test_dynamics import DYN_OVERRIDES
 
 WORKER = Path(__file__).parent / "multihost_worker.py"
 STEPS = 4

@@ -7,8 +7,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dreamer4.nn import (Attention, AxialTransformer, RMSNorm, SwiGLU, apply_rope, cached_time_mask,
-                         causal_time_mask, layer_kinds, rms_norm, rope_frequencies, soft_cap, space_mask)
+from dreamer4.nn import (
+    Attention,
+    AxialTransformer,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    cached_time_mask,
+    causal_time_mask,
+    layer_kinds,
+    rms_norm,
+    rope_frequencies,
+    soft_cap,
+    space_mask,
+)
 
 B, T, S, D = 2, 6, 5, 32
 # Token S-1 is an "agent" token: it reads every token of its step, no other token reads it.

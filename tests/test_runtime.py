@@ -1,15 +1,14 @@
 """Shared runtime: FSDP specs, the NaN guard, checkpoint keep-last-N."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_test_config
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import make_test_config
 from dreamer4.runtime.mesh import fsdp_spec, make_mesh
 from dreamer4.runtime.train_loop import NonFiniteLoss, Stage, train
 

@@ -19,7 +19,6 @@ from dreamer4.dynamics.shortcut import (
     x_to_v,
 )
 
-
 # ----------------------------------------------------------------------------- grid and sampling
 
 
@@ -241,7 +240,7 @@ def test_denoise_frame_oracle_and_call_count():
     for k in (1, 2, 4):
         calls = []
 
-        def predict(z, tau, d):
+        def predict(z, tau, d, calls=calls):
             calls.append((tau, d))
             return target
 

@@ -1,15 +1,14 @@
 """`dreamer4 dataset import-video`: generated GIF / MP4 / PNG folders round-trip into the dataset
 format as unlabeled episodes; bad files are rejected naming the file, with nothing written."""
 
-import json
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
-
 from conftest import REPO, make_test_config
+
 from dreamer4.data.store import Dataset, DatasetError, read_manifest, verify
-from dreamer4.data.video import fit_frames, import_videos, read_frames
+from dreamer4.data.video import fit_frames, import_videos
 
 SHAPE = (32, 40, 3)
 
@@ -169,6 +168,7 @@ def test_cli_import_video_error_exit(tmp_path):
 def test_tokenizer_trains_on_video_only_dataset(tmp_path):
     """A dataset of imported videos alone is enough for the tokenizer stage (no actions needed)."""
     from conftest import TOK_OVERRIDES
+
     from dreamer4.pipelines.dataset import dataset_stats
     from dreamer4.tokenizer.train import train_tokenizer
 

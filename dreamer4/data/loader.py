@@ -129,7 +129,7 @@ class WindowLoader:
         self.stream_id = {"source": repr(source), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
                           "worker_count": worker_count}
 
-    def __iter__(self) -> "LoaderIterator":
+    def __iter__(self) -> LoaderIterator:
         return LoaderIterator(self)
 
 

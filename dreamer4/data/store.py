@@ -27,9 +27,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
@@ -254,7 +255,7 @@ class Dataset:
 
     @classmethod
     def open(cls, root: str | Path, env_name: str | None = None, allow_empty: bool = False,
-             hide_unlabeled_actions: bool = True) -> "Dataset":
+             hide_unlabeled_actions: bool = True) -> Dataset:
         """Open a dataset's committed shards; `hide_unlabeled_actions=False` is for tools and tests
         that must see every stored byte, never for training code."""
         root = Path(root)

@@ -20,7 +20,7 @@ pure functions of static sizes (numpy), except `cached_time_mask`, whose step in
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp

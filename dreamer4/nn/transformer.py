@@ -37,7 +37,7 @@ float32 residual with bf16 matmuls); every sub-layer output is cast to it before
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

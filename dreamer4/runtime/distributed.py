@@ -31,7 +31,7 @@ from dreamer4.config import ConfigError
 
 PROCESS_PER = ("device", "node")
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-_initialized: "DistributedInfo | None" = None
+_initialized: DistributedInfo | None = None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_mesh(fsdp: int = 0, devices=None) -> Mesh:
