@@ -10,7 +10,8 @@ model inputs, and an optional evaluation hook. `train(stage)` then
   clip_by_global_norm -> AdamW with linear warm-up and cosine decay;
 * restores the latest checkpoint of STAGE_DIR/checkpoints if there is one (model, optimizer, step,
   data-iterator state), onto the current mesh, whatever mesh saved it;
-* logs every `log_every` steps (process 0: metrics.jsonl, wandb, progress bar) and checks that
+* hands every step's metrics to the host-loop core shared with PPO (runtime/host_loop.py), which
+  logs every `log_every` steps (process 0: metrics.jsonl, wandb, progress bar) and checks that
   every loss since the last check was finite: a NaN/inf stops the run with a message naming the
   step, saves the offending batch and metrics under STAGE_DIR/nan_debug/, and never overwrites a
   good checkpoint (checkpoints are only written right after such a check passed);
