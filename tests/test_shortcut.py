@@ -49,6 +49,30 @@ def test_sample_tau_d_distribution():
         assert abs(np.mean(sub == v) - 0.25) < 0.02
 
 
+def test_sample_tau_d_flow_share_and_context_entries():
+    n, k_max = 200_000, 16
+    tau, d = (np.asarray(a, np.float64) for a in sample_tau_d(jax.random.key(2), (n,), k_max, flow_share=0.75))
+    assert abs(np.mean(d == 1 / k_max) - 0.75) < 0.01  # flow targets
+    for g in (1.0, 0.5, 0.25, 0.125):  # the rest uniform over the coarser sizes
+        assert abs(np.mean(d == g) - 0.25 / 4) < 0.01
+    assert (tau + d <= 1).all() and np.array_equal(tau / d, np.round(tau / d))
+    tau, d = (
+        np.asarray(a, np.float64)
+        for a in sample_tau_d(jax.random.key(3), (n,), k_max, context_prob=0.5, context_tau=0.9)
+    )
+    # context entries: d = d_min, tau on the 1/16 grid in {14/16, 15/16} (round(0.9 * 16) = 14)
+    hi = tau >= 14 / 16
+    # uniform levels alone put 1/5 (2/16 + 1/8) = 0.05 of the entries there (d = 1/16, i >= 14;
+    # d = 1/8, i = 7); the context half adds 0.5
+    assert abs(hi.mean() - (0.5 + 0.5 * 0.05)) < 0.01
+    assert set(np.unique(tau[hi])) == {14 / 16, 15 / 16}
+    assert np.mean(d[hi] == 1 / k_max) > 0.97
+    # with both options off the draw is the paper's, bit for bit
+    a = sample_tau_d(jax.random.key(4), (64,), k_max)
+    b = sample_tau_d(jax.random.key(4), (64,), k_max, flow_share=0.0, context_prob=0.0)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_sample_tau_d_per_time_step():
     tau, d = sample_tau_d(jax.random.key(1), (16, 32), 16)
     assert tau.shape == d.shape == (16, 32)
@@ -223,6 +247,7 @@ def test_no_nan_at_clean_and_edge_signal_levels():
         def predict(z, t, s):
             seen.append(np.asarray(t))
             return th * z + 0.3 * t[..., None, None]
+
         return predict
 
     loss_fn = lambda th: shortcut_forcing_terms(make_predict(th), z1, z0, tau, d, k_max)  # noqa: E731

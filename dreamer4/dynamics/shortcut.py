@@ -42,20 +42,39 @@ def step_size_grid(k_max: int) -> np.ndarray:
     return (1.0 / 2.0 ** np.arange(j_max + 1)).astype(np.float32)
 
 
-def sample_tau_d(key, shape, k_max: int):
+def sample_tau_d(key, shape, k_max: int, flow_share: float = 0.0, context_prob: float = 0.0, context_tau: float = 0.9):
     """d = 1 / U({1, 2, 4, ..., K_max});  tau = i d with i ~ U({0, 1, ..., 1/d - 1}).
 
     So tau lies on the grid reached by steps of size d and tau + d <= 1. Independent per entry of
     `shape` (e.g. (B, T): every time step its own pair). Returns float32 (tau, d), exact powers of
     two and their multiples.
+
+    Two optional departures from the paper's uniform sampling (0 = off, the paper):
+    * flow_share > 0: d = d_min (a flow-matching target) with this probability, else d uniform
+      over the coarser sizes {1, ..., 2 d_min} (bootstrap targets), as shortcut models do;
+    * context_prob > 0: with this probability an entry is a near-clean history step as seen at
+      generation time: d = d_min and tau uniform on the k_max grid in [context_tau, 1 - d_min].
+      Under uniform per-step levels a step's history is pure noise 39% of the time and at
+      tau >= 0.75 only 15% of the time, so the use of clean context is rarely trained.
     """
     j_max = _log2_pow2(k_max, "k_max")
     k_j, k_i = jax.random.split(key)
+    k_f, k_c, k_ci = jax.random.split(jax.random.fold_in(key, 1), 3)  # unused by the paper's default
     j = jax.random.randint(k_j, shape, 0, j_max + 1)
+    if flow_share > 0 and j_max > 0:
+        coarse = jax.random.randint(k_j, shape, 0, j_max)
+        j = jnp.where(jax.random.uniform(k_f, shape) < flow_share, j_max, coarse)
     n_steps = jnp.left_shift(1, j)  # 1/d = 2^j grid points for this d
     i = jax.random.randint(k_i, shape, 0, n_steps)  # per-entry upper bound
     d = jnp.ldexp(jnp.float32(1.0), -j)
-    return i.astype(jnp.float32) * d, d
+    tau = i.astype(jnp.float32) * d
+    if context_prob > 0:
+        lo = min(int(round(context_tau * k_max)), k_max - 1)
+        i_ctx = jax.random.randint(k_ci, shape, lo, k_max)
+        ctx = jax.random.uniform(k_c, shape) < context_prob
+        tau = jnp.where(ctx, i_ctx.astype(jnp.float32) / k_max, tau)
+        d = jnp.where(ctx, jnp.float32(1.0 / k_max), d)
+    return tau, d
 
 
 # ----------------------------------------------------------------------------- loss pieces
@@ -125,7 +144,7 @@ def _guarded_velocity(z1_hat, z_tau, tau):
 # ----------------------------------------------------------------------------- the objective
 
 
-def shortcut_forcing_terms(predict: Predict, z1, z0, tau, d, k_max: int, mask_BT=None):
+def shortcut_forcing_terms(predict: Predict, z1, z0, tau, d, k_max: int, mask_BT=None, ramp: bool = True):
     """Shortcut forcing for given noise z0 and per-step (tau_BT, d_BT); see shortcut_forcing_loss.
 
     loss = sum_bt m w(tau) L[b, t] / sum_bt m, with
@@ -169,7 +188,8 @@ def shortcut_forcing_terms(predict: Predict, z1, z0, tau, d, k_max: int, mask_BT
     # (an inf in the unused branch would turn into NaN in the gradient).
     tau_boot = jnp.where(is_boot, tau, 0.0)
     per_step = jnp.where(is_boot, bootstrap_loss(z1_hat, z_tilde, tau_boot, v_target), flow_loss(z1_hat, z1))
-    per_step = per_step * ramp_weight(tau)
+    if ramp:
+        per_step = per_step * ramp_weight(tau)
 
     m = jnp.ones(tau.shape, jnp.float32) if mask_BT is None else jnp.asarray(mask_BT, jnp.float32)
     m_boot = m * is_boot
@@ -186,7 +206,18 @@ def shortcut_forcing_terms(predict: Predict, z1, z0, tau, d, k_max: int, mask_BT
     return masked_mean(per_step, m), metrics
 
 
-def shortcut_forcing_loss(predict: Predict, z1, key, k_max: int, mask_BT=None):
+def shortcut_forcing_loss(
+    predict: Predict,
+    z1,
+    key,
+    k_max: int,
+    mask_BT=None,
+    *,
+    flow_share: float = 0.0,
+    context_prob: float = 0.0,
+    context_tau: float = 0.9,
+    ramp: bool = True,
+):
     """Shortcut forcing objective: sample z0 ~ N(0, I) and (tau_BT, d_BT), then shortcut_forcing_terms.
 
     predict(z_tilde_BTLN, tau_BT, d_BT) -> z1_hat_BTLN closes over the model and the actions.
@@ -194,9 +225,9 @@ def shortcut_forcing_loss(predict: Predict, z1, key, k_max: int, mask_BT=None):
     """
     B, T = z1.shape[:2]
     k_td, k_noise = jax.random.split(key)
-    tau, d = sample_tau_d(k_td, (B, T), k_max)
+    tau, d = sample_tau_d(k_td, (B, T), k_max, flow_share, context_prob, context_tau)
     z0 = jax.random.normal(k_noise, z1.shape, jnp.float32)
-    return shortcut_forcing_terms(predict, z1, z0, tau, d, k_max, mask_BT)
+    return shortcut_forcing_terms(predict, z1, z0, tau, d, k_max, mask_BT, ramp)
 
 
 # ----------------------------------------------------------------------------- sampling

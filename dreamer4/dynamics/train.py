@@ -29,7 +29,7 @@ STAGE = "dynamics"
 
 def split_images(x, n_img: int):
     """(B, T, ...) -> sequences (B - n_img, T, ...) and single images (n_img * T, 1, ...)."""
-    seq, img = x[: x.shape[0] - n_img], x[x.shape[0] - n_img:]
+    seq, img = x[: x.shape[0] - n_img], x[x.shape[0] - n_img :]
     return seq, img.reshape((img.shape[0] * img.shape[1], 1) + img.shape[2:])
 
 
@@ -49,7 +49,16 @@ def make_dynamics_loss(cfg: Config):
             if z.shape[0] == 0:
                 continue
             predict = (lambda a_, m_: lambda z_, tau, d: world.dynamics(z_, tau, d, a_, m_))(a, m)
-            loss, metrics = shortcut_forcing_loss(predict, z, k, dc.k_max)
+            loss, metrics = shortcut_forcing_loss(
+                predict,
+                z,
+                k,
+                dc.k_max,
+                flow_share=dc.flow_share,
+                context_prob=dc.context_prob,
+                context_tau=dc.context_tau,
+                ramp=dc.ramp_weight,
+            )
             parts.append((loss, metrics, z.shape[0] * z.shape[1], name))
         total = sum(n for _, _, n, _ in parts)
         loss = sum(l * n for l, _, n, _ in parts) / total
@@ -80,11 +89,19 @@ def train_dynamics(cfg: Config, data_dir: str | Path, run_dir: str | Path, evalu
     StageDir(run_dir, "tokenizer").check_dataset(ds, {"frame_shape": frame_shape}, data_dir)
     world = WorldModel(tokenizer, build_dynamics(cfg, tok_cfg, ds.num_actions))
     tc = cfg.dynamics.train
-    train(Stage(
-        name=STAGE, stage_dir=stage.dir, cfg=cfg, train=tc, model=world, loss_fn=make_dynamics_loss(cfg),
-        make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
-        prepare=make_prepare(cfg), evaluate=open_loop_eval_hook(cfg, ds) if evaluate else None,
-        trainable=TRAINABLE[STAGE],
-        meta={"frame_shape": list(frame_shape), "num_actions": ds.num_actions, "data": str(data_dir)},
-    ))
+    train(
+        Stage(
+            name=STAGE,
+            stage_dir=stage.dir,
+            cfg=cfg,
+            train=tc,
+            model=world,
+            loss_fn=make_dynamics_loss(cfg),
+            make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
+            prepare=make_prepare(cfg),
+            evaluate=open_loop_eval_hook(cfg, ds) if evaluate else None,
+            trainable=TRAINABLE[STAGE],
+            meta={"frame_shape": list(frame_shape), "num_actions": ds.num_actions, "data": str(data_dir)},
+        )
+    )
     return stage.results()

@@ -29,6 +29,7 @@ from flax import nnx
 from dreamer4.config import AgentNet
 from dreamer4.dynamics.model import Dynamics, WorldModel
 from dreamer4.nn import RMSNorm, symlog_bins, two_hot_mean
+from dreamer4.nn.loss_norm import LossNormalizer
 
 
 def agent_visibility(S: int) -> np.ndarray:
@@ -42,8 +43,7 @@ def agent_visibility(S: int) -> np.ndarray:
 class MTPHead(nnx.Module):
     """h_BTD -> out_BTJO: RMSNorm, Linear, SiLU, then one output layer per distance j < J."""
 
-    def __init__(self, width: int, hidden: int, out_dim: int, num_out: int, *, rngs: nnx.Rngs,
-                 zero_init: bool = False):
+    def __init__(self, width: int, hidden: int, out_dim: int, num_out: int, *, rngs: nnx.Rngs, zero_init: bool = False):
         self.J, self.O = num_out, out_dim
         self.norm = RMSNorm(width)
         self.hidden = nnx.Linear(width, hidden, rngs=rngs)
@@ -73,6 +73,8 @@ class Agent(nnx.Module):
         self.reward = MTPHead(D, cfg.head_hidden, cfg.num_bins, cfg.mtp, rngs=rngs, zero_init=True)
         self.value = MTPHead(D, cfg.head_hidden, cfg.num_bins, 1, rngs=rngs, zero_init=True)
         self.prior = MTPHead(D, cfg.head_hidden, num_actions, cfg.mtp, rngs=rngs)
+        # running RMS of the BC phase's loss terms (not a parameter; checkpointed with the agent)
+        self.loss_norm = LossNormalizer(("video", "bc", "reward"))
 
     @property
     def dynamics(self) -> Dynamics:

@@ -6,7 +6,8 @@ Phase bc  (RUN_DIR/agent_bc/): the world model of RUN_DIR/dynamics gets agent to
   Trained: dynamics transformer + task embedding + policy and reward heads (the tokenizer stays
   frozen). Loss = video_weight * shortcut forcing (the video loss continues, on every episode)
   + bc_weight * BC with MTP (labeled actions only: unlabeled episodes deliver none)
-  + reward_weight * reward two-hot with MTP (every episode). The agent outputs come from the
+  + reward_weight * reward two-hot with MTP (every episode), each term divided by a running
+  estimate of its RMS (agent.loss_norm, nn/loss_norm.py) so that the video loss keeps its weight. The agent outputs come from the
   main shortcut-forcing pass, so, as in the paper, the agent reads noisy representations.
 Phase imagine  (RUN_DIR/agent/): starts from the BC weights; the policy head is copied into a
   frozen prior; only the policy and value heads train. Each batch element is one dataset
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dreamer4.config import Config, DynamicsSampling
+from dreamer4.config import Config, DynamicsConfig, DynamicsSampling
 from dreamer4.dynamics.shortcut import shortcut_forcing_loss
 from dreamer4.policy.heads import Agent, freeze_prior
 from dreamer4.policy.imagine import imagine_rollout
@@ -36,8 +37,10 @@ STAGE_BC, STAGE_IMAGINE = "agent_bc", "agent"
 PHASES = ("bc", "imagine", "all")
 
 
-def make_bc_loss(cfg: Config, k_max: int):
+def make_bc_loss(cfg: Config, world_dc: DynamicsConfig):
+    """BC-phase loss; the video term uses the world model's own shortcut-forcing recipe (world_dc)."""
     ac = cfg.agent
+    k_max = world_dc.k_max
 
     def loss_fn(agent: Agent, batch: dict, key):
         z1 = agent.world.latents(batch["frames"])
@@ -50,17 +53,41 @@ def make_bc_loss(cfg: Config, k_max: int):
             main.setdefault("h", h)  # shortcut forcing calls the main (graded) pass first
             return z1_hat
 
-        video, vm = shortcut_forcing_loss(predict, z1, key, k_max)
+        video, vm = shortcut_forcing_loss(
+            predict,
+            z1,
+            key,
+            k_max,
+            flow_share=world_dc.flow_share,
+            context_prob=world_dc.context_prob,
+            context_tau=world_dc.context_tau,
+            ramp=world_dc.ramp_weight,
+        )
         h = main["h"]
         pol = agent.policy(h)
         bc, bc_per = bc_mtp_loss(pol, a, m)
         rew, rew_per = reward_mtp_loss(agent.reward(h), batch["rewards"], agent.bins)
-        loss = ac.video_weight * video + ac.bc_weight * bc + ac.reward_weight * rew
+        weights = {"video": ac.video_weight, "bc": ac.bc_weight, "reward": ac.reward_weight}
+        raw = sum(w * {"video": video, "bc": bc, "reward": rew}[k] for k, w in weights.items())
+        if ac.loss_norm:
+            loss, rms = agent.loss_norm({"video": video, "bc": bc, "reward": rew}, weights)
+        else:
+            loss, rms = raw, {}
         # next-action accuracy on labeled targets (distance 1)
         nxt_m = m[:, 1:].astype(jnp.float32)
         acc = jnp.sum((jnp.argmax(pol[:, :-1, 0], -1) == a[:, 1:]) * nxt_m) / jnp.maximum(nxt_m.sum(), 1.0)
-        metrics = {"video": video, "bc": bc, "bc_next": bc_per[0], "bc_next_acc": acc, "reward": rew,
-                   "reward_now": rew_per[0], "action_label_frac": m.mean(), **vm}
+        metrics = {
+            "video": video,
+            "bc": bc,
+            "bc_next": bc_per[0],
+            "bc_next_acc": acc,
+            "reward": rew,
+            "reward_now": rew_per[0],
+            "action_label_frac": m.mean(),
+            "raw_loss": raw,
+            **{f"rms_{k}": v for k, v in rms.items()},
+            **vm,
+        }
         return loss, metrics
 
     return loss_fn
@@ -79,11 +106,16 @@ def imagine_terms(agent: Agent, roll: dict, cfg: Config):
     logp_all = jax.nn.log_softmax(logits, -1)
     logp = jnp.take_along_axis(logp_all, roll["actions"][..., None], -1)[..., 0]
     kl = reverse_kl(logits, agent.policy_logits(h[:, :-1], prior=True))
-    p_loss, pm = pmpo_loss(logp.reshape(-1), (R - v[:, :-1]).reshape(-1), kl.reshape(-1), ac.pmpo_alpha,
-                           ac.pmpo_beta)
-    metrics = {"policy": p_loss, "value": v_loss, "imagined_reward_sum": r[:, 1:].sum(1).mean(),
-               "return_mean": R.mean(), "value_mean": v.mean(),
-               "entropy": -jnp.sum(jnp.exp(logp_all) * logp_all, -1).mean(), **pm}
+    p_loss, pm = pmpo_loss(logp.reshape(-1), (R - v[:, :-1]).reshape(-1), kl.reshape(-1), ac.pmpo_alpha, ac.pmpo_beta)
+    metrics = {
+        "policy": p_loss,
+        "value": v_loss,
+        "imagined_reward_sum": r[:, 1:].sum(1).mean(),
+        "return_mean": R.mean(),
+        "value_mean": v.mean(),
+        "entropy": -jnp.sum(jnp.exp(logp_all) * logp_all, -1).mean(),
+        **pm,
+    }
     return p_loss + v_loss, metrics
 
 
@@ -96,8 +128,7 @@ def make_imagine_loss(cfg: Config, sampling: DynamicsSampling):
         frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
         z_ctx = frozen.world.latents(batch["frames"])
         task = jnp.zeros((z_ctx.shape[0],), jnp.int32)
-        roll = imagine_rollout(frozen, z_ctx, batch["actions"], batch["action_mask"], task, key, ac.horizon,
-                               sampling)
+        roll = imagine_rollout(frozen, z_ctx, batch["actions"], batch["action_mask"], task, key, ac.horizon, sampling)
         return imagine_terms(agent, roll, cfg)
 
     return loss_fn
@@ -120,11 +151,20 @@ def train_bc(cfg: Config, data_dir, run_dir) -> dict:
     def prepare(batch, step):
         return {k: batch[k] for k in ("frames", "actions", "action_mask", "rewards")}
 
-    train(Stage(name=STAGE_BC, stage_dir=stage.dir, cfg=cfg, train=tc, model=agent,
-                loss_fn=make_bc_loss(cfg, wcfg.dynamics.k_max),
-                make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
-                prepare=prepare, trainable=TRAINABLE[STAGE_BC],
-                meta={"phase": "bc", **facts, "data": str(data_dir)}))
+    train(
+        Stage(
+            name=STAGE_BC,
+            stage_dir=stage.dir,
+            cfg=cfg,
+            train=tc,
+            model=agent,
+            loss_fn=make_bc_loss(cfg, wcfg.dynamics),
+            make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
+            prepare=prepare,
+            trainable=TRAINABLE[STAGE_BC],
+            meta={"phase": "bc", **facts, "data": str(data_dir)},
+        )
+    )
     return stage.results()
 
 
@@ -141,11 +181,20 @@ def train_imagine(cfg: Config, data_dir, run_dir) -> dict:
     def prepare(batch, step):
         return {k: batch[k][:, :C] for k in ("frames", "actions", "action_mask")}
 
-    train(Stage(name=STAGE_IMAGINE, stage_dir=stage.dir, cfg=cfg, train=tc, model=agent,
-                loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sampling),
-                make_iterator=loader_factory(data_dir, cfg, tc.batch_size, C),
-                prepare=prepare, trainable=TRAINABLE[STAGE_IMAGINE],
-                meta={"phase": "imagine", **facts, "data": str(data_dir)}))
+    train(
+        Stage(
+            name=STAGE_IMAGINE,
+            stage_dir=stage.dir,
+            cfg=cfg,
+            train=tc,
+            model=agent,
+            loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sampling),
+            make_iterator=loader_factory(data_dir, cfg, tc.batch_size, C),
+            prepare=prepare,
+            trainable=TRAINABLE[STAGE_IMAGINE],
+            meta={"phase": "imagine", **facts, "data": str(data_dir)},
+        )
+    )
     return stage.results()
 
 
