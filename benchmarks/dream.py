@@ -45,8 +45,9 @@ def frames_per_s(dyn, tok, batch: int, frames: int, K: int, decode: bool, contex
     def run(n, cache, tcache):
         z = None
         for t in range(n):
-            z, cache = generate_step(dyn, cache, jnp.int32(t), act, mask, jax.random.fold_in(key, t), K=K,
-                                     context_tau=context_tau)
+            z, cache = generate_step(
+                dyn, cache, jnp.int32(t), act, mask, jax.random.fold_in(key, t), K=K, context_tau=context_tau
+            )
             if decode:
                 x, tcache = _decode_step(tok, z, tcache, jnp.int32(t))
                 z = x
@@ -82,16 +83,29 @@ def main():
         (f"batched K={dc.k_max}", args.batch, dc.k_max, False),
     ]:
         n = max(4, args.frames // (4 if K > 16 else 1))
-        rows.append({"case": name, "batch": batch, "K": K, "decode": decode,
-                     "frames_per_s": frames_per_s(dyn, tok, batch, n, K, decode, dc.context_tau)})
+        rows.append(
+            {
+                "case": name,
+                "batch": batch,
+                "K": K,
+                "decode": decode,
+                "frames_per_s": frames_per_s(dyn, tok, batch, n, K, decode, dc.context_tau),
+            }
+        )
     by = {r["case"]: r["frames_per_s"] for r in rows}
     speedup = by[f"batched K={dc.sample_steps}"] / by[f"batched K={dc.k_max}"]
     print(f"\n{'case':36} {'batch':>6} {'frames/s':>10}")
     for r in rows:
         print(f"{r['case']:36} {r['batch']:>6} {r['frames_per_s']:>10.1f}")
     print(f"speed-up K={dc.sample_steps} over K={dc.k_max} (batched): {speedup:.1f}x (goal >= 12x)")
-    res = {"config": args.config, "overrides": args.overrides, "device": jax.devices()[0].device_kind,
-           "rows": rows, "speedup": speedup, "date": time.strftime("%Y-%m-%d")}
+    res = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "device": jax.devices()[0].device_kind,
+        "rows": rows,
+        "speedup": speedup,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.json}")

@@ -29,8 +29,14 @@ from dreamer4.runtime.jax_setup import enable_compilation_cache
 
 def config_args(p: argparse.ArgumentParser, default: str | None = "configs/tiny.yaml") -> None:
     p.add_argument("--config", default=default, help="YAML preset (configs/tiny.yaml, classic.yaml, full.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set collect.num_envs=32 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set collect.num_envs=32 (repeatable)",
+    )
 
 
 def config_of(args: argparse.Namespace, extra: list[str] = ()):
@@ -52,18 +58,29 @@ def _collect_args(p):
     config_args(p)
     p.add_argument("--out", required=True, help="dataset directory (created, or continued)")
     p.add_argument("--writer-id", type=int, default=None, help="this writer's index (default: the JAX process index)")
-    p.add_argument("--num-writers", type=int, default=None,
-                   help="writers filling the dataset together (default: the JAX process count)")
+    p.add_argument(
+        "--num-writers",
+        type=int,
+        default=None,
+        help="writers filling the dataset together (default: the JAX process count)",
+    )
     p.add_argument("--policy", default=None, help="behaviour policy: random, sticky or ppo:CHECKPOINT (collect.policy)")
     p.add_argument("--epsilon", type=float, default=None, help="probability of a random action (collect.epsilon)")
-    p.add_argument("--mix", default=None, metavar="SPEC=W,...",
-                   help="mixture of policies, e.g. ppo:runs/a=0.5,random=0.5 (collect.mix)")
+    p.add_argument(
+        "--mix",
+        default=None,
+        metavar="SPEC=W,...",
+        help="mixture of policies, e.g. ppo:runs/a=0.5,random=0.5 (collect.mix)",
+    )
 
 
 def _collect(args):
     # the flags are shorthands for collect.* keys (JSON-quoted for YAML)
-    extra = [f"collect.{k}={json.dumps(v)}" for k, v in
-             (("policy", args.policy), ("epsilon", args.epsilon), ("mix", args.mix)) if v is not None]
+    extra = [
+        f"collect.{k}={json.dumps(v)}"
+        for k, v in (("policy", args.policy), ("epsilon", args.epsilon), ("mix", args.mix))
+        if v is not None
+    ]
     run_collect(config_of(args, extra), args.out, writer_id=args.writer_id, num_writers=args.num_writers)
 
 
@@ -90,8 +107,12 @@ def _dream_args(p):
 def _agent_args(p):
     config_args(p)
     data_run_args(p, "run directory holding a trained world model")
-    p.add_argument("--phase", choices=["bc", "imagine", "all"], default="all",
-                   help="bc: behaviour cloning + reward model; imagine: RL in imagination; all: both (default)")
+    p.add_argument(
+        "--phase",
+        choices=["bc", "imagine", "all"],
+        default="all",
+        help="bc: behaviour cloning + reward model; imagine: RL in imagination; all: both (default)",
+    )
 
 
 def _evaluate_args(p):
@@ -125,18 +146,24 @@ def _dataset_args(p):
     q = dsub.add_parser("import-video", help="add MP4/GIF/WebM files or PNG folders as unlabeled episodes")
     config_args(q)
     q.add_argument("--out", required=True, help="dataset directory (created, or added to)")
-    q.add_argument("--frame-shape", default=None, metavar="H,W,C",
-                   help="frame shape of a new dataset (default: the config's env)")
-    q.add_argument("--fit", choices=("resize", "pad", "letterbox"), default="resize",
-                   help="how frames of another size are fitted (default resize)")
+    q.add_argument(
+        "--frame-shape", default=None, metavar="H,W,C", help="frame shape of a new dataset (default: the config's env)"
+    )
+    q.add_argument(
+        "--fit",
+        choices=("resize", "pad", "letterbox"),
+        default="resize",
+        help="how frames of another size are fitted (default resize)",
+    )
     q.add_argument("--fps", type=float, default=None, help="frame rate to record where a file has none")
     q.add_argument("files", nargs="+", help="video files or folders of PNG frames")
 
 
 def _dataset(args):
     if args.dataset_command == "import-video":
-        run_import_video(config_of(args), args.out, args.files, frame_shape=args.frame_shape, fit=args.fit,
-                         fps=args.fps)
+        run_import_video(
+            config_of(args), args.out, args.files, frame_shape=args.frame_shape, fit=args.fit, fps=args.fps
+        )
         return 0
     if args.dataset_command == "info":
         print_info(args.dir)
@@ -155,21 +182,53 @@ class Command:
 
 
 COMMANDS = (
-    Command("run", "run every stage into one run directory (resumable)", _run_args,
-            lambda a: run_all(config_of(a), a.run), distributed=True),
-    Command("collect", "collect Craftax episodes into a sharded TensorStore dataset", _collect_args, _collect,
-            distributed=True),
-    Command("train-behavior", "train a PPO behaviour policy online in Craftax (resumes RUN_DIR/behavior)",
-            _behavior_args, lambda a: run_train_behavior(config_of(a), a.run)),
-    Command("train-tokenizer", "train the causal tokenizer (resumes RUN_DIR/tokenizer)", _tokenizer_args,
-            lambda a: run_train_tokenizer(config_of(a), a.data, a.run), distributed=True),
-    Command("train-dynamics", "train the dynamics with shortcut forcing (resumes RUN_DIR/dynamics)", _dynamics_args,
-            lambda a: run_train_dynamics(config_of(a), a.data, a.run), distributed=True),
-    Command("dream", "open-loop evaluation of RUN_DIR's world model: PSNR/SSIM, videos", _dream_args,
-            lambda a: run_dream(a.run, a.seed)),
-    Command("train-agent", "train the agent: BC + reward model, then RL in imagination "
-                           "(resumes RUN_DIR/agent_bc and RUN_DIR/agent)", _agent_args,
-            lambda a: run_train_agent(config_of(a), a.data, a.run, a.phase), distributed=True),
+    Command(
+        "run",
+        "run every stage into one run directory (resumable)",
+        _run_args,
+        lambda a: run_all(config_of(a), a.run),
+        distributed=True,
+    ),
+    Command(
+        "collect",
+        "collect Craftax episodes into a sharded TensorStore dataset",
+        _collect_args,
+        _collect,
+        distributed=True,
+    ),
+    Command(
+        "train-behavior",
+        "train a PPO behaviour policy online in Craftax (resumes RUN_DIR/behavior)",
+        _behavior_args,
+        lambda a: run_train_behavior(config_of(a), a.run),
+    ),
+    Command(
+        "train-tokenizer",
+        "train the causal tokenizer (resumes RUN_DIR/tokenizer)",
+        _tokenizer_args,
+        lambda a: run_train_tokenizer(config_of(a), a.data, a.run),
+        distributed=True,
+    ),
+    Command(
+        "train-dynamics",
+        "train the dynamics with shortcut forcing (resumes RUN_DIR/dynamics)",
+        _dynamics_args,
+        lambda a: run_train_dynamics(config_of(a), a.data, a.run),
+        distributed=True,
+    ),
+    Command(
+        "dream",
+        "open-loop evaluation of RUN_DIR's world model: PSNR/SSIM, videos",
+        _dream_args,
+        lambda a: run_dream(a.run, a.seed),
+    ),
+    Command(
+        "train-agent",
+        "train the agent: BC + reward model, then RL in imagination (resumes RUN_DIR/agent_bc and RUN_DIR/agent)",
+        _agent_args,
+        lambda a: run_train_agent(config_of(a), a.data, a.run, a.phase),
+        distributed=True,
+    ),
     Command("evaluate", "evaluate RUN_DIR's agents in the real game and in imagination", _evaluate_args, _evaluate),
     Command("report", "(re)write RUN_DIR/report.html from what the run holds", _report_args, _report),
     Command("dataset", "inspect a dataset", _dataset_args, _dataset),

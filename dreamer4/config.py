@@ -415,9 +415,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
     for key in data:
         if key not in names:
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(names)}"
-            )
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -448,14 +446,14 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
         names = {f.name: f for f in dataclasses.fields(cls)}
         if part not in names:
             where = ".".join(parts[:i]) or "<root>"
-            raise ConfigError(
-                f"unknown config key '{dotted}'; valid keys under {where}: {', '.join(names)}"
-            )
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys under {where}: {', '.join(names)}")
         tp = typing.get_type_hints(cls)[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"config key '{dotted}' is a section; set one of its keys: "
-                                  + ", ".join(f.name for f in dataclasses.fields(tp)))
+                raise ConfigError(
+                    f"config key '{dotted}' is a section; set one of its keys: "
+                    + ", ".join(f.name for f in dataclasses.fields(tp))
+                )
             node[part] = value
         else:
             if not dataclasses.is_dataclass(tp):
@@ -535,22 +533,42 @@ def validate(cfg: Config) -> None:
         (cfg.loader.seq_len >= 1, "loader.seq_len", "must be >= 1"),
         (cfg.loader.window_stride >= 1, "loader.window_stride", "must be >= 1"),
         (cfg.loader.worker_count >= 0, "loader.worker_count", "must be >= 0"),
-        (cfg.tokenizer.width % cfg.tokenizer.num_heads == 0, "tokenizer.width", "must be divisible by tokenizer.num_heads"),
-        (cfg.tokenizer.num_heads % cfg.tokenizer.num_kv_heads == 0, "tokenizer.num_heads",
-         "must be divisible by tokenizer.num_kv_heads"),
+        (
+            cfg.tokenizer.width % cfg.tokenizer.num_heads == 0,
+            "tokenizer.width",
+            "must be divisible by tokenizer.num_heads",
+        ),
+        (
+            cfg.tokenizer.num_heads % cfg.tokenizer.num_kv_heads == 0,
+            "tokenizer.num_heads",
+            "must be divisible by tokenizer.num_kv_heads",
+        ),
         (0.0 <= cfg.tokenizer.mask_prob_max < 1.0, "tokenizer.mask_prob_max", "must be in [0, 1)"),
         (cfg.tokenizer.train.steps >= 1, "tokenizer.train.steps", "must be >= 1"),
         (cfg.tokenizer.train.ckpt_every >= 1, "tokenizer.train.ckpt_every", "must be >= 1"),
-        (cfg.dynamics.k_max >= 1 and cfg.dynamics.k_max & (cfg.dynamics.k_max - 1) == 0, "dynamics.k_max",
-         "must be a power of two"),
-        (1 <= cfg.dynamics.sample_steps <= cfg.dynamics.k_max
-         and cfg.dynamics.sample_steps & (cfg.dynamics.sample_steps - 1) == 0, "dynamics.sample_steps",
-         "must be a power of two <= dynamics.k_max"),
+        (
+            cfg.dynamics.k_max >= 1 and cfg.dynamics.k_max & (cfg.dynamics.k_max - 1) == 0,
+            "dynamics.k_max",
+            "must be a power of two",
+        ),
+        (
+            1 <= cfg.dynamics.sample_steps <= cfg.dynamics.k_max
+            and cfg.dynamics.sample_steps & (cfg.dynamics.sample_steps - 1) == 0,
+            "dynamics.sample_steps",
+            "must be a power of two <= dynamics.k_max",
+        ),
         (0.0 <= cfg.dynamics.single_image_share < 1.0, "dynamics.single_image_share", "must be in [0, 1)"),
-        (0.0 <= cfg.dynamics.context_tau <= 1.0, "dynamics.context_tau", "must be a signal level in [0, 1] (1 = clean)"),
+        (
+            0.0 <= cfg.dynamics.context_tau <= 1.0,
+            "dynamics.context_tau",
+            "must be a signal level in [0, 1] (1 = clean)",
+        ),
         (cfg.dynamics.width % cfg.dynamics.num_heads == 0, "dynamics.width", "must be divisible by dynamics.num_heads"),
-        (cfg.dynamics.num_heads % cfg.dynamics.num_kv_heads == 0, "dynamics.num_heads",
-         "must be divisible by dynamics.num_kv_heads"),
+        (
+            cfg.dynamics.num_heads % cfg.dynamics.num_kv_heads == 0,
+            "dynamics.num_heads",
+            "must be divisible by dynamics.num_kv_heads",
+        ),
         (cfg.agent.num_tasks >= 1, "agent.num_tasks", "must be >= 1"),
         (cfg.agent.mtp >= 1, "agent.mtp", "must be >= 1"),
         (cfg.agent.num_bins >= 3, "agent.num_bins", "must be >= 3"),
@@ -567,10 +585,16 @@ def validate(cfg: Config) -> None:
     checks += [
         (0.0 <= c.epsilon <= 1.0, "collect.epsilon", "must be in [0, 1]"),
         (b.num_envs >= 1 and b.num_steps >= 1, "behavior.num_envs", "and behavior.num_steps must be >= 1"),
-        (b.num_minibatches >= 1 and (b.num_envs * b.num_steps) % b.num_minibatches == 0,
-         "behavior.num_minibatches", "must divide behavior.num_envs * behavior.num_steps"),
-        (b.total_steps >= b.num_envs * b.num_steps, "behavior.total_steps",
-         "must be at least one update (behavior.num_envs * behavior.num_steps)"),
+        (
+            b.num_minibatches >= 1 and (b.num_envs * b.num_steps) % b.num_minibatches == 0,
+            "behavior.num_minibatches",
+            "must divide behavior.num_envs * behavior.num_steps",
+        ),
+        (
+            b.total_steps >= b.num_envs * b.num_steps,
+            "behavior.total_steps",
+            "must be at least one update (behavior.num_envs * behavior.num_steps)",
+        ),
         (b.frame_stack >= 1, "behavior.frame_stack", "must be >= 1"),
         (1 <= len(b.conv_channels) <= 3, "behavior.conv_channels", "must list 1 to 3 channel counts"),
         (b.ckpt_every >= 1 and b.log_every >= 1, "behavior.ckpt_every", "and behavior.log_every must be >= 1"),

@@ -21,8 +21,12 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "dreamer4"
 
 # Model code: the network modules themselves. They may import config, nn and other model modules.
-MODEL_MODULES = {"dreamer4.tokenizer.model", "dreamer4.dynamics.model", "dreamer4.policy.heads",
-                 "dreamer4.behavior.model"}
+MODEL_MODULES = {
+    "dreamer4.tokenizer.model",
+    "dreamer4.dynamics.model",
+    "dreamer4.policy.heads",
+    "dreamer4.behavior.model",
+}
 ALLOWED_FOR_MODELS = {"dreamer4.config", "dreamer4.nn"} | MODEL_MODULES
 
 
@@ -75,16 +79,25 @@ GRAPH = {m: _imports(p) for m, p in MODULES.items()}
 
 
 def test_model_code_imports_only_config_nn_and_models():
-    bad = [(m, t, line) for m in MODEL_MODULES for t, line, _ in GRAPH[m]
-           if not any(t == a or t.startswith(a + ".") for a in ALLOWED_FOR_MODELS)]
+    bad = [
+        (m, t, line)
+        for m in MODEL_MODULES
+        for t, line, _ in GRAPH[m]
+        if not any(t == a or t.startswith(a + ".") for a in ALLOWED_FOR_MODELS)
+    ]
     assert not bad, f"model modules import beyond config / nn / models: {bad}"
 
 
 def test_loading_sits_below_training_and_evaluation():
     """runtime/loading and the stage contract import no training, evaluation or pipeline module."""
     for m in ("dreamer4.runtime.loading", "dreamer4.runtime.stage"):
-        bad = [t for t, _, _ in GRAPH[m] if t.endswith((".train", ".evaluate")) or t.startswith("dreamer4.pipelines")
-               or t in ("dreamer4.runtime.train_loop", "dreamer4.runtime.host_loop", "dreamer4.cli")]
+        bad = [
+            t
+            for t, _, _ in GRAPH[m]
+            if t.endswith((".train", ".evaluate"))
+            or t.startswith("dreamer4.pipelines")
+            or t in ("dreamer4.runtime.train_loop", "dreamer4.runtime.host_loop", "dreamer4.cli")
+        ]
         assert not bad, (m, bad)
 
 
@@ -126,7 +139,7 @@ def test_no_import_cycles():
         stack.append(m)
         for t in graph.get(m, []):
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
+                cycle = stack[stack.index(t) :] + [t]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)

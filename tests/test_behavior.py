@@ -39,7 +39,7 @@ def test_gae_lambda_one_is_discounted_return_minus_value():
     last, g = rng.normal(size=3), 0.9
     want = np.zeros((5, 3))
     for t in range(5):
-        want[t] = sum(g ** k * r[t + k] for k in range(5 - t)) + g ** (5 - t) * last - v[t]
+        want[t] = sum(g**k * r[t + k] for k in range(5 - t)) + g ** (5 - t) * last - v[t]
     adv, _ = ppo.gae(jnp.asarray(r), jnp.asarray(v), jnp.zeros((5, 3), bool), jnp.asarray(last), g, 1.0)
     np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-5)
 
@@ -156,8 +156,9 @@ def test_collect_with_ppo_mixture_and_epsilon(trained_ppo, tmp_path):
     run = trained_ppo[0]
     early = f"ppo:{run}/behavior/checkpoints/16"
     mix = f"{early}=0.5,random=0.5"
-    cfg = make_test_config(["collect.policy=random", f"collect.mix={json.dumps(mix)}", "collect.epsilon=0.1",
-                            "collect.num_episodes=6"])
+    cfg = make_test_config(
+        ["collect.policy=random", f"collect.mix={json.dumps(mix)}", "collect.epsilon=0.1", "collect.num_episodes=6"]
+    )
     root = tmp_path / "ds"
     collect(cfg, root, log=lambda *a: None)
     m = read_manifest(root)

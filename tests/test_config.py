@@ -16,8 +16,10 @@ def test_presets_load(preset):
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      ["collect.num_envs=3", "collect.labeled_fraction=0.25", "loader.shuffle=false", "seed=9"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        ["collect.num_envs=3", "collect.labeled_fraction=0.25", "loader.shuffle=false", "seed=9"],
+    )
     assert cfg.collect.num_envs == 3 and cfg.collect.labeled_fraction == 0.25
     assert cfg.loader.shuffle is False and cfg.seed == 9
     # ints are accepted where floats are expected
@@ -73,7 +75,9 @@ def test_stage_configs_are_partitioned_into_parts():
         keys = [f.name for part in parts for f in dataclasses.fields(part)]
         assert sorted(keys) == sorted(f.name for f in dataclasses.fields(stage)), name
         assert len(keys) == len(set(keys)), name
-    assert cfg.dynamics.net.width == cfg.dynamics.width and cfg.dynamics.sampling.context_tau == cfg.dynamics.context_tau
+    assert (
+        cfg.dynamics.net.width == cfg.dynamics.width and cfg.dynamics.sampling.context_tau == cfg.dynamics.context_tau
+    )
 
 
 def test_presets_are_deltas_over_one_base(tmp_path):

@@ -27,7 +27,7 @@ def _episodes_from_raw(raw, num_envs):
             if streams["is_first"][t, n]:
                 start = t
             if streams["is_last"][t, n] and start is not None:
-                found.append((t, n, {k: v[start:t + 1, n] for k, v in streams.items()}))
+                found.append((t, n, {k: v[start : t + 1, n] for k, v in streams.items()}))
                 start = None
     found.sort(key=lambda x: (x[0], x[1]))
     return [ep for _, _, ep in found]
@@ -241,8 +241,17 @@ def test_two_concurrent_writers_fill_one_dataset(tmp_path):
     repo = os.path.dirname(os.path.dirname(__file__))
     procs = []
     for w in range(2):
-        args = ["collect", "--config", "configs/tiny.yaml", "--out", str(out),
-                "--writer-id", str(w), "--num-writers", "2"]
+        args = [
+            "collect",
+            "--config",
+            "configs/tiny.yaml",
+            "--out",
+            str(out),
+            "--writer-id",
+            str(w),
+            "--num-writers",
+            "2",
+        ]
         for o in TEST_OVERRIDES:
             args += ["--set", o]
         procs.append(cli_subprocess(args, cwd=repo))

@@ -15,11 +15,24 @@ from dreamer4.dynamics.sampler import rollout
 from dreamer4.runtime.logging import read_metrics
 
 DYN_OVERRIDES = [
-    "dynamics.width=32", "dynamics.depth=2", "dynamics.num_heads=2", "dynamics.num_kv_heads=1",
-    "dynamics.time_every=2", "dynamics.spatial_tokens=2", "dynamics.register_tokens=2", "dynamics.k_max=8",
-    "dynamics.sample_steps=4", "dynamics.eval_context=2", "dynamics.eval_horizon=2", "dynamics.eval_episodes=2",
-    "dynamics.train.batch_size=4", "dynamics.train.seq_len=4", "dynamics.train.lr=3e-3",
-    "dynamics.train.warmup_steps=2", "dynamics.train.log_every=2", "dynamics.train.ckpt_every=4",
+    "dynamics.width=32",
+    "dynamics.depth=2",
+    "dynamics.num_heads=2",
+    "dynamics.num_kv_heads=1",
+    "dynamics.time_every=2",
+    "dynamics.spatial_tokens=2",
+    "dynamics.register_tokens=2",
+    "dynamics.k_max=8",
+    "dynamics.sample_steps=4",
+    "dynamics.eval_context=2",
+    "dynamics.eval_horizon=2",
+    "dynamics.eval_episodes=2",
+    "dynamics.train.batch_size=4",
+    "dynamics.train.seq_len=4",
+    "dynamics.train.lr=3e-3",
+    "dynamics.train.warmup_steps=2",
+    "dynamics.train.log_every=2",
+    "dynamics.train.ckpt_every=4",
     "dynamics.train.eval_every=0",
 ]
 L, N, A, B, T = 4, 8, 17, 2, 5
@@ -72,8 +85,9 @@ def test_kv_cache_equals_full_forward(dyn):
     cache = dyn.init_cache(B, T)
     step = nnx.jit(lambda m, *a: m.step(*a))
     for t in range(T):
-        out, cache = step(dyn, z[:, t:t + 1], tau[:, t:t + 1], d[:, t:t + 1], acts[:, t:t + 1], mask[:, t:t + 1],
-                          cache, t)
+        out, cache = step(
+            dyn, z[:, t : t + 1], tau[:, t : t + 1], d[:, t : t + 1], acts[:, t : t + 1], mask[:, t : t + 1], cache, t
+        )
         np.testing.assert_allclose(out[:, 0], full[:, t], atol=2e-5)
 
 
@@ -138,8 +152,10 @@ def test_resume_keeps_tokenizer_frozen(trained_dynamics, dataset):
     tok, _, _ = load_tokenizer(run)
     for a, b in zip(jax.tree.leaves(nnx.state(after.tokenizer)), jax.tree.leaves(nnx.state(tok))):
         np.testing.assert_array_equal(a, b)
-    changed = [not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(nnx.state(after.dynamics)), jax.tree.leaves(nnx.state(before.dynamics)))]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(nnx.state(after.dynamics)), jax.tree.leaves(nnx.state(before.dynamics)))
+    ]
     assert any(changed)
 
 

@@ -16,7 +16,7 @@ from dreamer4.policy.heads import Agent, agent_visibility, freeze_prior
 
 # ----------------------------------------------------------------------------- distributions
 def test_symlog_symexp_values():
-    np.testing.assert_allclose(symlog(jnp.array([0.0, math.e - 1, -(math.e ** 2 - 1)])), [0, 1, -2], atol=1e-6)
+    np.testing.assert_allclose(symlog(jnp.array([0.0, math.e - 1, -(math.e**2 - 1)])), [0, 1, -2], atol=1e-6)
     x = jnp.array([-1000.0, -3.5, 0.0, 0.2, 77.0])
     np.testing.assert_allclose(symexp(symlog(x)), x, rtol=1e-5)
 
@@ -24,8 +24,7 @@ def test_symlog_symexp_values():
 def test_two_hot_hand_values():
     bins = jnp.array([-2.0, -1.0, 0.0, 1.0, 2.0])
     x = jnp.array([math.exp(0.25) - 1, -(math.exp(1.5) - 1), 1e6, -1e6, math.e - 1])
-    expect = np.array([[0, 0, 0.75, 0.25, 0], [0.5, 0.5, 0, 0, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0],
-                       [0, 0, 0, 1, 0]])
+    expect = np.array([[0, 0, 0.75, 0.25, 0], [0.5, 0.5, 0, 0, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0]])
     np.testing.assert_allclose(two_hot(x, bins), expect, atol=1e-5)
     # the head reading two-hot probabilities back gives the value (inside the bin range)
     logits = jnp.log(jnp.asarray(expect[:2]) + 1e-30)

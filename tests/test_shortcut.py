@@ -223,6 +223,7 @@ def test_no_nan_at_clean_and_edge_signal_levels():
         def predict(z, t, s):
             seen.append(np.asarray(t))
             return th * z + 0.3 * t[..., None, None]
+
         return predict
 
     loss_fn = lambda th: shortcut_forcing_terms(make_predict(th), z1, z0, tau, d, k_max)  # noqa: E731

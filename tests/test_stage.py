@@ -26,8 +26,15 @@ def test_resume_compares_only_the_network_part(tmp_path):
     stage = StageDir(tmp_path, "dynamics")
     save_config(_cfg(), stage.dir)
     # training, sampling and evaluation keys may change on resume
-    stage.check_network(_cfg("dynamics.train.steps=5", "dynamics.eval_horizon=3", "dynamics.sample_steps=2",
-                             "dynamics.context_tau=0.5", "dynamics.single_image_share=0.1"))
+    stage.check_network(
+        _cfg(
+            "dynamics.train.steps=5",
+            "dynamics.eval_horizon=3",
+            "dynamics.sample_steps=2",
+            "dynamics.context_tau=0.5",
+            "dynamics.single_image_share=0.1",
+        )
+    )
     with pytest.raises(ConfigError, match="another dynamics network config"):
         stage.check_network(_cfg("dynamics.width=32"))
     with pytest.raises(ConfigError, match="another dynamics network config"):

@@ -85,7 +85,7 @@ def test_frame_by_frame_equals_whole_clip(model, frames):
     enc_step = nnx.jit(lambda m, x, c, t: m.encode_step(x, c, t))
     dec_step = nnx.jit(lambda m, z, c, t: m.decode_step(z, c, t))
     for t in range(frames.shape[1]):
-        z_t, cache = enc_step(model, frames[:, t:t + 1], cache, t)
+        z_t, cache = enc_step(model, frames[:, t : t + 1], cache, t)
         d_t, cache = dec_step(model, z_t, cache, t)
         np.testing.assert_allclose(z_t[:, 0], z_all[:, t], atol=2e-5)
         np.testing.assert_allclose(d_t[:, 0], d_all[:, t], atol=2e-5)
@@ -109,8 +109,14 @@ def test_training_reduces_loss_and_evaluates(trained):
 
 def _cli(args, env_extra=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "dreamer4.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dreamer4.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _args(root, run, extra=()):

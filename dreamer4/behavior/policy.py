@@ -39,8 +39,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
             steps = sorted(int(c.name) for c in d.iterdir() if c.is_dir() and c.name.isdigit())
             if steps:
                 return d, steps[-1]
-    raise ConfigError(f"{where}: no PPO checkpoint found at {p} (expected a run directory holding "
-                      f"behavior/checkpoints/<update>/ from `dreamer4 train-behavior`, or one such step directory)")
+    raise ConfigError(
+        f"{where}: no PPO checkpoint found at {p} (expected a run directory holding "
+        f"behavior/checkpoints/<update>/ from `dreamer4 train-behavior`, or one such step directory)"
+    )
 
 
 def load_ppo(path: str | Path, env_spec: EnvSpec | None = None):
@@ -50,12 +52,16 @@ def load_ppo(path: str | Path, env_spec: EnvSpec | None = None):
     try:
         meta = ck.restore_meta(step)
         cfg = from_dict(meta["config"])
-        if env_spec is not None and (meta["env"] != env_spec.name or tuple(meta["frame_shape"]) != env_spec.frame_shape
-                                     or meta["num_actions"] != env_spec.num_actions):
+        if env_spec is not None and (
+            meta["env"] != env_spec.name
+            or tuple(meta["frame_shape"]) != env_spec.frame_shape
+            or meta["num_actions"] != env_spec.num_actions
+        ):
             raise ConfigError(
                 f"collect policy 'ppo:{path}': the checkpoint was trained on env {meta['env']!r} with frames "
                 f"{tuple(meta['frame_shape'])} and {meta['num_actions']} actions, but this collection uses "
-                f"env {env_spec.name!r} with frames {env_spec.frame_shape} and {env_spec.num_actions} actions")
+                f"env {env_spec.name!r} with frames {env_spec.frame_shape} and {env_spec.num_actions} actions"
+            )
         env, env_params, spec = make_env(cfg.env.name)
         fns = PPO(cfg, env, env_params, spec)
         like = abstract_runner(fns, cfg.seed)
@@ -80,4 +86,3 @@ def ppo_policy(path: str, env_spec: EnvSpec, collect_cfg) -> BehaviorPolicy:
         return jax.random.categorical(key, logits_NA).astype(jnp.int32), stack_NHWCK
 
     return BehaviorPolicy("ppo", init, act)
-

@@ -68,7 +68,7 @@ def sticky_policy(num_actions: int, repeat_prob: float) -> BehaviorPolicy:
 
 
 def parse_mix(mix: str) -> list[tuple[str, float]]:
-    """"SPEC=W,SPEC=W" -> [(spec, weight)], weights normalised to sum 1.
+    """ "SPEC=W,SPEC=W" -> [(spec, weight)], weights normalised to sum 1.
 
     A spec may itself contain "=" (a path): the weight is what follows the last "=".
     """
@@ -80,8 +80,10 @@ def parse_mix(mix: str) -> list[tuple[str, float]]:
         except ValueError:
             weight = -1.0
         if not sep or not spec or weight < 0:
-            raise ConfigError(f"config key 'collect.mix': {part!r} must look like SPEC=WEIGHT with a "
-                              f"weight >= 0 (e.g. 'ppo:runs/a=0.5,random=0.5')")
+            raise ConfigError(
+                f"config key 'collect.mix': {part!r} must look like SPEC=WEIGHT with a "
+                f"weight >= 0 (e.g. 'ppo:runs/a=0.5,random=0.5')"
+            )
         members.append((spec.strip(), weight))
     total = sum(w for _, w in members)
     if total <= 0:
@@ -102,8 +104,9 @@ def assign_envs(weights: list[float], num_envs: int, seed: int, writer: int) -> 
     rng = np.random.default_rng([seed, writer, 0x313C])
     u = float(rng.random())
     cum = np.cumsum(weights)
-    slots = [min(int(np.searchsorted(cum, (j + u) / num_envs, side="right")), len(weights) - 1)
-             for j in range(num_envs)]
+    slots = [
+        min(int(np.searchsorted(cum, (j + u) / num_envs, side="right")), len(weights) - 1) for j in range(num_envs)
+    ]
     perm = rng.permutation(num_envs)
     out = [0] * num_envs
     for j, n in enumerate(perm):

@@ -30,8 +30,10 @@ def eval_clips(ds: Dataset, cfg: Config) -> dict:
     n = dc.eval_context + dc.eval_horizon
     eps = [e for e in ds.split("eval") if e.length >= n + 1][: dc.eval_episodes]
     if len(eps) < 2:
-        raise DatasetError(f"dataset {ds.root} needs >= 2 eval episodes of > {n} steps for the open-loop "
-                           f"evaluation (dynamics.eval_context + eval_horizon); it has {len(eps)}")
+        raise DatasetError(
+            f"dataset {ds.root} needs >= 2 eval episodes of > {n} steps for the open-loop "
+            f"evaluation (dynamics.eval_context + eval_horizon); it has {len(eps)}"
+        )
     rows = [ds.read(e, 1, n + 1, ("frame", "action")) for e in eps]  # from row 1: action_1 is real
     return {"frames": np.stack([r["frame"] for r in rows]), "actions": np.stack([r["action"] for r in rows])}
 
@@ -62,7 +64,7 @@ def open_loop(world: WorldModel, clips: dict, cfg: Config, key, ks=None, with_co
     target = x[:, C:]
     recon_ceiling = float(psnr(decode(world, z_true)[:, C:], target).mean())
     metrics, curves, videos = {"eval_psnr_tokenizer_ceiling": recon_ceiling}, {}, {}
-    for K in (ks or k_values(dc.k_max)):
+    for K in ks or k_values(dc.k_max):
         gen = predict(actions, mask, K, key)
         p = np.asarray(psnr(gen, target).mean(0))  # per horizon step
         s = np.asarray(ssim(gen, target).mean(0))
@@ -74,8 +76,11 @@ def open_loop(world: WorldModel, clips: dict, cfg: Config, key, ks=None, with_co
     if with_conditioning:
         K = dc.sample_steps
         shuffled = jnp.roll(actions, 1, axis=0)  # another episode's actions, same marginals
-        for name, (a, m) in {"true": (actions, mask), "shuffled": (shuffled, mask),
-                             "none": (actions, jnp.zeros_like(mask))}.items():
+        for name, (a, m) in {
+            "true": (actions, mask),
+            "shuffled": (shuffled, mask),
+            "none": (actions, jnp.zeros_like(mask)),
+        }.items():
             gen = videos["true_actions"] if name == "true" and "true_actions" in videos else predict(a, m, K, key)
             metrics[f"eval_psnr_{name}_actions"] = float(psnr(gen, target).mean())
         metrics["eval_action_gap_db"] = metrics["eval_psnr_true_actions"] - metrics["eval_psnr_shuffled_actions"]
@@ -106,8 +111,10 @@ def open_loop_eval_hook(cfg: Config, ds: Dataset):
         metrics, _, videos = open_loop(world, clips, cfg, jax.random.PRNGKey(step), ks=ks)
         if logger.enabled:
             (logger.dir / "videos").mkdir(exist_ok=True)
-            path = write_video(logger.dir / "videos" / f"dream_{step:07d}.gif",
-                               side_by_side_frames(videos["real"][0], videos["true_actions"][0]))
+            path = write_video(
+                logger.dir / "videos" / f"dream_{step:07d}.gif",
+                side_by_side_frames(videos["real"][0], videos["true_actions"][0]),
+            )
             logger.log_video(step, "real_vs_imagined", path)
         return metrics
 
@@ -122,20 +129,37 @@ def dream(run_dir: str | Path, out_name: str = "dream", seed: int = 0) -> dict:
     stage = StageDir(run_dir, out_name)
     out = stage.dir
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| K | " + " | ".join(f"h{h + 1}" for h in range(cfg.dynamics.eval_horizon)) + " | mean PSNR | mean SSIM |",
-             "|---|" + "---|" * (cfg.dynamics.eval_horizon + 2)]
+    lines = [
+        "| K | " + " | ".join(f"h{h + 1}" for h in range(cfg.dynamics.eval_horizon)) + " | mean PSNR | mean SSIM |",
+        "|---|" + "---|" * (cfg.dynamics.eval_horizon + 2),
+    ]
     for K, c in curves.items():
-        lines.append(f"| {K} | " + " | ".join(f"{v:.2f}" for v in c["psnr"]) +
-                     f" | {np.mean(c['psnr']):.2f} | {np.mean(c['ssim']):.3f} |")
-    lines += ["", f"tokenizer reconstruction ceiling: {metrics['eval_psnr_tokenizer_ceiling']:.2f} dB",
-              f"true actions {metrics['eval_psnr_true_actions']:.2f} dB, shuffled {metrics['eval_psnr_shuffled_actions']:.2f} dB, "
-              f"no actions {metrics['eval_psnr_none_actions']:.2f} dB, gap {metrics['eval_action_gap_db']:.2f} dB"]
+        lines.append(
+            f"| {K} | "
+            + " | ".join(f"{v:.2f}" for v in c["psnr"])
+            + f" | {np.mean(c['psnr']):.2f} | {np.mean(c['ssim']):.3f} |"
+        )
+    lines += [
+        "",
+        f"tokenizer reconstruction ceiling: {metrics['eval_psnr_tokenizer_ceiling']:.2f} dB",
+        f"true actions {metrics['eval_psnr_true_actions']:.2f} dB, shuffled {metrics['eval_psnr_shuffled_actions']:.2f} dB, "
+        f"no actions {metrics['eval_psnr_none_actions']:.2f} dB, gap {metrics['eval_action_gap_db']:.2f} dB",
+    ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _plot(curves, out / "psnr_vs_horizon.png")
     for i in range(min(4, videos["real"].shape[0])):
-        write_video(out / f"real_vs_imagined_{i}.gif", side_by_side_frames(videos["real"][i], videos["true_actions"][i]))
-    write_json(stage.results_path, {"metrics": metrics, "curves": curves, "context": cfg.dynamics.eval_context,
-                                    "horizon": cfg.dynamics.eval_horizon})
+        write_video(
+            out / f"real_vs_imagined_{i}.gif", side_by_side_frames(videos["real"][i], videos["true_actions"][i])
+        )
+    write_json(
+        stage.results_path,
+        {
+            "metrics": metrics,
+            "curves": curves,
+            "context": cfg.dynamics.eval_context,
+            "horizon": cfg.dynamics.eval_horizon,
+        },
+    )
     return metrics
 
 

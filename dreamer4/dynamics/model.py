@@ -45,8 +45,16 @@ def d_index(d, k_max: int):
 
 
 class Dynamics(nnx.Module):
-    def __init__(self, cfg: DynamicsNet, num_latents: int, latent_dim: int, num_actions: int, *,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(
+        self,
+        cfg: DynamicsNet,
+        num_latents: int,
+        latent_dim: int,
+        num_actions: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
         self.cfg = cfg
         self.L, self.N, self.A = num_latents, latent_dim, num_actions
         self.Z, self.R, D = cfg.spatial_tokens, cfg.register_tokens, cfg.width
@@ -63,9 +71,16 @@ class Dynamics(nnx.Module):
         self.action_base = nnx.Param(init(rngs.params(), (D,)))
         self.action_embed = nnx.Embed(num_actions, D, rngs=rngs)
         self.transformer = AxialTransformer(
-            width=D, depth=cfg.depth, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-            mlp_ratio=cfg.mlp_ratio, time_every=cfg.time_every, logit_cap=cfg.logit_cap, rngs=rngs,
-            dtype=dtype)
+            width=D,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            time_every=cfg.time_every,
+            logit_cap=cfg.logit_cap,
+            rngs=rngs,
+            dtype=dtype,
+        )
 
     def action_tokens(self, actions_BT, action_mask_BT):
         """Learned embedding + the action's own embedding where labeled (masked actions never
@@ -85,7 +100,7 @@ class Dynamics(nnx.Module):
         return jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=2)
 
     def readout(self, y_BTSD):
-        out = self.z_out(y_BTSD[:, :, 2 + self.R:]).astype(jnp.float32)
+        out = self.z_out(y_BTSD[:, :, 2 + self.R :]).astype(jnp.float32)
         return rearrange(out, "b t z (g n) -> b t (z g) n", g=self.group)
 
     def __call__(self, z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT):

@@ -33,8 +33,9 @@ def context_inputs(z_BTLN, key, context_tau: float, k_max: int):
     return corrupt(z_BTLN, z0, tau), tau, jnp.full((B, T), 1.0 / k_max, jnp.float32)
 
 
-def generate_frame(step_fn, cache, k_noise, k_ctx, shape_B1LN, K: int, k_max: int, context_tau: float,
-                   z_of=lambda out: out):
+def generate_frame(
+    step_fn, cache, k_noise, k_ctx, shape_B1LN, K: int, k_max: int, context_tau: float, z_of=lambda out: out
+):
     """One new step t against the cache: K shortcut steps from noise, then one context pass.
 
     step_fn(z_B1LN, tau_B1, d_B1, cache) -> (out, cache) is one cached forward pass of step t (each
@@ -75,8 +76,7 @@ def generate_step(dyn: Dynamics, cache, t, action_B1, mask_B1, key, K: int, cont
     def step_fn(z_B1LN, tau_B1, d_B1, cache):
         return dyn.step(z_B1LN, tau_B1, d_B1, action_B1, mask_B1, cache, t)
 
-    z_t, _, cache = generate_frame(step_fn, cache, k_noise, k_ctx, (B, 1, dyn.L, dyn.N), K, dyn.cfg.k_max,
-                                   context_tau)
+    z_t, _, cache = generate_frame(step_fn, cache, k_noise, k_ctx, (B, 1, dyn.L, dyn.N), K, dyn.cfg.k_max, context_tau)
     return z_t, cache
 
 
@@ -91,12 +91,21 @@ def rollout(dyn: Dynamics, z_ctx_BCLN, actions_BT, mask_BT, key, K: int, horizon
     if C == 0:  # generation from scratch: the model learned start frames from single images
         cache = dyn.init_cache(actions_BT.shape[0], horizon)
     else:
-        cache = prefill_context(dyn, z_ctx_BCLN, actions_BT[:, :C], mask_BT[:, :C], k_pre, max_len=C + horizon,
-                                context_tau=context_tau)
+        cache = prefill_context(
+            dyn, z_ctx_BCLN, actions_BT[:, :C], mask_BT[:, :C], k_pre, max_len=C + horizon, context_tau=context_tau
+        )
     out = []
     for h in range(horizon):
         t = C + h
-        z_t, cache = generate_step(dyn, cache, jnp.int32(t), actions_BT[:, t:t + 1], mask_BT[:, t:t + 1],
-                                   jax.random.fold_in(key, t), K=K, context_tau=context_tau)
+        z_t, cache = generate_step(
+            dyn,
+            cache,
+            jnp.int32(t),
+            actions_BT[:, t : t + 1],
+            mask_BT[:, t : t + 1],
+            jax.random.fold_in(key, t),
+            K=K,
+            context_tau=context_tau,
+        )
         out.append(z_t)
     return jnp.concatenate(out, axis=1)

@@ -29,7 +29,7 @@ STAGE = "dynamics"
 
 def split_images(x, n_img: int):
     """(B, T, ...) -> sequences (B - n_img, T, ...) and single images (n_img * T, 1, ...)."""
-    seq, img = x[: x.shape[0] - n_img], x[x.shape[0] - n_img:]
+    seq, img = x[: x.shape[0] - n_img], x[x.shape[0] - n_img :]
     return seq, img.reshape((img.shape[0] * img.shape[1], 1) + img.shape[2:])
 
 
@@ -80,11 +80,19 @@ def train_dynamics(cfg: Config, data_dir: str | Path, run_dir: str | Path, evalu
     StageDir(run_dir, "tokenizer").check_dataset(ds, {"frame_shape": frame_shape}, data_dir)
     world = WorldModel(tokenizer, build_dynamics(cfg, tok_cfg, ds.num_actions))
     tc = cfg.dynamics.train
-    train(Stage(
-        name=STAGE, stage_dir=stage.dir, cfg=cfg, train=tc, model=world, loss_fn=make_dynamics_loss(cfg),
-        make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
-        prepare=make_prepare(cfg), evaluate=open_loop_eval_hook(cfg, ds) if evaluate else None,
-        trainable=TRAINABLE[STAGE],
-        meta={"frame_shape": list(frame_shape), "num_actions": ds.num_actions, "data": str(data_dir)},
-    ))
+    train(
+        Stage(
+            name=STAGE,
+            stage_dir=stage.dir,
+            cfg=cfg,
+            train=tc,
+            model=world,
+            loss_fn=make_dynamics_loss(cfg),
+            make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
+            prepare=make_prepare(cfg),
+            evaluate=open_loop_eval_hook(cfg, ds) if evaluate else None,
+            trainable=TRAINABLE[STAGE],
+            meta={"frame_shape": list(frame_shape), "num_actions": ds.num_actions, "data": str(data_dir)},
+        )
+    )
     return stage.results()

@@ -18,7 +18,11 @@ def _json(path: Path) -> dict:
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>"
+    return (
+        "<table>"
+        + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+        + "</table>"
+    )
 
 
 def _fmt(v) -> str:
@@ -35,14 +39,28 @@ def _md_table(md: str) -> str:
                 rows.append(cells)
             continue
         if rows:
-            out.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if i == 0 or j == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 or j == 0 else 'td'}>"
-                                 for j, c in enumerate(r)) + "</tr>" for i, r in enumerate(rows)) + "</table>")
+            out.append(
+                "<table>"
+                + "".join(
+                    "<tr>"
+                    + "".join(
+                        f"<{'th' if i == 0 or j == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 or j == 0 else 'td'}>"
+                        for j, c in enumerate(r)
+                    )
+                    + "</tr>"
+                    for i, r in enumerate(rows)
+                )
+                + "</table>"
+            )
             rows = []
         if line.strip():
             out.append(f"<p>{html.escape(line)}</p>")
     if rows:
-        out.append("<table>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+        out.append(
+            "<table>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+            + "</table>"
+        )
     return "\n".join(out)
 
 
@@ -67,21 +85,33 @@ def write_report(run_dir) -> Path:
         parts.append(_md_table(dream.path("table.md").read_text()))
         gifs = sorted(dream.dir.glob("real_vs_imagined_*.gif"))
         if gifs:
-            parts.append("<p>Real (left) vs imagined (right), dataset actions:</p>" +
-                         "".join(f"<img src='{g.relative_to(root)}' style='margin:4px'>" for g in gifs))
+            parts.append(
+                "<p>Real (left) vs imagined (right), dataset actions:</p>"
+                + "".join(f"<img src='{g.relative_to(root)}' style='margin:4px'>" for g in gifs)
+            )
     if ev.path("table.md").exists():
         parts.append("<h2>Agent in the real game</h2>" + _md_table(ev.path("table.md").read_text()))
         if ev.path("achievements.png").exists():
             parts.append(f"<img src='{ev.path('achievements.png').relative_to(root)}' width='900'>")
         gifs = sorted(ev.dir.glob("real_*.gif")) + sorted(ev.dir.glob("imagined_*.gif"))
         if gifs:
-            parts.append("<p>Real episodes (per policy) and imagined rollouts of the imagination-trained policy:</p>" +
-                         "".join(f"<figure style='display:inline-block'><img src='{g.relative_to(root)}'>"
-                                 f"<figcaption>{g.stem}</figcaption></figure>" for g in gifs))
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>dreamer4 report</title><style>{style}</style></head><body>" \
-           + "\n".join(parts) + "</body></html>\n"
+            parts.append(
+                "<p>Real episodes (per policy) and imagined rollouts of the imagination-trained policy:</p>"
+                + "".join(
+                    f"<figure style='display:inline-block'><img src='{g.relative_to(root)}'>"
+                    f"<figcaption>{g.stem}</figcaption></figure>"
+                    for g in gifs
+                )
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>dreamer4 report</title><style>{style}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
     path = root / REPORT
     path.write_text(page)
     return path

@@ -57,8 +57,10 @@ def run_all(cfg: Config, run_dir: str) -> dict:
             log0(f"{name}: complete, skipped")
             return
         if one_process and not single:
-            log0(f"{name}: skipped in a {jax.process_count()}-process job; run `dreamer4 {name} --run {root}` "
-                 f"as one process")
+            log0(
+                f"{name}: skipped in a {jax.process_count()}-process job; run `dreamer4 {name} --run {root}` "
+                f"as one process"
+            )
             return
         t0 = time.time()
         results[name] = fn()
@@ -73,15 +75,21 @@ def run_all(cfg: Config, run_dir: str) -> dict:
             print_info(str(data))
         return summary
 
-    tok, dyn, dream_, bc, agent, ev = (StageDir(root, n) for n in
-                                       ("tokenizer", "dynamics", "dream", "agent_bc", "agent", "evaluate"))
+    tok, dyn, dream_, bc, agent, ev = (
+        StageDir(root, n) for n in ("tokenizer", "dynamics", "dream", "agent_bc", "agent", "evaluate")
+    )
     # collect itself skips committed shards and returns at once when the dataset is complete
     stage(1, "collect", data, False, do_collect)
     stage(2, "tokenizer", tok.dir, tok.is_complete(cfg), lambda: run_train_tokenizer(cfg, str(data), str(root)))
     stage(3, "dynamics", dyn.dir, dyn.is_complete(cfg), lambda: run_train_dynamics(cfg, str(data), str(root)))
     stage(4, "dream", dream_.dir, dream_.is_complete(cfg), lambda: run_dream(str(root)), one_process=True)
-    stage(5, "agent", agent.dir, bc.is_complete(cfg) and agent.is_complete(cfg),
-          lambda: run_train_agent(cfg, str(data), str(root), "all"))
+    stage(
+        5,
+        "agent",
+        agent.dir,
+        bc.is_complete(cfg) and agent.is_complete(cfg),
+        lambda: run_train_agent(cfg, str(data), str(root), "all"),
+    )
     stage(6, "evaluate", ev.dir, ev.is_complete(cfg), lambda: run_evaluate(str(root)), one_process=True)
     if not is_main_process():
         return results

@@ -26,18 +26,22 @@ def run_collect(cfg: Config, out: str, writer_id: int | None = None, num_writers
 
 def run_train_behavior(cfg: Config, run: str) -> dict:
     r = train_behavior(cfg, run)
-    print(f"behavior: {r['env_steps']} env steps; over the first {r['eval_steps']} steps of {r['eval_envs']} "
-          f"episodes: return {r['eval_policy_return']:.2f} (uniform random {r['eval_random_return']:.2f}), "
-          f"achievements {r['eval_policy_achievements']:.2f} (random {r['eval_random_achievements']:.2f}); "
-          f"collect with `dreamer4 collect --policy ppo:{run}`")
+    print(
+        f"behavior: {r['env_steps']} env steps; over the first {r['eval_steps']} steps of {r['eval_envs']} "
+        f"episodes: return {r['eval_policy_return']:.2f} (uniform random {r['eval_random_return']:.2f}), "
+        f"achievements {r['eval_policy_achievements']:.2f} (random {r['eval_random_achievements']:.2f}); "
+        f"collect with `dreamer4 collect --policy ppo:{run}`"
+    )
     return r
 
 
 def run_train_tokenizer(cfg: Config, data: str, run: str) -> dict:
     results = train_tokenizer(cfg, data, run)
-    log0(f"tokenizer: held-out PSNR {results['eval_psnr']:.2f} dB (mean-frame baseline "
-         f"{results['eval_psnr_mean_frame_baseline']:.2f} dB), SSIM {results['eval_ssim']:.3f}; "
-         f"grid in {StageDir(run, 'tokenizer').path('images')}/")
+    log0(
+        f"tokenizer: held-out PSNR {results['eval_psnr']:.2f} dB (mean-frame baseline "
+        f"{results['eval_psnr_mean_frame_baseline']:.2f} dB), SSIM {results['eval_ssim']:.3f}; "
+        f"grid in {StageDir(run, 'tokenizer').path('images')}/"
+    )
     return results
 
 
@@ -45,8 +49,10 @@ def run_train_dynamics(cfg: Config, data: str, run: str) -> dict:
     results = train_dynamics(cfg, data, run)
     if results:
         K = cfg.dynamics.sample_steps
-        log0(f"dynamics: open-loop PSNR K={K} {results.get(f'eval_psnr_K{K}', float('nan')):.2f} dB, "
-             f"action gap {results.get('eval_action_gap_db', float('nan')):.2f} dB")
+        log0(
+            f"dynamics: open-loop PSNR K={K} {results.get(f'eval_psnr_K{K}', float('nan')):.2f} dB, "
+            f"action gap {results.get('eval_action_gap_db', float('nan')):.2f} dB"
+        )
     return results
 
 

@@ -42,8 +42,7 @@ def agent_visibility(S: int) -> np.ndarray:
 class MTPHead(nnx.Module):
     """h_BTD -> out_BTJO: RMSNorm, Linear, SiLU, then one output layer per distance j < J."""
 
-    def __init__(self, width: int, hidden: int, out_dim: int, num_out: int, *, rngs: nnx.Rngs,
-                 zero_init: bool = False):
+    def __init__(self, width: int, hidden: int, out_dim: int, num_out: int, *, rngs: nnx.Rngs, zero_init: bool = False):
         self.J, self.O = num_out, out_dim
         self.norm = RMSNorm(width)
         self.hidden = nnx.Linear(width, hidden, rngs=rngs)

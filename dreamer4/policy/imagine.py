@@ -28,8 +28,9 @@ from dreamer4.dynamics.sampler import context_inputs, generate_frame
 from dreamer4.policy.heads import Agent
 
 
-def imagine_rollout(agent: Agent, z_ctx_BCLN, actions_BC, mask_BC, task_B, key, horizon: int,
-                    sampling: DynamicsSampling):
+def imagine_rollout(
+    agent: Agent, z_ctx_BCLN, actions_BC, mask_BC, task_B, key, horizon: int, sampling: DynamicsSampling
+):
     """Roll the policy out in the world model. Returns a dict (all stop-gradient):
 
     h:        (B, H + 1, D) agent outputs; index 0 = the last context step, index i = imagined step i;
@@ -58,8 +59,17 @@ def imagine_rollout(agent: Agent, z_ctx_BCLN, actions_BC, mask_BC, task_B, key, 
         def step_fn(z_B1LN, tau_B1, d_B1, cache):
             return agent.step(z_B1LN, tau_B1, d_B1, a_B1, ones_B1, task_B1, cache, t)
 
-        z_t, (_, h_B1D), cache = generate_frame(step_fn, cache, k_noise, k_c, (B, 1, dyn.L, dyn.N),
-                                                sampling.sample_steps, k_max, tau_ctx, z_of=lambda out: out[0])
+        z_t, (_, h_B1D), cache = generate_frame(
+            step_fn,
+            cache,
+            k_noise,
+            k_c,
+            (B, 1, dyn.L, dyn.N),
+            sampling.sample_steps,
+            k_max,
+            tau_ctx,
+            z_of=lambda out: out[0],
+        )
         return (cache, h_B1D[:, 0]), (h_B1D[:, 0], a_B, z_t[:, 0])
 
     ts = C + jnp.arange(horizon, dtype=jnp.int32)

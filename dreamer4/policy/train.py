@@ -59,8 +59,16 @@ def make_bc_loss(cfg: Config, k_max: int):
         # next-action accuracy on labeled targets (distance 1)
         nxt_m = m[:, 1:].astype(jnp.float32)
         acc = jnp.sum((jnp.argmax(pol[:, :-1, 0], -1) == a[:, 1:]) * nxt_m) / jnp.maximum(nxt_m.sum(), 1.0)
-        metrics = {"video": video, "bc": bc, "bc_next": bc_per[0], "bc_next_acc": acc, "reward": rew,
-                   "reward_now": rew_per[0], "action_label_frac": m.mean(), **vm}
+        metrics = {
+            "video": video,
+            "bc": bc,
+            "bc_next": bc_per[0],
+            "bc_next_acc": acc,
+            "reward": rew,
+            "reward_now": rew_per[0],
+            "action_label_frac": m.mean(),
+            **vm,
+        }
         return loss, metrics
 
     return loss_fn
@@ -79,11 +87,16 @@ def imagine_terms(agent: Agent, roll: dict, cfg: Config):
     logp_all = jax.nn.log_softmax(logits, -1)
     logp = jnp.take_along_axis(logp_all, roll["actions"][..., None], -1)[..., 0]
     kl = reverse_kl(logits, agent.policy_logits(h[:, :-1], prior=True))
-    p_loss, pm = pmpo_loss(logp.reshape(-1), (R - v[:, :-1]).reshape(-1), kl.reshape(-1), ac.pmpo_alpha,
-                           ac.pmpo_beta)
-    metrics = {"policy": p_loss, "value": v_loss, "imagined_reward_sum": r[:, 1:].sum(1).mean(),
-               "return_mean": R.mean(), "value_mean": v.mean(),
-               "entropy": -jnp.sum(jnp.exp(logp_all) * logp_all, -1).mean(), **pm}
+    p_loss, pm = pmpo_loss(logp.reshape(-1), (R - v[:, :-1]).reshape(-1), kl.reshape(-1), ac.pmpo_alpha, ac.pmpo_beta)
+    metrics = {
+        "policy": p_loss,
+        "value": v_loss,
+        "imagined_reward_sum": r[:, 1:].sum(1).mean(),
+        "return_mean": R.mean(),
+        "value_mean": v.mean(),
+        "entropy": -jnp.sum(jnp.exp(logp_all) * logp_all, -1).mean(),
+        **pm,
+    }
     return p_loss + v_loss, metrics
 
 
@@ -96,8 +109,7 @@ def make_imagine_loss(cfg: Config, sampling: DynamicsSampling):
         frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
         z_ctx = frozen.world.latents(batch["frames"])
         task = jnp.zeros((z_ctx.shape[0],), jnp.int32)
-        roll = imagine_rollout(frozen, z_ctx, batch["actions"], batch["action_mask"], task, key, ac.horizon,
-                               sampling)
+        roll = imagine_rollout(frozen, z_ctx, batch["actions"], batch["action_mask"], task, key, ac.horizon, sampling)
         return imagine_terms(agent, roll, cfg)
 
     return loss_fn
@@ -120,11 +132,20 @@ def train_bc(cfg: Config, data_dir, run_dir) -> dict:
     def prepare(batch, step):
         return {k: batch[k] for k in ("frames", "actions", "action_mask", "rewards")}
 
-    train(Stage(name=STAGE_BC, stage_dir=stage.dir, cfg=cfg, train=tc, model=agent,
-                loss_fn=make_bc_loss(cfg, wcfg.dynamics.k_max),
-                make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
-                prepare=prepare, trainable=TRAINABLE[STAGE_BC],
-                meta={"phase": "bc", **facts, "data": str(data_dir)}))
+    train(
+        Stage(
+            name=STAGE_BC,
+            stage_dir=stage.dir,
+            cfg=cfg,
+            train=tc,
+            model=agent,
+            loss_fn=make_bc_loss(cfg, wcfg.dynamics.k_max),
+            make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
+            prepare=prepare,
+            trainable=TRAINABLE[STAGE_BC],
+            meta={"phase": "bc", **facts, "data": str(data_dir)},
+        )
+    )
     return stage.results()
 
 
@@ -141,11 +162,20 @@ def train_imagine(cfg: Config, data_dir, run_dir) -> dict:
     def prepare(batch, step):
         return {k: batch[k][:, :C] for k in ("frames", "actions", "action_mask")}
 
-    train(Stage(name=STAGE_IMAGINE, stage_dir=stage.dir, cfg=cfg, train=tc, model=agent,
-                loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sampling),
-                make_iterator=loader_factory(data_dir, cfg, tc.batch_size, C),
-                prepare=prepare, trainable=TRAINABLE[STAGE_IMAGINE],
-                meta={"phase": "imagine", **facts, "data": str(data_dir)}))
+    train(
+        Stage(
+            name=STAGE_IMAGINE,
+            stage_dir=stage.dir,
+            cfg=cfg,
+            train=tc,
+            model=agent,
+            loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sampling),
+            make_iterator=loader_factory(data_dir, cfg, tc.batch_size, C),
+            prepare=prepare,
+            trainable=TRAINABLE[STAGE_IMAGINE],
+            meta={"phase": "imagine", **facts, "data": str(data_dir)},
+        )
+    )
     return stage.results()
 
 

@@ -36,18 +36,33 @@ def mean_metrics(host: list[dict]) -> dict:
 
 
 class HostLoop:
-    def __init__(self, name: str, *, total: int, initial: int, unit: str, log_every: int, ckpt_every: int,
-                 ckpt: Checkpointer, logger: MetricLogger,
-                 save_state: Callable[[int], tuple[Any, dict]],
-                 summarize: Callable[[list[dict], int, float], dict],
-                 progress: Callable[[dict], dict],
-                 on_nonfinite: Callable[[int, dict], None]):
+    def __init__(
+        self,
+        name: str,
+        *,
+        total: int,
+        initial: int,
+        unit: str,
+        log_every: int,
+        ckpt_every: int,
+        ckpt: Checkpointer,
+        logger: MetricLogger,
+        save_state: Callable[[int], tuple[Any, dict]],
+        summarize: Callable[[list[dict], int, float], dict],
+        progress: Callable[[dict], dict],
+        on_nonfinite: Callable[[int, dict], None],
+    ):
         """save_state(step) -> (state pytree, JSON meta) to checkpoint; summarize(host metrics, steps
         since the last flush, seconds since it) -> the logged means; progress(means) -> progress-bar
         fields; on_nonfinite(step, metrics) raises (a FloatingPointError names what was kept)."""
         self.name, self.total, self.log_every, self.ckpt_every = name, total, log_every, ckpt_every
         self.ckpt, self.logger = ckpt, logger
-        self.save_state, self.summarize, self.progress, self.on_nonfinite = save_state, summarize, progress, on_nonfinite
+        self.save_state, self.summarize, self.progress, self.on_nonfinite = (
+            save_state,
+            summarize,
+            progress,
+            on_nonfinite,
+        )
         self.bar = Progress(total=total, initial=initial, desc=name, unit=unit)
         self.pending: list[tuple[int, dict]] = []
         self.t_last, self.since = time.time(), 0

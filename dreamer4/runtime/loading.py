@@ -36,8 +36,9 @@ TRAINABLE = {
     "dynamics": nnx.All(nnx.Param, nnx.PathContains("dynamics")),
     # BC trains the world model's dynamics with the new agent parts; never the tokenizer, the prior
     # (a later copy of the policy) or the value head (it only learns in imagination).
-    "agent_bc": nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.PathContains("tokenizer"), nnx.PathContains("prior"),
-                                                   nnx.PathContains("value")))),
+    "agent_bc": nnx.All(
+        nnx.Param, nnx.Not(nnx.Any(nnx.PathContains("tokenizer"), nnx.PathContains("prior"), nnx.PathContains("value")))
+    ),
     # Imagination trains the policy and value heads only: transformer, reward head and prior frozen.
     "agent": nnx.All(nnx.Param, nnx.Any(nnx.PathContains("policy"), nnx.PathContains("value"))),
 }
@@ -49,18 +50,30 @@ def _dtype(tc: TrainConfig):
 
 # ----------------------------------------------------------------------------- building
 def build_tokenizer(cfg: Config, frame_shape, seed: int | None = None) -> Tokenizer:
-    return Tokenizer(cfg.tokenizer.net, tuple(frame_shape), rngs=nnx.Rngs(cfg.seed if seed is None else seed),
-                     dtype=_dtype(cfg.tokenizer.train))
+    return Tokenizer(
+        cfg.tokenizer.net,
+        tuple(frame_shape),
+        rngs=nnx.Rngs(cfg.seed if seed is None else seed),
+        dtype=_dtype(cfg.tokenizer.train),
+    )
 
 
 def build_dynamics(cfg: Config, tok_cfg: Config, num_actions: int, seed: int | None = None) -> Dynamics:
     """The dynamics of `cfg` over the latents of the tokenizer configured by `tok_cfg`."""
     L = tok_cfg.tokenizer.num_latents
     if L % cfg.dynamics.spatial_tokens:
-        raise ConfigError(f"config key 'dynamics.spatial_tokens' ({cfg.dynamics.spatial_tokens}) must divide the "
-                          f"run's tokenizer.num_latents ({L})")
-    return Dynamics(cfg.dynamics.net, L, tok_cfg.tokenizer.latent_dim, num_actions,
-                    rngs=nnx.Rngs(cfg.seed + 1 if seed is None else seed), dtype=_dtype(cfg.dynamics.train))
+        raise ConfigError(
+            f"config key 'dynamics.spatial_tokens' ({cfg.dynamics.spatial_tokens}) must divide the "
+            f"run's tokenizer.num_latents ({L})"
+        )
+    return Dynamics(
+        cfg.dynamics.net,
+        L,
+        tok_cfg.tokenizer.latent_dim,
+        num_actions,
+        rngs=nnx.Rngs(cfg.seed + 1 if seed is None else seed),
+        dtype=_dtype(cfg.dynamics.train),
+    )
 
 
 def build_agent(cfg: Config, world: WorldModel, num_actions: int) -> Agent:
@@ -69,8 +82,9 @@ def build_agent(cfg: Config, world: WorldModel, num_actions: int) -> Agent:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_trained(stage_dir: str | Path, model: nnx.Module, step: int | None = None,
-                 trainable=nnx.Param) -> tuple[nnx.Module, dict]:
+def load_trained(
+    stage_dir: str | Path, model: nnx.Module, step: int | None = None, trainable=nnx.Param
+) -> tuple[nnx.Module, dict]:
     """Load the model weights of a stage's checkpoint (default: latest) into `model`, in place.
 
     Checkpoints hold (model, optimizer); the optimizer part is restored into a throw-away skeleton.

@@ -59,15 +59,18 @@ class StageSpec:
     results: str = TRAIN_RESULTS  # file of the results the stage returns
 
 
-STAGES: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("behavior", "train-behavior", "behavior", lambda c: c.behavior.num_updates),
-    StageSpec("tokenizer", "train-tokenizer", "tokenizer", lambda c: c.tokenizer.train.steps),
-    StageSpec("dynamics", "train-dynamics", "dynamics", lambda c: c.dynamics.train.steps),
-    StageSpec("dream", "dream", results="results.json"),
-    StageSpec("agent_bc", "train-agent --phase bc", "agent", lambda c: c.agent.bc.steps),
-    StageSpec("agent", "train-agent", "agent", lambda c: c.agent.imagine.steps),
-    StageSpec("evaluate", "evaluate", results="results.json"),
-)}
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in (
+        StageSpec("behavior", "train-behavior", "behavior", lambda c: c.behavior.num_updates),
+        StageSpec("tokenizer", "train-tokenizer", "tokenizer", lambda c: c.tokenizer.train.steps),
+        StageSpec("dynamics", "train-dynamics", "dynamics", lambda c: c.dynamics.train.steps),
+        StageSpec("dream", "dream", results="results.json"),
+        StageSpec("agent_bc", "train-agent --phase bc", "agent", lambda c: c.agent.bc.steps),
+        StageSpec("agent", "train-agent", "agent", lambda c: c.agent.imagine.steps),
+        StageSpec("evaluate", "evaluate", results="results.json"),
+    )
+}
 
 
 def open_dataset(data_dir: str | Path, cfg: Config | None = None) -> Dataset:
@@ -131,8 +134,10 @@ class StageDir:
         prev = self.saved_config()
         if prev is not None and self.spec.section and self.network(prev) != self.network(cfg):
             s = self.spec.section
-            raise ConfigError(f"{self.config_path} was written with another {s} network config than this run's; "
-                              f"resume with the same {s}.* network keys, or use a new --run directory")
+            raise ConfigError(
+                f"{self.config_path} was written with another {s} network config than this run's; "
+                f"resume with the same {s}.* network keys, or use a new --run directory"
+            )
 
     def latest_step(self) -> int | None:
         steps = checkpoint_steps(self.checkpoints)
@@ -158,11 +163,15 @@ class StageDir:
         """The dataset must have the frames (and actions) the stage's model was made for."""
         shape = tuple(facts["frame_shape"])
         if tuple(ds.frame_shape) != shape:
-            raise DatasetError(f"dataset {data_dir} has frames of shape {tuple(ds.frame_shape)} but the {self.name} "
-                               f"in {self.dir} is configured for {shape}; use a dataset of the same env/frame size")
+            raise DatasetError(
+                f"dataset {data_dir} has frames of shape {tuple(ds.frame_shape)} but the {self.name} "
+                f"in {self.dir} is configured for {shape}; use a dataset of the same env/frame size"
+            )
         if "num_actions" in facts and ds.num_actions != facts["num_actions"]:
-            raise DatasetError(f"dataset {data_dir} has {ds.num_actions} actions but the {self.name} in {self.dir} "
-                               f"was made for {facts['num_actions']}")
+            raise DatasetError(
+                f"dataset {data_dir} has {ds.num_actions} actions but the {self.name} in {self.dir} "
+                f"was made for {facts['num_actions']}"
+            )
 
     # -- completeness and results ------------------------------------------------------------------
     def is_complete(self, cfg: Config) -> bool:

@@ -96,13 +96,18 @@ def compile_train_step(graphdef, loss_fn, shardings, mesh, trainable=nnx.Param):
     def step_fn(state, batch, key):
         model, opt = nnx.merge(graphdef, state)
         (loss, metrics), grads = nnx.value_and_grad(
-            lambda m: loss_fn(m, batch, key), argnums=nnx.DiffState(0, trainable), has_aux=True)(model)
+            lambda m: loss_fn(m, batch, key), argnums=nnx.DiffState(0, trainable), has_aux=True
+        )(model)
         opt.update(model, grads)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return nnx.state((model, opt)), metrics
 
-    return jax.jit(step_fn, donate_argnums=(0,), in_shardings=(shardings, batch_sharding(mesh), replicated),
-                   out_shardings=(shardings, replicated))
+    return jax.jit(
+        step_fn,
+        donate_argnums=(0,),
+        in_shardings=(shardings, batch_sharding(mesh), replicated),
+        out_shardings=(shardings, replicated),
+    )
 
 
 def local_copy(graphdef, state, mesh):
@@ -144,11 +149,14 @@ def train(stage: Stage) -> nnx.Module:
     graphdef, state, shardings = place_train_state(stage.model, tc, mesh, stage.trainable)
     leaves = jax.tree.leaves(shardings)
     split = sum(any(a is not None for a in sh.spec) for sh in leaves)
-    log0(f"[{stage.name}] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
-         f"{jax.process_count()} process(es); {split}/{len(leaves)} state arrays sharded over 'fsdp'")
+    log0(
+        f"[{stage.name}] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
+        f"{jax.process_count()} process(es); {split}/{len(leaves)} state arrays sharded over 'fsdp'"
+    )
     ckpt = Checkpointer(stage_dir / CHECKPOINTS, keep=tc.keep_checkpoints)
-    logger = MetricLogger(stage_dir, stage.name, to_dict(cfg), mode=cfg.runtime.wandb,
-                          project=cfg.runtime.wandb_project)
+    logger = MetricLogger(
+        stage_dir, stage.name, to_dict(cfg), mode=cfg.runtime.wandb, project=cfg.runtime.wandb_project
+    )
     it = stage.make_iterator()
     step = 0
     latest = ckpt.latest_step()
@@ -161,14 +169,20 @@ def train(stage: Stage) -> nnx.Module:
             it.set_state(saved)
             if before is not None and before != now:
                 # The loader's global stream does not depend on the process count (data/loader.py).
-                log0(f"[{stage.name}] process count changed ({before} -> {now}): the data stream continues "
-                     f"at the same global batch, each process now reading 1/{now} of it")
+                log0(
+                    f"[{stage.name}] process count changed ({before} -> {now}): the data stream continues "
+                    f"at the same global batch, each process now reading 1/{now} of it"
+                )
         except Exception as e:  # another dataset, batch size or seed: restart the stream deterministically
             it = stage.make_iterator()
-            log0(f"[{stage.name}] data iterator restarted from its beginning: the saved position does not fit "
-                 f"this run ({e.__class__.__name__}: {e})")
-        log0(f"[{stage.name}] resumed from checkpoint step {step} in {ckpt.directory} "
-             f"(saved by {before or '?'} processes, now {now})")
+            log0(
+                f"[{stage.name}] data iterator restarted from its beginning: the saved position does not fit "
+                f"this run ({e.__class__.__name__}: {e})"
+            )
+        log0(
+            f"[{stage.name}] resumed from checkpoint step {step} in {ckpt.directory} "
+            f"(saved by {before or '?'} processes, now {now})"
+        )
     agree(step, "the step to start from")
 
     train_step = compile_train_step(graphdef, stage.loss_fn, shardings, mesh, stage.trainable)
@@ -179,30 +193,48 @@ def train(stage: Stage) -> nnx.Module:
         debug = stage_dir / "nan_debug"
         debug.mkdir(exist_ok=True)
         if is_main_process():
-            (debug / "metrics.json").write_text(json.dumps(
-                {"step": s, "metrics": {k: float(v) for k, v in m.items()}}, indent=1))
+            (debug / "metrics.json").write_text(
+                json.dumps({"step": s, "metrics": {k: float(v) for k, v in m.items()}}, indent=1)
+            )
         if last_batch is not None:  # each process saves its own rows of the batch
             suffix = "" if is_main_process() else f"_p{jax.process_index()}"
             np.savez_compressed(debug / f"last_batch{suffix}.npz", **last_batch)
         raise NonFiniteLoss(
             f"[{stage.name}] loss or gradient became non-finite at step {s} "
             f"({ {k: float(v) for k, v in m.items()} }); the last good checkpoint is step {ckpt.latest_step()} in "
-            f"{ckpt.directory} (not overwritten); the batch and metrics are in {debug}")
+            f"{ckpt.directory} (not overwritten); the batch and metrics are in {debug}"
+        )
 
     def summarize(host: list[dict], steps: int, seconds: float) -> dict:
         return dict(mean_metrics(host), steps_per_s=steps / seconds)
 
     def save_state(s: int) -> tuple:
-        return state, {"step": s, "data_state": it.get_state().decode(), "stage": stage.name,
-                       "process_count": jax.process_count(), "device_count": jax.device_count(),
-                       "config": to_dict(cfg), **(stage.meta or {})}
+        return state, {
+            "step": s,
+            "data_state": it.get_state().decode(),
+            "stage": stage.name,
+            "process_count": jax.process_count(),
+            "device_count": jax.device_count(),
+            "config": to_dict(cfg),
+            **(stage.meta or {}),
+        }
 
     # m holds the replicated metrics of the global batch: every process sees the same values in a
     # flush and stops at the same step.
-    loop = HostLoop(stage.name, total=tc.steps, initial=step, unit="step", log_every=tc.log_every,
-                    ckpt_every=tc.ckpt_every, ckpt=ckpt, logger=logger, save_state=save_state, summarize=summarize,
-                    progress=lambda m: {"loss": m["loss"], "steps_per_s": m["steps_per_s"]},
-                    on_nonfinite=on_nonfinite)
+    loop = HostLoop(
+        stage.name,
+        total=tc.steps,
+        initial=step,
+        unit="step",
+        log_every=tc.log_every,
+        ckpt_every=tc.ckpt_every,
+        ckpt=ckpt,
+        logger=logger,
+        save_state=save_state,
+        summarize=summarize,
+        progress=lambda m: {"loss": m["loss"], "steps_per_s": m["steps_per_s"]},
+        on_nonfinite=on_nonfinite,
+    )
 
     def run_eval(s: int) -> dict | None:
         """Evaluate on process 0 (a local copy of the weights); the others wait."""

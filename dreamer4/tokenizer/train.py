@@ -30,16 +30,14 @@ def mse_loss(recon_BTHWC, frames_BTHWC):
     return jnp.mean((recon_BTHWC.astype(jnp.float32) - frames_BTHWC) ** 2)
 
 
-def tokenizer_loss(model: Tokenizer, batch: dict, key: jax.Array,
-                   mask_prob_max: float = TokenizerConfig.mask_prob_max):
+def tokenizer_loss(model: Tokenizer, batch: dict, key: jax.Array, mask_prob_max: float = TokenizerConfig.mask_prob_max):
     """Masked-autoencoding loss: drop patches with per-image p ~ U(0, p_max), reconstruct all."""
     frames_BTHWC = batch["frames"].astype(jnp.float32) / 255.0
     B, T = frames_BTHWC.shape[:2]
     mask_BTP = sample_patch_mask(key, B, T, model.num_patches, mask_prob_max)
     recon_BTHWC = model(frames_BTHWC, mask_BTP)
     loss = mse_loss(recon_BTHWC, frames_BTHWC)
-    return loss, {"mse": loss, "psnr": 10.0 * jnp.log10(1.0 / jnp.maximum(loss, 1e-10)),
-                  "mask_frac": mask_BTP.mean()}
+    return loss, {"mse": loss, "psnr": 10.0 * jnp.log10(1.0 / jnp.maximum(loss, 1e-10)), "mask_frac": mask_BTP.mean()}
 
 
 def eval_frames(ds: Dataset, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -55,13 +53,15 @@ def eval_frames(ds: Dataset, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"dataset {ds.root} has no eval episode of >= tokenizer.eval_frames={F} steps")
     clips = np.stack([ds.read(e, (e.length - F) // 2, (e.length - F) // 2 + F, ("frame",))["frame"] for e in eps])
     train = ds.split("train")[:64]
-    sample = np.concatenate([ds.read(e, e.length // 2, min(e.length, e.length // 2 + 8), ("frame",))["frame"]
-                             for e in train])
+    sample = np.concatenate(
+        [ds.read(e, e.length // 2, min(e.length, e.length // 2 + 8), ("frame",))["frame"] for e in train]
+    )
     return clips, sample.astype(np.float32).mean(0) / 255.0
 
 
-def evaluate_tokenizer(model: Tokenizer, frames_EFHWC: np.ndarray, mean_frame_HWC: np.ndarray
-                       ) -> tuple[dict, np.ndarray]:
+def evaluate_tokenizer(
+    model: Tokenizer, frames_EFHWC: np.ndarray, mean_frame_HWC: np.ndarray
+) -> tuple[dict, np.ndarray]:
     """PSNR/SSIM of whole-clip encode->decode on held-out frames, against two constant baselines:
     the train-set mean frame (the trivial baseline) and the eval clips' own mean (an oracle)."""
     x = jnp.asarray(frames_EFHWC, jnp.float32) / 255.0
@@ -72,7 +72,8 @@ def evaluate_tokenizer(model: Tokenizer, frames_EFHWC: np.ndarray, mean_frame_HW
     p = psnr(recon, x)  # (E, F)
     s = ssim(recon, x)
     out = {
-        "eval_psnr": float(p.mean()), "eval_ssim": float(s.mean()),
+        "eval_psnr": float(p.mean()),
+        "eval_ssim": float(s.mean()),
         "eval_psnr_mean_frame_baseline": float(psnr(train_mean, x).mean()),
         "eval_ssim_mean_frame_baseline": float(ssim(train_mean, x).mean()),
         "eval_psnr_oracle_mean_baseline": float(psnr(oracle_mean, x).mean()),
@@ -80,8 +81,9 @@ def evaluate_tokenizer(model: Tokenizer, frames_EFHWC: np.ndarray, mean_frame_HW
     out["eval_psnr_gain_over_baseline"] = out["eval_psnr"] - out["eval_psnr_mean_frame_baseline"]
     out.update({f"eval_psnr_t{t}": float(v) for t, v in enumerate(np.asarray(p.mean(0)))})
     n = min(8, x.shape[1])
-    grid = image_grid([np.asarray(x[0, :n]), np.asarray(recon[0, :n]),
-                       np.asarray(x[-1, :n]), np.asarray(recon[-1, :n])])
+    grid = image_grid(
+        [np.asarray(x[0, :n]), np.asarray(recon[0, :n]), np.asarray(x[-1, :n]), np.asarray(recon[-1, :n])]
+    )
     return out, grid
 
 
@@ -102,11 +104,18 @@ def train_tokenizer(cfg: Config, data_dir: str | Path, run_dir: str | Path) -> d
         logger.log_image(step, "recon_grid", grid)
         return metrics
 
-    train(Stage(
-        name=STAGE, stage_dir=stage.dir, cfg=cfg, train=tc, model=model,
-        loss_fn=partial(tokenizer_loss, mask_prob_max=cfg.tokenizer.mask_prob_max),
-        make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
-        prepare=lambda b, step: {"frames": b["frames"]},
-        evaluate=evaluate, meta={"frame_shape": list(frame_shape), "data": str(data_dir)},
-    ))
+    train(
+        Stage(
+            name=STAGE,
+            stage_dir=stage.dir,
+            cfg=cfg,
+            train=tc,
+            model=model,
+            loss_fn=partial(tokenizer_loss, mask_prob_max=cfg.tokenizer.mask_prob_max),
+            make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
+            prepare=lambda b, step: {"frames": b["frames"]},
+            evaluate=evaluate,
+            meta={"frame_shape": list(frame_shape), "data": str(data_dir)},
+        )
+    )
     return stage.results()
