@@ -274,12 +274,8 @@ def probe(
     A = len(cand)
 
     scores = action_scores(gen_px, real, trans.frames[:, C - 1], trans.frames[:, C], true_a, cand)
-    sel, true_col, others, gap_N = (
-        scores.pop("_sel"),
-        scores.pop("_true_col"),
-        scores.pop("_others"),
-        scores.pop("_gap"),
-    )
+    sel, true_col, others = scores.pop("_sel"), scores.pop("_true_col"), scores.pop("_others")
+    scores.pop("_gap")
     psnr_gen = _psnr_N(gen_px[:, A], real)
     psnr_copy = _psnr_N(last, real)
     psnr_copy_tok = _psnr_N(rec_last, real)
