@@ -71,3 +71,30 @@ def test_every_stage_has_a_command_and_a_results_file():
         assert spec.name == name and spec.command and spec.results.endswith(".json")
     with pytest.raises(ValueError, match="unknown stage"):
         StageDir("r", "nope")
+
+
+def test_report_summary_states_grounding_and_agent_verdicts_with_their_intervals():
+    from dreamer4.pipelines.report import summary_lines
+
+    ci = {"mean": 0.0, "ci95": [0.0, 0.0]}
+    dream = {
+        "grounding": {
+            "identification_movement": {"accuracy": 0.21, "ci95": [0.15, 0.28], "n": 100, "chance": 0.2},
+            "latent_mse_generated": {**ci, "mean": 0.05},
+            "latent_mse_copy_last": {**ci, "mean": 0.03},
+            "latent_mse_generated_minus_copy": {"mean": 0.02, "ci95": [0.01, 0.03]},
+        }
+    }
+
+    def pol(m, sd, n=64):
+        return {"return_mean": m, "return_std": sd, "episodes": n}
+
+    # difference 1.0, se = sqrt(2 * 1/64) = 0.1768, CI 1.0 +- 0.3465 excludes 0
+    ev = {"max_steps": 200, "policies": {"bc": pol(1.0, 1.0), "imagine": pol(2.0, 1.0), "random": pol(0.5, 1.0)}}
+    lines = summary_lines(dream, ev)
+    assert "NOT shown" in lines[0] and "21% of 100" in lines[0] and "chance 20%" in lines[0]
+    assert lines[1].startswith("One-step prediction is worse than copying")
+    assert "beat behaviour cloning" in lines[2] and "+0.65 to +1.35" in lines[2]
+    ev["policies"]["imagine"] = pol(1.2, 1.0)
+    assert "did not beat" in summary_lines(dream, ev)[2]
+    assert summary_lines({}, {}) == []

@@ -64,9 +64,60 @@ def _md_table(md: str) -> str:
     return "\n".join(out)
 
 
+def _pct(lo_hi) -> str:
+    return f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}"
+
+
+def summary_lines(dream: dict, ev: dict) -> list[str]:
+    """Plain-words verdicts at the top of the report: is the world model grounded in actions, does
+    it predict the next frame better than copying the last one, and how the policies compare."""
+    out = []
+    g = dream.get("grounding")
+    if g:
+        im = g["identification_movement"]
+        lo, hi = im["ci95"]
+        if lo > im["chance"]:
+            verdict = "identifies movement actions above chance"
+        elif hi < im["chance"]:
+            verdict = "identifies movement actions below chance"
+        else:
+            verdict = "is NOT shown to respond to movement actions (identification not distinguishable from chance)"
+        out.append(
+            f"World model {verdict}: the true movement's generated frame was the nearest of the five movement "
+            f"candidates in {im['accuracy']:.0%} of {im['n']} held-out movement transitions (95% CI {_pct(im['ci95'])}; "
+            f"chance {im['chance']:.0%})."
+        )
+        d = g["latent_mse_generated_minus_copy"]
+        better = "better" if d["ci95"][1] < 0 else ("worse" if d["ci95"][0] > 0 else "not distinguishable from")
+        out.append(
+            f"One-step prediction is {better} than copying the last frame: generated-latent MSE "
+            f"{g['latent_mse_generated']['mean']:.4f} vs copy {g['latent_mse_copy_last']['mean']:.4f} "
+            f"(difference 95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})."
+        )
+    pols = ev.get("policies", {})
+    if {"bc", "imagine"} <= set(pols):
+        a, b = pols["imagine"], pols["bc"]
+        diff = a["return_mean"] - b["return_mean"]
+        se = (a["return_std"] ** 2 / a["episodes"] + b["return_std"] ** 2 / b["episodes"]) ** 0.5
+        verdict = "beat" if diff - 1.96 * se > 0 else ("was worse than" if diff + 1.96 * se < 0 else "did not beat")
+        line = (
+            f"Agent: imagination training {verdict} behaviour cloning in the real game: return "
+            f"{a['return_mean']:.2f} vs {b['return_mean']:.2f}, difference {diff:+.2f} "
+            f"(95% CI {diff - 1.96 * se:+.2f} to {diff + 1.96 * se:+.2f}, {a['episodes']} episodes each, "
+            f"cut at {ev.get('max_steps', '?')} steps)"
+        )
+        if "random" in pols:
+            line += f"; random {pols['random']['return_mean']:.2f}"
+        out.append(line + ".")
+    return out
+
+
 def write_report(run_dir) -> Path:
     root = Path(run_dir)
     parts = [f"<h1>dreamer4 run: {html.escape(str(root.resolve()))}</h1>"]
+    summary = summary_lines(_json(StageDir(root, "dream").results_path), _json(StageDir(root, "evaluate").results_path))
+    if summary:
+        parts.append("<h2>Summary</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in summary) + "</ul>")
     times = _json(root / STAGE_TIMES)
     if times:
         parts.append("<h2>Wall time per stage</h2>" + _table([(k, f"{v:.0f} s") for k, v in times.items()]))
