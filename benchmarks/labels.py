@@ -131,7 +131,7 @@ def main():
             print(
                 f"labeled {f:g} seed {seed}: movement identification {x['ident_movement']:.1%} "
                 f"[{x['ident_ci95'][0]:.1%}, {x['ident_ci95'][1]:.1%}] of {x['n_movement']}, gap {x['gap_db']:+.3f} dB "
-                f"{x['gap_db_ci95']}, latent - copy {x['latent_minus_copy']:+.4f}",
+                f"[{x['gap_db_ci95'][0]:+.3f}, {x['gap_db_ci95'][1]:+.3f}], latent - copy {x['latent_minus_copy']:+.4f}",
                 flush=True,
             )
     summary = summarise(rows)
