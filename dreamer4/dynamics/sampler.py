@@ -9,7 +9,7 @@ For each new step t (action_t given: from data, a policy or a person):
      step t with d = d_min so that slot t holds what later steps read as context (slightly
      noisy, as in training, which makes the model robust to its own small errors).
 So a frame costs K + 1 forward passes of one step against the cache, never a pass over the
-whole context. Context frames (true latents) are written with one `prefill` pass.
+whole context, in one compiled call (`generate_step`: K steps in a fori_loop, cache donated). Context frames (true latents) are written with one `prefill` pass.
 """
 
 from __future__ import annotations
@@ -41,22 +41,25 @@ def prefill_context(dyn: Dynamics, z_ctx_BCLN, actions_BC, mask_BC, key, max_len
     return cache
 
 
-@partial(nnx.jit, static_argnames=("K",))
+@partial(nnx.jit, static_argnames=("K",), donate_argnames=("cache",))
 def generate_step(dyn: Dynamics, cache, t, action_B1, mask_B1, key, K: int):
-    """Generate the clean latents of step t (B, 1, L, N) with K shortcut steps; update the cache."""
+    """Generate the clean latents of step t (B, 1, L, N) with K shortcut steps; update the cache.
+
+    One compiled call per frame: the K steps run in a `lax.fori_loop` (compile time independent of
+    K) and the cache is donated, so slot t is overwritten in place; the caller must use the
+    returned cache (the one passed in is deleted).
+    """
     B = action_B1.shape[0]
     k_noise, k_ctx = jax.random.split(key)
-    state = {"cache": cache}
 
-    def predict(z_B1LN, tau, d):
+    def predict(z_B1LN, tau, d, cache):
         tau_B1 = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (B, 1))
         d_B1 = jnp.broadcast_to(jnp.asarray(d, jnp.float32), (B, 1))
-        z1_hat, state["cache"] = dyn.step(z_B1LN, tau_B1, d_B1, action_B1, mask_B1, state["cache"], t)
-        return z1_hat
+        return dyn.step(z_B1LN, tau_B1, d_B1, action_B1, mask_B1, cache, t)
 
-    z_t = denoise_frame(predict, k_noise, (B, 1, dyn.L, dyn.N), K, dyn.cfg.k_max)
+    z_t, cache = denoise_frame(predict, k_noise, (B, 1, dyn.L, dyn.N), K, dyn.cfg.k_max, carry=cache)
     zc, tau, d = _context_inputs(dyn, z_t, k_ctx)
-    _, cache = dyn.step(zc, tau, d, action_B1, mask_B1, state["cache"], t)
+    _, cache = dyn.step(zc, tau, d, action_B1, mask_B1, cache, t)
     return z_t, cache
 
 
