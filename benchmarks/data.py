@@ -36,7 +36,8 @@ from dreamer4.data.store import Dataset
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 
 
-def bare_loop_steps_per_s(cfg, seconds: float = 20.0) -> float:
+def bare_loop_steps_per_s(cfg, seconds: float = 20.0, info: dict | None = None) -> float:
+    """Steady env steps/s of the bare loop; `info`, if given, gets "compile_s" (init + first chunk)."""
     from craftax.craftax_env import make_craftax_env_from_name
 
     env = make_craftax_env_from_name(ENV_IDS[cfg.env.name], auto_reset=True)
@@ -60,11 +61,14 @@ def bare_loop_steps_per_s(cfg, seconds: float = 20.0) -> float:
         return jax.lax.scan(step, carry, None, length=T)
 
     init, chunk = jax.jit(init), jax.jit(chunk)
+    t0 = time.time()
     carry = init(jax.random.PRNGKey(cfg.seed))
     carry, out = chunk(carry)
     jax.block_until_ready(out)
+    if info is not None:
+        info["compile_s"] = time.time() - t0
     steps, t0 = 0, time.time()
-    while time.time() - t0 < seconds:
+    while steps == 0 or time.time() - t0 < seconds:
         carry, out = chunk(carry)
         jax.block_until_ready(out)
         steps += N * T
