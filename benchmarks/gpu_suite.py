@@ -51,7 +51,8 @@ def full_plan(work: str, cache: str | None) -> dict:
                          "seconds": 2}),
         "collect": (90, {**c, "num_envs": [1024, 4096], "episodes_per_env": 0.5, "bare_seconds": 5,
                          "overrides": ["collect.shard_frames=32768"]}),
-        "loader": (35, {**c, "workers": [0, 8], "seconds": 5}),
+        # the loader needs no GPU: on CPU its grain workers cannot grab GPU memory either
+        "loader": (35, {**c, "workers": [0, 8], "seconds": 5, "_env": {"JAX_PLATFORMS": "cpu"}}),
     }
 
 
@@ -104,8 +105,11 @@ def _cpu_model() -> str:
 def run_part(name: str, params: dict, budget: float, work: Path) -> dict:
     out = work / f"part_{name}.json"
     out.unlink(missing_ok=True)
+    params = dict(params)
+    part_env = params.pop("_env", {})
     cmd = [sys.executable, str(HERE / "gpu_suite_parts.py"), name, "--params", json.dumps(params), "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env.update(part_env)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -159,23 +163,25 @@ def markdown(res: dict) -> str:
         lines.append(f"| {name} | {e['status']} | {e['wall_s']:.0f} / {e['budget_s']:.0f} | "
                      f"{(e.get('reason') or '').replace('|', '/')[:160]} |")
     lines += ["", "## Train steps", "",
-              "| stage | batch | step ms | frames/s | tokens/s | XLA TFLOP/s | MFU (XLA) | MFU (model) | peak GiB "
-              "| temp GiB (compiled) | compile s | host transfers |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| stage | batch | step ms | frames/s | tokens/s | TFLOP/step (XLA / model) | XLA TFLOP/s | MFU (XLA) "
+              "| MFU (model) | peak GiB | temp GiB (compiled) | compile s | host transfers |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("train_tokenizer", "train_dynamics"):
         for r in parts.get(name, {}).get("results", {}).get("batches", []):
-            if "step_s" not in r:
-                lines.append(f"| {name[6:]} | {r['batch']}x{r['seq_len']} | {r.get('error', 'did not finish')[:80]} "
-                             f"| | | | | | | | {_f(r.get('compile_s'))} | |")
-                continue
             ma = r.get("memory_analysis", {})
+            xla = r.get("cost_analysis", {}).get("flops")
+            flops = f"{_f(xla and xla / 1e12, '{:.2f}')} / {_f(r.get('model_flops_per_step') and r['model_flops_per_step'] / 1e12, '{:.2f}')}"
+            head = f"| {name[6:]} | {r['batch']}x{r['seq_len']} |"
+            tail = (f" {_f(_gib(ma.get('temp_size_in_bytes')), '{:.2f}')} | {_f(r.get('compile_s'))} |")
+            if "step_s" not in r:
+                why = r.get("error", "compiled only" if m.get("compile_only") else "did not finish")[:80]
+                lines.append(f"{head} {why} | | | {flops} | | | | |{tail} |")
+                continue
             lines.append(
-                f"| {name[6:]} | {r['batch']}x{r['seq_len']} | {r['step_s'] * 1e3:.1f} | {r['frames_per_s']:.0f} | "
-                f"{r['tokens_per_s']:.0f} | {_f(r.get('xla_tflops_per_s'), '{:.2f}')} | "
-                f"{_f(r.get('mfu_xla'), '{:.1%}')} | {_f(r.get('mfu_model'), '{:.1%}')} | "
-                f"{_f(_gib(r.get('memory', {}).get('peak_bytes_in_use')), '{:.2f}')} | "
-                f"{_f(_gib(ma.get('temp_size_in_bytes')), '{:.2f}')} | {_f(r.get('compile_s'))} | "
-                f"{'none' if str(r.get('host_transfers_in_step', '')).startswith('none') else 'YES'} |")
+                f"{head} {r['step_s'] * 1e3:.1f} | {r['frames_per_s']:.0f} | {r['tokens_per_s']:.0f} | {flops} | "
+                f"{_f(r.get('xla_tflops_per_s'), '{:.2f}')} | {_f(r.get('mfu_xla'), '{:.1%}')} | "
+                f"{_f(r.get('mfu_model'), '{:.1%}')} | {_f(_gib(r.get('memory', {}).get('peak_bytes_in_use')), '{:.2f}')} |"
+                f"{tail} {'none' if str(r.get('host_transfers_in_step', '')).startswith('none') else 'YES'} |")
     im = parts.get("imagine", {}).get("results", {})
     lines += ["", "## Imagination (frames/s)", "", "| batch | K | decode | frames/s | ms per frame step | compile s |",
               "|---|---|---|---|---|---|"]
@@ -210,6 +216,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
     ap.add_argument("--parts", default=",".join(ORDER))
     ap.add_argument("--total-s", type=float, default=None, help="time for all parts (default 330 s; smoke 300 s)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="train parts: compile the classic steps at the preset batch and report XLA FLOPs and memory "
+                         "analysis without running them (what a CPU can tell about the GPU step)")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's budget")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -223,8 +232,12 @@ def main():
     cache_entries = len(list(Path(cache).glob("*"))) if Path(cache).is_dir() else 0
     plan = (smoke_plan if args.smoke else full_plan)(str(work), None if cache.lower() == "off" else cache)
     wanted = [p for p in ORDER if p in args.parts.split(",")]
+    if args.compile_only:
+        for name in ("train_tokenizer", "train_dynamics"):
+            budget, params = plan[name]
+            plan[name] = (budget, {**params, "compile_only": True, "batches": params["batches"][:1]})
     res = {"meta": {"smoke": args.smoke, "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "commit": _commit(), "command": " ".join([Path(sys.executable).name] + sys.argv),
+                    "commit": _commit(), "compile_only": args.compile_only, "command": " ".join([Path(sys.executable).name] + sys.argv),
                     "host": platform.node(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
                     "compilation_cache": cache, "cache_entries_at_start": cache_entries,
                     "total_budget_s": total},

@@ -177,6 +177,8 @@ def _train(p, rec: Recorder, stage: str):
         rows.append(row)
         try:
             model, loss_fn, data, model_flops, tokens, n_params, frames = case(cfg, batch, seq_len)
+            row.update({"params": n_params, "model_flops_per_step": model_flops, "tokens_per_step": tokens,
+                        "frames_per_step": frames})
             mesh = make_mesh(cfg.runtime.fsdp)
             graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
             del model
@@ -190,6 +192,9 @@ def _train(p, rec: Recorder, stage: str):
             row["cost_analysis"] = _cost(compiled)
             row["memory_analysis"] = _memory_analysis(compiled)
             rec.flush()
+            if p.get("compile_only"):  # FLOPs and memory of the compiled step, without running it
+                del compiled, step, state, gb
+                continue
             state, m = compiled(state, gb, key)  # warm-up
             jax.block_until_ready(m)
             # no host round trip inside a step: batch, key and state are on the device already
@@ -226,7 +231,7 @@ def _train(p, rec: Recorder, stage: str):
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             rec.flush()
         gc.collect()
-    if not any("step_s" in r for r in rows):
+    if not any(("compile_s" if p.get("compile_only") else "step_s") in r for r in rows):
         raise RuntimeError("no batch size ran: " + "; ".join(r.get("error", "?") for r in rows))
 
 
