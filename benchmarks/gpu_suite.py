@@ -47,34 +47,58 @@ def full_plan(work: str, cache: str | None) -> dict:
         "env": (20, {**c, "require_gpu": True}),
         "train_tokenizer": (60, {**c, "batches": [[64, 16], [128, 16]], "seconds": 5}),
         "train_dynamics": (75, {**c, "batches": [[32, 64], [64, 64]], "seconds": 5}),
-        "imagine": (55, {**c, "batches": [1, 64], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 64,
-                         "seconds": 2}),
-        "collect": (90, {**c, "num_envs": [1024, 4096], "episodes_per_env": 0.5, "bare_seconds": 5,
-                         "overrides": ["collect.shard_frames=32768"]}),
+        "imagine": (55, {**c, "batches": [1, 64], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 64, "seconds": 2}),
+        "collect": (
+            90,
+            {
+                **c,
+                "num_envs": [1024, 4096],
+                "episodes_per_env": 0.5,
+                "bare_seconds": 5,
+                "overrides": ["collect.shard_frames=32768"],
+            },
+        ),
         # the loader needs no GPU: on CPU its grain workers cannot grab GPU memory either
         "loader": (35, {**c, "workers": [0, 8], "seconds": 5, "_env": {"JAX_PLATFORMS": "cpu"}}),
     }
 
 
 SMOKE_MODEL = [
-    "tokenizer.width=32", "tokenizer.num_heads=2", "tokenizer.num_kv_heads=1", "tokenizer.depth=2",
-    "dynamics.width=32", "dynamics.depth=2", "dynamics.num_heads=2", "dynamics.num_kv_heads=1",
-    "dynamics.k_max=64", "dynamics.short_seq_len=0",
+    "tokenizer.width=32",
+    "tokenizer.num_heads=2",
+    "tokenizer.num_kv_heads=1",
+    "tokenizer.depth=2",
+    "dynamics.width=32",
+    "dynamics.depth=2",
+    "dynamics.num_heads=2",
+    "dynamics.num_kv_heads=1",
+    "dynamics.k_max=64",
+    "dynamics.short_seq_len=0",
 ]
 
 
 def smoke_plan(work: str, cache: str | None) -> dict:
     """Every part at tiny sizes (tiny preset, smaller still): a test that the suite runs, not a figure."""
-    c = {"config": "configs/tiny.yaml", "cache_dir": cache, "work": work, "overrides": SMOKE_MODEL,
-         "min_steps": 2, "max_steps": 3, "min_frames": 2, "max_frames": 3}
+    c = {
+        "config": "configs/tiny.yaml",
+        "cache_dir": cache,
+        "work": work,
+        "overrides": SMOKE_MODEL,
+        "min_steps": 2,
+        "max_steps": 3,
+        "min_frames": 2,
+        "max_frames": 3,
+    }
     return {
         "env": (60, {**c}),
         "train_tokenizer": (90, {**c, "batches": [[2, 2]], "seconds": 0.0}),
         "train_dynamics": (90, {**c, "batches": [[2, 4]], "seconds": 0.0}),
         "imagine": (90, {**c, "batches": [1], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 4, "seconds": 0.0}),
         "collect": (150, {**c, "num_envs": [4], "chunk_steps": 16, "episodes_per_env": 1.0, "bare_seconds": None}),
-        "loader": (90, {**c, "workers": [0, 1], "batch": [2, 4], "seconds": 0.0, "synthetic": True,
-                        "synthetic_size": [4, 16]}),
+        "loader": (
+            90,
+            {**c, "workers": [0, 1], "batch": [2, 4], "seconds": 0.0, "synthetic": True, "synthetic_size": [4, 16]},
+        ),
     }
 
 
@@ -82,9 +106,17 @@ def _commit() -> str:
     if os.environ.get("DREAMER4_COMMIT"):
         return os.environ["DREAMER4_COMMIT"]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            check=False,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if sha.returncode == 0:
             return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -111,8 +143,9 @@ def run_part(name: str, params: dict, budget: float, work: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     env.update(part_env)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     timed_out = False
     try:
         log, _ = proc.communicate(timeout=budget)
@@ -150,29 +183,46 @@ def markdown(res: dict) -> str:
     m = res["meta"]
     parts = res["parts"]
     env = parts.get("env", {}).get("results", {})
-    lines = [f"# GPU suite ({'smoke' if m['smoke'] else 'full'})", "",
-             f"device: {env.get('device_kind', '?')} ({env.get('platform', '?')}), jax {env.get('jax', '?')}; "
-             f"host CPU: {m['cpu_model']} x {m['cpu_count']}; date {m['date_utc']}; commit {m['commit']}",
-             f"command: `{m['command']}`; total {m['total_s']:.0f} s; compilation cache entries at start: "
-             f"{m['cache_entries_at_start']} (0 = compile times are cold)", "",
-             "| part | status | wall s | note |", "|---|---|---|---|"]
+    lines = [
+        f"# GPU suite ({'smoke' if m['smoke'] else 'full'})",
+        "",
+        (
+            f"device: {env.get('device_kind', '?')} ({env.get('platform', '?')}), jax {env.get('jax', '?')}; "
+            f"host CPU: {m['cpu_model']} x {m['cpu_count']}; date {m['date_utc']}; commit {m['commit']}"
+        ),
+        (
+            f"command: `{m['command']}`; total {m['total_s']:.0f} s; compilation cache entries at start: "
+            f"{m['cache_entries_at_start']} (0 = compile times are cold)"
+        ),
+        "",
+        "| part | status | wall s | note |",
+        "|---|---|---|---|",
+    ]
     for name in ORDER:
         e = parts.get(name)
         if e is None:
             continue
-        lines.append(f"| {name} | {e['status']} | {e['wall_s']:.0f} / {e['budget_s']:.0f} | "
-                     f"{(e.get('reason') or '').replace('|', '/')[:160]} |")
-    lines += ["", "## Train steps", "",
-              "| stage | batch | step ms | frames/s | tokens/s | TFLOP/step (XLA / model) | XLA TFLOP/s | MFU (XLA) "
-              "| MFU (model) | peak GiB | temp GiB (compiled) | compile s | host transfers |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {e['status']} | {e['wall_s']:.0f} / {e['budget_s']:.0f} | "
+            f"{(e.get('reason') or '').replace('|', '/')[:160]} |"
+        )
+    lines += [
+        "",
+        "## Train steps",
+        "",
+        (
+            "| stage | batch | step ms | frames/s | tokens/s | TFLOP/step (XLA / model) | XLA TFLOP/s | MFU (XLA) "
+            "| MFU (model) | peak GiB | temp GiB (compiled) | compile s | host transfers |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in ("train_tokenizer", "train_dynamics"):
         for r in parts.get(name, {}).get("results", {}).get("batches", []):
             ma = r.get("memory_analysis", {})
             xla = r.get("cost_analysis", {}).get("flops")
             flops = f"{_f(xla and xla / 1e12, '{:.2f}')} / {_f(r.get('model_flops_per_step') and r['model_flops_per_step'] / 1e12, '{:.2f}')}"
             head = f"| {name[6:]} | {r['batch']}x{r['seq_len']} |"
-            tail = (f" {_f(_gib(ma.get('temp_size_in_bytes')), '{:.2f}')} | {_f(r.get('compile_s'))} |")
+            tail = f" {_f(_gib(ma.get('temp_size_in_bytes')), '{:.2f}')} | {_f(r.get('compile_s'))} |"
             if "step_s" not in r:
                 why = r.get("error", "compiled only" if m.get("compile_only") else "did not finish")[:80]
                 lines.append(f"{head} {why} | | | {flops} | | | | |{tail} |")
@@ -181,32 +231,53 @@ def markdown(res: dict) -> str:
                 f"{head} {r['step_s'] * 1e3:.1f} | {r['frames_per_s']:.0f} | {r['tokens_per_s']:.0f} | {flops} | "
                 f"{_f(r.get('xla_tflops_per_s'), '{:.2f}')} | {_f(r.get('mfu_xla'), '{:.1%}')} | "
                 f"{_f(r.get('mfu_model'), '{:.1%}')} | {_f(_gib(r.get('memory', {}).get('peak_bytes_in_use')), '{:.2f}')} |"
-                f"{tail} {'none' if str(r.get('host_transfers_in_step', '')).startswith('none') else 'YES'} |")
+                f"{tail} {'none' if str(r.get('host_transfers_in_step', '')).startswith('none') else 'YES'} |"
+            )
     im = parts.get("imagine", {}).get("results", {})
-    lines += ["", "## Imagination (frames/s)", "", "| batch | K | decode | frames/s | ms per frame step | compile s |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Imagination (frames/s)",
+        "",
+        "| batch | K | decode | frames/s | ms per frame step | compile s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in im.get("rows", []):
-        lines.append(f"| {r['batch']} | {r['K']} | {'yes' if r['decode'] else 'no'} | "
-                     f"{_f(r.get('frames_per_s')) if 'error' not in r else r['error'][:80]} | "
-                     f"{_f(r.get('ms_per_step'), '{:.2f}')} | {_f(r.get('compile_s'))} |")
+        lines.append(
+            f"| {r['batch']} | {r['K']} | {'yes' if r['decode'] else 'no'} | "
+            f"{_f(r.get('frames_per_s')) if 'error' not in r else r['error'][:80]} | "
+            f"{_f(r.get('ms_per_step'), '{:.2f}')} | {_f(r.get('compile_s'))} |"
+        )
     for k, v in (im.get("speedup_k4_over_kmax") or {}).items():
         lines.append(f"\n{k}: {_f(v)}x (goal >= 12x)")
     co = parts.get("collect", {}).get("results", {})
-    lines += ["", "## Collection (env steps/s)", "",
-              "| envs | collect steady | bare loop | collect / bare | bare compile s | collect compile+1st chunk s |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Collection (env steps/s)",
+        "",
+        "| envs | collect steady | bare loop | collect / bare | bare compile s | collect compile+1st chunk s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in co.get("rows", []):
-        lines.append(f"| {r['num_envs']} | {_f(r.get('collect_steady_steps_per_s'), '{:.0f}')} | "
-                     f"{_f(r.get('bare_steps_per_s'), '{:.0f}')} | {_f(r.get('ratio_collect_over_bare'), '{:.2f}')} | "
-                     f"{_f(r.get('bare_compile_s'))} | {_f(r.get('collect_compile_and_first_chunk_s_est'))} |"
-                     + (f" {r['error'][:80]}" if "error" in r else ""))
+        lines.append(
+            f"| {r['num_envs']} | {_f(r.get('collect_steady_steps_per_s'), '{:.0f}')} | "
+            f"{_f(r.get('bare_steps_per_s'), '{:.0f}')} | {_f(r.get('ratio_collect_over_bare'), '{:.2f}')} | "
+            f"{_f(r.get('bare_compile_s'))} | {_f(r.get('collect_compile_and_first_chunk_s_est'))} |"
+            + (f" {r['error'][:80]}" if "error" in r else "")
+        )
     lo = parts.get("loader", {}).get("results", {})
-    lines += ["", f"## Loader (batch {lo.get('batch')}; train steps consume {lo.get('train_consumes_frames_per_s')} "
-              "frames/s)", "", "| workers | frames/s | MB/s | x train step | start-up s |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Loader (batch {lo.get('batch')}; train steps consume {lo.get('train_consumes_frames_per_s')} frames/s)",
+        "",
+        "| workers | frames/s | MB/s | x train step | start-up s |",
+        "|---|---|---|---|---|",
+    ]
     for r in lo.get("rows", []):
-        lines.append(f"| {r['worker_count']} | {_f(r.get('frames_per_s'), '{:.0f}')} | {_f(r.get('MB_per_s'))} | "
-                     f"{_f(r.get('ratio_over_train_step'), '{:.2f}')} | {_f(r.get('startup_s'))} |"
-                     + (f" {r['error'][:80]}" if "error" in r else ""))
+        lines.append(
+            f"| {r['worker_count']} | {_f(r.get('frames_per_s'), '{:.0f}')} | {_f(r.get('MB_per_s'))} | "
+            f"{_f(r.get('ratio_over_train_step'), '{:.2f}')} | {_f(r.get('startup_s'))} |"
+            + (f" {r['error'][:80]}" if "error" in r else "")
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -216,9 +287,12 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
     ap.add_argument("--parts", default=",".join(ORDER))
     ap.add_argument("--total-s", type=float, default=None, help="time for all parts (default 330 s; smoke 300 s)")
-    ap.add_argument("--compile-only", action="store_true",
-                    help="train parts: compile the classic steps at the preset batch and report XLA FLOPs and memory "
-                         "analysis without running them (what a CPU can tell about the GPU step)")
+    ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="train parts: compile the classic steps at the preset batch and report XLA FLOPs and memory "
+        "analysis without running them (what a CPU can tell about the GPU step)",
+    )
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's budget")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -236,12 +310,22 @@ def main():
         for name in ("train_tokenizer", "train_dynamics"):
             budget, params = plan[name]
             plan[name] = (budget, {**params, "compile_only": True, "batches": params["batches"][:1]})
-    res = {"meta": {"smoke": args.smoke, "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "commit": _commit(), "compile_only": args.compile_only, "command": " ".join([Path(sys.executable).name] + sys.argv),
-                    "host": platform.node(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
-                    "compilation_cache": cache, "cache_entries_at_start": cache_entries,
-                    "total_budget_s": total},
-           "parts": {}}
+    res = {
+        "meta": {
+            "smoke": args.smoke,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": _commit(),
+            "compile_only": args.compile_only,
+            "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "host": platform.node(),
+            "cpu_model": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "compilation_cache": cache,
+            "cache_entries_at_start": cache_entries,
+            "total_budget_s": total,
+        },
+        "parts": {},
+    }
     jpath, mpath = out / "gpu_suite.json", out / "gpu_suite.md"
 
     def save():
@@ -262,15 +346,23 @@ def main():
             params = {**params, "consumed_frames_per_s": consumed}
         left = total - (time.perf_counter() - t_start)
         if left < 10:
-            res["parts"][name] = {"status": "skipped", "wall_s": 0.0, "budget_s": budget, "results": {},
-                                  "reason": f"not started: {left:.0f} s of the suite's {total:.0f} s left"}
+            res["parts"][name] = {
+                "status": "skipped",
+                "wall_s": 0.0,
+                "budget_s": budget,
+                "results": {},
+                "reason": f"not started: {left:.0f} s of the suite's {total:.0f} s left",
+            }
             save()
             continue
         print(f"[suite] {name}: budget {min(budget, left):.0f} s", flush=True)
         entry = run_part(name, params, min(budget, left), work)
         res["parts"][name] = entry
-        print(f"[suite] {name}: {entry['status']} in {entry['wall_s']:.1f} s"
-              + (f" ({entry['reason']})" if entry.get("reason") else ""), flush=True)
+        print(
+            f"[suite] {name}: {entry['status']} in {entry['wall_s']:.1f} s"
+            + (f" ({entry['reason']})" if entry.get("reason") else ""),
+            flush=True,
+        )
         if entry["status"] != "ok":
             print(entry["log_tail"][-800:], flush=True)
         save()

@@ -96,7 +96,7 @@ def _peak_flops():
 def _memory_stats() -> dict:
     try:
         s = _device().memory_stats() or {}
-    except Exception:  # CPU backends may not implement it
+    except Exception:  # noqa: BLE001  (CPU backends may not implement it)
         s = {}
     return {k: int(s[k]) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in s}
 
@@ -112,7 +112,7 @@ def _cost(compiled) -> dict:
 def _memory_analysis(compiled) -> dict:
     try:
         ma = compiled.memory_analysis()
-    except Exception as e:  # not every backend implements it
+    except Exception as e:  # noqa: BLE001  (not every backend implements it)
         return {"error": str(e)}
     if ma is None:
         return {}
@@ -156,80 +156,99 @@ def part_env(p, rec: Recorder):
         raise RuntimeError(f"jax.devices() shows no GPU: {jax.devices()} (backend {jax.default_backend()})")
 
 
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def _train_batch(p, rec: Recorder, row: dict, cfg, tc, stage: str, trainable) -> None:
+    """Compile (and unless compile_only, time) one train step at row's batch; fills `row`."""
+    case = train_step_bench.tokenizer_case if stage == "tokenizer" else train_step_bench.dynamics_case
+    model, loss_fn, data, model_flops, tokens, n_params, frames = case(cfg, row["batch"], row["seq_len"])
+    row.update(
+        {"params": n_params, "model_flops_per_step": model_flops, "tokens_per_step": tokens, "frames_per_step": frames}
+    )
+    mesh = make_mesh(cfg.runtime.fsdp)
+    graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
+    del model
+    step = compile_train_step(graphdef, loss_fn, shardings, mesh, trainable)
+    gb = global_batch(mesh, data)
+    key = jax.device_put(jax.random.PRNGKey(0))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, gb, key).compile()
+    row["compile_s"] = time.perf_counter() - t0
+    row["cost_analysis"] = _cost(compiled)
+    row["memory_analysis"] = _memory_analysis(compiled)
+    rec.flush()
+    if p.get("compile_only"):  # FLOPs and memory of the compiled step, without running it
+        return
+    state, metrics = compiled(state, gb, key)  # warm-up
+    jax.block_until_ready(metrics)
+    # no host round trip inside a step: batch, key and state are on the device already
+    try:
+        with jax.transfer_guard("disallow"):
+            state, metrics = compiled(state, gb, key)
+            jax.block_until_ready(metrics)
+        row["host_transfers_in_step"] = "none (jax.transfer_guard('disallow') passed)"
+    except Exception as e:  # noqa: BLE001
+        row["host_transfers_in_step"] = f"transfer guard tripped: {_error(e)[:200]}"
+    keys = [jax.random.fold_in(key, i) for i in range(8)]
+    holder = {"state": state, "metrics": metrics}
+    del state
+
+    def one(i):
+        holder["state"], holder["metrics"] = compiled(holder["state"], gb, keys[i % 8])
+        return holder["metrics"]
+
+    n, dt = _timed_steps(one, p["seconds"], p.get("min_steps", 3), p.get("max_steps", 200))
+    step_s = dt / n
+    peak = _peak_flops()
+    xla_flops = row["cost_analysis"].get("flops")
+    finite = all(bool(np.isfinite(np.asarray(v)).all()) for v in jax.device_get(holder["metrics"]).values())
+    row.update(
+        {
+            "steps_timed": n,
+            "step_s": step_s,
+            "frames_per_s": frames / step_s,
+            "tokens_per_s": tokens / step_s,
+            "model_tflops_per_s": model_flops / step_s / 1e12,
+            "xla_tflops_per_s": (xla_flops / step_s / 1e12) if xla_flops else None,
+            "mfu_model": (model_flops / step_s / peak) if peak else None,
+            "mfu_xla": (xla_flops / step_s / peak) if (peak and xla_flops) else None,
+            "memory": _memory_stats(),
+            "metrics_finite": finite,
+        }
+    )
+
+
 def _train(p, rec: Recorder, stage: str):
     cfg = load_config(p["config"], p.get("overrides", []))
     tc = cfg.tokenizer.train if stage == "tokenizer" else cfg.dynamics.train
-    case = train_step_bench.tokenizer_case if stage == "tokenizer" else train_step_bench.dynamics_case
     trainable = nnx.Param
     if stage == "dynamics":
         from dreamer4.dynamics.train import TRAINABLE as trainable
-    peak = _peak_flops()
     rec["precision"] = tc.precision
     rec["config"] = p["config"]
     rec["mfu_flops_note"] = (
         "mfu_xla: FLOPs of the whole compiled step from XLA's cost_analysis (forward, backward and "
         "optimizer update, as compiled); mfu_model: the analytic model FLOPs of benchmarks/train_step.py "
-        "(6N per token trained + attention, dynamics: + bootstrap half-step forwards + frozen encoder)")
+        "(6N per token trained + attention, dynamics: + bootstrap half-step forwards + frozen encoder)"
+    )
     rows = []
     rec["batches"] = rows
-    for batch, seq_len in p["batches"]:
+    todo = [tuple(b) for b in p["batches"]]
+    while todo:
+        batch, seq_len = todo.pop(0)
         row = {"batch": batch, "seq_len": seq_len}
         rows.append(row)
         try:
-            model, loss_fn, data, model_flops, tokens, n_params, frames = case(cfg, batch, seq_len)
-            row.update({"params": n_params, "model_flops_per_step": model_flops, "tokens_per_step": tokens,
-                        "frames_per_step": frames})
-            mesh = make_mesh(cfg.runtime.fsdp)
-            graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
-            del model
-            step = compile_train_step(graphdef, loss_fn, shardings, mesh, trainable)
-            gb = global_batch(mesh, data)
-            key = jax.device_put(jax.random.PRNGKey(0))
-            t0 = time.perf_counter()
-            compiled = step.lower(state, gb, key).compile()
-            row["compile_s"] = time.perf_counter() - t0
-            row["params"] = n_params
-            row["cost_analysis"] = _cost(compiled)
-            row["memory_analysis"] = _memory_analysis(compiled)
-            rec.flush()
-            if p.get("compile_only"):  # FLOPs and memory of the compiled step, without running it
-                del compiled, step, state, gb
-                continue
-            state, m = compiled(state, gb, key)  # warm-up
-            jax.block_until_ready(m)
-            # no host round trip inside a step: batch, key and state are on the device already
-            try:
-                with jax.transfer_guard("disallow"):
-                    state, m = compiled(state, gb, key)
-                    jax.block_until_ready(m)
-                row["host_transfers_in_step"] = "none (jax.transfer_guard('disallow') passed)"
-            except Exception as e:  # noqa: BLE001
-                row["host_transfers_in_step"] = f"transfer guard tripped: {str(e).splitlines()[0][:200]}"
-            keys = [jax.random.fold_in(key, i) for i in range(8)]
-            holder = {"state": state}
-
-            def one(i):
-                holder["state"], holder["metrics"] = compiled(holder["state"], gb, keys[i % 8])
-                return holder["metrics"]
-
-            n, dt = _timed_steps(one, p["seconds"], p.get("min_steps", 3), p.get("max_steps", 200))
-            step_s = dt / n
-            xla_flops = row["cost_analysis"].get("flops")
-            row.update({
-                "steps_timed": n, "step_s": step_s, "frames_per_s": frames / step_s, "tokens_per_s": tokens / step_s,
-                "model_flops_per_step": model_flops, "model_tflops_per_s": model_flops / step_s / 1e12,
-                "xla_tflops_per_s": (xla_flops / step_s / 1e12) if xla_flops else None,
-                "mfu_model": (model_flops / step_s / peak) if peak else None,
-                "mfu_xla": (xla_flops / step_s / peak) if (peak and xla_flops) else None,
-                "memory": _memory_stats(),
-                "metrics_finite": all(bool(np.isfinite(np.asarray(v)).all())
-                                      for v in jax.device_get(holder["metrics"]).values()),
-            })
-            rec.flush()
-            del holder, state, compiled, step, gb
-        except Exception as e:  # one batch failing (e.g. out of memory) keeps the others
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            rec.flush()
+            _train_batch(p, rec, row, cfg, tc, stage, trainable)
+        except Exception as e:  # noqa: BLE001  (one batch failing, e.g. out of memory, keeps the others)
+            row["error"] = _error(e)
+            oom = any(x in str(e) for x in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory"))
+            if oom and batch > 1 and not any("step_s" in r for r in rows):
+                # larger batches would not fit either: try half of this one instead
+                todo = [(batch // 2, seq_len)] if batch // 2 not in [r["batch"] for r in rows] else []
+        rec.flush()
         gc.collect()
     if not any(("compile_s" if p.get("compile_only") else "step_s") in r for r in rows):
         raise RuntimeError("no batch size ran: " + "; ".join(r.get("error", "?") for r in rows))
@@ -243,6 +262,35 @@ def part_train_dynamics(p, rec):
     _train(p, rec, "dynamics")
 
 
+def _imagine_case(p, row: dict, dyn, tok, decode_step, ts, keys) -> None:
+    """frames/s of generate_step (+ decode) at row's batch and K; fills `row`."""
+    batch, K, decode, max_len = row["batch"], row["K"], row["decode"], p["max_len"]
+    act = jnp.zeros((batch, 1), jnp.int32)
+    mask = jnp.ones((batch, 1), bool)
+    st = {"cache": dyn.init_cache(batch, max_len), "tcache": tok.init_cache(batch, max_len) if decode else None}
+
+    def frame(i):
+        t = i % max_len  # wraps around: the cost per frame does not depend on t
+        z, st["cache"] = generate_step(dyn, st["cache"], ts[t], act, mask, keys[t], K=K)
+        if decode:
+            z, st["tcache"] = decode_step(tok, z, st["tcache"], ts[t])
+        return z
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(frame(0))
+    first = time.perf_counter() - t0
+    n, dt = _timed_steps(frame, p["seconds"], p.get("min_frames", 4), p.get("max_frames", 4000))
+    row.update(
+        {
+            "frames_timed": n,
+            "frames_per_s": batch * n / dt,
+            "ms_per_step": dt / n * 1e3,
+            "first_call_s": first,
+            "compile_s": max(first - dt / n, 0.0),
+        }
+    )  # compile = first call - one frame
+
+
 def part_imagine(p, rec: Recorder):
     cfg = load_config(p["config"], p.get("overrides", []))
     dc = cfg.dynamics
@@ -254,15 +302,15 @@ def part_imagine(p, rec: Recorder):
     rec["precision"] = dc.train.precision
     rec["k_max"] = dc.k_max
     rec["cache_len"] = max_len
-    rec["note"] = ("frames/s after compilation; a frame = one compiled generate_step (K steps in a fori_loop + one "
-                   "context pass, KV cache donated); 'decode' adds the tokenizer's cached per-frame decoder")
+    rec["note"] = (
+        "frames/s after compilation; a frame = one compiled generate_step (K steps in a fori_loop + one "
+        "context pass, KV cache donated); 'decode' adds the tokenizer's cached per-frame decoder"
+    )
     rows = []
     rec["rows"] = rows
     ts = [jax.device_put(jnp.int32(t)) for t in range(max_len)]
     keys = [jax.device_put(jax.random.fold_in(jax.random.PRNGKey(0), t)) for t in range(max_len)]
     for batch in p["batches"]:
-        act = jnp.zeros((batch, 1), jnp.int32)
-        mask = jnp.ones((batch, 1), bool)
         for K in p["ks"]:
             for decode in (False, True):
                 if decode and K not in p.get("decode_ks", [4]):
@@ -270,25 +318,10 @@ def part_imagine(p, rec: Recorder):
                 row = {"batch": batch, "K": K, "decode": decode}
                 rows.append(row)
                 try:
-                    st = {"cache": dyn.init_cache(batch, max_len),
-                          "tcache": tok.init_cache(batch, max_len) if decode else None}
-
-                    def frame(i):
-                        t = i % max_len  # wraps around: the cost per frame does not depend on t
-                        z, st["cache"] = generate_step(dyn, st["cache"], ts[t], act, mask, keys[t], K=K)
-                        if decode:
-                            z, st["tcache"] = decode_step(tok, z, st["tcache"], ts[t])
-                        return z
-
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(frame(0))
-                    row["compile_s"] = time.perf_counter() - t0
-                    n, dt = _timed_steps(frame, p["seconds"], p.get("min_frames", 4), p.get("max_frames", 4000))
-                    row.update({"frames_timed": n, "frames_per_s": batch * n / dt, "ms_per_step": dt / n * 1e3})
+                    _imagine_case(p, row, dyn, tok, decode_step, ts, keys)
                 except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                    row["error"] = _error(e)
                 rec.flush()
-                st = None
                 gc.collect()
     by = {(r["batch"], r["K"], r["decode"]): r.get("frames_per_s") for r in rows}
     ratios = {}
@@ -304,16 +337,20 @@ def part_collect(p, rec: Recorder):
     collect, data_bench = _collection()
     rows = []
     rec["rows"] = rows
-    rec["note"] = ("collect: `dreamer4 collect`'s own function (device scan + episode assembly + TensorStore "
-                   "writes + manifest commits), steady state after its first chunk; bare: a jitted lax.scan over "
-                   "Craftax's own auto-reset env with the same policy and envs, frames to uint8, nothing written")
+    rec["note"] = (
+        "collect: `dreamer4 collect`'s own function (device scan + episode assembly + TensorStore "
+        "writes + manifest commits), steady state after its first chunk; bare: a jitted lax.scan over "
+        "Craftax's own auto-reset env with the same policy and envs, frames to uint8, nothing written"
+    )
     work = Path(p["work"])
     for n_envs in p["num_envs"]:
         row = {"num_envs": n_envs}
         rows.append(row)
         try:
-            ov = list(p.get("overrides", [])) + [f"collect.num_envs={n_envs}",
-                                                 f"collect.num_episodes={max(2, int(n_envs * p['episodes_per_env']))}"]
+            ov = list(p.get("overrides", [])) + [
+                f"collect.num_envs={n_envs}",
+                f"collect.num_episodes={max(2, int(n_envs * p['episodes_per_env']))}",
+            ]
             if p.get("chunk_steps"):
                 ov.append(f"collect.chunk_steps={p['chunk_steps']}")
             cfg = load_config(p["config"], ov)
@@ -332,15 +369,19 @@ def part_collect(p, rec: Recorder):
             summary = collect(cfg, out, log=lambda *a: None, stop_after_shards=p.get("max_shards"))
             wall = time.perf_counter() - t0
             steady = summary.get("steady_steps_per_s") or 0.0
-            row.update({
-                "collect_steady_steps_per_s": steady, "collect_wall_s": wall,
-                "collect_steps": summary.get("new_steps"), "episodes": summary.get("episodes"),
-                "shards": summary.get("shards"),
-                "collect_compile_and_first_chunk_s_est": (wall - summary["new_steps"] / steady) if steady else None,
-                "ratio_collect_over_bare": steady / row["bare_steps_per_s"] if row["bare_steps_per_s"] else None,
-            })
+            row.update(
+                {
+                    "collect_steady_steps_per_s": steady,
+                    "collect_wall_s": wall,
+                    "collect_steps": summary.get("new_steps"),
+                    "episodes": summary.get("episodes"),
+                    "shards": summary.get("shards"),
+                    "collect_compile_and_first_chunk_s_est": (wall - summary["new_steps"] / steady) if steady else None,
+                    "ratio_collect_over_bare": steady / row["bare_steps_per_s"] if row["bare_steps_per_s"] else None,
+                }
+            )
         except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            row["error"] = _error(e)
         rec.flush()
         gc.collect()
     if not any("collect_steady_steps_per_s" in r for r in rows):
@@ -396,8 +437,9 @@ def part_loader(p, rec: Recorder):
         shutil.rmtree(root, ignore_errors=True)
         t0 = time.perf_counter()
         synthetic_dataset(cfg, root, *p.get("synthetic_size", (32, 256)))
-        rec["dataset_note"] = (f"synthetic: imported GIFs ({time.perf_counter() - t0:.1f} s to make), "
-                               + ("as asked" if p.get("synthetic") else "the collect part committed no episodes"))
+        rec["dataset_note"] = f"synthetic: imported GIFs ({time.perf_counter() - t0:.1f} s to make), " + (
+            "as asked" if p.get("synthetic") else "the collect part committed no episodes"
+        )
     rec["dataset"] = str(root.name)
     B, T = p.get("batch") or (cfg.loader.batch_size, cfg.loader.seq_len)
     rec["batch"] = [B, T]
@@ -425,7 +467,7 @@ def part_loader(p, rec: Recorder):
                 row["ratio_over_train_step"] = row["frames_per_s"] / max(consumed.values())
             del it
         except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            row["error"] = _error(e)
         rec.flush()
     if not any("frames_per_s" in r for r in rows):
         raise RuntimeError("no loader case ran: " + "; ".join(r.get("error", "?") for r in rows))

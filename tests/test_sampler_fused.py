@@ -5,16 +5,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TOK_OVERRIDES, make_test_config
 from flax import nnx
 
-from conftest import TOK_OVERRIDES, make_test_config
 from dreamer4.dynamics.model import Dynamics
 from dreamer4.dynamics.sampler import _context_inputs, generate_step, prefill_context
 from dreamer4.dynamics.shortcut import denoise_frame
 
 DYN = [
-    "dynamics.width=32", "dynamics.depth=2", "dynamics.num_heads=2", "dynamics.num_kv_heads=1",
-    "dynamics.time_every=2", "dynamics.spatial_tokens=2", "dynamics.register_tokens=2", "dynamics.k_max=8",
+    "dynamics.width=32",
+    "dynamics.depth=2",
+    "dynamics.num_heads=2",
+    "dynamics.num_kv_heads=1",
+    "dynamics.time_every=2",
+    "dynamics.spatial_tokens=2",
+    "dynamics.register_tokens=2",
+    "dynamics.k_max=8",
 ]
 L, N, A, B = 4, 8, 17, 2
 
@@ -56,7 +62,7 @@ def test_fused_step_equals_unrolled(dyn, K):
     ref_cache = jax.tree.map(jnp.copy, cache)
     key = jax.random.PRNGKey(11)
     for t in (2, 3):
-        a, m = acts[:, t:t + 1], mask[:, t:t + 1]
+        a, m = acts[:, t : t + 1], mask[:, t : t + 1]
         z_ref, ref_cache = _unrolled_step(dyn, ref_cache, jnp.int32(t), a, m, jax.random.fold_in(key, t), K=K)
         before = cache
         z, cache = generate_step(dyn, cache, jnp.int32(t), a, m, jax.random.fold_in(key, t), K=K)
