@@ -28,6 +28,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 echo "[suite.sh] setup took $(( $(date +%s) - t0 )) s"
 
 if [ "$SMOKE" = 0 ]; then
+  # Craftax builds its texture cache (in its package folder) on first use: about a minute of one
+  # CPU core. Build it now, on the CPU backend (no GPU memory taken), while the train parts run.
+  JAX_PLATFORMS=cpu "$PY" -c 'import craftax.craftax_classic.constants' > "$OUT/craftax_textures.log" 2>&1 &
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if ! "$PY" -c 'import jax, sys; d = jax.devices(); print("[suite.sh] jax", jax.__version__, d); sys.exit(d[0].platform != "gpu")'; then
     echo "[suite.sh] jax.devices() shows no GPU; the suite goes on and its env part records the failure"
