@@ -37,9 +37,9 @@ from dreamer4.data.loader import make_loader
 from dreamer4.dynamics.model import Dynamics
 from dreamer4.dynamics.sampler import generate_step
 from dreamer4.runtime.jax_setup import enable_compilation_cache
+from dreamer4.runtime.loading import TRAINABLE, build_tokenizer
 from dreamer4.runtime.mesh import global_batch, make_mesh
 from dreamer4.runtime.train_loop import compile_train_step, place_train_state
-from dreamer4.tokenizer.train import build_tokenizer
 
 HERE = Path(__file__).resolve().parent
 
@@ -223,9 +223,7 @@ def _train_batch(p, rec: Recorder, row: dict, cfg, tc, stage: str, trainable) ->
 def _train(p, rec: Recorder, stage: str):
     cfg = load_config(p["config"], p.get("overrides", []))
     tc = cfg.tokenizer.train if stage == "tokenizer" else cfg.dynamics.train
-    trainable = nnx.Param
-    if stage == "dynamics":
-        from dreamer4.dynamics.train import TRAINABLE as trainable
+    trainable = TRAINABLE[stage]
     rec["precision"] = tc.precision
     rec["config"] = p["config"]
     rec["mfu_flops_note"] = (
@@ -262,7 +260,7 @@ def part_train_dynamics(p, rec):
     _train(p, rec, "dynamics")
 
 
-def _imagine_case(p, row: dict, dyn, tok, decode_step, ts, keys) -> None:
+def _imagine_case(p, row: dict, dyn, tok, decode_step, ts, keys, context_tau: float) -> None:
     """frames/s of generate_step (+ decode) at row's batch and K; fills `row`."""
     batch, K, decode, max_len = row["batch"], row["K"], row["decode"], p["max_len"]
     act = jnp.zeros((batch, 1), jnp.int32)
@@ -271,7 +269,7 @@ def _imagine_case(p, row: dict, dyn, tok, decode_step, ts, keys) -> None:
 
     def frame(i):
         t = i % max_len  # wraps around: the cost per frame does not depend on t
-        z, st["cache"] = generate_step(dyn, st["cache"], ts[t], act, mask, keys[t], K=K)
+        z, st["cache"] = generate_step(dyn, st["cache"], ts[t], act, mask, keys[t], K=K, context_tau=context_tau)
         if decode:
             z, st["tcache"] = decode_step(tok, z, st["tcache"], ts[t])
         return z
@@ -296,7 +294,7 @@ def part_imagine(p, rec: Recorder):
     dc = cfg.dynamics
     dtype = jnp.bfloat16 if dc.train.precision == "bf16" else jnp.float32
     tok = build_tokenizer(cfg, train_step_bench.FRAME_SHAPES[cfg.env.name])
-    dyn = Dynamics(dc, cfg.tokenizer.num_latents, cfg.tokenizer.latent_dim, 17, rngs=nnx.Rngs(0), dtype=dtype)
+    dyn = Dynamics(dc.net, cfg.tokenizer.num_latents, cfg.tokenizer.latent_dim, 17, rngs=nnx.Rngs(0), dtype=dtype)
     max_len = p["max_len"]
     decode_step = nnx.jit(lambda tok, z, cache, t: tok.decode_step(z, cache, t))
     rec["precision"] = dc.train.precision
@@ -318,7 +316,7 @@ def part_imagine(p, rec: Recorder):
                 row = {"batch": batch, "K": K, "decode": decode}
                 rows.append(row)
                 try:
-                    _imagine_case(p, row, dyn, tok, decode_step, ts, keys)
+                    _imagine_case(p, row, dyn, tok, decode_step, ts, keys, dc.context_tau)
                 except Exception as e:  # noqa: BLE001
                     row["error"] = _error(e)
                 rec.flush()

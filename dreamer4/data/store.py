@@ -27,9 +27,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
@@ -168,8 +169,9 @@ def digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def write_shard(root: str | Path, name: str, arrays: dict[str, np.ndarray], *,
-                read_chunk: int, zstd_level: int) -> dict[str, str]:
+def write_shard(
+    root: str | Path, name: str, arrays: dict[str, np.ndarray], *, read_chunk: int, zstd_level: int
+) -> dict[str, str]:
     """Write one shard group in a single TensorStore transaction; returns sha256 per array.
 
     Any leftover of an earlier, uncommitted attempt at the same shard is removed first.
@@ -196,14 +198,12 @@ def write_shard(root: str | Path, name: str, arrays: dict[str, np.ndarray], *,
 def open_shard_array(root: str | Path, name: str, field: str):
     path = shard_dir(root, name) / field
     try:
-        return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}},
-                       open=True).result()
+        return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, open=True).result()
     except Exception as e:  # TensorStore raises ValueError / its own status errors
         raise DatasetError(f"shard {name}: cannot open array {path}: {e}") from None
 
 
-def read_shard_array(store, name: str, field: str, start: int | None = None,
-                     stop: int | None = None) -> np.ndarray:
+def read_shard_array(store, name: str, field: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
     try:
         return store[start:stop].read().result()
     except Exception as e:
@@ -244,17 +244,32 @@ class Dataset:
         self.shards = {s["name"]: s for s in manifest["shards"]}
         for s in manifest["shards"]:
             for e in s["episodes"]:
-                self.episodes.append(Episode(
-                    id=e["id"], shard=s["name"], start=e["start"], length=e["length"],
-                    ret=e["return"], achievements=tuple(e["achievements"]), labeled=e["labeled"],
-                    split=e["split"], policy=e.get("policy", manifest.get("behavior_policy", "?")),
-                    has_actions=e.get("has_actions", True), has_rewards=e.get("has_rewards", True)))
+                self.episodes.append(
+                    Episode(
+                        id=e["id"],
+                        shard=s["name"],
+                        start=e["start"],
+                        length=e["length"],
+                        ret=e["return"],
+                        achievements=tuple(e["achievements"]),
+                        labeled=e["labeled"],
+                        split=e["split"],
+                        policy=e.get("policy", manifest.get("behavior_policy", "?")),
+                        has_actions=e.get("has_actions", True),
+                        has_rewards=e.get("has_rewards", True),
+                    )
+                )
         self._stores: dict[tuple[str, str], Any] = {}
         self._cache: dict[tuple[str, str], np.ndarray] = {}
 
     @classmethod
-    def open(cls, root: str | Path, env_name: str | None = None, allow_empty: bool = False,
-             hide_unlabeled_actions: bool = True) -> "Dataset":
+    def open(
+        cls,
+        root: str | Path,
+        env_name: str | None = None,
+        allow_empty: bool = False,
+        hide_unlabeled_actions: bool = True,
+    ) -> Dataset:
         """Open a dataset's committed shards; `hide_unlabeled_actions=False` is for tools and tests
         that must see every stored byte, never for training code."""
         root = Path(root)
@@ -264,17 +279,23 @@ class Dataset:
         if m is None:
             raise DatasetError(
                 f"{root} is not a dreamer4 dataset: {manifest_path(root)} is missing "
-                f"(create one with `dreamer4 collect --out {root}`)")
+                f"(create one with `dreamer4 collect --out {root}`)"
+            )
         if m.get("format") != FORMAT:
-            raise DatasetError(f"{manifest_path(root)} is not a dreamer4 dataset manifest "
-                               f"(format {m.get('format')!r}, expected {FORMAT!r})")
+            raise DatasetError(
+                f"{manifest_path(root)} is not a dreamer4 dataset manifest "
+                f"(format {m.get('format')!r}, expected {FORMAT!r})"
+            )
         if m.get("format_version") != FORMAT_VERSION:
-            raise DatasetError(f"{manifest_path(root)} has format_version {m.get('format_version')}, "
-                               f"this code reads version {FORMAT_VERSION}")
+            raise DatasetError(
+                f"{manifest_path(root)} has format_version {m.get('format_version')}, "
+                f"this code reads version {FORMAT_VERSION}"
+            )
         if env_name is not None and m["env"]["name"] != env_name:
             raise DatasetError(
                 f"dataset {root} holds {m['env']['id']} episodes (env.name={m['env']['name']!r}) "
-                f"but the config has env.name={env_name!r}")
+                f"but the config has env.name={env_name!r}"
+            )
         ds = cls(root, m, hide_unlabeled_actions=hide_unlabeled_actions)
         if not ds.episodes and not allow_empty:
             raise DatasetError(f"dataset {root} has no committed episodes yet")
@@ -302,7 +323,7 @@ class Dataset:
                 a = a.copy()
                 for e in self.episodes:
                     if e.shard == shard and not e.labeled:
-                        a[e.start:e.start + e.length] = -1
+                        a[e.start : e.start + e.length] = -1
             self._cache[key] = a
         return self._cache[key]
 
@@ -341,8 +362,7 @@ def verify(root: str | Path) -> tuple[list[str], list[str]]:
             try:
                 store = open_shard_array(root, name, field)
                 if store.shape[0] != n:
-                    problems.append(f"shard {name}: array '{field}' has {store.shape[0]} rows, "
-                                    f"manifest says {n}")
+                    problems.append(f"shard {name}: array '{field}' has {store.shape[0]} rows, manifest says {n}")
                     continue
                 data = read_shard_array(store, name, field)
             except DatasetError as e:

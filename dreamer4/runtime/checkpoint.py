@@ -8,6 +8,7 @@ of the *current* mesh, so a checkpoint saved on 4 devices restores onto 2 (or on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -19,8 +20,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=async_save),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
             item_names=("state", "meta"),
         )
 
@@ -28,16 +28,18 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        )
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, meta) of `step` (default latest), laid out as `abstract_state` says."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        )
         return out["state"], out["meta"]
 
     def restore_meta(self, step: int | None = None) -> dict:
@@ -55,3 +57,17 @@ class Checkpointer:
 def abstract_like(state, shardings):
     """ShapeDtypeStructs of `state` placed with `shardings` (the restore target)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def checkpoint_steps(directory: str | Path) -> list[int]:
+    """The committed checkpoint steps in `directory`, ascending (orbax renames a step directory to
+    its number only once it is complete); [] when there is none."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def read_meta(directory: str | Path, step: int) -> dict:
+    """The JSON meta of checkpoint `step`, read directly (no checkpoint manager, nothing created)."""
+    return json.loads((Path(directory) / str(step) / "meta" / "metadata").read_text())
