@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dreamer4.config import ConfigError, load_config
 from dreamer4.data.store import DatasetError
+from dreamer4.runtime.faults import CheckpointError, DiskFullError
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = "configs/tiny.yaml") -> None:
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir")
     q = dsub.add_parser("verify", help="re-read every committed shard and check it against the manifest")
     q.add_argument("dir")
+    q = dsub.add_parser("rebuild-manifest", help="restore a lost manifest.json from the shards' metadata "
+                                                 "(--move-aside: move the shards aside instead; nothing is deleted)")
+    q.add_argument("dir")
+    q.add_argument("--move-aside", action="store_true")
     q = dsub.add_parser("import-video", help="add MP4/GIF/WebM files or PNG folders as unlabeled episodes")
     _add_config_args(q)
     q.add_argument("--out", required=True, help="dataset directory (created, or added to)")
@@ -120,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_import_video(load_config(args.config, args.overrides), args.out, args.files,
                                  frame_shape=args.frame_shape, fit=args.fit, fps=args.fps)
                 return 0
+            if args.dataset_command == "rebuild-manifest":
+                from dreamer4.pipelines.dataset import run_rebuild_manifest
+
+                return run_rebuild_manifest(args.dir, args.move_aside)
             if args.dataset_command == "info":
                 print_info(args.dir)
                 return 0
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_all(cfg, args.run)
         return 0
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, DiskFullError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # the train loop's NaN guard; its message says what was kept
