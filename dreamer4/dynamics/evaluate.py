@@ -92,7 +92,10 @@ def side_by_side_frames(real_BHWC, imagined_BHWC, scale: int = 4) -> np.ndarray:
 def write_video(path: Path, frames_THWC: np.ndarray, fps: int = 4) -> Path:
     import imageio.v3 as iio
 
-    iio.imwrite(path, frames_THWC, duration=int(1000 / fps), loop=0)
+    from dreamer4.runtime.faults import disk_guard
+
+    with disk_guard(Path(path).parent, np.asarray(frames_THWC).nbytes, f"video {Path(path).name}", cleanup=[path]):
+        iio.imwrite(path, frames_THWC, duration=int(1000 / fps), loop=0)
     return path
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dreamer4.config import Config, TrainConfig, save_config, to_dict
+from dreamer4.config import Config, ConfigError, TrainConfig, save_config, to_dict
 from dreamer4.data.loader import saved_process_count
 from dreamer4.runtime.checkpoint import Checkpointer, abstract_like
 from dreamer4.runtime.distributed import barrier, is_main_process, log0
@@ -135,10 +135,16 @@ def agree(value: int, what: str) -> None:
         multihost_utils.assert_equal(np.asarray(value, np.int64), f"processes disagree on {what}")
 
 
-def _check_batch(tc: TrainConfig, mesh) -> None:
+# The config section holding each stage's TrainConfig (for error messages naming the user's key).
+TRAIN_KEYS = {"tokenizer": "tokenizer.train", "dynamics": "dynamics.train", "agent_bc": "agent.bc",
+              "agent": "agent.imagine"}
+
+
+def _check_batch(stage_name: str, tc: TrainConfig, mesh) -> None:
     n = mesh.devices.size
     if tc.batch_size % n:
-        raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by the number of devices ({n})")
+        key = f"{TRAIN_KEYS.get(stage_name, 'train')}.batch_size"
+        raise ConfigError(f"config key '{key}' ({tc.batch_size}) must be divisible by the number of devices ({n})")
 
 
 def train(stage: Stage) -> nnx.Module:
@@ -148,7 +154,7 @@ def train(stage: Stage) -> nnx.Module:
     if jax.process_index() == 0:
         save_config(cfg, stage_dir)
     mesh = make_mesh(cfg.runtime.fsdp)
-    _check_batch(tc, mesh)
+    _check_batch(stage.name, tc, mesh)
 
     graphdef, state, shardings = place_train_state(stage.model, tc, mesh, stage.trainable)
     leaves = jax.tree.leaves(shardings)
@@ -160,9 +166,9 @@ def train(stage: Stage) -> nnx.Module:
                           project=cfg.runtime.wandb_project)
     it = stage.make_iterator()
     step = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(abstract_like(state, shardings), latest)
+    found = ckpt.restore_latest_good(abstract_like(state, shardings), log=lambda m: log0(f"[{stage.name}] {m}"))
+    if found is not None:
+        _, state, meta = found
         step = int(meta["step"])
         saved = meta["data_state"].encode()
         before, now = meta.get("process_count", saved_process_count(saved)), jax.process_count()
@@ -179,6 +185,8 @@ def train(stage: Stage) -> nnx.Module:
         log0(f"[{stage.name}] resumed from checkpoint step {step} in {ckpt.directory} "
              f"(saved by {before or '?'} processes, now {now})")
     agree(step, "the step to start from")
+    # Lines logged after the checkpoint we resume from would repeat steps: drop them.
+    logger.truncate_after(step)
 
     train_step = compile_train_step(graphdef, stage.loss_fn, shardings, mesh, stage.trainable)
     base_key = jax.random.PRNGKey(cfg.seed)
@@ -278,11 +286,16 @@ def load_trained(stage_dir: str | Path, model: nnx.Module, step: int | None = No
     """
     ckpt = Checkpointer(Path(stage_dir) / "checkpoints", async_save=False)
     try:
-        meta = ckpt.restore_meta(step)
         _, full = nnx.split((model, nnx.Optimizer(model, make_optimizer(TrainConfig()), wrt=trainable)))
         replicated = jax.sharding.NamedSharding(make_mesh(), jax.sharding.PartitionSpec())
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), full)
-        state, _ = ckpt.restore(target, step)
+        if step is None:  # the newest checkpoint that restores (damaged newer ones are moved aside)
+            found = ckpt.restore_latest_good(target, log=log0)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+            _, state, meta = found
+        else:
+            state, meta = ckpt.restore(target, step)
         nnx.update(model, state[0])
     finally:
         ckpt.close()
