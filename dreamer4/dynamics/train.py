@@ -137,7 +137,8 @@ def train_dynamics(cfg: Config, data_dir: str | Path, run_dir: str | Path, evalu
     stage = Stage(
         name=STAGE, stage_dir=stage_dir, cfg=cfg, train=tc, model=world, loss_fn=make_dynamics_loss(cfg),
         make_iterator=lambda: iter(make_loader(data_dir, cfg, "train", batch_size=tc.batch_size,
-                                               seq_len=tc.seq_len)),
+                                               seq_len=tc.seq_len, batch_key="dynamics.train.batch_size",
+                                               seq_len_key="dynamics.train.seq_len")),
         prepare=make_prepare(cfg), evaluate=eval_hook, trainable=TRAINABLE,
         meta={"frame_shape": list(frame_shape), "num_actions": ds.num_actions},
     )

@@ -152,7 +152,8 @@ def train_bc(cfg: Config, data_dir, run_dir) -> Agent:
     stage = Stage(name=STAGE_BC, stage_dir=stage_dir, cfg=cfg, train=tc, model=agent,
                   loss_fn=make_bc_loss(cfg, wcfg.dynamics.k_max),
                   make_iterator=lambda: iter(make_loader(data_dir, cfg, "train", batch_size=tc.batch_size,
-                                                         seq_len=tc.seq_len)),
+                                                         seq_len=tc.seq_len, batch_key="agent.bc.batch_size",
+                                                         seq_len_key="agent.bc.seq_len")),
                   prepare=prepare, trainable=TRAINABLE_BC, meta={"phase": "bc", **info})
     return train(stage)
 
@@ -174,7 +175,8 @@ def train_imagine(cfg: Config, data_dir, run_dir) -> Agent:
     stage = Stage(name=STAGE_IMAGINE, stage_dir=stage_dir, cfg=cfg, train=tc, model=agent,
                   loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sample_steps),
                   make_iterator=lambda: iter(make_loader(data_dir, cfg, "train", batch_size=tc.batch_size,
-                                                         seq_len=C)),
+                                                         seq_len=C, batch_key="agent.imagine.batch_size",
+                                                         seq_len_key="agent.context_len")),
                   prepare=prepare, trainable=TRAINABLE_IMAGINE, meta={"phase": "imagine", **info})
     return train(stage)
 

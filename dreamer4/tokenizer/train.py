@@ -130,7 +130,8 @@ def train_tokenizer(cfg: Config, data_dir: str | Path, run_dir: str | Path) -> d
     stage = Stage(
         name=STAGE, stage_dir=stage_dir, cfg=cfg, train=tc, model=model, loss_fn=tokenizer_loss,
         make_iterator=lambda: iter(make_loader(data_dir, cfg, "train", batch_size=tc.batch_size,
-                                               seq_len=tc.seq_len)),
+                                               seq_len=tc.seq_len, batch_key="tokenizer.train.batch_size",
+                                               seq_len_key="tokenizer.train.seq_len")),
         prepare=lambda b, step: {"frames": b["frames"]},
         evaluate=evaluate, meta={"frame_shape": list(frame_shape)},
     )
