@@ -27,6 +27,7 @@ import pickle
 import shutil
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,9 +258,9 @@ class CollectorState:
     `collector/wNNN/state-KKKKKK.pkl.z`: the carry (env states, policy state, frames, key) and
     the rows of the episodes still running, pickled and zlib-compressed at level 1 (the rows are
     mostly frames, which compress ~7x; level 6 or xz save another 20-45% at 2-6x the time, on the
-    host thread that must hide behind stepping; see BENCHMARKS.md for the sizes). Written to a temp file, fsynced and
-    renamed; a full disk removes the temp file and raises `DiskFullError`. Older uncompressed
-    `state-KKKKKK.pkl` files are still read.
+    host thread that must hide behind stepping; see BENCHMARKS.md for the sizes). Written to a
+    temp file, fsynced and renamed; a full disk removes the temp file and raises `DiskFullError`.
+    Older uncompressed `state-KKKKKK.pkl` files are still read.
     """
 
     SUFFIX = ".pkl.z"
@@ -275,10 +276,12 @@ class CollectorState:
         return zlib.compress(raw, 1)
 
     @staticmethod
-    def save(root: Path, writer: int, shards_done: int, carry, assembler: EpisodeAssembler) -> None:
+    def save(root: Path, writer: int, shards_done: int, carry, assembler: EpisodeAssembler,
+             data: bytes | None = None) -> None:
+        """`data`: the state already encoded (collect encodes it while the shard is written)."""
         p = CollectorState.path(root, writer, shards_done)
         p.parent.mkdir(parents=True, exist_ok=True)
-        data = CollectorState.encode(carry, assembler)
+        data = CollectorState.encode(carry, assembler) if data is None else data
         tmp = p.with_name(p.name + ".tmp")
         with disk_guard(p.parent, len(data), f"the collector resume state {p.name}", cleanup=[tmp]):
             with open(tmp, "wb") as f:
@@ -422,9 +425,12 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
             start += L
         entry = {"name": name, "writer": writer, "index": shards_done, "num_frames": int(len(arrays["frame"])),
                  "episodes": eps, "target_episodes": target, "final": final}
-        digests = store.write_shard(root, name, arrays, read_chunk=c.read_chunk_frames, zstd_level=c.zstd_level,
-                                    entry=entry, header=header_now)
-        CollectorState.save(root, writer, shards_done + 1, carry_after, assembler)
+        # zlib and TensorStore's zstd both release the GIL: compress the resume state meanwhile.
+        with ThreadPoolExecutor(1) as pool:
+            encoded = pool.submit(CollectorState.encode, carry_after, assembler)
+            digests = store.write_shard(root, name, arrays, read_chunk=c.read_chunk_frames,
+                                        zstd_level=c.zstd_level, entry=entry, header=header_now)
+            CollectorState.save(root, writer, shards_done + 1, None, None, data=encoded.result())
         with store.locked_manifest(root) as m:
             m["shards"].append({"name": name, "writer": writer, "index": shards_done,
                                 "num_frames": int(len(arrays["frame"])), "sha256": digests, "episodes": eps})
