@@ -75,21 +75,33 @@ def remove_quietly(paths: Iterable[str | Path]) -> None:
             pass
 
 
-def disk_full_error(directory: str | Path, need_bytes: int | None, what: str, bound: str = "about") -> DiskFullError:
+def disk_full_error(
+    directory: str | Path, need_bytes: int | None, what: str, bound: str = "about"
+) -> DiskFullError:
     """`bound`: "about", or "up to" where the size is before compression."""
     free = free_bytes(directory)
     need = f"{bound} {human_bytes(need_bytes)}" if need_bytes else "more space"
-    have = f"{human_bytes(free)} is free" if free is not None else "the free space is unknown"
+    have = (
+        f"{human_bytes(free)} is free"
+        if free is not None
+        else "the free space is unknown"
+    )
     return DiskFullError(
         errno.ENOSPC,
         f"no space left on device in {directory} while writing {what}: it needs {need} and {have}; "
         f"the partial write was removed and committed data is intact: free some space and rerun the "
-        f"same command to continue")
+        f"same command to continue",
+    )
 
 
 @contextlib.contextmanager
-def disk_guard(directory: str | Path, need_bytes: int | None, what: str,
-               cleanup: Iterable[str | Path] = (), bound: str = "about") -> Iterator[None]:
+def disk_guard(
+    directory: str | Path,
+    need_bytes: int | None,
+    what: str,
+    cleanup: Iterable[str | Path] = (),
+    bound: str = "about",
+) -> Iterator[None]:
     """Turn an ENOSPC inside the block into one `DiskFullError`, removing `cleanup` first."""
     cleanup = list(cleanup)
     try:
@@ -102,4 +114,3 @@ def disk_guard(directory: str | Path, need_bytes: int | None, what: str,
             raise
         remove_quietly(cleanup)
         raise disk_full_error(directory, need_bytes, what, bound) from None
-
