@@ -16,6 +16,7 @@ directories removed.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,6 +27,20 @@ import orbax.checkpoint as ocp
 from dreamer4.runtime.faults import CheckpointError, DiskFullError, disk_full_error, is_disk_full, remove_quietly
 
 __all__ = ["Checkpointer", "CheckpointError", "DiskFullError", "abstract_like"]
+
+
+class _QuietDiskFull(logging.Filter):
+    """orbax logs a full disk from each of its writer threads (many lines each); we report it once
+    as a `DiskFullError`, so its own log records of that error are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (is_disk_full(exc) or "No space left on device" in record.getMessage())
+
+
+logging.getLogger("absl").addFilter(_QuietDiskFull())
 
 
 def _why(e: BaseException) -> str:
@@ -40,6 +55,7 @@ def _why(e: BaseException) -> str:
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        self._state_bytes: int | None = None
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -54,14 +70,11 @@ class Checkpointer:
         """Remove what a failed save left (orbax temp dirs) and describe the full disk."""
         if jax.process_index() == 0:
             remove_quietly(p for p in self.directory.glob("*") if "tmp" in p.name)
-        size = None
-        steps = self.manager.all_steps()
-        if steps:  # the last complete checkpoint's size is what the next one needs
-            d = self.directory / str(max(steps))
-            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        return disk_full_error(self.directory, size, "a checkpoint")
+        return disk_full_error(self.directory, self._state_bytes, "a checkpoint", bound="up to")
 
     def save(self, step: int, state, meta: dict) -> None:
+        # what the next checkpoint needs (before orbax's compression), for a disk-full message
+        self._state_bytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
         try:
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                             meta=ocp.args.JsonSave(meta)))
