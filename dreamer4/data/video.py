@@ -235,6 +235,11 @@ def import_videos(cfg: Config, out: str | Path, files: list[str], *, frame_shape
 
     # 2. Write one shard per file (named after the import's index), then commit them together.
     A = len((existing or header)["achievement_names"])
+    if existing is None:  # a new dataset gets its header first, as collect does: shard groups
+        with store.locked_manifest(root) as m:  # left by a killed import are then recognisably
+            if not m:  # uncommitted (and deleted by the next import), never orphans
+                m.update(header)
+                save_config(cfg, root)
     with store.locked_manifest(root) as m:
         if not m:
             m.update(header)
