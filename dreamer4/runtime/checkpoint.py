@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -44,11 +45,14 @@ logging.getLogger("absl").addFilter(_QuietDiskFull())
 
 
 def _why(e: BaseException) -> str:
-    """A one-line reason for a failed restore (orbax errors are many lines long)."""
+    """A one-line reason for a failed restore (orbax / TensorStore errors run to many lines)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[-1] if lines else ""
-    if len(text) > 160:
-        text = text[:157] + "..."
+    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+    if '"' in text and ": " in text:  # TensorStore: keep the innermost reason and the file it names
+        files = re.findall(r'local file "([^"]+)"', text)
+        text = text.rsplit(": ", 1)[-1] + (f" (file {files[-1]})" if files else "")
+    if len(text) > 200:
+        text = text[:197] + "..."
     return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
 
 
