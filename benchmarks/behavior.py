@@ -40,12 +40,19 @@ def main() -> None:
     steady = [m["env_steps_per_s"] for m in train_lines[1:]] or [train_lines[-1]["env_steps_per_s"]]
     b = cfg.behavior
     table = {
-        "config": args.config, "overrides": args.overrides, "env_steps": r["env_steps"],
-        "num_envs": b.num_envs, "num_steps": b.num_steps, "wall_s_total_incl_compile": round(wall, 1),
+        "config": args.config,
+        "overrides": args.overrides,
+        "env_steps": r["env_steps"],
+        "num_envs": b.num_envs,
+        "num_steps": b.num_steps,
+        "wall_s_total_incl_compile": round(wall, 1),
         "env_steps_per_s_steady": round(sum(steady) / len(steady), 1),
-        "eval_envs": r["eval_envs"], "eval_steps": r["eval_steps"],
-        "policy_return": r["eval_policy_return"], "random_return": r["eval_random_return"],
-        "policy_achievements": r["eval_policy_achievements"], "random_achievements": r["eval_random_achievements"],
+        "eval_envs": r["eval_envs"],
+        "eval_steps": r["eval_steps"],
+        "policy_return": r["eval_policy_return"],
+        "random_return": r["eval_random_return"],
+        "policy_achievements": r["eval_policy_achievements"],
+        "random_achievements": r["eval_random_achievements"],
         "final_entropy": train_lines[-1]["entropy"],
     }
     for k, v in table.items():

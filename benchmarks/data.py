@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamer4.config import load_config
-from dreamer4.data.behavior import make_policy
 from dreamer4.data.collect import collect
 from dreamer4.data.env import ENV_IDS, make_env, to_uint8
 from dreamer4.data.loader import make_loader
+from dreamer4.data.policies import make_policy
 from dreamer4.data.store import Dataset
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 
@@ -57,6 +57,7 @@ def bare_loop_steps_per_s(cfg, seconds: float = 20.0) -> float:
             obs, st, r, done, _ = jax.vmap(env.step, (0, 0, 0, None))(jax.random.split(ks, N), st, a, params)
             frame = to_uint8(obs)
             return (st, ps, frame, done, key), (frame, a, r, done)
+
         return jax.lax.scan(step, carry, None, length=T)
 
     init, chunk = jax.jit(init), jax.jit(chunk)
@@ -118,7 +119,7 @@ def numpy_throughput(root, cfg, batches: int) -> dict:
             i = rng.integers(len(eps))
             s = rng.integers(eps[i].length - T + 1)
             for k, v in arrays[i].items():
-                out[k].append(v[s:s + T])
+                out[k].append(v[s : s + T])
         b = {k: np.stack(v) for k, v in out.items()}
         nbytes += sum(v.nbytes for v in b.values())
     dt = time.time() - t0
@@ -137,21 +138,29 @@ def main():
     enable_compilation_cache()
     cfg = load_config(args.config, args.overrides)
 
-    results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-               "device": str(jax.devices()[0]), "config": args.config, "overrides": args.overrides,
-               "num_envs": cfg.collect.num_envs, "chunk_steps": cfg.collect.chunk_steps,
-               "policy": cfg.collect.policy, "date": time.strftime("%Y-%m-%d")}
+    results = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "device": str(jax.devices()[0]),
+        "config": args.config,
+        "overrides": args.overrides,
+        "num_envs": cfg.collect.num_envs,
+        "chunk_steps": cfg.collect.chunk_steps,
+        "policy": cfg.collect.policy,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     bare = bare_loop_steps_per_s(cfg, args.bare_seconds)
     device_only = device_only_steps_per_s(cfg, args.bare_seconds)
     tmp = Path(tempfile.mkdtemp(prefix="d4bench-"))
     try:
         summary = collect(cfg, tmp / "ds", log=lambda *a: None)
-        results["collect"] = {"steady_steps_per_s": summary["steady_steps_per_s"],
-                              "wall_steps_per_s_incl_compile": summary["new_steps"] / summary["seconds"],
-                              "bare_steps_per_s": bare,
-                              "ratio": summary["steady_steps_per_s"] / bare,
-                              "device_only_steps_per_s": device_only,
-                              "ratio_vs_device_only": summary["steady_steps_per_s"] / device_only}
+        results["collect"] = {
+            "steady_steps_per_s": summary["steady_steps_per_s"],
+            "wall_steps_per_s_incl_compile": summary["new_steps"] / summary["seconds"],
+            "bare_steps_per_s": bare,
+            "ratio": summary["steady_steps_per_s"] / bare,
+            "device_only_steps_per_s": device_only,
+            "ratio_vs_device_only": summary["steady_steps_per_s"] / device_only,
+        }
         root = args.dataset or tmp / "ds"
         results["loader"] = {
             "batch": [cfg.loader.batch_size, cfg.loader.seq_len],

@@ -25,7 +25,7 @@ from dreamer4.config import load_config
 from dreamer4.dynamics.model import Dynamics
 from dreamer4.dynamics.sampler import generate_step
 from dreamer4.runtime.jax_setup import enable_compilation_cache
-from dreamer4.tokenizer.train import build_tokenizer
+from dreamer4.runtime.loading import build_tokenizer
 
 FRAME_SHAPES = {"classic": (63, 63, 3), "full": (130, 110, 3)}
 
@@ -35,7 +35,7 @@ def _decode_step(tok, z_B1LN, cache, t):
     return tok.decode_step(z_B1LN, cache, t)
 
 
-def frames_per_s(dyn, tok, batch: int, frames: int, K: int, decode: bool) -> float:
+def frames_per_s(dyn, tok, batch: int, frames: int, K: int, decode: bool, context_tau: float) -> float:
     cache = dyn.init_cache(batch, frames + 1)
     tcache = tok.init_cache(batch, frames + 1) if decode else None
     act = jnp.zeros((batch, 1), jnp.int32)
@@ -45,7 +45,9 @@ def frames_per_s(dyn, tok, batch: int, frames: int, K: int, decode: bool) -> flo
     def run(n, cache, tcache):
         z = None
         for t in range(n):
-            z, cache = generate_step(dyn, cache, jnp.int32(t), act, mask, jax.random.fold_in(key, t), K=K)
+            z, cache = generate_step(
+                dyn, cache, jnp.int32(t), act, mask, jax.random.fold_in(key, t), K=K, context_tau=context_tau
+            )
             if decode:
                 x, tcache = _decode_step(tok, z, tcache, jnp.int32(t))
                 z = x
@@ -71,7 +73,7 @@ def main():
     dc = cfg.dynamics
     dtype = jnp.bfloat16 if dc.train.precision == "bf16" else jnp.float32
     tok = build_tokenizer(cfg, FRAME_SHAPES[cfg.env.name])
-    dyn = Dynamics(dc, cfg.tokenizer.num_latents, cfg.tokenizer.latent_dim, 17, rngs=nnx.Rngs(0), dtype=dtype)
+    dyn = Dynamics(dc.net, cfg.tokenizer.num_latents, cfg.tokenizer.latent_dim, 17, rngs=nnx.Rngs(0), dtype=dtype)
     rows = []
     for name, batch, K, decode in [
         (f"interactive K={dc.sample_steps}", 1, dc.sample_steps, False),
@@ -81,16 +83,29 @@ def main():
         (f"batched K={dc.k_max}", args.batch, dc.k_max, False),
     ]:
         n = max(4, args.frames // (4 if K > 16 else 1))
-        rows.append({"case": name, "batch": batch, "K": K, "decode": decode,
-                     "frames_per_s": frames_per_s(dyn, tok, batch, n, K, decode)})
+        rows.append(
+            {
+                "case": name,
+                "batch": batch,
+                "K": K,
+                "decode": decode,
+                "frames_per_s": frames_per_s(dyn, tok, batch, n, K, decode, dc.context_tau),
+            }
+        )
     by = {r["case"]: r["frames_per_s"] for r in rows}
     speedup = by[f"batched K={dc.sample_steps}"] / by[f"batched K={dc.k_max}"]
     print(f"\n{'case':36} {'batch':>6} {'frames/s':>10}")
     for r in rows:
         print(f"{r['case']:36} {r['batch']:>6} {r['frames_per_s']:>10.1f}")
     print(f"speed-up K={dc.sample_steps} over K={dc.k_max} (batched): {speedup:.1f}x (goal >= 12x)")
-    res = {"config": args.config, "overrides": args.overrides, "device": jax.devices()[0].device_kind,
-           "rows": rows, "speedup": speedup, "date": time.strftime("%Y-%m-%d")}
+    res = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "device": jax.devices()[0].device_kind,
+        "rows": rows,
+        "speedup": speedup,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.json}")

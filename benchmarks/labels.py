@@ -68,17 +68,31 @@ def main():
         train_dynamics(cfg, out / "dataset", out, evaluate=False)
         m = dream(out)
         K = cfg.dynamics.sample_steps
-        rows.append({"labeled_fraction": f, "train_s": time.time() - t0, "psnr_true": m["eval_psnr_true_actions"],
-                     "psnr_shuffled": m["eval_psnr_shuffled_actions"], "psnr_none": m["eval_psnr_none_actions"],
-                     "gap_db": m["eval_action_gap_db"], f"psnr_K{K}": m[f"eval_psnr_K{K}"],
-                     "tokenizer_ceiling": m["eval_psnr_tokenizer_ceiling"]})
+        rows.append(
+            {
+                "labeled_fraction": f,
+                "train_s": time.time() - t0,
+                "psnr_true": m["eval_psnr_true_actions"],
+                "psnr_shuffled": m["eval_psnr_shuffled_actions"],
+                "psnr_none": m["eval_psnr_none_actions"],
+                "gap_db": m["eval_action_gap_db"],
+                f"psnr_K{K}": m[f"eval_psnr_K{K}"],
+                "tokenizer_ceiling": m["eval_psnr_tokenizer_ceiling"],
+            }
+        )
     print(f"\n{'labeled':>8} {'true':>8} {'shuffled':>9} {'none':>8} {'gap dB':>7} {'ceiling':>8} {'train s':>8}")
     for r in rows:
-        print(f"{r['labeled_fraction']:>8.2f} {r['psnr_true']:>8.2f} {r['psnr_shuffled']:>9.2f} {r['psnr_none']:>8.2f} "
-              f"{r['gap_db']:>7.2f} {r['tokenizer_ceiling']:>8.2f} {r['train_s']:>8.0f}")
+        print(
+            f"{r['labeled_fraction']:>8.2f} {r['psnr_true']:>8.2f} {r['psnr_shuffled']:>9.2f} {r['psnr_none']:>8.2f} "
+            f"{r['gap_db']:>7.2f} {r['tokenizer_ceiling']:>8.2f} {r['train_s']:>8.0f}"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"config": args.config, "overrides": args.overrides, "rows": rows,
-                                           "date": time.strftime("%Y-%m-%d")}, indent=1))
+    Path(args.json).write_text(
+        json.dumps(
+            {"config": args.config, "overrides": args.overrides, "rows": rows, "date": time.strftime("%Y-%m-%d")},
+            indent=1,
+        )
+    )
     print(f"wrote {args.json}")
 
 

@@ -24,9 +24,7 @@ from dreamer4.data import collect as C
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/tiny.yaml")
-    ap.add_argument(
-        "--set", dest="overrides", action="append", default=["runtime.wandb=disabled"]
-    )
+    ap.add_argument("--set", dest="overrides", action="append", default=["runtime.wandb=disabled"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -50,17 +48,13 @@ def main() -> None:
         t = time.time()
         summary = C.collect(cfg, Path(d) / "ds", log=lambda *a: None)
         wall = time.time() - t
-    print(
-        f"{'shard':>5} {'pickle MB':>10} {'stored MB':>10} {'ratio':>6} {'encode s':>9}"
-    )
+    print(f"{'shard':>5} {'pickle MB':>10} {'stored MB':>10} {'ratio':>6} {'encode s':>9}")
     for i, r in enumerate(rows, 1):
         print(
             f"{i:>5} {r['pickle_bytes'] / 1e6:>10.2f} {r['stored_bytes'] / 1e6:>10.2f} "
             f"{r['pickle_bytes'] / r['stored_bytes']:>6.1f} {r['encode_s']:>9.2f}"
         )
-    print(
-        f"collect: {wall:.1f} s wall, {summary['steady_steps_per_s']:.0f} steady steps/s"
-    )
+    print(f"collect: {wall:.1f} s wall, {summary['steady_steps_per_s']:.0f} steady steps/s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(

@@ -44,11 +44,12 @@ def worker(args) -> None:
     import jax
     import numpy as np
     from flax import nnx
+    from train_step import dynamics_case, tokenizer_case
 
     from dreamer4.config import load_config
+    from dreamer4.runtime.loading import TRAINABLE
     from dreamer4.runtime.mesh import global_batch, make_mesh
     from dreamer4.runtime.train_loop import compile_train_step, place_train_state
-    from train_step import dynamics_case, tokenizer_case
 
     cfg = load_config(args.config, args.overrides + [f"runtime.fsdp={args.fsdp}"])
     tc = cfg.tokenizer.train if args.stage == "tokenizer" else cfg.dynamics.train
@@ -58,12 +59,12 @@ def worker(args) -> None:
     model, loss_fn, data, _, tokens, n_params, frames = case(cfg, batch, tc.seq_len)
     trainable = nnx.Param
     if args.stage == "dynamics":
-        from dreamer4.dynamics.train import TRAINABLE as trainable
+        trainable = TRAINABLE["dynamics"]
     mesh = make_mesh(args.fsdp)
     graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
     step = compile_train_step(graphdef, loss_fn, shardings, mesh, trainable)
     lo = jax.process_index() * args.per_device_batch * n_local
-    local = {k: v[lo:lo + args.per_device_batch * n_local] for k, v in data.items()}  # this process's rows
+    local = {k: v[lo : lo + args.per_device_batch * n_local] for k, v in data.items()}  # this process's rows
     gb = global_batch(mesh, local)
     key = jax.random.PRNGKey(0)
     t0 = time.time()
@@ -81,11 +82,24 @@ def worker(args) -> None:
         times.append(time.time() - t)
     dt = float(np.median(times))
     if jax.process_index() == 0:
-        Path(args.out).write_text(json.dumps({
-            "processes": jax.process_count(), "devices": n_dev, "devices_per_process": n_local,
-            "device": jax.devices()[0].device_kind, "global_batch": batch, "seq_len": tc.seq_len,
-            "params": n_params, "step_s": dt, "compile_s": compile_s, "frames_per_s": frames / dt,
-            "tokens_per_s": tokens / dt, "loss": float(m["loss"])}))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "processes": jax.process_count(),
+                    "devices": n_dev,
+                    "devices_per_process": n_local,
+                    "device": jax.devices()[0].device_kind,
+                    "global_batch": batch,
+                    "seq_len": tc.seq_len,
+                    "params": n_params,
+                    "step_s": dt,
+                    "compile_s": compile_s,
+                    "frames_per_s": frames / dt,
+                    "tokens_per_s": tokens / dt,
+                    "loss": float(m["loss"]),
+                }
+            )
+        )
 
 
 def free_port() -> int:
@@ -98,20 +112,46 @@ def run_case(case: str, args, tmp: Path) -> dict:
     procs, devs = (int(x) for x in case.split("x"))
     port = free_port()
     out = tmp / f"{case}.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               JAX_PLATFORMS=args.platform, WANDB_MODE="disabled",
-               JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        JAX_PLATFORMS=args.platform,
+        WANDB_MODE="disabled",
+        JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
+    )
     if args.platform == "cpu":
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devs}"
     env.pop("SLURM_JOB_ID", None)
-    cmd = [sys.executable, __file__, "--worker", "--stage", args.stage, "--config", args.config, "--fsdp", str(args.fsdp),
-           "--per-device-batch", str(args.per_device_batch), "--steps", str(args.steps), "--out", str(out),
-           "--num-processes", str(procs), "--coordinator", f"127.0.0.1:{port}"]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--stage",
+        args.stage,
+        "--config",
+        args.config,
+        "--fsdp",
+        str(args.fsdp),
+        "--per-device-batch",
+        str(args.per_device_batch),
+        "--steps",
+        str(args.steps),
+        "--out",
+        str(out),
+        "--num-processes",
+        str(procs),
+        "--coordinator",
+        f"127.0.0.1:{port}",
+    ]
     for o in args.overrides:
         cmd += ["--set", o]
     t0 = time.time()
-    ps = [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True) for i in range(procs)]
+    ps = [
+        subprocess.Popen(
+            cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for i in range(procs)
+    ]
     logs = [p.communicate(timeout=1200)[0] for p in ps]
     for p, log in zip(ps, logs):
         if p.returncode:
@@ -148,19 +188,33 @@ def main():
         rows.append(run_case(case, args, tmp))
         print(f"  {case}: {rows[-1]['step_s'] * 1e3:.1f} ms/step", flush=True)
     base = next((r["step_s"] for r in rows if r["devices"] == 1), None)
-    print(f"\n{args.stage} weak scaling, fsdp={args.fsdp or 'all'}, {args.per_device_batch} sequences/device, "
-          f"seq_len {rows[0]['seq_len']}, "
-          f"{rows[0]['params'] / 1e6:.2f}M params, {rows[0]['device']}")
-    print(f"{'procs x dev':>11} {'devices':>7} {'batch':>5} {'step ms':>9} {'frames/s':>9} {'tokens/s':>10} "
-          f"{'efficiency':>10} {'compile s':>9}")
+    print(
+        f"\n{args.stage} weak scaling, fsdp={args.fsdp or 'all'}, {args.per_device_batch} sequences/device, "
+        f"seq_len {rows[0]['seq_len']}, "
+        f"{rows[0]['params'] / 1e6:.2f}M params, {rows[0]['device']}"
+    )
+    print(
+        f"{'procs x dev':>11} {'devices':>7} {'batch':>5} {'step ms':>9} {'frames/s':>9} {'tokens/s':>10} "
+        f"{'efficiency':>10} {'compile s':>9}"
+    )
     for r in rows:
         r["weak_scaling_efficiency"] = base / r["step_s"] if base else None
         eff = f"{r['weak_scaling_efficiency']:.2f}" if base else "n/a"
-        print(f"{r['case']:>11} {r['devices']:>7} {r['global_batch']:>5} {r['step_s'] * 1e3:>9.1f} "
-              f"{r['frames_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} {eff:>10} {r['compile_s']:>9.1f}")
-    res = {"stage": args.stage, "fsdp": args.fsdp, "config": args.config, "overrides": args.overrides,
-           "per_device_batch": args.per_device_batch, "platform": args.platform, "cpu_count": os.cpu_count(),
-           "date": time.strftime("%Y-%m-%d"), "cases": rows}
+        print(
+            f"{r['case']:>11} {r['devices']:>7} {r['global_batch']:>5} {r['step_s'] * 1e3:>9.1f} "
+            f"{r['frames_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} {eff:>10} {r['compile_s']:>9.1f}"
+        )
+    res = {
+        "stage": args.stage,
+        "fsdp": args.fsdp,
+        "config": args.config,
+        "overrides": args.overrides,
+        "per_device_batch": args.per_device_batch,
+        "platform": args.platform,
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "cases": rows,
+    }
     Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.json}")
 

@@ -25,9 +25,9 @@ from flax import nnx
 
 from dreamer4.config import load_config
 from dreamer4.runtime.jax_setup import enable_compilation_cache
+from dreamer4.runtime.loading import TRAINABLE, build_dynamics, build_tokenizer
 from dreamer4.runtime.mesh import global_batch, make_mesh
 from dreamer4.runtime.train_loop import compile_train_step, place_train_state
-from dreamer4.tokenizer.train import build_tokenizer
 
 # Dense bf16 peak FLOP/s (no sparsity) by device kind substring.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "TPU v5p": 459e12, "TPU v4": 275e12}
@@ -66,7 +66,7 @@ def tokenizer_case(cfg, batch, seq_len):
     P, L, D = model.num_patches, tc.num_latents, tc.width
     S = P + L
     frames = B_T = batch * seq_len
-    X = tc.patch_size ** 2 * shape[2]
+    X = tc.patch_size**2 * shape[2]
     dense = 6.0 * (_matmul_params(model.encoder) + _matmul_params(model.decoder)) * B_T * S
     dense += 6.0 * (2 * X * D * B_T * P + 2 * tc.latent_dim * D * B_T * L)
     attn = _attention_flops(model.encoder, batch, seq_len, S, D) + _attention_flops(model.decoder, batch, seq_len, S, D)
@@ -77,7 +77,8 @@ def tokenizer_case(cfg, batch, seq_len):
 
 
 def dynamics_case(cfg, batch, seq_len):
-    from dreamer4.dynamics.train import WorldModel, build_dynamics, make_dynamics_loss
+    from dreamer4.dynamics.model import WorldModel
+    from dreamer4.dynamics.train import make_dynamics_loss
 
     shape = FRAME_SHAPES[cfg.env.name]
     tok = build_tokenizer(cfg, shape)
@@ -97,9 +98,11 @@ def dynamics_case(cfg, batch, seq_len):
     P = tok.num_patches
     dense += 2.0 * _matmul_params(tok.encoder) * B_T * (P + tc.num_latents)
     rng = np.random.default_rng(0)
-    data = {"frames": rng.integers(0, 256, (batch, seq_len) + shape, dtype=np.uint8),
-            "actions": rng.integers(0, 17, (batch, seq_len)).astype(np.int32),
-            "action_mask": rng.random((batch, seq_len)) < 0.1}
+    data = {
+        "frames": rng.integers(0, 256, (batch, seq_len) + shape, dtype=np.uint8),
+        "actions": rng.integers(0, 17, (batch, seq_len)).astype(np.int32),
+        "action_mask": rng.random((batch, seq_len)) < 0.1,
+    }
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(dyn, nnx.Param)))
     return world, make_dynamics_loss(cfg), data, dense + attn, B_T * S, n_params, B_T
 
@@ -122,7 +125,7 @@ def main():
     model, loss_fn, data, flops, tokens, n_params, frames = case(cfg, batch, seq_len)
     trainable = nnx.Param
     if args.stage == "dynamics":
-        from dreamer4.dynamics.train import TRAINABLE as trainable
+        trainable = TRAINABLE["dynamics"]
     mesh = make_mesh(cfg.runtime.fsdp)
     graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
     step = compile_train_step(graphdef, loss_fn, shardings, mesh, trainable)
@@ -144,18 +147,34 @@ def main():
     peak = peak_flops(dev)
     n_dev = len(jax.devices())
     res = {
-        "stage": args.stage, "config": args.config, "overrides": args.overrides, "device": dev.device_kind,
-        "num_devices": n_dev, "precision": tc.precision, "batch": batch, "seq_len": seq_len,
-        "params": n_params, "step_s": dt, "compile_s": compile_s, "frames_per_s": frames / dt,
-        "tokens_per_s": tokens / dt, "model_flops_per_step": flops, "achieved_tflops": flops / dt / 1e12,
-        "mfu": (flops / dt / (peak * n_dev)) if peak else None, "date": time.strftime("%Y-%m-%d"),
+        "stage": args.stage,
+        "config": args.config,
+        "overrides": args.overrides,
+        "device": dev.device_kind,
+        "num_devices": n_dev,
+        "precision": tc.precision,
+        "batch": batch,
+        "seq_len": seq_len,
+        "params": n_params,
+        "step_s": dt,
+        "compile_s": compile_s,
+        "frames_per_s": frames / dt,
+        "tokens_per_s": tokens / dt,
+        "model_flops_per_step": flops,
+        "achieved_tflops": flops / dt / 1e12,
+        "mfu": (flops / dt / (peak * n_dev)) if peak else None,
+        "date": time.strftime("%Y-%m-%d"),
     }
-    print(f"\n{'stage':12} {'device':22} {'params':>10} {'batch':>9} {'step ms':>9} {'frames/s':>10} "
-          f"{'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6}")
+    print(
+        f"\n{'stage':12} {'device':22} {'params':>10} {'batch':>9} {'step ms':>9} {'frames/s':>10} "
+        f"{'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6}"
+    )
     mfu = f"{res['mfu']:.1%}" if res["mfu"] is not None else "n/a"
-    print(f"{args.stage:12} {dev.device_kind[:22]:22} {n_params / 1e6:>9.1f}M {batch:>4}x{seq_len:<4} "
-          f"{dt * 1e3:>9.1f} {res['frames_per_s']:>10.0f} {res['tokens_per_s']:>11.0f} "
-          f"{res['achieved_tflops']:>8.2f} {mfu:>6}")
+    print(
+        f"{args.stage:12} {dev.device_kind[:22]:22} {n_params / 1e6:>9.1f}M {batch:>4}x{seq_len:<4} "
+        f"{dt * 1e3:>9.1f} {res['frames_per_s']:>10.0f} {res['tokens_per_s']:>11.0f} "
+        f"{res['achieved_tflops']:>8.2f} {mfu:>6}"
+    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.json}")

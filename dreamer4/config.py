@@ -2,9 +2,12 @@
 
     cfg = load_config("configs/tiny.yaml", ["collect.num_envs=8", "seed=3"])
 
-Every key is checked against the dataclasses below: an unknown key or a value of the wrong type is
-one `ConfigError` naming the key and what was expected. `save_config` writes the resolved config
-into an output directory so that every artefact says how it was made.
+A preset is a delta over another (`base: base.yaml`, resolved by `read_preset`). Every key is
+checked against the dataclasses below: an unknown key or a value of the wrong type is one
+`ConfigError` naming the key and what was expected. Each stage's config is made of parts: the
+network (`.net`, all a model receives and all a resume compares), sampling, training and
+evaluation. `save_config` writes the resolved config into an output directory so that every
+artefact says how it was made.
 """
 
 from __future__ import annotations
@@ -89,9 +92,20 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
+def _part(cfg: Any, cls: type) -> Any:
+    """The fields of `cls` (one part of a stage config) read off the stage config `cfg`."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+# Each stage's config is the union of its parts: the network (the only part a model receives and the
+# only part compared when a stage resumes), sampling, training and evaluation. YAML keys stay flat
+# under the stage (`tokenizer.width`, `tokenizer.train.steps`, `tokenizer.eval_frames`); the parts
+# are views (`cfg.tokenizer.net`, `.training`, `.evaluation`).
+
+
 @dataclass(frozen=True)
-class TokenizerConfig:
-    """Causal tokenizer (Dreamer 4 sec. 3.1): patches + latent tokens, tanh bottleneck, MAE."""
+class TokenizerNet:
+    """Causal tokenizer network (Dreamer 4 sec. 3.1): patches + latent tokens, tanh bottleneck."""
 
     patch_size: int = 8
     width: int = 128
@@ -102,17 +116,42 @@ class TokenizerConfig:
     time_every: int = 4  # a time-attention layer every this many layers
     num_latents: int = 16  # latent tokens per frame
     latent_dim: int = 16  # bottleneck width per latent token
-    mask_prob_max: float = 0.9  # per-image patch drop probability p ~ U(0, mask_prob_max)
     logit_cap: float = 50.0
+
+
+@dataclass(frozen=True)
+class TokenizerTraining:
+    mask_prob_max: float = 0.9  # per-image patch drop probability p ~ U(0, mask_prob_max) (MAE)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class TokenizerEvaluation:
     # Held-out evaluation: episodes of the eval split and frames per episode.
     eval_episodes: int = 4
     eval_frames: int = 16
 
 
 @dataclass(frozen=True)
-class DynamicsConfig:
-    """Block-causal axial transformer trained with shortcut forcing (Dreamer 4 sec. 3.2)."""
+class TokenizerConfig(TokenizerEvaluation, TokenizerTraining, TokenizerNet):
+    """Causal tokenizer (Dreamer 4 sec. 3.1): network, MAE training, held-out evaluation."""
+
+    @property
+    def net(self) -> TokenizerNet:
+        return _part(self, TokenizerNet)
+
+    @property
+    def training(self) -> TokenizerTraining:
+        return _part(self, TokenizerTraining)
+
+    @property
+    def evaluation(self) -> TokenizerEvaluation:
+        return _part(self, TokenizerEvaluation)
+
+
+@dataclass(frozen=True)
+class DynamicsNet:
+    """Block-causal axial transformer (Dreamer 4 sec. 3.2)."""
 
     width: int = 128
     depth: int = 4
@@ -124,15 +163,29 @@ class DynamicsConfig:
     # Tokenizer latents (L per frame) are grouped into S_z spatial tokens (L % S_z == 0).
     spatial_tokens: int = 8
     register_tokens: int = 4
-    k_max: int = 64  # finest step size d_min = 1 / k_max (a power of two)
+    k_max: int = 64  # finest step size d_min = 1 / k_max (a power of two); sizes the tau/d embeddings
+
+
+@dataclass(frozen=True)
+class DynamicsSampling:
     sample_steps: int = 4  # K sampling steps per generated frame
     # Signal level of past frames during generation (tau = 1 clean). The paper "slightly corrupts"
     # the context "to tau_ctx = 0.1"; read as a signal level that would be 90% noise, so we take it
     # as 10% noise: tau = 0.9 (on the k_max grid it rounds to the nearest level the model learned).
     context_tau: float = 0.9
+
+
+@dataclass(frozen=True)
+class DynamicsTraining:
+    """Shortcut forcing (sec. 3.2) on sequences and single images."""
+
     single_image_share: float = 0.3  # share of each batch trained as single images (start frames)
     short_seq_len: int = 0  # > 0: alternate batches of this length with train.seq_len
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class DynamicsEvaluation:
     # Open-loop evaluation: C context frames, H generated frames, E held-out episodes.
     eval_context: int = 4
     eval_horizon: int = 8
@@ -140,11 +193,38 @@ class DynamicsConfig:
 
 
 @dataclass(frozen=True)
-class BehaviorConfig:
-    """PPO behaviour policy trained online in Craftax (`dreamer4 train-behavior`).
+class DynamicsConfig(DynamicsEvaluation, DynamicsTraining, DynamicsSampling, DynamicsNet):
+    """Dynamics: network, sampling (generation), shortcut-forcing training, open-loop evaluation."""
 
-    Defaults follow the Craftax baselines' PPO (Matthews et al. 2024, Craftax_Baselines ppo.py).
-    """
+    @property
+    def net(self) -> DynamicsNet:
+        return _part(self, DynamicsNet)
+
+    @property
+    def sampling(self) -> DynamicsSampling:
+        return _part(self, DynamicsSampling)
+
+    @property
+    def training(self) -> DynamicsTraining:
+        return _part(self, DynamicsTraining)
+
+    @property
+    def evaluation(self) -> DynamicsEvaluation:
+        return _part(self, DynamicsEvaluation)
+
+
+@dataclass(frozen=True)
+class BehaviorNet:
+    """The PPO actor-critic: a CNN over stacked frames."""
+
+    frame_stack: int = 2  # the policy sees the last K frames, stacked on channels
+    conv_channels: tuple[int, ...] = (16, 32)  # 8x8/4, then 4x4/2, then 3x3/1 convolutions
+    hidden: int = 512
+
+
+@dataclass(frozen=True)
+class BehaviorTraining:
+    """PPO as in the Craftax baselines (Matthews et al. 2024, Craftax_Baselines ppo.py)."""
 
     total_steps: int = 1_000_000  # environment steps over the whole run
     num_envs: int = 64
@@ -159,25 +239,54 @@ class BehaviorConfig:
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     max_grad_norm: float = 1.0
-    frame_stack: int = 2  # the policy sees the last K frames, stacked on channels
-    conv_channels: tuple[int, ...] = (16, 32)  # 8x8/4, then 4x4/2, then 3x3/1 convolutions
-    hidden: int = 512
     log_every: int = 1  # updates
     ckpt_every: int = 50  # updates
     keep_checkpoints: int = 5  # several stages of training make a skill spread for `collect --mix`
+
+
+@dataclass(frozen=True)
+class BehaviorEvaluation:
     # Final evaluation: trained policy vs uniform random from the same env seeds, fixed horizon.
     eval_envs: int = 16
     eval_steps: int = 256
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class BehaviorConfig(BehaviorEvaluation, BehaviorTraining, BehaviorNet):
+    """PPO behaviour policy trained online in Craftax (`dreamer4 train-behavior`).
+
+    Defaults follow the Craftax baselines' PPO (Matthews et al. 2024, Craftax_Baselines ppo.py).
+    """
+
+    @property
+    def net(self) -> BehaviorNet:
+        return _part(self, BehaviorNet)
+
+    @property
+    def training(self) -> BehaviorTraining:
+        return _part(self, BehaviorTraining)
+
+    @property
+    def evaluation(self) -> BehaviorEvaluation:
+        return _part(self, BehaviorEvaluation)
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_steps // (self.num_envs * self.num_steps)
+
+
+@dataclass(frozen=True)
+class AgentNet:
     """Agent tokens + policy/reward/value heads in the world model (Dreamer 4 sec. 3.3)."""
 
     num_tasks: int = 1  # task 0 = maximise the game's reward
     mtp: int = 8  # multi-token prediction length L of the policy and reward heads
     head_hidden: int = 256  # MLP width of each head
     num_bins: int = 255  # two-hot bins (uniform in symlog space on [-20, 20])
+
+
+@dataclass(frozen=True)
+class AgentTraining:
     # Phase bc: behaviour cloning + reward model (MTP) while the video loss continues.
     bc_weight: float = 1.0
     reward_weight: float = 1.0
@@ -191,11 +300,32 @@ class AgentConfig:
     pmpo_alpha: float = 0.5
     pmpo_beta: float = 0.3
     imagine: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class AgentEvaluation:
     # Evaluation in the real environment.
     eval_episodes: int = 32  # per policy
     eval_envs: int = 16  # episodes run in parallel
     eval_max_steps: int = 1000  # episodes are cut at this many steps (the KV cache holds them all)
     eval_imagine: int = 4  # rollouts for imagined-vs-real returns and videos
+
+
+@dataclass(frozen=True)
+class AgentConfig(AgentEvaluation, AgentTraining, AgentNet):
+    """Agent: heads (network), BC + imagination training, evaluation in the real game."""
+
+    @property
+    def net(self) -> AgentNet:
+        return _part(self, AgentNet)
+
+    @property
+    def training(self) -> AgentTraining:
+        return _part(self, AgentTraining)
+
+    @property
+    def evaluation(self) -> AgentEvaluation:
+        return _part(self, AgentEvaluation)
 
 
 @dataclass(frozen=True)
@@ -285,9 +415,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
     for key in data:
         if key not in names:
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(names)}"
-            )
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -318,14 +446,14 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
         names = {f.name: f for f in dataclasses.fields(cls)}
         if part not in names:
             where = ".".join(parts[:i]) or "<root>"
-            raise ConfigError(
-                f"unknown config key '{dotted}'; valid keys under {where}: {', '.join(names)}"
-            )
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys under {where}: {', '.join(names)}")
         tp = typing.get_type_hints(cls)[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"config key '{dotted}' is a section; set one of its keys: "
-                                  + ", ".join(f.name for f in dataclasses.fields(tp)))
+                raise ConfigError(
+                    f"config key '{dotted}' is a section; set one of its keys: "
+                    + ", ".join(f.name for f in dataclasses.fields(tp))
+                )
             node[part] = value
         else:
             if not dataclasses.is_dataclass(tp):
@@ -346,18 +474,42 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _merge(base: dict, delta: dict) -> dict:
+    """`base` with `delta` laid over it: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_preset(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A preset file as a nested dict, its `base:` chain resolved.
+
+    A preset may start with `base: OTHER.yaml` (relative to its own directory): it is then that
+    preset with this file's keys laid over it (a named delta, as in dreamerv3's configs.yaml).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist (presets live in configs/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {p}: 'base' must name another preset file, got {base!r}")
+    bp = (p.parent / base).resolve()
+    if bp in _seen or bp == p.resolve():
+        raise ConfigError(f"config file {p}: 'base: {base}' makes a cycle of presets")
+    return _merge(read_preset(bp, _seen + (p.resolve(),)), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (presets live in configs/)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    data: dict = read_preset(path) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
@@ -384,22 +536,42 @@ def validate(cfg: Config) -> None:
         (cfg.loader.seq_len >= 1, "loader.seq_len", "must be >= 1"),
         (cfg.loader.window_stride >= 1, "loader.window_stride", "must be >= 1"),
         (cfg.loader.worker_count >= 0, "loader.worker_count", "must be >= 0"),
-        (cfg.tokenizer.width % cfg.tokenizer.num_heads == 0, "tokenizer.width", "must be divisible by tokenizer.num_heads"),
-        (cfg.tokenizer.num_heads % cfg.tokenizer.num_kv_heads == 0, "tokenizer.num_heads",
-         "must be divisible by tokenizer.num_kv_heads"),
+        (
+            cfg.tokenizer.width % cfg.tokenizer.num_heads == 0,
+            "tokenizer.width",
+            "must be divisible by tokenizer.num_heads",
+        ),
+        (
+            cfg.tokenizer.num_heads % cfg.tokenizer.num_kv_heads == 0,
+            "tokenizer.num_heads",
+            "must be divisible by tokenizer.num_kv_heads",
+        ),
         (0.0 <= cfg.tokenizer.mask_prob_max < 1.0, "tokenizer.mask_prob_max", "must be in [0, 1)"),
         (cfg.tokenizer.train.steps >= 1, "tokenizer.train.steps", "must be >= 1"),
         (cfg.tokenizer.train.ckpt_every >= 1, "tokenizer.train.ckpt_every", "must be >= 1"),
-        (cfg.dynamics.k_max >= 1 and cfg.dynamics.k_max & (cfg.dynamics.k_max - 1) == 0, "dynamics.k_max",
-         "must be a power of two"),
-        (1 <= cfg.dynamics.sample_steps <= cfg.dynamics.k_max
-         and cfg.dynamics.sample_steps & (cfg.dynamics.sample_steps - 1) == 0, "dynamics.sample_steps",
-         "must be a power of two <= dynamics.k_max"),
+        (
+            cfg.dynamics.k_max >= 1 and cfg.dynamics.k_max & (cfg.dynamics.k_max - 1) == 0,
+            "dynamics.k_max",
+            "must be a power of two",
+        ),
+        (
+            1 <= cfg.dynamics.sample_steps <= cfg.dynamics.k_max
+            and cfg.dynamics.sample_steps & (cfg.dynamics.sample_steps - 1) == 0,
+            "dynamics.sample_steps",
+            "must be a power of two <= dynamics.k_max",
+        ),
         (0.0 <= cfg.dynamics.single_image_share < 1.0, "dynamics.single_image_share", "must be in [0, 1)"),
-        (0.0 <= cfg.dynamics.context_tau <= 1.0, "dynamics.context_tau", "must be a signal level in [0, 1] (1 = clean)"),
+        (
+            0.0 <= cfg.dynamics.context_tau <= 1.0,
+            "dynamics.context_tau",
+            "must be a signal level in [0, 1] (1 = clean)",
+        ),
         (cfg.dynamics.width % cfg.dynamics.num_heads == 0, "dynamics.width", "must be divisible by dynamics.num_heads"),
-        (cfg.dynamics.num_heads % cfg.dynamics.num_kv_heads == 0, "dynamics.num_heads",
-         "must be divisible by dynamics.num_kv_heads"),
+        (
+            cfg.dynamics.num_heads % cfg.dynamics.num_kv_heads == 0,
+            "dynamics.num_heads",
+            "must be divisible by dynamics.num_kv_heads",
+        ),
         (cfg.agent.num_tasks >= 1, "agent.num_tasks", "must be >= 1"),
         (cfg.agent.mtp >= 1, "agent.mtp", "must be >= 1"),
         (cfg.agent.num_bins >= 3, "agent.num_bins", "must be >= 3"),
@@ -416,10 +588,16 @@ def validate(cfg: Config) -> None:
     checks += [
         (0.0 <= c.epsilon <= 1.0, "collect.epsilon", "must be in [0, 1]"),
         (b.num_envs >= 1 and b.num_steps >= 1, "behavior.num_envs", "and behavior.num_steps must be >= 1"),
-        (b.num_minibatches >= 1 and (b.num_envs * b.num_steps) % b.num_minibatches == 0,
-         "behavior.num_minibatches", "must divide behavior.num_envs * behavior.num_steps"),
-        (b.total_steps >= b.num_envs * b.num_steps, "behavior.total_steps",
-         "must be at least one update (behavior.num_envs * behavior.num_steps)"),
+        (
+            b.num_minibatches >= 1 and (b.num_envs * b.num_steps) % b.num_minibatches == 0,
+            "behavior.num_minibatches",
+            "must divide behavior.num_envs * behavior.num_steps",
+        ),
+        (
+            b.total_steps >= b.num_envs * b.num_steps,
+            "behavior.total_steps",
+            "must be at least one update (behavior.num_envs * behavior.num_steps)",
+        ),
         (b.frame_stack >= 1, "behavior.frame_stack", "must be >= 1"),
         (1 <= len(b.conv_channels) <= 3, "behavior.conv_channels", "must list 1 to 3 channel counts"),
         (b.ckpt_every >= 1 and b.log_every >= 1, "behavior.ckpt_every", "and behavior.log_every must be >= 1"),
@@ -472,11 +650,17 @@ def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     checks += _train_ranges("tokenizer.train", tk.train)
     checks += _train_ranges("dynamics.train", dy.train)
     checks += [
-        (_pos(dy.spatial_tokens) and tk.num_latents % max(dy.spatial_tokens, 1) == 0, "dynamics.spatial_tokens",
-         f"must be >= 1 and divide tokenizer.num_latents={tk.num_latents} (got {dy.spatial_tokens})"),
+        (
+            _pos(dy.spatial_tokens) and tk.num_latents % max(dy.spatial_tokens, 1) == 0,
+            "dynamics.spatial_tokens",
+            f"must be >= 1 and divide tokenizer.num_latents={tk.num_latents} (got {dy.spatial_tokens})",
+        ),
         (dy.register_tokens >= 0, "dynamics.register_tokens", f"must be >= 0 (got {dy.register_tokens})"),
-        (0 <= dy.short_seq_len < dy.train.seq_len or dy.short_seq_len == 0, "dynamics.short_seq_len",
-         f"must be 0 (off) or in [1, dynamics.train.seq_len={dy.train.seq_len}) (got {dy.short_seq_len})"),
+        (
+            0 <= dy.short_seq_len < dy.train.seq_len or dy.short_seq_len == 0,
+            "dynamics.short_seq_len",
+            f"must be 0 (off) or in [1, dynamics.train.seq_len={dy.train.seq_len}) (got {dy.short_seq_len})",
+        ),
         (_pos(dy.eval_context), "dynamics.eval_context", f"must be >= 1 (got {dy.eval_context})"),
         (_pos(dy.eval_horizon), "dynamics.eval_horizon", f"must be >= 1 (got {dy.eval_horizon})"),
         (_pos(dy.eval_episodes), "dynamics.eval_episodes", f"must be >= 1 (got {dy.eval_episodes})"),

@@ -66,17 +66,35 @@ def cli_subprocess(args, **kw):
     import subprocess
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, str(Path(__file__).parent / "framehash_policy.py"), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "framehash_policy.py"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 TOK_OVERRIDES = [
-    "tokenizer.patch_size=8", "tokenizer.width=32", "tokenizer.depth=2", "tokenizer.num_heads=2",
-    "tokenizer.num_kv_heads=1", "tokenizer.time_every=2", "tokenizer.num_latents=4",
-    "tokenizer.latent_dim=8", "tokenizer.eval_episodes=2", "tokenizer.eval_frames=4",
-    "tokenizer.train.batch_size=4", "tokenizer.train.seq_len=4", "tokenizer.train.lr=3e-3",
-    "tokenizer.train.warmup_steps=2", "tokenizer.train.log_every=2", "tokenizer.train.ckpt_every=4",
-    "tokenizer.train.eval_every=0", "runtime.wandb=disabled",
+    "tokenizer.patch_size=8",
+    "tokenizer.width=32",
+    "tokenizer.depth=2",
+    "tokenizer.num_heads=2",
+    "tokenizer.num_kv_heads=1",
+    "tokenizer.time_every=2",
+    "tokenizer.num_latents=4",
+    "tokenizer.latent_dim=8",
+    "tokenizer.eval_episodes=2",
+    "tokenizer.eval_frames=4",
+    "tokenizer.train.batch_size=4",
+    "tokenizer.train.seq_len=4",
+    "tokenizer.train.lr=3e-3",
+    "tokenizer.train.warmup_steps=2",
+    "tokenizer.train.log_every=2",
+    "tokenizer.train.ckpt_every=4",
+    "tokenizer.train.eval_every=0",
+    "runtime.wandb=disabled",
 ]
 
 

@@ -9,7 +9,8 @@ import sys
 
 import jax.numpy as jnp
 
-from dreamer4.data.behavior import BehaviorPolicy, register_policy
+from dreamer4.data.behavior import BehaviorPolicy
+from dreamer4.data.policies import register_policy
 
 
 def framehash_action(frames_NHWC, num_actions):

@@ -13,6 +13,7 @@ import signal
 import sys
 
 import framehash_policy  # noqa: F401  (registers the "framehash:" policy)
+
 from dreamer4.cli import main
 
 if __name__ == "__main__":

@@ -1,25 +1,41 @@
 """Agent stage end to end on the session dataset: BC + reward, imagination RL, freezing, evaluation."""
 
-import json
+import dataclasses
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import TOK_OVERRIDES, make_test_config
-from dreamer4.runtime.logging import read_metrics
+from flax import nnx
 from test_dynamics import DYN_OVERRIDES
 
+from dreamer4.runtime.logging import read_metrics
+
 AGENT_OVERRIDES = [
-    "agent.mtp=3", "agent.head_hidden=16", "agent.num_bins=21", "agent.context_len=2", "agent.horizon=3",
-    "agent.bc.steps=6", "agent.bc.batch_size=4", "agent.bc.seq_len=6", "agent.bc.lr=3e-3",
-    "agent.bc.warmup_steps=1", "agent.bc.log_every=2", "agent.bc.ckpt_every=6",
-    "agent.imagine.steps=4", "agent.imagine.batch_size=4", "agent.imagine.lr=3e-3",
-    "agent.imagine.warmup_steps=1", "agent.imagine.log_every=2", "agent.imagine.ckpt_every=4",
-    "agent.eval_episodes=4", "agent.eval_envs=4", "agent.eval_max_steps=10", "agent.eval_imagine=2",
+    "agent.mtp=3",
+    "agent.head_hidden=16",
+    "agent.num_bins=21",
+    "agent.context_len=2",
+    "agent.horizon=3",
+    "agent.bc.steps=6",
+    "agent.bc.batch_size=4",
+    "agent.bc.seq_len=6",
+    "agent.bc.lr=3e-3",
+    "agent.bc.warmup_steps=1",
+    "agent.bc.log_every=2",
+    "agent.bc.ckpt_every=6",
+    "agent.imagine.steps=4",
+    "agent.imagine.batch_size=4",
+    "agent.imagine.lr=3e-3",
+    "agent.imagine.warmup_steps=1",
+    "agent.imagine.log_every=2",
+    "agent.imagine.ckpt_every=4",
+    "agent.eval_episodes=4",
+    "agent.eval_envs=4",
+    "agent.eval_max_steps=10",
+    "agent.eval_imagine=2",
 ]
 
 
@@ -34,8 +50,9 @@ def world_run(dataset, trained_tokenizer, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("agent") / "run"
     shutil.copytree(trained_tokenizer[0] / "tokenizer", run / "tokenizer")
-    train_dynamics(agent_config(["dynamics.train.steps=8", "dynamics.train.ckpt_every=8"]), dataset[0], run,
-                   evaluate=False)
+    train_dynamics(
+        agent_config(["dynamics.train.steps=8", "dynamics.train.ckpt_every=8"]), dataset[0], run, evaluate=False
+    )
     return run
 
 
@@ -68,8 +85,8 @@ def test_bc_and_imagine_train_and_log(trained_agent):
 
 
 def test_freezing_per_phase(trained_agent):
-    from dreamer4.dynamics.train import load_world_model
-    from dreamer4.policy.train import STAGE_BC, load_agent
+    from dreamer4.policy.train import STAGE_BC
+    from dreamer4.runtime.loading import load_agent, load_world_model
 
     world, _, _ = load_world_model(trained_agent)
     bc, _, _ = load_agent(trained_agent, STAGE_BC)
@@ -88,13 +105,21 @@ def test_freezing_per_phase(trained_agent):
 def test_imagination_rollout_shapes(trained_agent, dataset):
     from dreamer4.data.loader import make_loader
     from dreamer4.policy.imagine import imagine_rollout
-    from dreamer4.policy.train import load_agent
+    from dreamer4.runtime.loading import load_agent
 
     agent, wcfg, info = load_agent(trained_agent)
     batch = next(iter(make_loader(dataset[0], agent_config(), "train", batch_size=2, seq_len=2)))
     z = agent.world.latents(jnp.asarray(batch["frames"]))
-    roll = imagine_rollout(agent, z, jnp.asarray(batch["actions"]), jnp.asarray(batch["action_mask"]),
-                           jnp.zeros((2,), jnp.int32), jax.random.PRNGKey(0), horizon=3, K=2)
+    roll = imagine_rollout(
+        agent,
+        z,
+        jnp.asarray(batch["actions"]),
+        jnp.asarray(batch["action_mask"]),
+        jnp.zeros((2,), jnp.int32),
+        jax.random.PRNGKey(0),
+        horizon=3,
+        sampling=dataclasses.replace(wcfg.dynamics.sampling, sample_steps=2),
+    )
     D, L, N = agent.dynamics.cfg.width, agent.dynamics.L, agent.dynamics.N
     assert roll["h"].shape == (2, 4, D) and roll["z"].shape == (2, 3, L, N) and roll["actions"].shape == (2, 3)
     assert roll["actions"].dtype == jnp.int32 and int(roll["actions"].min()) >= 0
@@ -160,18 +185,38 @@ def test_report_renders_in_headless_chromium(trained_agent, tmp_path):
     # A copy of the page next to it (same relative links) that records, once loaded, how many
     # images it has and how many failed to decode.
     probe = trained_agent / "_probe.html"
-    probe.write_text(page.replace("</body>", """<script>window.addEventListener('load', () => {
+    probe.write_text(
+        page.replace(
+            "</body>",
+            """<script>window.addEventListener('load', () => {
       const imgs = [...document.images];
       document.body.setAttribute('data-images', imgs.length);
       document.body.setAttribute('data-broken', imgs.filter(i => !i.complete || i.naturalWidth === 0).length);
       document.body.setAttribute('data-tables', document.querySelectorAll('table tr').length);
-    });</script></body>"""))
+    });</script></body>""",
+        )
+    )
     try:
-        r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-                            "--dump-dom", probe.resolve().as_uri()],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                probe.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         probe.unlink()
     m = re.search(r'<body data-images="(\d+)" data-broken="(\d+)" data-tables="(\d+)"', r.stdout)

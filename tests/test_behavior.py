@@ -4,12 +4,11 @@ uniform random on the same seeds, resume after a stop, and collection with PPO /
 import json
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import make_test_config
+
 from dreamer4.behavior import ppo
 from dreamer4.behavior.model import push_frame
 from dreamer4.config import ConfigError
@@ -40,7 +39,7 @@ def test_gae_lambda_one_is_discounted_return_minus_value():
     last, g = rng.normal(size=3), 0.9
     want = np.zeros((5, 3))
     for t in range(5):
-        want[t] = sum(g ** k * r[t + k] for k in range(5 - t)) + g ** (5 - t) * last - v[t]
+        want[t] = sum(g**k * r[t + k] for k in range(5 - t)) + g ** (5 - t) * last - v[t]
     adv, _ = ppo.gae(jnp.asarray(r), jnp.asarray(v), jnp.zeros((5, 3), bool), jnp.asarray(last), g, 1.0)
     np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-5)
 
@@ -151,15 +150,15 @@ def test_ppo_checkpoint_spec_resolution(trained_ppo, tmp_path):
 
 @pytest.mark.slow
 def test_collect_with_ppo_mixture_and_epsilon(trained_ppo, tmp_path):
-    import dreamer4.behavior.policy  # noqa: F401  (registers "ppo")
     from dreamer4.data.collect import collect
     from dreamer4.data.store import read_manifest
 
     run = trained_ppo[0]
     early = f"ppo:{run}/behavior/checkpoints/16"
     mix = f"{early}=0.5,random=0.5"
-    cfg = make_test_config(["collect.policy=random", f"collect.mix={json.dumps(mix)}", "collect.epsilon=0.1",
-                            "collect.num_episodes=6"])
+    cfg = make_test_config(
+        ["collect.policy=random", f"collect.mix={json.dumps(mix)}", "collect.epsilon=0.1", "collect.num_episodes=6"]
+    )
     root = tmp_path / "ds"
     collect(cfg, root, log=lambda *a: None)
     m = read_manifest(root)

@@ -16,8 +16,10 @@ def test_presets_load(preset):
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      ["collect.num_envs=3", "collect.labeled_fraction=0.25", "loader.shuffle=false", "seed=9"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        ["collect.num_envs=3", "collect.labeled_fraction=0.25", "loader.shuffle=false", "seed=9"],
+    )
     assert cfg.collect.num_envs == 3 and cfg.collect.labeled_fraction == 0.25
     assert cfg.loader.shuffle is False and cfg.seed == 9
     # ints are accepted where floats are expected
@@ -60,3 +62,38 @@ def test_saved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path)
     assert load_config(path) == cfg
     assert yaml.safe_load(path.read_text())["collect"]["num_envs"] == 5
+
+
+def test_stage_configs_are_partitioned_into_parts():
+    """Every key of a stage config is in exactly one part (network / sampling / training / evaluation)."""
+    import dataclasses
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    for name in ("tokenizer", "dynamics", "agent", "behavior"):
+        stage = getattr(cfg, name)
+        parts = [getattr(stage, p) for p in ("net", "sampling", "training", "evaluation") if hasattr(stage, p)]
+        keys = [f.name for part in parts for f in dataclasses.fields(part)]
+        assert sorted(keys) == sorted(f.name for f in dataclasses.fields(stage)), name
+        assert len(keys) == len(set(keys)), name
+    assert (
+        cfg.dynamics.net.width == cfg.dynamics.width and cfg.dynamics.sampling.context_tau == cfg.dynamics.context_tau
+    )
+
+
+def test_presets_are_deltas_over_one_base(tmp_path):
+    base = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
+    assert "base" not in base
+    for preset in ("tiny", "classic", "full"):
+        assert yaml.safe_load((REPO / "configs" / f"{preset}.yaml").read_text())["base"] == "base.yaml"
+    assert load_config(REPO / "configs" / "classic.yaml") == load_config(REPO / "configs" / "base.yaml")
+    # a delta changes only what it names; nested sections merge key by key
+    (tmp_path / "d.yaml").write_text(f"base: {REPO / 'configs' / 'tiny.yaml'}\ntokenizer:\n  train:\n    steps: 7\n")
+    d, t = load_config(tmp_path / "d.yaml"), load_config(REPO / "configs" / "tiny.yaml")
+    assert d.tokenizer.train.steps == 7 and d.tokenizer.train.lr == t.tokenizer.train.lr
+    assert d.dynamics == t.dynamics
+    # the saved, resolved config has no base and loads by itself
+    saved = save_config(d, tmp_path / "out")
+    assert "base" not in yaml.safe_load(saved.read_text()) and load_config(saved) == d
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")

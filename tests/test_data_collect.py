@@ -8,13 +8,13 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import TEST_OVERRIDES, cli_subprocess, make_test_config
+from framehash_policy import framehash_action
+
 from dreamer4.data import store
 from dreamer4.data.collect import ROW_FIELDS, collect
 from dreamer4.data.loader import WindowSource
 from dreamer4.data.store import Dataset, DatasetError, verify
-from framehash_policy import framehash_action
 
 
 def _episodes_from_raw(raw, num_envs):
@@ -27,7 +27,7 @@ def _episodes_from_raw(raw, num_envs):
             if streams["is_first"][t, n]:
                 start = t
             if streams["is_last"][t, n] and start is not None:
-                found.append((t, n, {k: v[start:t + 1, n] for k, v in streams.items()}))
+                found.append((t, n, {k: v[start : t + 1, n] for k, v in streams.items()}))
                 start = None
     found.sort(key=lambda x: (x[0], x[1]))
     return [ep for _, _, ep in found]
@@ -166,7 +166,6 @@ def test_damaged_and_truncated_shards_are_named(dataset, tmp_path):
     problems, _ = verify(bad)
     assert problems and all(name in p for p in problems), problems
     ds = Dataset.open(bad)
-    ep = ds.episodes[0]
     with pytest.raises(DatasetError, match=f"shard {name}: array 'frame'"):
         # the corrupted byte is in the middle of the shard; read all of the shard's episodes
         for e in [e for e in ds.episodes if e.shard == name]:
@@ -242,8 +241,17 @@ def test_two_concurrent_writers_fill_one_dataset(tmp_path):
     repo = os.path.dirname(os.path.dirname(__file__))
     procs = []
     for w in range(2):
-        args = ["collect", "--config", "configs/tiny.yaml", "--out", str(out),
-                "--writer-id", str(w), "--num-writers", "2"]
+        args = [
+            "collect",
+            "--config",
+            "configs/tiny.yaml",
+            "--out",
+            str(out),
+            "--writer-id",
+            str(w),
+            "--num-writers",
+            "2",
+        ]
         for o in TEST_OVERRIDES:
             args += ["--set", o]
         procs.append(cli_subprocess(args, cwd=repo))

@@ -6,20 +6,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TOK_OVERRIDES, make_test_config
 from flax import nnx
 
-from conftest import TOK_OVERRIDES, make_test_config
 from dreamer4.config import ConfigError
 from dreamer4.dynamics.model import Dynamics, d_index, tau_index
 from dreamer4.dynamics.sampler import rollout
 from dreamer4.runtime.logging import read_metrics
 
 DYN_OVERRIDES = [
-    "dynamics.width=32", "dynamics.depth=2", "dynamics.num_heads=2", "dynamics.num_kv_heads=1",
-    "dynamics.time_every=2", "dynamics.spatial_tokens=2", "dynamics.register_tokens=2", "dynamics.k_max=8",
-    "dynamics.sample_steps=4", "dynamics.eval_context=2", "dynamics.eval_horizon=2", "dynamics.eval_episodes=2",
-    "dynamics.train.batch_size=4", "dynamics.train.seq_len=4", "dynamics.train.lr=3e-3",
-    "dynamics.train.warmup_steps=2", "dynamics.train.log_every=2", "dynamics.train.ckpt_every=4",
+    "dynamics.width=32",
+    "dynamics.depth=2",
+    "dynamics.num_heads=2",
+    "dynamics.num_kv_heads=1",
+    "dynamics.time_every=2",
+    "dynamics.spatial_tokens=2",
+    "dynamics.register_tokens=2",
+    "dynamics.k_max=8",
+    "dynamics.sample_steps=4",
+    "dynamics.eval_context=2",
+    "dynamics.eval_horizon=2",
+    "dynamics.eval_episodes=2",
+    "dynamics.train.batch_size=4",
+    "dynamics.train.seq_len=4",
+    "dynamics.train.lr=3e-3",
+    "dynamics.train.warmup_steps=2",
+    "dynamics.train.log_every=2",
+    "dynamics.train.ckpt_every=4",
     "dynamics.train.eval_every=0",
 ]
 L, N, A, B, T = 4, 8, 17, 2, 5
@@ -31,7 +44,7 @@ def dyn_config(extra=()):
 
 @pytest.fixture(scope="module")
 def dyn():
-    return Dynamics(dyn_config().dynamics, L, N, A, rngs=nnx.Rngs(0))
+    return Dynamics(dyn_config().dynamics.net, L, N, A, rngs=nnx.Rngs(0))
 
 
 def _inputs(seed=0):
@@ -72,8 +85,9 @@ def test_kv_cache_equals_full_forward(dyn):
     cache = dyn.init_cache(B, T)
     step = nnx.jit(lambda m, *a: m.step(*a))
     for t in range(T):
-        out, cache = step(dyn, z[:, t:t + 1], tau[:, t:t + 1], d[:, t:t + 1], acts[:, t:t + 1], mask[:, t:t + 1],
-                          cache, t)
+        out, cache = step(
+            dyn, z[:, t : t + 1], tau[:, t : t + 1], d[:, t : t + 1], acts[:, t : t + 1], mask[:, t : t + 1], cache, t
+        )
         np.testing.assert_allclose(out[:, 0], full[:, t], atol=2e-5)
 
 
@@ -97,10 +111,10 @@ def test_unlabeled_actions_never_reach_the_embedding(dyn):
 @pytest.mark.parametrize("K", [1, 2, 4, 8])
 def test_sampler_shapes_for_every_k(dyn, K):
     z, _, _, acts, mask = _inputs(3)
-    out = rollout(dyn, z[:, :2], acts, mask, jax.random.PRNGKey(0), K, horizon=3)
+    out = rollout(dyn, z[:, :2], acts, mask, jax.random.PRNGKey(0), K, horizon=3, context_tau=0.9)
     assert out.shape == (B, 3, L, N) and bool(jnp.all(jnp.isfinite(out)))
     with pytest.raises(ValueError):
-        rollout(dyn, z[:, :2], acts, mask, jax.random.PRNGKey(0), 3, horizon=1)
+        rollout(dyn, z[:, :2], acts, mask, jax.random.PRNGKey(0), 3, horizon=1, context_tau=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +139,8 @@ def test_training_reduces_loss_and_evaluates(trained_dynamics):
 
 
 def test_resume_keeps_tokenizer_frozen(trained_dynamics, dataset):
-    from dreamer4.dynamics.train import load_world_model, train_dynamics
-    from dreamer4.tokenizer.train import load_tokenizer
+    from dreamer4.dynamics.train import train_dynamics
+    from dreamer4.runtime.loading import load_tokenizer, load_world_model
 
     run, _ = trained_dynamics
     root, _ = dataset
@@ -138,8 +152,10 @@ def test_resume_keeps_tokenizer_frozen(trained_dynamics, dataset):
     tok, _, _ = load_tokenizer(run)
     for a, b in zip(jax.tree.leaves(nnx.state(after.tokenizer)), jax.tree.leaves(nnx.state(tok))):
         np.testing.assert_array_equal(a, b)
-    changed = [not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(nnx.state(after.dynamics)), jax.tree.leaves(nnx.state(before.dynamics)))]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(nnx.state(after.dynamics)), jax.tree.leaves(nnx.state(before.dynamics)))
+    ]
     assert any(changed)
 
 

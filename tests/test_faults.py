@@ -30,9 +30,7 @@ QUIET = dict(log=lambda *a: None)
 
 def _tree_digest(d: Path) -> dict:
     return {
-        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(d.rglob("*"))
-        if p.is_file()
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
     }
 
 
@@ -60,9 +58,7 @@ def test_lost_manifest_refused_then_rebuilt(dataset, tmp_path, monkeypatch, caps
             match=r"holds \d+ shard group\(s\) .* but no manifest.json; refusing",
         ):
             collect(make_test_config(), d, **QUIET)
-        with pytest.raises(
-            DatasetError, match="rebuild-manifest"
-        ):  # another seed: same refusal
+        with pytest.raises(DatasetError, match="rebuild-manifest"):  # another seed: same refusal
             collect(make_test_config(["seed=8"]), d, **QUIET)
     assert _tree_digest(d / "shards") == before  # nothing deleted or changed
 
@@ -84,21 +80,13 @@ def test_shards_without_metadata_can_only_be_moved_aside(dataset, tmp_path):
     d = tmp_path / "old"
     shutil.copytree(root, d)
     (d / "manifest.json").unlink()
-    for g in store.shard_groups(
-        d
-    ):  # as written before shards carried their manifest entry
+    for g in store.shard_groups(d):  # as written before shards carried their manifest entry
         store.write_group_json(g)
     before = {k: v for k, v in _tree_digest(d / "shards").items() if "/" in k}
-    with pytest.raises(
-        DatasetError, match="no shard carries the metadata .* --move-aside"
-    ):
+    with pytest.raises(DatasetError, match="no shard carries the metadata .* --move-aside"):
         rebuild_manifest(d, **QUIET)
     out = rebuild_manifest(d, move_aside=True, **QUIET)
-    moved = {
-        k: v
-        for k, v in _tree_digest(Path(out["to"])).items()
-        if not k.startswith("collector")
-    }
+    moved = {k: v for k, v in _tree_digest(Path(out["to"])).items() if not k.startswith("collector")}
     assert moved == before and store.shard_groups(d) == []  # moved, not deleted
     store.refuse_orphaned_shards(d)  # the directory can be collected into afresh
 
@@ -166,11 +154,7 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
     it = _Counter()
     train(_toy_stage(sd, 8, it, seed=1))
     out = capsys.readouterr().out
-    assert (
-        "checkpoint step 6" in out
-        and "is damaged" in out
-        and "resuming from checkpoint step 4" in out
-    ), out
+    assert "checkpoint step 6" in out and "is damaged" in out and "resuming from checkpoint step 4" in out, out
     assert it.i == 8  # restored at position 4, then four more batches
     aside = list((sd / "checkpoints-damaged").iterdir())
     assert len(aside) == 1 and aside[0].name.startswith("6-")
@@ -179,9 +163,7 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
     # none restorable: one sentence, nothing moved
     for s in _steps(ck):
         shutil.rmtree(ck / str(s) / "state")
-    with pytest.raises(
-        CheckpointError, match=r"no checkpoint in .* can be restored \(newest: step 8"
-    ):
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be restored \(newest: step 8"):
         train(_toy_stage(sd, 10, _Counter()))
     assert _steps(ck) == [2, 4, 6, 8]
 
@@ -236,13 +218,9 @@ def test_disk_full_is_one_sentence_and_rerun_finishes(dataset, small_disk):
     with pytest.raises(DiskFullError) as e:
         collect(make_test_config(), out, **QUIET)
     msg = str(e.value)
-    assert (
-        msg.startswith(f"no space left on device in {small_disk}") and " needs " in msg
-    ), msg
+    assert msg.startswith(f"no space left on device in {small_disk}") and " needs " in msg, msg
     assert "\n" not in msg
-    assert not [
-        p for p in out.rglob("*") if p.name.endswith(".tmp")
-    ]  # partial files removed
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # partial files removed
     assert verify(out)[0] == []  # what was committed is valid
     filler.unlink()
     collect(make_test_config(), out, **QUIET)
@@ -251,10 +229,7 @@ def test_disk_full_is_one_sentence_and_rerun_finishes(dataset, small_disk):
     b = store.Dataset.open(out, hide_unlabeled_actions=False)
     assert [e.id for e in a.episodes] == [e.id for e in b.episodes]
     for ea, eb in zip(a.episodes, b.episodes):
-        assert (
-            a.read(ea, 0, ea.length, ("frame",))["frame"]
-            == b.read(eb, 0, eb.length, ("frame",))["frame"]
-        ).all()
+        assert (a.read(ea, 0, ea.length, ("frame",))["frame"] == b.read(eb, 0, eb.length, ("frame",))["frame"]).all()
 
 
 def test_disk_full_in_state_checkpoint_and_logs(small_disk):
@@ -329,9 +304,7 @@ def test_batch_not_divisible_by_devices_names_the_key():
         ConfigError,
         match=r"config key 'dynamics.train.batch_size' \(8\) must be divisible",
     ):
-        _check_batch(
-            "dynamics", cfg.dynamics.train.__class__(batch_size=8), three_devices
-        )
+        _check_batch("dynamics", cfg.dynamics.train.__class__(batch_size=8), three_devices)
 
 
 # 5. The dataset header is checked against the config before any environment is built.
@@ -352,13 +325,9 @@ def test_header_refusal_comes_before_the_env(dataset, monkeypatch):
 def test_import_of_a_non_video_is_one_line(tmp_path):
     bad = tmp_path / "notes.mp4"
     bad.write_text("this is not a video\n")
-    proc = cli_subprocess(
-        ["dataset", "import-video", "--out", str(tmp_path / "v"), str(bad)], cwd=REPO
-    )
+    proc = cli_subprocess(["dataset", "import-video", "--out", str(tmp_path / "v"), str(bad)], cwd=REPO)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 2
     lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(
-        f"error: {bad}: cannot read as a video"
-    ), out
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: cannot read as a video"), out
     assert not (tmp_path / "v").exists()

@@ -52,8 +52,13 @@ def test_process_shards_split_one_global_stream(dataset, cfg):
     # one epoch covers every window once, whatever the process count
     src = make_loader(root, cfg).source
     n = len(src) // cfg.loader.batch_size
-    seen = np.concatenate([x["frames"][:, 0].reshape(b, -1).sum(1) for p in range(2)
-                           for x in make_loader(root, cfg, shard_index=p, shard_count=2, num_epochs=1)])
+    seen = np.concatenate(
+        [
+            x["frames"][:, 0].reshape(b, -1).sum(1)
+            for p in range(2)
+            for x in make_loader(root, cfg, shard_index=p, shard_count=2, num_epochs=1)
+        ]
+    )
     assert len(seen) == n * cfg.loader.batch_size
 
 

@@ -19,24 +19,46 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES
-from dreamer4.config import ConfigError
-from dreamer4.runtime import distributed
-from dreamer4.runtime.mesh import check_process_layout, device_grid
 from test_agent import AGENT_OVERRIDES
 from test_dynamics import DYN_OVERRIDES
 
+from dreamer4.config import ConfigError
+from dreamer4.runtime import distributed
+from dreamer4.runtime.mesh import check_process_layout, device_grid
+
 WORKER = Path(__file__).parent / "multihost_worker.py"
 STEPS = 4
-SETS = [a for kv in TEST_OVERRIDES + TOK_OVERRIDES + DYN_OVERRIDES + [
-    f"tokenizer.train.steps={STEPS}", f"dynamics.train.steps={STEPS}", "tokenizer.train.log_every=1",
-    "dynamics.train.log_every=1", f"tokenizer.train.ckpt_every={STEPS}", f"dynamics.train.ckpt_every={STEPS}",
-    "tokenizer.eval_episodes=1"] for a in ("--set", kv)]
+SETS = [
+    a
+    for kv in TEST_OVERRIDES
+    + TOK_OVERRIDES
+    + DYN_OVERRIDES
+    + [
+        f"tokenizer.train.steps={STEPS}",
+        f"dynamics.train.steps={STEPS}",
+        "tokenizer.train.log_every=1",
+        "dynamics.train.log_every=1",
+        f"tokenizer.train.ckpt_every={STEPS}",
+        f"dynamics.train.ckpt_every={STEPS}",
+        "tokenizer.eval_episodes=1",
+    ]
+    for a in ("--set", kv)
+]
 # The agent's two phases on the same train loop (agent tokens, BC + reward MTP, then imagination).
-AGENT_SETS = [a for kv in AGENT_OVERRIDES + [
-    f"agent.bc.steps={STEPS}", f"agent.imagine.steps={STEPS}", "agent.bc.log_every=1", "agent.imagine.log_every=1",
-    f"agent.bc.ckpt_every={STEPS}", f"agent.imagine.ckpt_every={STEPS}"] for a in ("--set", kv)]
+AGENT_SETS = [
+    a
+    for kv in AGENT_OVERRIDES
+    + [
+        f"agent.bc.steps={STEPS}",
+        f"agent.imagine.steps={STEPS}",
+        "agent.bc.log_every=1",
+        "agent.imagine.log_every=1",
+        f"agent.bc.ckpt_every={STEPS}",
+        f"agent.imagine.ckpt_every={STEPS}",
+    ]
+    for a in ("--set", kv)
+]
 CONFIG = ["--config", str(REPO / "configs" / "tiny.yaml")]
 
 
@@ -49,18 +71,34 @@ def free_port() -> int:
 def launch(commands, processes: int, devices: int, tag: str, log_dir: Path) -> list:
     """Start one job of `processes` processes with `devices` fake CPU devices each (not waited for)."""
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")  # loopback only
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        WANDB_MODE="disabled",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
+    )  # loopback only
     env.pop("SLURM_JOB_ID", None)  # never pick up a surrounding Slurm job
     procs = []
     for i in range(processes):
-        flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
-                 "--process-id", str(i)] if processes > 1 else []
+        flags = (
+            ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(i)]
+            if processes > 1
+            else []
+        )
         log = open(log_dir / f"{tag}_p{i}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), json.dumps([c + flags for c in commands])],
-                                       env=env, stdout=log, stderr=subprocess.STDOUT), log_dir / f"{tag}_p{i}.log"))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), json.dumps([c + flags for c in commands])],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log_dir / f"{tag}_p{i}.log",
+            )
+        )
     return procs
 
 
@@ -114,11 +152,14 @@ def jobs(dataset, tmp_path_factory):
     # tokenizers to STEPS + 2 in one process with one device (another process and device count
     # than the 2-process run that saved one of them).
     phases = [
-        lambda: {"collect": launch([collect], 2, 1, "collect", base),
-                 "ref": launch(train_cmds(data, base / "ref"), 1, 4, "ref", base),
-                 "mp": launch(train_cmds(data, base / "mp"), 2, 2, "mp", base)},
-        lambda: {f"cont_{k}": launch(train_cmds(data, base / k, STEPS + 2), 1, 1, f"cont_{k}", base)
-                 for k in ("ref", "mp")},
+        lambda: {
+            "collect": launch([collect], 2, 1, "collect", base),
+            "ref": launch(train_cmds(data, base / "ref"), 1, 4, "ref", base),
+            "mp": launch(train_cmds(data, base / "mp"), 2, 2, "mp", base),
+        },
+        lambda: {
+            f"cont_{k}": launch(train_cmds(data, base / k, STEPS + 2), 1, 1, f"cont_{k}", base) for k in ("ref", "mp")
+        },
     ]
     out = {}
     for phase in phases:
@@ -198,8 +239,13 @@ def test_explicit_flags_must_come_together():
 
 
 def test_slurm_detection_and_gpu_choice():
-    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "8", "SLURM_PROCID": "3",
-            "SLURM_LOCALID": "3"}
+    step = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_NTASKS": "8",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "3",
+    }
     assert distributed.slurm_task_count(step) == 8
     assert distributed.slurm_task_count({k: v for k, v in step.items() if k != "SLURM_STEP_NODELIST"}) == 0
     four = dict(step, CUDA_VISIBLE_DEVICES="0,1,2,3")
@@ -216,8 +262,13 @@ class FakeDevice:
 
 
 def test_single_process_commands_refuse_a_multi_task_step():
-    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "4", "SLURM_PROCID": "0",
-            "SLURM_LOCALID": "0"}
+    step = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "n1",
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+    }
     for command in ("dream", "evaluate"):
         with pytest.raises(ConfigError, match=f"`dreamer4 {command}` is a single-process evaluation"):
             distributed.require_single_process(command, step)
@@ -247,9 +298,16 @@ SCRIPTS = sorted(SLURM.glob("*.sbatch"))
 
 
 def test_sbatch_scripts_parse():
-    assert {p.name for p in SCRIPTS} >= {"collect.sbatch", "train_tokenizer.sbatch", "train_dynamics.sbatch",
-                                        "dream.sbatch", "train_agent.sbatch", "evaluate.sbatch",
-                                        "train_behavior.sbatch", "pipeline.sbatch"}
+    assert {p.name for p in SCRIPTS} >= {
+        "collect.sbatch",
+        "train_tokenizer.sbatch",
+        "train_dynamics.sbatch",
+        "dream.sbatch",
+        "train_agent.sbatch",
+        "evaluate.sbatch",
+        "train_behavior.sbatch",
+        "pipeline.sbatch",
+    }
     for p in SCRIPTS + [SLURM / "launch.sh"]:
         r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
         assert r.returncode == 0, (p, r.stderr)
@@ -262,30 +320,46 @@ def run_script(script: Path, tmp_path: Path, **env_over) -> list[dict]:
     record = tmp_path / "srun_calls.jsonl"
     record.unlink(missing_ok=True)
     (bindir / "srun").write_text(
-        f"#!{sys.executable}\nimport json, sys\n"
-        f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+        f"#!{sys.executable}\nimport json, sys\nopen({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
     (bindir / "srun").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "DREAMER4_", "WANDB_"))}
-    env.update(PATH=f"{bindir}:{env['PATH']}", SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="12345",
-               SLURM_JOB_NUM_NODES="2", SLURM_GPUS_PER_NODE="a100:4", HOME=str(tmp_path), **env_over)
+    env.update(
+        PATH=f"{bindir}:{env['PATH']}",
+        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_JOB_ID="12345",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_GPUS_PER_NODE="a100:4",
+        HOME=str(tmp_path),
+        **env_over,
+    )
     r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     calls = []
     for line in record.read_text().splitlines():
         argv = json.loads(line)
-        opts = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--") and "=" in a
-                and argv.index(a) < argv.index("-m")}
+        opts = {
+            a.split("=", 1)[0]: a.split("=", 1)[1]
+            for a in argv
+            if a.startswith("--") and "=" in a and argv.index(a) < argv.index("-m")
+        }
         export = dict(kv.split("=", 1) for kv in opts["--export"].split(",")[1:])
-        calls.append({"argv": argv, "opts": opts, "export": export,
-                      "command": argv[argv.index("dreamer4.cli") + 1:]})
+        calls.append({"argv": argv, "opts": opts, "export": export, "command": argv[argv.index("dreamer4.cli") + 1 :]})
         assert opts["--export"].split(",")[0] == "ALL"  # keeps PATH/venv and the SLURM_* variables
     return calls
 
 
 def test_srun_lines_pass_what_the_tasks_rely_on(tmp_path):
     calls = run_script(SLURM / "pipeline.sbatch", tmp_path, SETS="seed=3")
-    assert [c["command"][0] for c in calls] == ["collect", "train-tokenizer", "train-dynamics", "dream",
-                                                "train-agent", "evaluate", "report"]
+    assert [c["command"][0] for c in calls] == [
+        "collect",
+        "train-tokenizer",
+        "train-dynamics",
+        "dream",
+        "train-agent",
+        "evaluate",
+        "report",
+    ]
     for c in calls[:3] + calls[4:5]:
         # one process per GPU: 2 nodes x 4 tasks; JAX's Slurm detection reads SLURM_* set by srun
         assert c["opts"]["--nodes"] == "2" and c["opts"]["--ntasks-per-node"] == "4"
@@ -303,8 +377,10 @@ def test_srun_lines_pass_what_the_tasks_rely_on(tmp_path):
     for c in calls:
         build_parser().parse_args(c["command"])
     one = run_script(SLURM / "evaluate.sbatch", tmp_path, EPISODES="7")
-    assert [c["command"] for c in one] == [["evaluate", "--run", "runs/classic", "--episodes", "7"],
-                                           ["report", "--run", "runs/classic"]]
+    assert [c["command"] for c in one] == [
+        ["evaluate", "--run", "runs/classic", "--episodes", "7"],
+        ["report", "--run", "runs/classic"],
+    ]
     beh = run_script(SLURM / "train_behavior.sbatch", tmp_path, RUN="runs/ppo")
     assert beh[0]["opts"]["--ntasks"] == "1" and beh[0]["command"][0] == "train-behavior"
     build_parser().parse_args(beh[0]["command"])

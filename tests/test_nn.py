@@ -7,8 +7,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dreamer4.nn import (Attention, AxialTransformer, RMSNorm, SwiGLU, apply_rope, cached_time_mask,
-                         causal_time_mask, layer_kinds, rms_norm, rope_frequencies, soft_cap, space_mask)
+from dreamer4.nn import (
+    Attention,
+    AxialTransformer,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    cached_time_mask,
+    causal_time_mask,
+    layer_kinds,
+    rms_norm,
+    rope_frequencies,
+    soft_cap,
+    space_mask,
+)
 
 B, T, S, D = 2, 6, 5, 32
 # Token S-1 is an "agent" token: it reads every token of its step, no other token reads it.
@@ -25,8 +37,16 @@ def rand(seed, shape, dtype=jnp.float32):
 
 
 def make_model(**kw):
-    args = dict(width=D, depth=4, num_heads=4, num_kv_heads=2, time_every=2, logit_cap=20.0,
-                visibility=AGENT_VIS, rngs=nnx.Rngs(0))
+    args = dict(
+        width=D,
+        depth=4,
+        num_heads=4,
+        num_kv_heads=2,
+        time_every=2,
+        logit_cap=20.0,
+        visibility=AGENT_VIS,
+        rngs=nnx.Rngs(0),
+    )
     args.update(kw)
     return AxialTransformer(**args)
 
@@ -101,7 +121,7 @@ def reference_attention(att, x_NLD, mask_LL, positions_L):
     v = (x @ w["wv"]).reshape(*x.shape[:2], G, H)
 
     def norm(a, scale):
-        return a / np.sqrt((a ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(scale, np.float64)
+        return a / np.sqrt((a**2).mean(-1, keepdims=True) + 1e-6) * np.asarray(scale, np.float64)
 
     q, k = norm(q, att.q_norm.scale[...]), norm(k, att.k_norm.scale[...])
     if att.rope:  # rotate (a_j, b_j) = (x_j, x_{j+H/2}) as the complex number a_j + i b_j
@@ -109,7 +129,7 @@ def reference_attention(att, x_NLD, mask_LL, positions_L):
         rot = np.exp(1j * np.asarray(positions_L)[:, None, None] * freq)  # L, 1, J
 
         def rope(a):
-            z = (a[..., : H // 2] + 1j * a[..., H // 2:]) * rot
+            z = (a[..., : H // 2] + 1j * a[..., H // 2 :]) * rot
             return np.concatenate([z.real, z.imag], -1)
 
         q, k = rope(q), rope(k)
@@ -172,11 +192,11 @@ def test_causality_over_time(model, x, t):
     fwd = nnx.jit(lambda m, x: m(x))  # one compilation for the four passes
     y = fwd(model, x)
     assert model.kinds == ("space", "time", "space", "time")
-    later = x.at[:, t + 1:].add(rand(2, (B, T - t - 1, S, D)))  # every token of steps > t
+    later = x.at[:, t + 1 :].add(rand(2, (B, T - t - 1, S, D)))  # every token of steps > t
     y2 = fwd(model, later)
     np.testing.assert_allclose(y2[:, : t + 1], y[:, : t + 1], atol=1e-6)
     # ... and the change does reach step t+1 and every later step (the test can fail).
-    assert (np.abs(np.asarray(y2 - y))[:, t + 1:].max(axis=(0, 2, 3)) > 1e-3).all()
+    assert (np.abs(np.asarray(y2 - y))[:, t + 1 :].max(axis=(0, 2, 3)) > 1e-3).all()
     # Only the last token index of step t+1 changed: steps <= t still untouched.
     last = x.at[:, t + 1, S - 1].add(3.0)
     y3 = fwd(model, last)
@@ -213,14 +233,14 @@ def test_kv_cache_steps_equal_full_pass(model, x):
     assert len(cache) == 2 and cache[0]["k"].shape == (B, S, 8, 2, D // 4)
     for t in range(T):
         if t == 2:  # a denoising pass at the same t with other inputs: overwritten by the next call
-            _, cache = step(model, x[:, t:t + 1] + 1.0, cache, jnp.int32(t))
-        y_t, cache = step(model, x[:, t:t + 1], cache, jnp.int32(t))
+            _, cache = step(model, x[:, t : t + 1] + 1.0, cache, jnp.int32(t))
+        y_t, cache = step(model, x[:, t : t + 1], cache, jnp.int32(t))
         np.testing.assert_allclose(y_t[:, 0], y_full[:, t], atol=1e-5)
     # Prefill a context of 3 steps, then continue step by step.
     y_ctx, cache = nnx.jit(lambda m, x: m.prefill(x, max_len=8))(model, x[:, :3])
     np.testing.assert_allclose(y_ctx, y_full[:, :3], atol=1e-5)
     for t in range(3, T):
-        y_t, cache = step(model, x[:, t:t + 1], cache, jnp.int32(t))
+        y_t, cache = step(model, x[:, t : t + 1], cache, jnp.int32(t))
         np.testing.assert_allclose(y_t[:, 0], y_full[:, t], atol=1e-5)
     # Past the cache: a clear error for a concrete t, NaN (never a silent overwrite) under jit.
     with pytest.raises(ValueError, match="does not fit a KV cache of 8 steps"):
@@ -235,7 +255,7 @@ def test_sliding_window_cache_equals_full_pass(x):
     step = nnx.jit(lambda m, x_t, c, t: m.step(x_t, c, t))
     cache = m.init_cache(B, max_len=T)
     for t in range(T):
-        y_t, cache = step(m, x[:, t:t + 1], cache, jnp.int32(t))
+        y_t, cache = step(m, x[:, t : t + 1], cache, jnp.int32(t))
         np.testing.assert_allclose(y_t[:, 0], y_full[:, t], atol=1e-5)
 
 

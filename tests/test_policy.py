@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dreamer4.config import AgentConfig
+from dreamer4.config import AgentNet
 from dreamer4.nn import symexp, symlog, symlog_bins, two_hot, two_hot_mean, two_hot_nll
 from dreamer4.policy import losses as Lo
 from dreamer4.policy.heads import Agent, agent_visibility, freeze_prior
@@ -16,7 +16,7 @@ from dreamer4.policy.heads import Agent, agent_visibility, freeze_prior
 
 # ----------------------------------------------------------------------------- distributions
 def test_symlog_symexp_values():
-    np.testing.assert_allclose(symlog(jnp.array([0.0, math.e - 1, -(math.e ** 2 - 1)])), [0, 1, -2], atol=1e-6)
+    np.testing.assert_allclose(symlog(jnp.array([0.0, math.e - 1, -(math.e**2 - 1)])), [0, 1, -2], atol=1e-6)
     x = jnp.array([-1000.0, -3.5, 0.0, 0.2, 77.0])
     np.testing.assert_allclose(symexp(symlog(x)), x, rtol=1e-5)
 
@@ -24,8 +24,7 @@ def test_symlog_symexp_values():
 def test_two_hot_hand_values():
     bins = jnp.array([-2.0, -1.0, 0.0, 1.0, 2.0])
     x = jnp.array([math.exp(0.25) - 1, -(math.exp(1.5) - 1), 1e6, -1e6, math.e - 1])
-    expect = np.array([[0, 0, 0.75, 0.25, 0], [0.5, 0.5, 0, 0, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0],
-                       [0, 0, 0, 1, 0]])
+    expect = np.array([[0, 0, 0.75, 0.25, 0], [0.5, 0.5, 0, 0, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0]])
     np.testing.assert_allclose(two_hot(x, bins), expect, atol=1e-5)
     # the head reading two-hot probabilities back gives the value (inside the bin range)
     logits = jnp.log(jnp.asarray(expect[:2]) + 1e-30)
@@ -155,10 +154,11 @@ class _World(nnx.Module):
 @pytest.fixture(scope="module")
 def agent():
     from test_dynamics import A, L, N, dyn_config
+
     from dreamer4.dynamics.model import Dynamics
 
-    dyn = Dynamics(dyn_config().dynamics, L, N, A, rngs=nnx.Rngs(0))
-    return Agent(_World(dyn), AgentConfig(num_tasks=2, mtp=3, head_hidden=16, num_bins=11), A, rngs=nnx.Rngs(1))
+    dyn = Dynamics(dyn_config().dynamics.net, L, N, A, rngs=nnx.Rngs(0))
+    return Agent(_World(dyn), AgentNet(num_tasks=2, mtp=3, head_hidden=16, num_bins=11), A, rngs=nnx.Rngs(1))
 
 
 def test_agent_visibility():
@@ -193,7 +193,7 @@ def test_agent_tokens_leave_the_world_model_unchanged(agent):
 
 
 def test_agent_kv_cache_equals_full_pass(agent):
-    from test_dynamics import B, T, _inputs
+    from test_dynamics import T, _inputs
 
     z, tau, d, acts, mask = _inputs(5)
     task = jnp.zeros(acts.shape, jnp.int32)

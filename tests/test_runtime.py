@@ -1,15 +1,13 @@
 """Shared runtime: FSDP specs, the NaN guard, checkpoint keep-last-N."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_test_config
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import make_test_config
 from dreamer4.runtime.mesh import fsdp_spec, make_mesh
 from dreamer4.runtime.train_loop import NonFiniteLoss, Stage, train
 
@@ -56,11 +54,19 @@ def test_nan_stops_run_and_keeps_good_checkpoint(tmp_path):
 
     def loss_fn(m, batch, key):
         y = m(batch["x"])
-        return jnp.mean(y ** 2), {}
+        return jnp.mean(y**2), {}
 
     it = ToyIterator(nan_at=6)
-    stage = Stage(name="toy", stage_dir=tmp_path / "toy", cfg=cfg, train=tc, model=model, loss_fn=loss_fn,
-                  make_iterator=lambda: it, prepare=lambda b, step: b)
+    stage = Stage(
+        name="toy",
+        stage_dir=tmp_path / "toy",
+        cfg=cfg,
+        train=tc,
+        model=model,
+        loss_fn=loss_fn,
+        make_iterator=lambda: it,
+        prepare=lambda b, step: b,
+    )
     with pytest.raises(NonFiniteLoss, match=r"non-finite at step 6.*last good checkpoint is step 4"):
         train(stage)
     steps = sorted(int(p.name) for p in (tmp_path / "toy" / "checkpoints").iterdir() if p.name.isdigit())
@@ -68,10 +74,16 @@ def test_nan_stops_run_and_keeps_good_checkpoint(tmp_path):
     assert (tmp_path / "toy" / "nan_debug" / "last_batch.npz").exists()
     # the kept checkpoint is finite and training can resume from it
     it2 = ToyIterator(nan_at=10**9)
-    stage2 = Stage(name="toy", stage_dir=tmp_path / "toy", cfg=cfg,
-                   train=tc.__class__(steps=6, batch_size=2, log_every=1, ckpt_every=2, warmup_steps=1),
-                   model=nnx.Linear(3, 1, rngs=nnx.Rngs(1)), loss_fn=loss_fn, make_iterator=lambda: it2,
-                   prepare=lambda b, step: b)
+    stage2 = Stage(
+        name="toy",
+        stage_dir=tmp_path / "toy",
+        cfg=cfg,
+        train=tc.__class__(steps=6, batch_size=2, log_every=1, ckpt_every=2, warmup_steps=1),
+        model=nnx.Linear(3, 1, rngs=nnx.Rngs(1)),
+        loss_fn=loss_fn,
+        make_iterator=lambda: it2,
+        prepare=lambda b, step: b,
+    )
     m = train(stage2)
     assert it2.i == 6  # restored iterator position 4, then two more batches
     assert np.all(np.isfinite(np.asarray(m.kernel[...])))

@@ -19,7 +19,6 @@ from dreamer4.dynamics.shortcut import (
     x_to_v,
 )
 
-
 # ----------------------------------------------------------------------------- grid and sampling
 
 
@@ -224,6 +223,7 @@ def test_no_nan_at_clean_and_edge_signal_levels():
         def predict(z, t, s):
             seen.append(np.asarray(t))
             return th * z + 0.3 * t[..., None, None]
+
         return predict
 
     loss_fn = lambda th: shortcut_forcing_terms(make_predict(th), z1, z0, tau, d, k_max)  # noqa: E731
@@ -241,7 +241,7 @@ def test_denoise_frame_oracle_and_call_count():
     for k in (1, 2, 4):
         calls = []
 
-        def predict(z, tau, d):
+        def predict(z, tau, d, calls=calls):
             calls.append((tau, d))
             return target
 

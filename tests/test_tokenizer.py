@@ -6,19 +6,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
 from flax import nnx
 
-from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
 from dreamer4.data.store import Dataset, DatasetError
 from dreamer4.runtime.logging import read_metrics
 from dreamer4.tokenizer.model import Tokenizer, sample_patch_mask
 from dreamer4.tokenizer.train import tokenizer_loss, train_tokenizer
+
 
 def tok_config(extra=()):
     return make_test_config(TOK_OVERRIDES + list(extra))
@@ -27,7 +27,7 @@ def tok_config(extra=()):
 @pytest.fixture(scope="module")
 def model():
     cfg = tok_config()
-    m = Tokenizer(cfg.tokenizer, (63, 63, 3), rngs=nnx.Rngs(0))
+    m = Tokenizer(cfg.tokenizer.net, (63, 63, 3), rngs=nnx.Rngs(0))
     # The read-out starts at zero (training begins from the bias); give it weights so that the
     # causality checks below see the decoder's output depend on its input.
     k = m.patch_out.kernel
@@ -85,7 +85,7 @@ def test_frame_by_frame_equals_whole_clip(model, frames):
     enc_step = nnx.jit(lambda m, x, c, t: m.encode_step(x, c, t))
     dec_step = nnx.jit(lambda m, z, c, t: m.decode_step(z, c, t))
     for t in range(frames.shape[1]):
-        z_t, cache = enc_step(model, frames[:, t:t + 1], cache, t)
+        z_t, cache = enc_step(model, frames[:, t : t + 1], cache, t)
         d_t, cache = dec_step(model, z_t, cache, t)
         np.testing.assert_allclose(z_t[:, 0], z_all[:, t], atol=2e-5)
         np.testing.assert_allclose(d_t[:, 0], d_all[:, t], atol=2e-5)
@@ -109,8 +109,14 @@ def test_training_reduces_loss_and_evaluates(trained):
 
 def _cli(args, env_extra=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "dreamer4.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dreamer4.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _args(root, run, extra=()):
@@ -180,7 +186,7 @@ def test_loss_is_finite_and_positive(model, frames):
 
 
 def test_bf16_compute_keeps_fp32_params(frames):
-    from dreamer4.tokenizer.train import build_tokenizer
+    from dreamer4.runtime.loading import build_tokenizer
 
     m = build_tokenizer(tok_config(["tokenizer.train.precision=bf16"]), (63, 63, 3))
     params = jax.tree.leaves(nnx.state(m, nnx.Param))

@@ -1,15 +1,13 @@
 """`dreamer4 dataset import-video`: generated GIF / MP4 / PNG folders round-trip into the dataset
 format as unlabeled episodes; bad files are rejected naming the file, with nothing written."""
 
-import json
-
 import imageio.v3 as iio
 import numpy as np
 import pytest
-
 from conftest import REPO, make_test_config
+
 from dreamer4.data.store import Dataset, DatasetError, read_manifest, verify
-from dreamer4.data.video import fit_frames, import_videos, read_frames
+from dreamer4.data.video import fit_frames, import_videos
 
 SHAPE = (32, 40, 3)
 
@@ -17,8 +15,19 @@ SHAPE = (32, 40, 3)
 def _palette_frames(T=6, shape=SHAPE):
     """Frames made of 8 flat colours in blocks: exactly representable in a GIF palette."""
     H, W, _ = shape
-    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255],
-                        [0, 255, 255], [255, 255, 255]], np.uint8)
+    colours = np.array(
+        [
+            [0, 0, 0],
+            [255, 0, 0],
+            [0, 255, 0],
+            [0, 0, 255],
+            [255, 255, 0],
+            [255, 0, 255],
+            [0, 255, 255],
+            [255, 255, 255],
+        ],
+        np.uint8,
+    )
     yy, xx = np.mgrid[:H, :W]
     return np.stack([colours[((yy // 8) + (xx // 8) + t) % 8] for t in range(T)])
 
@@ -42,7 +51,7 @@ def _cfg():
 
 def _psnr(a, b):
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
 def test_gif_png_mp4_round_trip(tmp_path):
@@ -56,8 +65,16 @@ def test_gif_png_mp4_round_trip(tmp_path):
         iio.imwrite(png_dir / f"{i:04d}.png", f)
     mp4_frames = _smooth_frames(12)
     mp4 = tmp_path / "clip.mp4"
-    iio.imwrite(mp4, mp4_frames, plugin="FFMPEG", fps=15, codec="libx264", quality=10,
-                macro_block_size=8, output_params=["-pix_fmt", "yuv444p"])
+    iio.imwrite(
+        mp4,
+        mp4_frames,
+        plugin="FFMPEG",
+        fps=15,
+        codec="libx264",
+        quality=10,
+        macro_block_size=8,
+        output_params=["-pix_fmt", "yuv444p"],
+    )
 
     root = tmp_path / "ds"
     cfg = _cfg()
@@ -73,8 +90,10 @@ def test_gif_png_mp4_round_trip(tmp_path):
 
     ds = Dataset.open(root, env_name=cfg.env.name, hide_unlabeled_actions=False)
     by_src = {e.id: e for e in ds.episodes}
-    rows = [ds.read(e, 0, e.length, ("frame", "action", "reward", "is_first", "is_last", "is_terminal"))
-            for e in by_src.values()]
+    rows = [
+        ds.read(e, 0, e.length, ("frame", "action", "reward", "is_first", "is_last", "is_terminal"))
+        for e in by_src.values()
+    ]
     np.testing.assert_array_equal(rows[0]["frame"], gif_frames)  # palette-safe GIF: exact
     np.testing.assert_array_equal(rows[1]["frame"], png_frames)  # PNG: lossless
     assert rows[2]["frame"].shape == mp4_frames.shape and _psnr(rows[2]["frame"], mp4_frames) > 30.0
@@ -132,8 +151,12 @@ def test_bad_files_rejected_and_nothing_written(tmp_path):
     iio.imwrite(big, _palette_frames(3, (48, 48, 3)), duration=100)
     cfg = _cfg()
     root = tmp_path / "ds"
-    cases = [(junk, "junk.mp4: cannot read"), (empty_dir, "no .png frames"),
-             (tmp_path / "missing.gif", "missing.gif: no such file"), (tmp_path / "notes.txt", "unsupported")]
+    cases = [
+        (junk, "junk.mp4: cannot read"),
+        (empty_dir, "no .png frames"),
+        (tmp_path / "missing.gif", "missing.gif: no such file"),
+        (tmp_path / "notes.txt", "unsupported"),
+    ]
     (tmp_path / "notes.txt").write_text("hi")
     for bad, msg in cases:
         with pytest.raises(DatasetError, match=msg):
@@ -158,9 +181,23 @@ def test_cli_import_video_error_exit(tmp_path):
 
     junk = tmp_path / "junk.webm"
     junk.write_bytes(b"\x00" * 64)
-    r = subprocess.run([sys.executable, "-m", "dreamer4.cli", "dataset", "import-video", "--config",
-                        str(REPO / "configs" / "tiny.yaml"), "--out", str(tmp_path / "ds"), str(junk)],
-                       capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dreamer4.cli",
+            "dataset",
+            "import-video",
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+            "--out",
+            str(tmp_path / "ds"),
+            str(junk),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "error:" in r.stderr and "junk.webm" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "ds").exists()
 
@@ -169,6 +206,7 @@ def test_cli_import_video_error_exit(tmp_path):
 def test_tokenizer_trains_on_video_only_dataset(tmp_path):
     """A dataset of imported videos alone is enough for the tokenizer stage (no actions needed)."""
     from conftest import TOK_OVERRIDES
+
     from dreamer4.pipelines.dataset import dataset_stats
     from dreamer4.tokenizer.train import train_tokenizer
 

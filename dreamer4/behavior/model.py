@@ -36,11 +36,20 @@ class ActorCritic(nnx.Module):
         self.frame_stack = cfg.frame_stack
         relu_gain = nnx.initializers.orthogonal(np.sqrt(2.0))
         chans = (C * cfg.frame_stack,) + tuple(cfg.conv_channels)
-        self.convs = nnx.List([
-            nnx.Conv(chans[i], chans[i + 1], kernel_size=(k, k), strides=(s, s), padding="VALID",
-                     kernel_init=relu_gain, rngs=rngs)
-            for i, (k, s) in enumerate(_CONV_SHAPES[:len(cfg.conv_channels)])
-        ])
+        self.convs = nnx.List(
+            [
+                nnx.Conv(
+                    chans[i],
+                    chans[i + 1],
+                    kernel_size=(k, k),
+                    strides=(s, s),
+                    padding="VALID",
+                    kernel_init=relu_gain,
+                    rngs=rngs,
+                )
+                for i, (k, s) in enumerate(_CONV_SHAPES[: len(cfg.conv_channels)])
+            ]
+        )
         h, w = conv_output_hw(H, W, len(cfg.conv_channels))
         if h < 1 or w < 1:
             raise ValueError(f"frames of {H}x{W} are too small for {len(cfg.conv_channels)} convolutions")
@@ -61,6 +70,6 @@ class ActorCritic(nnx.Module):
 def push_frame(stack_NHWCK, frame_NHWC, is_first_N):
     """Append the newest frame to the stack (oldest first); a new episode fills it with its frame."""
     K = stack_NHWCK.shape[-1] // frame_NHWC.shape[-1]
-    shifted = jnp.concatenate([stack_NHWCK[..., frame_NHWC.shape[-1]:], frame_NHWC], axis=-1)
+    shifted = jnp.concatenate([stack_NHWCK[..., frame_NHWC.shape[-1] :], frame_NHWC], axis=-1)
     fresh = jnp.tile(frame_NHWC, (1, 1, 1, K))
     return jnp.where(is_first_N[:, None, None, None], fresh, shifted)

@@ -3,7 +3,7 @@
 CHECKPOINT is a run directory (RUN_DIR, holding behavior/checkpoints/), the stage directory
 (RUN_DIR/behavior), its checkpoints/ directory (all three mean: the latest checkpoint), or one
 checkpoint step directory (RUN_DIR/behavior/checkpoints/<update>) to pick an earlier stage of
-training. Importing this module registers the kind "ppo" with `data.behavior.register_policy`.
+training. The kind "ppo" is listed in the policy registry, `data/policies.py`.
 
 The policy keeps its frame stack as its state (reset to the episode's first frame on is_first)
 and samples from its categorical distribution, as it did in training.
@@ -18,10 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dreamer4.behavior.model import push_frame
+from dreamer4.behavior.train import PPO, _from_saved, _to_saved, abstract_runner
 from dreamer4.config import ConfigError, from_dict
-from dreamer4.data.behavior import BehaviorPolicy, register_policy
+from dreamer4.data.behavior import BehaviorPolicy
 from dreamer4.data.env import EnvSpec, make_env
 from dreamer4.runtime.checkpoint import Checkpointer
+from dreamer4.runtime.stage import CHECKPOINTS, StageDir
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
@@ -32,30 +34,34 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
         if not p.is_dir():
             raise ConfigError(f"{where}: checkpoint step directory {p} does not exist")
         return p.parent, int(p.name)
-    for d in (p / "behavior" / "checkpoints", p / "checkpoints", p):
+    for d in (StageDir(p, "behavior").checkpoints, p / CHECKPOINTS, p):
         if d.is_dir():
             steps = sorted(int(c.name) for c in d.iterdir() if c.is_dir() and c.name.isdigit())
             if steps:
                 return d, steps[-1]
-    raise ConfigError(f"{where}: no PPO checkpoint found at {p} (expected a run directory holding "
-                      f"behavior/checkpoints/<update>/ from `dreamer4 train-behavior`, or one such step directory)")
+    raise ConfigError(
+        f"{where}: no PPO checkpoint found at {p} (expected a run directory holding "
+        f"behavior/checkpoints/<update>/ from `dreamer4 train-behavior`, or one such step directory)"
+    )
 
 
 def load_ppo(path: str | Path, env_spec: EnvSpec | None = None):
     """(graphdef, params, behavior config, meta) of a PPO checkpoint, checked against `env_spec`."""
-    from dreamer4.behavior.train import PPO, _from_saved, _to_saved, abstract_runner
-
     ckpt_dir, step = resolve_checkpoint(path)
     ck = Checkpointer(ckpt_dir, async_save=False)
     try:
         meta = ck.restore_meta(step)
         cfg = from_dict(meta["config"])
-        if env_spec is not None and (meta["env"] != env_spec.name or tuple(meta["frame_shape"]) != env_spec.frame_shape
-                                     or meta["num_actions"] != env_spec.num_actions):
+        if env_spec is not None and (
+            meta["env"] != env_spec.name
+            or tuple(meta["frame_shape"]) != env_spec.frame_shape
+            or meta["num_actions"] != env_spec.num_actions
+        ):
             raise ConfigError(
                 f"collect policy 'ppo:{path}': the checkpoint was trained on env {meta['env']!r} with frames "
                 f"{tuple(meta['frame_shape'])} and {meta['num_actions']} actions, but this collection uses "
-                f"env {env_spec.name!r} with frames {env_spec.frame_shape} and {env_spec.num_actions} actions")
+                f"env {env_spec.name!r} with frames {env_spec.frame_shape} and {env_spec.num_actions} actions"
+            )
         env, env_params, spec = make_env(cfg.env.name)
         fns = PPO(cfg, env, env_params, spec)
         like = abstract_runner(fns, cfg.seed)
@@ -80,6 +86,3 @@ def ppo_policy(path: str, env_spec: EnvSpec, collect_cfg) -> BehaviorPolicy:
         return jax.random.categorical(key, logits_NA).astype(jnp.int32), stack_NHWCK
 
     return BehaviorPolicy("ppo", init, act)
-
-
-register_policy("ppo", ppo_policy)

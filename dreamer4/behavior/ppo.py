@@ -58,8 +58,8 @@ def clipped_surrogate_loss(logp_new_N, logp_old_N, adv_N, clip_eps: float):
 def clipped_value_loss(values_N, old_values_N, returns_N, clip_eps: float):
     """Value regression with the value change clipped as the policy's ratio is.
 
-        V_clip = V_old + clip(V - V_old, -eps, eps)
-        L_V    = 0.5 * mean max((V - R)^2, (V_clip - R)^2)
+    V_clip = V_old + clip(V - V_old, -eps, eps)
+    L_V    = 0.5 * mean max((V - R)^2, (V_clip - R)^2)
     """
     v_clip_N = old_values_N + jnp.clip(values_N - old_values_N, -clip_eps, clip_eps)
     return 0.5 * jnp.mean(jnp.maximum(jnp.square(values_N - returns_N), jnp.square(v_clip_N - returns_N)))
@@ -77,8 +77,19 @@ def categorical_entropy(logits_NA):
     return -jnp.sum(jnp.exp(logp_NA) * logp_NA, axis=-1)
 
 
-def ppo_loss(logits_NA, values_N, actions_N, logp_old_N, old_values_N, adv_N, returns_N, *,
-             clip_eps: float, vf_coef: float, ent_coef: float):
+def ppo_loss(
+    logits_NA,
+    values_N,
+    actions_N,
+    logp_old_N,
+    old_values_N,
+    adv_N,
+    returns_N,
+    *,
+    clip_eps: float,
+    vf_coef: float,
+    ent_coef: float,
+):
     """L = L_clip(normalised A) + c_v L_V - c_e mean H(pi). Returns (loss, metrics)."""
     logp_N = categorical_log_prob(logits_NA, actions_N)
     pg_loss, clip_frac = clipped_surrogate_loss(logp_N, logp_old_N, normalize_advantages(adv_N), clip_eps)
@@ -88,5 +99,10 @@ def ppo_loss(logits_NA, values_N, actions_N, logp_old_N, old_values_N, adv_N, re
     # KL(old || new) estimated from samples of the old policy: mean((rho - 1) - log rho).
     log_ratio = logp_N - logp_old_N
     approx_kl = jnp.mean(jnp.exp(log_ratio) - 1.0 - log_ratio)
-    return loss, {"pg_loss": pg_loss, "value_loss": v_loss, "entropy": entropy,
-                  "clip_frac": clip_frac, "approx_kl": approx_kl}
+    return loss, {
+        "pg_loss": pg_loss,
+        "value_loss": v_loss,
+        "entropy": entropy,
+        "clip_frac": clip_frac,
+        "approx_kl": approx_kl,
+    }

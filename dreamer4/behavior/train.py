@@ -6,9 +6,10 @@ GAE, then `update_epochs` passes of `num_minibatches` shuffled minibatch updates
 around it only logs, checkpoints and counts.
 
 This is online RL, so it does not use the dataset-driven `train()` of runtime/train_loop.py; it
-uses the same runtime pieces: orbax checkpoints (`Checkpointer`), `MetricLogger` (metrics.jsonl +
-wandb), `Progress`, and the same NaN discipline (metrics are checked before every checkpoint, so a
-non-finite loss never overwrites a good checkpoint).
+shares that loop's host-side core (`runtime.host_loop.HostLoop`: metric flush, finite check before
+every checkpoint, so a non-finite loss never overwrites a good checkpoint, log and checkpoint
+cadence) and its runtime pieces: orbax checkpoints (`Checkpointer`), `MetricLogger`, the stage
+contract (`StageDir`).
 
 RUN_DIR/behavior/ holds config.yaml, checkpoints/<update>/, metrics.jsonl and eval.json. A
 checkpoint holds the whole runner: parameters, optimizer state, env states, frame stacks, PRNG
@@ -19,8 +20,6 @@ reassociation on another device count).
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import jax
@@ -34,20 +33,18 @@ from dreamer4.behavior.model import ActorCritic, push_frame
 from dreamer4.config import BehaviorConfig, Config, save_config, to_dict
 from dreamer4.data.env import EnvSpec, make_env, to_uint8
 from dreamer4.runtime.checkpoint import Checkpointer
+from dreamer4.runtime.distributed import is_main_process
+from dreamer4.runtime.host_loop import HostLoop
 from dreamer4.runtime.logging import MetricLogger
-from dreamer4.runtime.progress import Progress
+from dreamer4.runtime.stage import StageDir
 
 STAGE = "behavior"
-
-
-def num_updates(b: BehaviorConfig) -> int:
-    return b.total_steps // (b.num_envs * b.num_steps)
 
 
 def make_optimizer(b: BehaviorConfig) -> optax.GradientTransformation:
     """Adam with global-norm clipping; the learning rate decays linearly to 0 over the updates."""
     per_update = b.update_epochs * b.num_minibatches
-    total = num_updates(b)
+    total = b.num_updates
 
     def lr(count):
         if not b.anneal_lr:
@@ -93,12 +90,20 @@ class PPO:
         k_env, key = jax.random.split(key)
         obs, env_state = self.reset_v(jax.random.split(k_env, N), self.env_params)
         frame = to_uint8(obs)
-        stack = push_frame(jnp.zeros(frame.shape[:3] + (frame.shape[3] * self.b.frame_stack,), jnp.uint8),
-                           frame, jnp.ones((N,), bool))
+        stack = push_frame(
+            jnp.zeros(frame.shape[:3] + (frame.shape[3] * self.b.frame_stack,), jnp.uint8), frame, jnp.ones((N,), bool)
+        )
         params = jax.tree.map(jnp.copy, self.params0)  # the update donates its input buffers
-        return dict(params=params, opt_state=self.tx.init(params), env_state=env_state,
-                    stack=stack, key=key, ep_return=jnp.zeros((N,), jnp.float32),
-                    ep_length=jnp.zeros((N,), jnp.int32), update=jnp.zeros((), jnp.int32))
+        return dict(
+            params=params,
+            opt_state=self.tx.init(params),
+            env_state=env_state,
+            stack=stack,
+            key=key,
+            ep_return=jnp.zeros((N,), jnp.float32),
+            ep_length=jnp.zeros((N,), jnp.int32),
+            update=jnp.zeros((), jnp.int32),
+        )
 
     def _env_step(self, params, env_state, stack, key):
         """Sample actions from the policy, step every env, reset those that finished."""
@@ -107,18 +112,22 @@ class PPO:
         logits_NA, value_N = self.apply(params, stack)
         action_N = jax.random.categorical(k_act, logits_NA).astype(jnp.int32)
         logp_N = ppo.categorical_log_prob(logits_NA, action_N)
-        obs, next_state, reward_N, done_N, _ = self.step_v(jax.random.split(k_step, N), env_state, action_N,
-                                                           self.env_params)
+        obs, next_state, reward_N, done_N, _ = self.step_v(
+            jax.random.split(k_step, N), env_state, action_N, self.env_params
+        )
         achievements_N = next_state.achievements.sum(-1)
         # World generation is costly: run the batched reset only when some env finished.
         reset_obs, reset_state = jax.lax.cond(
-            jnp.any(done_N), lambda: self.reset_v(jax.random.split(k_reset, N), self.env_params),
-            lambda: (obs, next_state))
+            jnp.any(done_N),
+            lambda: self.reset_v(jax.random.split(k_reset, N), self.env_params),
+            lambda: (obs, next_state),
+        )
         obs = jnp.where(done_N[:, None, None, None], reset_obs, obs)
         env_state = _select(done_N, reset_state, next_state)
         new_stack = push_frame(stack, to_uint8(obs), done_N)
-        step = dict(stack=stack, action=action_N, logp=logp_N, value=value_N,
-                    reward=reward_N.astype(jnp.float32), done=done_N)
+        step = dict(
+            stack=stack, action=action_N, logp=logp_N, value=value_N, reward=reward_N.astype(jnp.float32), done=done_N
+        )
         return env_state, new_stack, step, achievements_N
 
     def _update(self, runner):
@@ -133,29 +142,47 @@ class PPO:
             ep_ret = ep_ret + step["reward"]
             ep_len = ep_len + 1
             done = step["done"]
-            finished = dict(ret=jnp.where(done, ep_ret, 0.0), len=jnp.where(done, ep_len, 0),
-                            ach=jnp.where(done, ach_N, 0), n=done.astype(jnp.int32))
+            finished = dict(
+                ret=jnp.where(done, ep_ret, 0.0),
+                len=jnp.where(done, ep_len, 0),
+                ach=jnp.where(done, ach_N, 0),
+                n=done.astype(jnp.int32),
+            )
             ep_ret = jnp.where(done, 0.0, ep_ret)
             ep_len = jnp.where(done, 0, ep_len)
             return (env_state, stack, key, ep_ret, ep_len), (step, finished)
 
         key, k_roll, k_perm = jax.random.split(runner["key"], 3)
         carry0 = (runner["env_state"], runner["stack"], k_roll, runner["ep_return"], runner["ep_length"])
-        (env_state, stack, _, ep_ret, ep_len), (traj_T, fin_T) = jax.lax.scan(rollout_step, carry0, None,
-                                                                               length=T)
+        (env_state, stack, _, ep_ret, ep_len), (traj_T, fin_T) = jax.lax.scan(rollout_step, carry0, None, length=T)
         _, last_value_N = self.apply(params, stack)
-        adv_TN, ret_TN = ppo.gae(traj_T["reward"], traj_T["value"], traj_T["done"], last_value_N,
-                                 b.gamma, b.gae_lambda)
+        adv_TN, ret_TN = ppo.gae(traj_T["reward"], traj_T["value"], traj_T["done"], last_value_N, b.gamma, b.gae_lambda)
 
-        flat = dict(stack=traj_T["stack"], action=traj_T["action"], logp=traj_T["logp"],
-                    value=traj_T["value"], adv=adv_TN, ret=ret_TN)
+        flat = dict(
+            stack=traj_T["stack"],
+            action=traj_T["action"],
+            logp=traj_T["logp"],
+            value=traj_T["value"],
+            adv=adv_TN,
+            ret=ret_TN,
+        )
         flat = jax.tree.map(lambda x: x.reshape((T * N,) + x.shape[2:]), flat)
         M = b.num_minibatches
 
         def loss_fn(p, mb):
             logits_NA, value_N = self.apply(p, mb["stack"])
-            return ppo.ppo_loss(logits_NA, value_N, mb["action"], mb["logp"], mb["value"], mb["adv"],
-                                mb["ret"], clip_eps=b.clip_eps, vf_coef=b.vf_coef, ent_coef=b.ent_coef)
+            return ppo.ppo_loss(
+                logits_NA,
+                value_N,
+                mb["action"],
+                mb["logp"],
+                mb["value"],
+                mb["adv"],
+                mb["ret"],
+                clip_eps=b.clip_eps,
+                vf_coef=b.vf_coef,
+                ent_coef=b.ent_coef,
+            )
 
         def minibatch_step(state, mb):
             p, opt_state = state
@@ -169,8 +196,9 @@ class PPO:
             mbs = jax.tree.map(lambda x: x[perm].reshape((M, -1) + x.shape[1:]), flat)
             return jax.lax.scan(minibatch_step, state, mbs)
 
-        (params, opt_state), losses = jax.lax.scan(epoch, (params, runner["opt_state"]),
-                                                   jax.random.split(k_perm, b.update_epochs))
+        (params, opt_state), losses = jax.lax.scan(
+            epoch, (params, runner["opt_state"]), jax.random.split(k_perm, b.update_epochs)
+        )
         n_fin = fin_T["n"].sum()
         metrics = {k: v.mean() for k, v in losses.items()}
         metrics.update(
@@ -181,8 +209,16 @@ class PPO:
             reward_per_step=traj_T["reward"].mean(),
             value_mean=traj_T["value"].mean(),
         )
-        runner = dict(params=params, opt_state=opt_state, env_state=env_state, stack=stack, key=key,
-                      ep_return=ep_ret, ep_length=ep_len, update=runner["update"] + 1)
+        runner = dict(
+            params=params,
+            opt_state=opt_state,
+            env_state=env_state,
+            stack=stack,
+            key=key,
+            ep_return=ep_ret,
+            ep_length=ep_len,
+            update=runner["update"] + 1,
+        )
         return runner, metrics
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -198,17 +234,20 @@ class PPO:
         k_env, key = jax.random.split(key)
         obs, env_state = self.reset_v(jax.random.split(k_env, N), self.env_params)
         frame = to_uint8(obs)
-        stack = push_frame(jnp.zeros(frame.shape[:3] + (frame.shape[3] * self.b.frame_stack,), jnp.uint8),
-                           frame, jnp.ones((N,), bool))
+        stack = push_frame(
+            jnp.zeros(frame.shape[:3] + (frame.shape[3] * self.b.frame_stack,), jnp.uint8), frame, jnp.ones((N,), bool)
+        )
 
         def step(carry, k):
             env_state, stack, alive, ret, ach = carry
             k_act, k_rand, k_step = jax.random.split(k, 3)
             logits_NA, _ = self.apply(params, stack)
-            action = jnp.where(use_random, jax.random.randint(k_rand, (N,), 0, A),
-                               jax.random.categorical(k_act, logits_NA)).astype(jnp.int32)
-            obs, env_state, reward, done, _ = self.step_v(jax.random.split(k_step, N), env_state, action,
-                                                          self.env_params)
+            action = jnp.where(
+                use_random, jax.random.randint(k_rand, (N,), 0, A), jax.random.categorical(k_act, logits_NA)
+            ).astype(jnp.int32)
+            obs, env_state, reward, done, _ = self.step_v(
+                jax.random.split(k_step, N), env_state, action, self.env_params
+            )
             ret = ret + jnp.where(alive, reward, 0.0)
             ach = jnp.where(alive, env_state.achievements.sum(-1), ach)
             alive = alive & ~done
@@ -244,9 +283,15 @@ def abstract_runner(ppo_fns: PPO, seed: int) -> dict:
 
 def checkpoint_meta(cfg: Config, spec: EnvSpec, update: int) -> dict:
     b = cfg.behavior
-    return {"step": update, "stage": STAGE, "env_steps": update * b.num_envs * b.num_steps,
-            "env": spec.name, "frame_shape": list(spec.frame_shape), "num_actions": spec.num_actions,
-            "config": to_dict(cfg)}
+    return {
+        "step": update,
+        "stage": STAGE,
+        "env_steps": update * b.num_envs * b.num_steps,
+        "env": spec.name,
+        "frame_shape": list(spec.frame_shape),
+        "num_actions": spec.num_actions,
+        "config": to_dict(cfg),
+    }
 
 
 def evaluate_vs_random(ppo_fns: PPO, params, seed: int) -> dict:
@@ -255,8 +300,9 @@ def evaluate_vs_random(ppo_fns: PPO, params, seed: int) -> dict:
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xE7A1)
     out = {}
     for name, use_random in (("policy", False), ("random", True)):
-        ret, ach, ended = jax.device_get(ppo_fns.evaluate(params, key, jnp.asarray(use_random), b.eval_envs,
-                                                          b.eval_steps))
+        ret, ach, ended = jax.device_get(
+            ppo_fns.evaluate(params, key, jnp.asarray(use_random), b.eval_envs, b.eval_steps)
+        )
         out[f"eval_{name}_return"] = float(np.mean(ret))
         out[f"eval_{name}_achievements"] = float(np.mean(ach))
         out[f"eval_{name}_episodes_ended"] = float(np.mean(ended))
@@ -271,14 +317,16 @@ def train_behavior(cfg: Config, run_dir: str | Path, log=print, stop_after_updat
     right after a checkpoint (set behavior.ckpt_every to divide it).
     """
     b = cfg.behavior
-    stage_dir = Path(run_dir) / STAGE
+    stage = StageDir(run_dir, STAGE)
+    stage.check_network(cfg)
+    stage_dir = stage.dir
     stage_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
+    if is_main_process():
         save_config(cfg, stage_dir)
     env, env_params, spec = make_env(cfg.env.name)
     fns = PPO(cfg, env, env_params, spec)
-    total = num_updates(b)
-    ckpt = Checkpointer(stage_dir / "checkpoints", keep=b.keep_checkpoints)
+    total = b.num_updates
+    ckpt = Checkpointer(stage.checkpoints, keep=b.keep_checkpoints)
     logger = MetricLogger(stage_dir, STAGE, to_dict(cfg), mode=cfg.runtime.wandb, project=cfg.runtime.wandb_project)
     like = abstract_runner(fns, cfg.seed)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _to_saved(like))
@@ -293,71 +341,58 @@ def train_behavior(cfg: Config, run_dir: str | Path, log=print, stop_after_updat
         log(f"[{STAGE}] resumed from update {int(meta['step'])} ({meta['env_steps']} env steps) in {ckpt.directory}")
     update = int(runner["update"])
     steps_per_update = b.num_envs * b.num_steps
-    bar = Progress(total=total, initial=update, desc=STAGE, unit="update")
-    pending: list[tuple[int, dict]] = []
-    t_last, updates_since = time.time(), 0
-    last: dict = {}
     done_now = 0
 
-    def flush() -> None:
-        nonlocal pending, t_last, updates_since, last
-        if not pending:
-            return
-        host = jax.device_get([m for _, m in pending])
-        for (u, _), m in zip(pending, host):
-            if not all(np.isfinite(v) for v in m.values()):
-                raise FloatingPointError(
-                    f"[{STAGE}] PPO loss became non-finite at update {u} "
-                    f"({ {k: float(v) for k, v in m.items()} }); the last good checkpoint is update "
-                    f"{ckpt.latest_step()} in {ckpt.directory} (not overwritten)")
-        now = time.time()
+    def on_nonfinite(u: int, m: dict) -> None:
+        raise FloatingPointError(
+            f"[{STAGE}] PPO loss became non-finite at update {u} "
+            f"({ {k: float(v) for k, v in m.items()} }); the last good checkpoint is update "
+            f"{ckpt.latest_step()} in {ckpt.directory} (not overwritten)"
+        )
+
+    def summarize(host: list[dict], updates: int, seconds: float) -> dict:
         # Episode statistics are weighted by the episodes that ended in each update.
         n = np.array([m["episodes"] for m in host], float)
-        means = {k: float(np.mean([m[k] for m in host])) for k in host[0]
-                 if not k.startswith("episode")}
+        means = {k: float(np.mean([m[k] for m in host])) for k in host[0] if not k.startswith("episode")}
         for k in ("episode_return", "episode_length", "episode_achievements"):
             if n.sum() > 0:
                 means[k] = float(np.sum([m[k] * w for m, w in zip(host, n)]) / n.sum())
         means["episodes"] = float(n.sum())
-        means["env_steps"] = float(pending[-1][0] * steps_per_update)
-        means["env_steps_per_s"] = updates_since * steps_per_update / max(now - t_last, 1e-9)
-        t_last, updates_since = now, 0
-        logger.log(pending[-1][0], means)
-        bar.update(0, ret=means.get("episode_return", float("nan")), sps=means["env_steps_per_s"])
-        last = means
-        pending = []
+        means["env_steps"] = float(loop.pending[-1][0] * steps_per_update)
+        means["env_steps_per_s"] = updates * steps_per_update / seconds
+        return means
 
-    def save(u: int) -> None:
-        flush()
-        ckpt.save(u, _to_saved(runner), checkpoint_meta(cfg, spec, u))
-
+    loop = HostLoop(
+        STAGE,
+        total=total,
+        initial=update,
+        unit="update",
+        log_every=b.log_every,
+        ckpt_every=b.ckpt_every,
+        ckpt=ckpt,
+        logger=logger,
+        save_state=lambda u: (_to_saved(runner), checkpoint_meta(cfg, spec, u)),
+        summarize=summarize,
+        on_nonfinite=on_nonfinite,
+        progress=lambda m: {"ret": m.get("episode_return", float("nan")), "sps": m["env_steps_per_s"]},
+    )
     try:
         while update < total:
             runner, metrics = fns.update(runner)
             update += 1
-            updates_since += 1
             done_now += 1
-            pending.append((update, metrics))
-            bar.update(1)
-            if update % b.log_every == 0:
-                flush()
-            if update % b.ckpt_every == 0 or update == total:
-                save(update)
+            loop.record(update, metrics)
             if stop_after_updates is not None and done_now >= stop_after_updates and update < total:
-                flush()
+                loop.flush()
                 ckpt.wait()
-                return {"update": update, "complete": False, **last}
-        flush()
-        if ckpt.latest_step() != update:
-            save(update)
-        ckpt.wait()
+                return {"update": update, "complete": False, **loop.last}
+        loop.finish(update)
         results = evaluate_vs_random(fns, runner["params"], cfg.seed)
         results.update(update=update, env_steps=update * steps_per_update, complete=True)
-        logger.log(update, {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        if jax.process_index() == 0:
-            (stage_dir / "eval.json").write_text(json.dumps({**results, "train": last}, indent=1))
-        return {**last, **results}
+        logger.log(
+            update, {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        )
+        stage.write_results({**results, "train": loop.last})
+        return {**loop.last, **results}
     finally:
-        bar.close()
-        ckpt.close()
-        logger.close()
+        loop.close()

@@ -7,14 +7,15 @@ A policy is two pure functions, traced inside the collector's jitted `lax.scan`:
 
 `frames_NHWC` are the uint8 frames the envs show now; `is_first_N` marks envs whose episode just
 began (a recurrent or sticky policy resets there). Policies are chosen by a spec string:
-"random", "sticky", or "KIND:CHECKPOINT" for a learned policy registered with `register_policy`
-(the PPO policy of a later stage registers itself as "ppo").
+"random", "sticky", or "KIND:CHECKPOINT" for a learned policy; the one registry of policy kinds
+is `data/policies.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,37 +63,12 @@ def sticky_policy(num_actions: int, repeat_prob: float) -> BehaviorPolicy:
     return BehaviorPolicy("sticky", init, act)
 
 
-# KIND -> factory(checkpoint_path, env_spec, collect_cfg) -> BehaviorPolicy
-_LEARNED: dict[str, Callable[..., BehaviorPolicy]] = {}
-
-
-def register_policy(kind: str, factory: Callable[..., BehaviorPolicy]) -> None:
-    """Make "KIND:CHECKPOINT" specs resolvable; used by stages that train a behaviour policy."""
-    _LEARNED[kind] = factory
-
-
-def make_policy(spec: str, env_spec, collect_cfg) -> BehaviorPolicy:
-    if spec == "random":
-        return random_policy(env_spec.num_actions)
-    if spec == "sticky":
-        return sticky_policy(env_spec.num_actions, collect_cfg.sticky_repeat_prob)
-    kind, sep, path = spec.partition(":")
-    if sep and kind == "ppo" and kind not in _LEARNED:
-        import dreamer4.behavior.policy  # noqa: F401  (registers "ppo"; imported lazily, it depends on us)
-    if sep and kind in _LEARNED:
-        return _LEARNED[kind](path, env_spec, collect_cfg)
-    known = ["random", "sticky"] + [f"{k}:CHECKPOINT" for k in sorted(_LEARNED)]
-    raise ConfigError(
-        f"config key 'collect.policy': unknown behaviour policy {spec!r}; expected one of {known}"
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Mixtures and epsilon-random actions (`collect.mix`, `collect.epsilon`)
 
 
 def parse_mix(mix: str) -> list[tuple[str, float]]:
-    """"SPEC=W,SPEC=W" -> [(spec, weight)], weights normalised to sum 1.
+    """ "SPEC=W,SPEC=W" -> [(spec, weight)], weights normalised to sum 1.
 
     A spec may itself contain "=" (a path): the weight is what follows the last "=".
     """
@@ -104,8 +80,10 @@ def parse_mix(mix: str) -> list[tuple[str, float]]:
         except ValueError:
             weight = -1.0
         if not sep or not spec or weight < 0:
-            raise ConfigError(f"config key 'collect.mix': {part!r} must look like SPEC=WEIGHT with a "
-                              f"weight >= 0 (e.g. 'ppo:runs/a=0.5,random=0.5')")
+            raise ConfigError(
+                f"config key 'collect.mix': {part!r} must look like SPEC=WEIGHT with a "
+                f"weight >= 0 (e.g. 'ppo:runs/a=0.5,random=0.5')"
+            )
         members.append((spec.strip(), weight))
     total = sum(w for _, w in members)
     if total <= 0:
@@ -126,8 +104,9 @@ def assign_envs(weights: list[float], num_envs: int, seed: int, writer: int) -> 
     rng = np.random.default_rng([seed, writer, 0x313C])
     u = float(rng.random())
     cum = np.cumsum(weights)
-    slots = [min(int(np.searchsorted(cum, (j + u) / num_envs, side="right")), len(weights) - 1)
-             for j in range(num_envs)]
+    slots = [
+        min(int(np.searchsorted(cum, (j + u) / num_envs, side="right")), len(weights) - 1) for j in range(num_envs)
+    ]
     perm = rng.permutation(num_envs)
     out = [0] * num_envs
     for j, n in enumerate(perm):

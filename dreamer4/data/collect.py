@@ -30,7 +30,6 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +37,9 @@ import numpy as np
 
 from dreamer4.config import Config, ConfigError, save_config, to_dict
 from dreamer4.data import store
-from dreamer4.data.behavior import BehaviorPolicy, assign_envs, make_policy, mixture_policy, parse_mix
+from dreamer4.data.behavior import BehaviorPolicy, assign_envs, mixture_policy, parse_mix
 from dreamer4.data.env import EnvSpec, make_env, to_uint8
+from dreamer4.data.policies import make_policy
 from dreamer4.runtime.faults import disk_guard
 from dreamer4.runtime.progress import Progress
 
@@ -50,8 +50,7 @@ ROW_FIELDS = tuple(store.FIELD_DTYPES)
 # Device side: one jitted chunk of `chunk_steps` iterations over `num_envs` envs.
 
 
-def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: int, chunk_steps: int,
-                  policy_ids=None):
+def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: int, chunk_steps: int, policy_ids=None):
     """Return (init(key) -> carry, chunk(carry) -> (carry, rows_TN)), both jitted.
 
     carry: env_state, policy_state, frame (N,H,W,C uint8, the frame each env shows now),
@@ -83,13 +82,21 @@ def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: 
         key, k_act, k_step, k_reset = jax.random.split(carry["key"], 4)
         actions_N, policy_state = policy.act(carry["policy_state"], k_act, carry["frame"], carry["first"])
         actions_N = actions_N.astype(jnp.int32)
-        obs, next_state, reward_N, done_N, _ = step_v(jax.random.split(k_step, N), carry["env_state"],
-                                                       actions_N, params)
+        obs, next_state, reward_N, done_N, _ = step_v(
+            jax.random.split(k_step, N), carry["env_state"], actions_N, params
+        )
         unlocked = next_state.achievements & ~carry["env_state"].achievements
         terminal_N = done_N & (next_state.timestep < params.max_timesteps)
-        stepped = dict(frame=to_uint8(obs), action=actions_N, reward=reward_N.astype(jnp.float32),
-                       is_first=jnp.zeros((N,), bool), is_last=done_N, is_terminal=terminal_N,
-                       achievements=unlocked, **extra)
+        stepped = dict(
+            frame=to_uint8(obs),
+            action=actions_N,
+            reward=reward_N.astype(jnp.float32),
+            is_first=jnp.zeros((N,), bool),
+            is_last=done_N,
+            is_terminal=terminal_N,
+            achievements=unlocked,
+            **extra,
+        )
 
         # World generation is costly: run the batched reset only when some env needs it.
         need = carry["done"]
@@ -98,14 +105,26 @@ def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: 
             lambda: reset_v(jax.random.split(k_reset, N), params),
             lambda: (obs, next_state),
         )
-        reset_row = dict(frame=to_uint8(reset_obs), action=jnp.full((N,), -1, jnp.int32),
-                         reward=jnp.zeros((N,), jnp.float32), is_first=jnp.ones((N,), bool),
-                         is_last=jnp.zeros((N,), bool), is_terminal=jnp.zeros((N,), bool),
-                         achievements=jnp.zeros_like(unlocked), **extra)
+        reset_row = dict(
+            frame=to_uint8(reset_obs),
+            action=jnp.full((N,), -1, jnp.int32),
+            reward=jnp.zeros((N,), jnp.float32),
+            is_first=jnp.ones((N,), bool),
+            is_last=jnp.zeros((N,), bool),
+            is_terminal=jnp.zeros((N,), bool),
+            achievements=jnp.zeros_like(unlocked),
+            **extra,
+        )
         row = select(need, reset_row, stepped)
         env_state = select(need, reset_state, next_state)
-        carry = dict(env_state=env_state, policy_state=policy_state, frame=row["frame"],
-                     first=row["is_first"], done=row["is_last"], key=key)
+        carry = dict(
+            env_state=env_state,
+            policy_state=policy_state,
+            frame=row["frame"],
+            first=row["is_first"],
+            done=row["is_last"],
+            key=key,
+        )
         return carry, row
 
     def chunk(carry):
@@ -137,7 +156,7 @@ class EpisodeAssembler:
             lasts = np.flatnonzero(rows_TN["is_last"][:, n])
             begin = 0
             for t in lasts:
-                self.partial[n].append({k: v[begin:t + 1, n] for k, v in rows_TN.items()})
+                self.partial[n].append({k: v[begin : t + 1, n] for k, v in rows_TN.items()})
                 ep = {k: np.concatenate([p[k] for p in self.partial[n]]) for k in rows_TN}
                 self.partial[n] = []
                 finished.append((int(t), n, ep))
@@ -146,8 +165,9 @@ class EpisodeAssembler:
                 self.partial[n].append({k: v[begin:, n].copy() for k, v in rows_TN.items()})
         finished.sort(key=lambda x: (x[0], x[1]))
         for _, _, ep in finished:
-            assert ep["is_first"][0] and ep["is_last"][-1] and ep["is_first"].sum() == 1, \
+            assert ep["is_first"][0] and ep["is_last"][-1] and ep["is_first"].sum() == 1, (
                 "collector produced an episode that does not start with is_first / end with is_last"
+            )
         return [ep for _, _, ep in finished]
 
 
@@ -200,7 +220,7 @@ def _config_header(cfg: Config, num_writers: int) -> dict:
         "labeled_fraction": c.labeled_fraction,
         "eval_fraction": c.eval_fraction,
         "step_convention": "row t: frame_t; action_t led into frame_t (-1 at is_first); "
-                           "reward_t received on arriving at frame_t",
+        "reward_t received on arriving at frame_t",
         "collect_config": to_dict(c),
     }
 
@@ -220,8 +240,18 @@ def _header(cfg: Config, spec: EnvSpec, num_writers: int) -> dict:
 
 
 # Header keys that must agree between every writer of one dataset.
-_MUST_MATCH = ("env", "frame_shape", "num_actions", "seed", "num_writers", "num_episodes",
-               "behavior_policy", "labeled_fraction", "eval_fraction", "collect_config")
+_MUST_MATCH = (
+    "env",
+    "frame_shape",
+    "num_actions",
+    "seed",
+    "num_writers",
+    "num_episodes",
+    "behavior_policy",
+    "labeled_fraction",
+    "eval_fraction",
+    "collect_config",
+)
 
 
 def _check_header(root: Path, existing: dict, mine: dict, keys=_MUST_MATCH) -> None:
@@ -231,7 +261,8 @@ def _check_header(root: Path, existing: dict, mine: dict, keys=_MUST_MATCH) -> N
         if existing.get(key) != mine[key]:
             raise store.DatasetError(
                 f"{store.manifest_path(root)} was created with {key}={existing.get(key)!r}, but this "
-                f"collect run has {key}={mine[key]!r}; use the same config and --num-writers, or a new --out")
+                f"collect run has {key}={mine[key]!r}; use the same config and --num-writers, or a new --out"
+            )
 
 
 def precheck_dataset(cfg: Config, root: Path, num_writers: int) -> None:
@@ -245,11 +276,16 @@ def precheck_dataset(cfg: Config, root: Path, num_writers: int) -> None:
     if env.get("name") != cfg.env.name:
         raise store.DatasetError(
             f"{store.manifest_path(root)} holds {env.get('id', '?')} episodes (env.name={env.get('name')!r}), "
-            f"but this collect run has env.name={cfg.env.name!r}; use the dataset's config or a new --out")
+            f"but this collect run has env.name={cfg.env.name!r}; use the dataset's config or a new --out"
+        )
     if m.get("created_by") == "import-video" and "collect_config" not in m:
         return
-    _check_header(root, m, _config_header(cfg, num_writers),
-                  keys=tuple(k for k in _MUST_MATCH if k not in ("env", "frame_shape", "num_actions")))
+    _check_header(
+        root,
+        m,
+        _config_header(cfg, num_writers),
+        keys=tuple(k for k in _MUST_MATCH if k not in ("env", "frame_shape", "num_actions")),
+    )
 
 
 class CollectorState:
@@ -271,13 +307,15 @@ class CollectorState:
 
     @staticmethod
     def encode(carry, assembler: EpisodeAssembler) -> bytes:
-        raw = pickle.dumps({"carry": jax.device_get(carry), "partial": assembler.partial},
-                           protocol=pickle.HIGHEST_PROTOCOL)
+        raw = pickle.dumps(
+            {"carry": jax.device_get(carry), "partial": assembler.partial}, protocol=pickle.HIGHEST_PROTOCOL
+        )
         return zlib.compress(raw, 1)
 
     @staticmethod
-    def save(root: Path, writer: int, shards_done: int, carry, assembler: EpisodeAssembler,
-             data: bytes | None = None) -> None:
+    def save(
+        root: Path, writer: int, shards_done: int, carry, assembler: EpisodeAssembler, data: bytes | None = None
+    ) -> None:
         """`data`: the state already encoded (collect encodes it while the shard is written)."""
         p = CollectorState.path(root, writer, shards_done)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +339,8 @@ class CollectorState:
         else:
             raise store.DatasetError(
                 f"{p} is missing: writer {writer} has {shards_done} committed shards but no saved "
-                f"collector state to continue from deterministically")
+                f"collector state to continue from deterministically"
+            )
         return s["carry"], s["partial"]
 
     @staticmethod
@@ -323,8 +362,15 @@ def resolve_writer(writer_id: int | None, num_writers: int | None) -> tuple[int,
     return writer_id, num_writers
 
 
-def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writers: int | None = None,
-            log=print, stop_after_shards: int | None = None, row_sink=None) -> dict:
+def collect(
+    cfg: Config,
+    out: str | Path,
+    writer_id: int | None = None,
+    num_writers: int | None = None,
+    log=print,
+    stop_after_shards: int | None = None,
+    row_sink=None,
+) -> dict:
     """Fill (or finish filling) dataset `out` with this writer's share of episodes.
 
     Returns a summary dict. `stop_after_shards` is for tests and benchmarks: stop after committing
@@ -342,10 +388,11 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
         policy_ids = assign_envs([w for _, w in members], c.num_envs, cfg.seed, writer)
         for i, (s, w) in enumerate(members):
             if w > 0 and i not in policy_ids:
-                raise ConfigError(f"config key 'collect.mix': policy {s!r} (weight {w:.3g}) gets none of the "
-                                  f"collect.num_envs={c.num_envs} envs; raise num_envs or its weight")
-        policy = mixture_policy([make_policy(s, spec, c) for s, _ in members], policy_ids, c.epsilon,
-                                spec.num_actions)
+                raise ConfigError(
+                    f"config key 'collect.mix': policy {s!r} (weight {w:.3g}) gets none of the "
+                    f"collect.num_envs={c.num_envs} envs; raise num_envs or its weight"
+                )
+        policy = mixture_policy([make_policy(s, spec, c) for s, _ in members], policy_ids, c.epsilon, spec.num_actions)
     else:
         policy = make_policy(c.policy, spec, c)
     header = _header(cfg, spec, num_writers)
@@ -364,7 +411,8 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
                 if m.get(key) != header[key]:
                     raise store.DatasetError(
                         f"{store.manifest_path(root)} (imported videos) has {key}={m.get(key)!r}, but this "
-                        f"collect run has {key}={header[key]!r}")
+                        f"collect run has {key}={header[key]!r}"
+                    )
             m.update({k: v for k, v in header.items() if k not in ("has_actions", "has_rewards")})
             m.setdefault("writers", {})
         else:
@@ -415,28 +463,58 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
             labeled = True if is_eval else stratified_pick(train_done, c.labeled_fraction, label_u)
             train_done += 0 if is_eval else 1
             L = len(ep["frame"])
-            eps.append({
-                "id": f"w{writer:03d}-e{n:06d}", "start": start, "length": L,
-                "return": float(ep["reward"][1:].sum()),
-                "achievements": [spec.achievement_names[i] for i in np.flatnonzero(ep["achievements"].any(0))],
-                "labeled": bool(labeled), "split": "eval" if is_eval else "train",
-                "policy": members[int(ep["policy_id"][0])][0] if "policy_id" in ep else c.policy,
-            })
+            eps.append(
+                {
+                    "id": f"w{writer:03d}-e{n:06d}",
+                    "start": start,
+                    "length": L,
+                    "return": float(ep["reward"][1:].sum()),
+                    "achievements": [spec.achievement_names[i] for i in np.flatnonzero(ep["achievements"].any(0))],
+                    "labeled": bool(labeled),
+                    "split": "eval" if is_eval else "train",
+                    "policy": members[int(ep["policy_id"][0])][0] if "policy_id" in ep else c.policy,
+                }
+            )
             start += L
-        entry = {"name": name, "writer": writer, "index": shards_done, "num_frames": int(len(arrays["frame"])),
-                 "episodes": eps, "target_episodes": target, "final": final}
+        entry = {
+            "name": name,
+            "writer": writer,
+            "index": shards_done,
+            "num_frames": int(len(arrays["frame"])),
+            "episodes": eps,
+            "target_episodes": target,
+            "final": final,
+        }
         # zlib and TensorStore's zstd both release the GIL: compress the resume state meanwhile.
         with ThreadPoolExecutor(1) as pool:
             encoded = pool.submit(CollectorState.encode, carry_after, assembler)
-            digests = store.write_shard(root, name, arrays, read_chunk=c.read_chunk_frames,
-                                        zstd_level=c.zstd_level, entry=entry, header=header_now)
+            digests = store.write_shard(
+                root,
+                name,
+                arrays,
+                read_chunk=c.read_chunk_frames,
+                zstd_level=c.zstd_level,
+                entry=entry,
+                header=header_now,
+            )
             CollectorState.save(root, writer, shards_done + 1, None, None, data=encoded.result())
         with store.locked_manifest(root) as m:
-            m["shards"].append({"name": name, "writer": writer, "index": shards_done,
-                                "num_frames": int(len(arrays["frame"])), "sha256": digests, "episodes": eps})
-            m["writers"][str(writer)] = {"committed_shards": shards_done + 1,
-                                         "episodes": episodes_done + len(eps),
-                                         "target_episodes": target, "complete": final}
+            m["shards"].append(
+                {
+                    "name": name,
+                    "writer": writer,
+                    "index": shards_done,
+                    "num_frames": int(len(arrays["frame"])),
+                    "sha256": digests,
+                    "episodes": eps,
+                }
+            )
+            m["writers"][str(writer)] = {
+                "committed_shards": shards_done + 1,
+                "episodes": episodes_done + len(eps),
+                "target_episodes": target,
+                "complete": final,
+            }
         CollectorState.prune(root, writer, keep_from=shards_done + 1)
         shards_done += 1
         episodes_done += len(eps)
@@ -461,8 +539,7 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
         new_eps = assembler.add(rows)
         room = target - episodes_done - len(pending)
         pending.extend(new_eps[:room])
-        bar.update(min(len(new_eps), room), steps_per_s=steps_new / max(time.time() - t0, 1e-9),
-                   MB=bytes_new / 1e6)
+        bar.update(min(len(new_eps), room), steps_per_s=steps_new / max(time.time() - t0, 1e-9), MB=bytes_new / 1e6)
         if episodes_done + len(pending) >= target:
             commit(carry_k, final=True)
             finished = True
@@ -473,8 +550,17 @@ def collect(cfg: Config, out: str | Path, writer_id: int | None = None, num_writ
                 break
     bar.close()
     elapsed = time.time() - t0
-    log(f"writer {writer}: {episodes_done}/{target} episodes in {shards_done} shards; "
-        f"{steps_new} env steps in {elapsed:.1f}s ({steps_new / max(elapsed, 1e-9):.0f} steps/s)")
+    log(
+        f"writer {writer}: {episodes_done}/{target} episodes in {shards_done} shards; "
+        f"{steps_new} env steps in {elapsed:.1f}s ({steps_new / max(elapsed, 1e-9):.0f} steps/s)"
+    )
     steady = (steps_new - steps_first) / max(time.time() - t_first, 1e-9) if t_first else 0.0
-    return {"writer": writer, "episodes": episodes_done, "shards": shards_done, "new_steps": steps_new,
-            "seconds": elapsed, "steady_steps_per_s": steady, "complete": finished}
+    return {
+        "writer": writer,
+        "episodes": episodes_done,
+        "shards": shards_done,
+        "new_steps": steps_new,
+        "seconds": elapsed,
+        "steady_steps_per_s": steady,
+        "complete": finished,
+    }

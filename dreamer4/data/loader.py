@@ -42,8 +42,16 @@ _ROW_FIELDS = ("frame", "reward", "is_first", "is_last", "is_terminal")
 class WindowSource(grain.RandomAccessDataSource):
     """Random access to every (episode, start) window of one split."""
 
-    def __init__(self, root: str | Path, split: str, seq_len: int, stride: int,
-                 env_name: str | None = None, labeled_only: bool = False, seq_len_key: str = "loader.seq_len"):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        seq_len: int,
+        stride: int,
+        env_name: str | None = None,
+        labeled_only: bool = False,
+        seq_len_key: str = "loader.seq_len",
+    ):
         self.ds = Dataset.open(root, env_name=env_name)
         self.split, self.seq_len = split, seq_len
         eps = self.ds.split(split)
@@ -52,15 +60,18 @@ class WindowSource(grain.RandomAccessDataSource):
         if labeled_only:
             eps = [e for e in eps if e.labeled]
             if not eps:
-                raise DatasetError(f"dataset {root} has no labeled '{split}' episodes "
-                                   f"(collect.labeled_fraction was {self.ds.manifest['labeled_fraction']})")
+                raise DatasetError(
+                    f"dataset {root} has no labeled '{split}' episodes "
+                    f"(collect.labeled_fraction was {self.ds.manifest['labeled_fraction']})"
+                )
         self.episodes: list[Episode] = eps
         self.skipped = [e for e in eps if e.length < seq_len]
         windows = [(i, s) for i, e in enumerate(eps) for s in range(0, e.length - seq_len + 1, stride)]
         if not windows:
             raise DatasetError(
                 f"dataset {root}: no '{split}' episode is at least {seq_len_key}={seq_len} steps long "
-                f"(longest: {max(e.length for e in eps)}); lower config key '{seq_len_key}'")
+                f"(longest: {max(e.length for e in eps)}); lower config key '{seq_len_key}'"
+            )
         self.windows = np.asarray(windows, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -79,21 +90,30 @@ class WindowSource(grain.RandomAccessDataSource):
             actions = np.full((T,), -1, np.int32)
             mask = np.zeros((T,), bool)
         return {
-            "frames": rows["frame"], "actions": actions, "action_mask": mask,
-            "rewards": rows["reward"], "reward_mask": np.full((T,), ep.has_rewards), "is_first": rows["is_first"], "is_last": rows["is_last"],
+            "frames": rows["frame"],
+            "actions": actions,
+            "action_mask": mask,
+            "rewards": rows["reward"],
+            "reward_mask": np.full((T,), ep.has_rewards),
+            "is_first": rows["is_first"],
+            "is_last": rows["is_last"],
             "is_terminal": rows["is_terminal"],
         }
 
     def __repr__(self) -> str:
         # grain checks repr(source) when restoring iterator state: it must name the data, not the object.
         shards = sorted({e.shard for e in self.episodes})
-        return (f"WindowSource(root={str(self.ds.root)!r}, split={self.split!r}, seq_len={self.seq_len}, "
-                f"windows={len(self)}, shards={len(shards)}, last_shard={shards[-1]!r})")
+        return (
+            f"WindowSource(root={str(self.ds.root)!r}, split={self.split!r}, seq_len={self.seq_len}, "
+            f"windows={len(self)}, shards={len(shards)}, last_shard={shards[-1]!r})"
+        )
 
     def describe(self) -> str:
         n_lab = sum(e.labeled for e in self.episodes)
-        return (f"{self.split}: {len(self.episodes)} episodes ({n_lab} labeled), {len(self)} windows "
-                f"of {self.seq_len} steps; {len(self.skipped)} episodes shorter than that skipped")
+        return (
+            f"{self.split}: {len(self.episodes)} episodes ({n_lab} labeled), {len(self)} windows "
+            f"of {self.seq_len} steps; {len(self.skipped)} episodes shorter than that skipped"
+        )
 
 
 class _ReadRows:
@@ -103,15 +123,25 @@ class _ReadRows:
         self.source, self.lo, self.hi = source, lo, hi
 
     def __call__(self, index_B: np.ndarray) -> dict[str, np.ndarray]:
-        records = [self.source[int(i)] for i in index_B[self.lo:self.hi]]
+        records = [self.source[int(i)] for i in index_B[self.lo : self.hi]]
         return {k: np.stack([r[k] for r in records]) for k in records[0]}
 
 
 class WindowLoader:
     """Iterable of process-local batches; `iter()` gives a `LoaderIterator` (get_state/set_state)."""
 
-    def __init__(self, source: WindowSource, batch_size: int, shard_index: int, shard_count: int,
-                 seed: int, shuffle: bool, num_epochs: int | None, worker_count: int, buffer_size: int):
+    def __init__(
+        self,
+        source: WindowSource,
+        batch_size: int,
+        shard_index: int,
+        shard_count: int,
+        seed: int,
+        shuffle: bool,
+        num_epochs: int | None,
+        worker_count: int,
+        buffer_size: int,
+    ):
         self.source, self.batch_size = source, batch_size
         self.shard_index, self.shard_count, self.seed = shard_index, shard_count, seed
         local = batch_size // shard_count
@@ -121,15 +151,21 @@ class WindowLoader:
         ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
         ds = ds.map(_ReadRows(source, shard_index * local, (shard_index + 1) * local))
         if worker_count > 0:
-            self._dataset = ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=worker_count, per_worker_buffer_size=buffer_size))
+            self._dataset = ds.to_iter_dataset().mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=buffer_size)
+            )
         else:  # one reader thread overlaps reading with training
             self._dataset = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer_size))
         # What a saved position refers to; the process count is deliberately not part of it.
-        self.stream_id = {"source": repr(source), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
-                          "worker_count": worker_count}
+        self.stream_id = {
+            "source": repr(source),
+            "batch_size": batch_size,
+            "seed": seed,
+            "shuffle": shuffle,
+            "worker_count": worker_count,
+        }
 
-    def __iter__(self) -> "LoaderIterator":
+    def __iter__(self) -> LoaderIterator:
         return LoaderIterator(self)
 
 
@@ -145,16 +181,22 @@ class LoaderIterator:
         return next(self._it)
 
     def get_state(self) -> bytes:
-        return json.dumps({"stream": self.loader.stream_id, "process_count": self.loader.shard_count,
-                           "position": self._it.get_state()}).encode()
+        return json.dumps(
+            {
+                "stream": self.loader.stream_id,
+                "process_count": self.loader.shard_count,
+                "position": self._it.get_state(),
+            }
+        ).encode()
 
     def set_state(self, state: bytes) -> None:
         """Continue at a saved position; ValueError if it belongs to another stream."""
         saved = json.loads(state)
         if not isinstance(saved, dict) or saved.get("stream") != self.loader.stream_id:
             theirs = saved.get("stream") if isinstance(saved, dict) else saved
-            raise ValueError(f"the saved data position belongs to another stream ({theirs}; this one is "
-                             f"{self.loader.stream_id})")
+            raise ValueError(
+                f"the saved data position belongs to another stream ({theirs}; this one is {self.loader.stream_id})"
+            )
         self._it.set_state(saved["position"])
 
 
@@ -166,11 +208,21 @@ def saved_process_count(state: bytes) -> int | None:
         return None
 
 
-def make_loader(root: str | Path, cfg: Config, split: str = "train", *, seed: int | None = None,
-                num_epochs: int | None = None, labeled_only: bool = False,
-                shard_index: int | None = None, shard_count: int | None = None,
-                batch_size: int | None = None, seq_len: int | None = None,
-                batch_key: str = "loader.batch_size", seq_len_key: str = "loader.seq_len"):
+def make_loader(
+    root: str | Path,
+    cfg: Config,
+    split: str = "train",
+    *,
+    seed: int | None = None,
+    num_epochs: int | None = None,
+    labeled_only: bool = False,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    batch_key: str = "loader.batch_size",
+    seq_len_key: str = "loader.seq_len",
+):
     """A loader of this process's share of every global batch; iterate it, save `iter.get_state()`.
 
     The global batch `loader.batch_size` is split evenly over JAX processes (`shard_index` of
@@ -181,18 +233,35 @@ def make_loader(root: str | Path, cfg: Config, split: str = "train", *, seed: in
     lc = cfg.loader
     batch_size = lc.batch_size if batch_size is None else batch_size
     seq_len = lc.seq_len if seq_len is None else seq_len
-    source = WindowSource(root, split, seq_len, min(lc.window_stride, seq_len), env_name=cfg.env.name,
-                          labeled_only=labeled_only, seq_len_key=seq_len_key)
+    source = WindowSource(
+        root,
+        split,
+        seq_len,
+        min(lc.window_stride, seq_len),
+        env_name=cfg.env.name,
+        labeled_only=labeled_only,
+        seq_len_key=seq_len_key,
+    )
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if batch_size % shard_count:
-        raise ConfigError(f"config key '{batch_key}' ({batch_size}) must be divisible by the number of JAX "
-                          f"processes ({shard_count})")
+        raise ConfigError(
+            f"config key '{batch_key}' ({batch_size}) must be divisible by the number of JAX processes ({shard_count})"
+        )
     if lc.worker_count > 0:
         # grain's worker processes read absl flags; a CLI that never parsed absl flags must say so.
         from absl import flags
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-    return WindowLoader(source, batch_size, shard_index, shard_count, cfg.seed if seed is None else seed,
-                        lc.shuffle, num_epochs, lc.worker_count, lc.worker_buffer_size)
+    return WindowLoader(
+        source,
+        batch_size,
+        shard_index,
+        shard_count,
+        cfg.seed if seed is None else seed,
+        lc.shuffle,
+        num_epochs,
+        lc.worker_count,
+        lc.worker_buffer_size,
+    )

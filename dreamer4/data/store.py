@@ -28,9 +28,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
@@ -176,9 +177,16 @@ def digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def write_shard(root: str | Path, name: str, arrays: dict[str, np.ndarray], *,
-                read_chunk: int, zstd_level: int, entry: dict | None = None,
-                header: dict | None = None) -> dict[str, str]:
+def write_shard(
+    root: str | Path,
+    name: str,
+    arrays: dict[str, np.ndarray],
+    *,
+    read_chunk: int,
+    zstd_level: int,
+    entry: dict | None = None,
+    header: dict | None = None,
+) -> dict[str, str]:
     """Write one shard group in a single TensorStore transaction; returns sha256 per array.
 
     Any leftover of an earlier, uncommitted attempt at the same shard is removed first. `entry`
@@ -217,14 +225,12 @@ def write_shard(root: str | Path, name: str, arrays: dict[str, np.ndarray], *,
 def open_shard_array(root: str | Path, name: str, field: str):
     path = shard_dir(root, name) / field
     try:
-        return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}},
-                       open=True).result()
+        return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, open=True).result()
     except Exception as e:  # TensorStore raises ValueError / its own status errors
         raise DatasetError(f"shard {name}: cannot open array {path}: {e}") from None
 
 
-def read_shard_array(store, name: str, field: str, start: int | None = None,
-                     stop: int | None = None) -> np.ndarray:
+def read_shard_array(store, name: str, field: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
     try:
         return store[start:stop].read().result()
     except Exception as e:
@@ -265,17 +271,32 @@ class Dataset:
         self.shards = {s["name"]: s for s in manifest["shards"]}
         for s in manifest["shards"]:
             for e in s["episodes"]:
-                self.episodes.append(Episode(
-                    id=e["id"], shard=s["name"], start=e["start"], length=e["length"],
-                    ret=e["return"], achievements=tuple(e["achievements"]), labeled=e["labeled"],
-                    split=e["split"], policy=e.get("policy", manifest.get("behavior_policy", "?")),
-                    has_actions=e.get("has_actions", True), has_rewards=e.get("has_rewards", True)))
+                self.episodes.append(
+                    Episode(
+                        id=e["id"],
+                        shard=s["name"],
+                        start=e["start"],
+                        length=e["length"],
+                        ret=e["return"],
+                        achievements=tuple(e["achievements"]),
+                        labeled=e["labeled"],
+                        split=e["split"],
+                        policy=e.get("policy", manifest.get("behavior_policy", "?")),
+                        has_actions=e.get("has_actions", True),
+                        has_rewards=e.get("has_rewards", True),
+                    )
+                )
         self._stores: dict[tuple[str, str], Any] = {}
         self._cache: dict[tuple[str, str], np.ndarray] = {}
 
     @classmethod
-    def open(cls, root: str | Path, env_name: str | None = None, allow_empty: bool = False,
-             hide_unlabeled_actions: bool = True) -> "Dataset":
+    def open(
+        cls,
+        root: str | Path,
+        env_name: str | None = None,
+        allow_empty: bool = False,
+        hide_unlabeled_actions: bool = True,
+    ) -> Dataset:
         """Open a dataset's committed shards; `hide_unlabeled_actions=False` is for tools and tests
         that must see every stored byte, never for training code."""
         root = Path(root)
@@ -286,17 +307,23 @@ class Dataset:
             refuse_orphaned_shards(root, "it cannot be read until it has one")
             raise DatasetError(
                 f"{root} is not a dreamer4 dataset: {manifest_path(root)} is missing "
-                f"(create one with `dreamer4 collect --out {root}`)")
+                f"(create one with `dreamer4 collect --out {root}`)"
+            )
         if m.get("format") != FORMAT:
-            raise DatasetError(f"{manifest_path(root)} is not a dreamer4 dataset manifest "
-                               f"(format {m.get('format')!r}, expected {FORMAT!r})")
+            raise DatasetError(
+                f"{manifest_path(root)} is not a dreamer4 dataset manifest "
+                f"(format {m.get('format')!r}, expected {FORMAT!r})"
+            )
         if m.get("format_version") != FORMAT_VERSION:
-            raise DatasetError(f"{manifest_path(root)} has format_version {m.get('format_version')}, "
-                               f"this code reads version {FORMAT_VERSION}")
+            raise DatasetError(
+                f"{manifest_path(root)} has format_version {m.get('format_version')}, "
+                f"this code reads version {FORMAT_VERSION}"
+            )
         if env_name is not None and m["env"]["name"] != env_name:
             raise DatasetError(
                 f"dataset {root} holds {m['env']['id']} episodes (env.name={m['env']['name']!r}) "
-                f"but the config has env.name={env_name!r}")
+                f"but the config has env.name={env_name!r}"
+            )
         ds = cls(root, m, hide_unlabeled_actions=hide_unlabeled_actions)
         if not ds.episodes and not allow_empty:
             raise DatasetError(f"dataset {root} has no committed episodes yet")
@@ -324,7 +351,7 @@ class Dataset:
                 a = a.copy()
                 for e in self.episodes:
                     if e.shard == shard and not e.labeled:
-                        a[e.start:e.start + e.length] = -1
+                        a[e.start : e.start + e.length] = -1
             self._cache[key] = a
         return self._cache[key]
 
@@ -363,8 +390,7 @@ def verify(root: str | Path) -> tuple[list[str], list[str]]:
             try:
                 store = open_shard_array(root, name, field)
                 if store.shape[0] != n:
-                    problems.append(f"shard {name}: array '{field}' has {store.shape[0]} rows, "
-                                    f"manifest says {n}")
+                    problems.append(f"shard {name}: array '{field}' has {store.shape[0]} rows, manifest says {n}")
                     continue
                 data = read_shard_array(store, name, field)
             except DatasetError as e:
@@ -392,8 +418,9 @@ def shard_groups(root: str | Path) -> list[Path]:
     return sorted(p for p in sdir.iterdir() if p.is_dir()) if sdir.is_dir() else []
 
 
-def refuse_orphaned_shards(root: str | Path,
-                           why: str = "refusing to write into it, which would overwrite them") -> None:
+def refuse_orphaned_shards(
+    root: str | Path, why: str = "refusing to write into it, which would overwrite them"
+) -> None:
     """Raise if `root` holds shard groups but no manifest: writing there would destroy them."""
     root = Path(root)
     if manifest_path(root).exists():
@@ -403,7 +430,8 @@ def refuse_orphaned_shards(root: str | Path,
         names = ", ".join(p.name for p in groups[:3]) + (", ..." if len(groups) > 3 else "")
         raise DatasetError(
             f"{root} holds {len(groups)} shard group(s) ({names}) but no {MANIFEST}; {why}: restore the "
-            f"manifest with `dreamer4 dataset rebuild-manifest {root}` (or move them aside with `dreamer4 dataset rebuild-manifest --move-aside {root}`)")
+            f"manifest with `dreamer4 dataset rebuild-manifest {root}` (or move them aside with `dreamer4 dataset rebuild-manifest --move-aside {root}`)"
+        )
 
 
 def _shard_attributes(d: Path) -> dict:
@@ -447,8 +475,10 @@ def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> d
     if mp.exists():
         try:
             m = json.loads(mp.read_text())
-            raise DatasetError(f"{mp} exists and is readable ({len(m.get('shards', []))} committed shards); "
-                               f"nothing to rebuild (move it aside first to rebuild it from the shards)")
+            raise DatasetError(
+                f"{mp} exists and is readable ({len(m.get('shards', []))} committed shards); "
+                f"nothing to rebuild (move it aside first to rebuild it from the shards)"
+            )
         except json.JSONDecodeError:
             bad = mp.with_name(f"{MANIFEST}.damaged-{int(time.time())}")
             os.replace(mp, bad)
@@ -501,13 +531,17 @@ def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> d
         committed.extend(run)
         if w != "video" and run:
             last = run[-1][0]
-            writers[str(w)] = {"committed_shards": len(run),
-                               "episodes": sum(len(e["episodes"]) for e, _ in run),
-                               "target_episodes": last["target_episodes"], "complete": last["final"]}
+            writers[str(w)] = {
+                "committed_shards": len(run),
+                "episodes": sum(len(e["episodes"]) for e, _ in run),
+                "target_episodes": last["target_episodes"],
+                "complete": last["final"],
+            }
     if not committed:
         raise DatasetError(
             f"{root}: no shard carries the metadata a rebuild needs ({len(skipped)} shard group(s): "
-            f"{'; '.join(skipped[:3])}); move them aside with `dreamer4 dataset rebuild-manifest --move-aside {root}`")
+            f"{'; '.join(skipped[:3])}); move them aside with `dreamer4 dataset rebuild-manifest --move-aside {root}`"
+        )
     committed.sort(key=lambda x: x[0]["written_at"])  # commit order, as the manifest listed them
     headers = [h for _, h in committed]
     video = [h for e, h in committed if e["writer"] == "video"]
@@ -520,12 +554,16 @@ def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> d
     for h in headers[1:]:
         for key in ("env", "frame_shape", "num_actions", "seed"):
             if h.get(key) != headers[0].get(key):
-                raise DatasetError(f"{root}: shards disagree on the dataset's {key} ({h.get(key)!r} vs "
-                                   f"{headers[0].get(key)!r}); rebuild refused")
+                raise DatasetError(
+                    f"{root}: shards disagree on the dataset's {key} ({h.get(key)!r} vs "
+                    f"{headers[0].get(key)!r}); rebuild refused"
+                )
     if video:
         m["has_actions"] = m["has_rewards"] = False
-    m["shards"] = [{k: v for k, v in e.items() if k not in ("written_at", "target_episodes", "final", "batch")}
-                   for e, _ in committed]
+    m["shards"] = [
+        {k: v for k, v in e.items() if k not in ("written_at", "target_episodes", "final", "batch")}
+        for e, _ in committed
+    ]
     m["writers"] = writers
     with locked_manifest(root) as current:
         if current:
@@ -534,6 +572,8 @@ def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> d
     for s in skipped:
         log(f"not restored: {s}")
     eps = sum(len(s["episodes"]) for s in m["shards"])
-    log(f"rebuilt {mp}: {len(m['shards'])} shards, {eps} episodes; {len(skipped)} shard group(s) not restored "
-        f"(left in place)")
+    log(
+        f"rebuilt {mp}: {len(m['shards'])} shards, {eps} episodes; {len(skipped)} shard group(s) not restored "
+        f"(left in place)"
+    )
     return {"shards": len(m["shards"]), "episodes": eps, "skipped": skipped}

@@ -26,6 +26,8 @@ import numpy as np
 
 from dreamer4.config import Config, save_config
 from dreamer4.data import store
+from dreamer4.data.collect import stratified_pick
+from dreamer4.data.env import make_env
 from dreamer4.data.store import DatasetError
 
 FIT_MODES = ("resize", "pad", "letterbox")
@@ -90,7 +92,9 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, float | None]:
             return np.stack(imgs), None
         suffix = p.suffix.lower()
         if suffix not in VIDEO_SUFFIXES:
-            raise DatasetError(f"{p}: unsupported file type {suffix!r} (expected one of {VIDEO_SUFFIXES} or a PNG folder)")
+            raise DatasetError(
+                f"{p}: unsupported file type {suffix!r} (expected one of {VIDEO_SUFFIXES} or a PNG folder)"
+            )
         if suffix == ".gif":
             frames = np.asarray(iio.imread(p, index=None))
             meta = iio.immeta(p)
@@ -135,15 +139,17 @@ def fit_frames(frames_THWC: np.ndarray, shape: tuple[int, int, int], mode: str, 
     def pad(x):
         out = np.zeros((len(x), H, W, 3), np.uint8)
         top, left = (H - x.shape[1]) // 2, (W - x.shape[2]) // 2
-        out[:, top:top + x.shape[1], left:left + x.shape[2]] = x
+        out[:, top : top + x.shape[1], left : left + x.shape[2]] = x
         return out
 
     if mode == "resize":
         return resize(frames_THWC, (H, W))
     if mode == "pad":
         if h > H or w > W:
-            raise DatasetError(f"{name}: frames of {h}x{w} do not fit into the dataset's {H}x{W} frames with "
-                               f"--fit pad (use --fit resize or letterbox)")
+            raise DatasetError(
+                f"{name}: frames of {h}x{w} do not fit into the dataset's {H}x{W} frames with "
+                f"--fit pad (use --fit resize or letterbox)"
+            )
         return pad(frames_THWC)
     if mode == "letterbox":
         s = min(H / h, W / w)
@@ -165,27 +171,38 @@ def _parse_shape(text: str | None) -> tuple[int, int, int] | None:
 
 
 def _new_header(cfg: Config, frame_shape) -> dict:
-    from dreamer4.data.env import make_env
-
     _, _, spec = make_env(cfg.env.name)
     return {
-        "format": store.FORMAT, "format_version": store.FORMAT_VERSION,
+        "format": store.FORMAT,
+        "format_version": store.FORMAT_VERSION,
         "env": {"name": spec.name, "id": spec.env_id, "craftax_version": spec.craftax_version},
-        "frame_shape": list(frame_shape or spec.frame_shape), "num_actions": spec.num_actions,
-        "action_meanings": list(spec.action_meanings), "achievement_names": list(spec.achievement_names),
-        "seed": cfg.seed, "behavior_policy": "video", "created_by": "import-video",
-        "labeled_fraction": 0.0, "eval_fraction": cfg.collect.eval_fraction,
+        "frame_shape": list(frame_shape or spec.frame_shape),
+        "num_actions": spec.num_actions,
+        "action_meanings": list(spec.action_meanings),
+        "achievement_names": list(spec.achievement_names),
+        "seed": cfg.seed,
+        "behavior_policy": "video",
+        "created_by": "import-video",
+        "labeled_fraction": 0.0,
+        "eval_fraction": cfg.collect.eval_fraction,
         "step_convention": "row t: frame_t; action_t led into frame_t (-1 at is_first); "
-                           "reward_t received on arriving at frame_t",
-        "shards": [], "writers": {},
+        "reward_t received on arriving at frame_t",
+        "shards": [],
+        "writers": {},
     }
 
 
-def import_videos(cfg: Config, out: str | Path, files: list[str], *, frame_shape: str | None = None,
-                  fit: str = "resize", fps: float | None = None, log=print) -> dict:
+def import_videos(
+    cfg: Config,
+    out: str | Path,
+    files: list[str],
+    *,
+    frame_shape: str | None = None,
+    fit: str = "resize",
+    fps: float | None = None,
+    log=print,
+) -> dict:
     """Import `files` into dataset `out` (created when missing); returns a summary."""
-    from dreamer4.data.collect import stratified_pick
-
     if fit not in FIT_MODES:
         raise DatasetError(f"--fit {fit!r}: expected one of {FIT_MODES}")
     root = Path(out)
@@ -198,15 +215,18 @@ def import_videos(cfg: Config, out: str | Path, files: list[str], *, frame_shape
     for f in files:
         p = Path(f)
         digests_now[f] = _file_digest(p) if p.exists() else None
-        done = existing is not None and digests_now[f] in {e.get("sha256") for s in existing.get("shards", [])
-                                                           for e in s["episodes"]}
+        done = existing is not None and digests_now[f] in {
+            e.get("sha256") for s in existing.get("shards", []) for e in s["episodes"]
+        }
         read.append(None if done else read_frames(p))
     if existing is not None:
         if existing.get("format") != store.FORMAT:
             raise DatasetError(f"{store.manifest_path(root)} is not a dreamer4 dataset manifest")
         if existing["env"]["name"] != cfg.env.name:
-            raise DatasetError(f"dataset {root} holds env.name={existing['env']['name']!r} episodes but the config "
-                               f"has env.name={cfg.env.name!r}")
+            raise DatasetError(
+                f"dataset {root} holds env.name={existing['env']['name']!r} episodes but the config "
+                f"has env.name={cfg.env.name!r}"
+            )
         shape = tuple(existing["frame_shape"])
         if want_shape is not None and want_shape != shape:
             raise DatasetError(f"--frame-shape {frame_shape} differs from dataset {root}'s frame shape {shape}")
@@ -258,30 +278,62 @@ def import_videos(cfg: Config, out: str | Path, files: list[str], *, frame_shape
         for i, (p, d, frames, rate) in enumerate(todo):
             T = len(frames)
             rows = {
-                "frame": frames, "action": np.full((T,), -1, np.int32), "reward": np.zeros((T,), np.float32),
-                "is_first": np.arange(T) == 0, "is_last": np.arange(T) == T - 1,
-                "is_terminal": np.zeros((T,), bool), "achievements": np.zeros((T, A), bool),
+                "frame": frames,
+                "action": np.full((T,), -1, np.int32),
+                "reward": np.zeros((T,), np.float32),
+                "is_first": np.arange(T) == 0,
+                "is_last": np.arange(T) == T - 1,
+                "is_terminal": np.zeros((T,), bool),
+                "achievements": np.zeros((T, A), bool),
             }
             name = f"{WRITER}-s{len(mine) + i:06d}"
             k = n_eps + i
-            entry = {"name": name, "writer": WRITER, "index": len(mine) + i, "num_frames": T, "episodes": [{
-                "id": f"video-e{k:06d}", "start": 0, "length": T, "return": 0.0,
-                "achievements": [], "labeled": False,
-                "split": "eval" if stratified_pick(k, cfg.collect.eval_fraction, u) else "train",
-                "policy": "video", "has_actions": False, "has_rewards": False,
-                "source": str(p), "fps": rate, "sha256": d}]}
+            entry = {
+                "name": name,
+                "writer": WRITER,
+                "index": len(mine) + i,
+                "num_frames": T,
+                "episodes": [
+                    {
+                        "id": f"video-e{k:06d}",
+                        "start": 0,
+                        "length": T,
+                        "return": 0.0,
+                        "achievements": [],
+                        "labeled": False,
+                        "split": "eval" if stratified_pick(k, cfg.collect.eval_fraction, u) else "train",
+                        "policy": "video",
+                        "has_actions": False,
+                        "has_rewards": False,
+                        "source": str(p),
+                        "fps": rate,
+                        "sha256": d,
+                    }
+                ],
+            }
             # The import batch lets `dataset rebuild-manifest` commit all of this import's shards or none.
             digests = store.write_shard(
-                root, name, rows, read_chunk=cfg.collect.read_chunk_frames, zstd_level=cfg.collect.zstd_level,
+                root,
+                name,
+                rows,
+                read_chunk=cfg.collect.read_chunk_frames,
+                zstd_level=cfg.collect.zstd_level,
                 entry={**entry, "batch": {"first": len(mine), "count": len(todo)}},
-                header={k2: v for k2, v in m.items() if k2 not in ("shards", "writers")})
-            new_shards.append({**{k2: v for k2, v in entry.items() if k2 != "episodes"}, "sha256": digests,
-                               "episodes": entry["episodes"]})
+                header={k2: v for k2, v in m.items() if k2 not in ("shards", "writers")},
+            )
+            new_shards.append(
+                {
+                    **{k2: v for k2, v in entry.items() if k2 != "episodes"},
+                    "sha256": digests,
+                    "episodes": entry["episodes"],
+                }
+            )
         m["shards"].extend(new_shards)
         m["has_actions"] = False
         m["has_rewards"] = False
         m.setdefault("video_imports", []).append(
-            {"files": [str(p) for p, *_ in todo], "fit": fit, "frames": int(sum(len(t[2]) for t in todo))})
+            {"files": [str(p) for p, *_ in todo], "fit": fit, "frames": int(sum(len(t[2]) for t in todo))}
+        )
     summary = {"episodes": len(todo), "frames": int(sum(len(t[2]) for t in todo)), "frame_shape": list(shape)}
     log(f"imported {summary['episodes']} videos ({summary['frames']} frames, fitted to {shape} by {fit}) into {root}")
     return summary

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from dreamer4.config import DynamicsConfig
+from dreamer4.config import DynamicsNet
 from dreamer4.nn import AxialTransformer
+from dreamer4.tokenizer.model import Tokenizer
 
 
 def tau_index(tau, k_max: int):
@@ -44,8 +45,16 @@ def d_index(d, k_max: int):
 
 
 class Dynamics(nnx.Module):
-    def __init__(self, cfg: DynamicsConfig, num_latents: int, latent_dim: int, num_actions: int, *,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(
+        self,
+        cfg: DynamicsNet,
+        num_latents: int,
+        latent_dim: int,
+        num_actions: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
         self.cfg = cfg
         self.L, self.N, self.A = num_latents, latent_dim, num_actions
         self.Z, self.R, D = cfg.spatial_tokens, cfg.register_tokens, cfg.width
@@ -62,9 +71,16 @@ class Dynamics(nnx.Module):
         self.action_base = nnx.Param(init(rngs.params(), (D,)))
         self.action_embed = nnx.Embed(num_actions, D, rngs=rngs)
         self.transformer = AxialTransformer(
-            width=D, depth=cfg.depth, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-            mlp_ratio=cfg.mlp_ratio, time_every=cfg.time_every, logit_cap=cfg.logit_cap, rngs=rngs,
-            dtype=dtype)
+            width=D,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            time_every=cfg.time_every,
+            logit_cap=cfg.logit_cap,
+            rngs=rngs,
+            dtype=dtype,
+        )
 
     def action_tokens(self, actions_BT, action_mask_BT):
         """Learned embedding + the action's own embedding where labeled (masked actions never
@@ -84,7 +100,7 @@ class Dynamics(nnx.Module):
         return jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=2)
 
     def readout(self, y_BTSD):
-        out = self.z_out(y_BTSD[:, :, 2 + self.R:]).astype(jnp.float32)
+        out = self.z_out(y_BTSD[:, :, 2 + self.R :]).astype(jnp.float32)
         return rearrange(out, "b t z (g n) -> b t (z g) n", g=self.group)
 
     def __call__(self, z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT):
@@ -99,3 +115,23 @@ class Dynamics(nnx.Module):
         """Predict clean z_t for one step t (inputs at t), reading the cache of steps < t."""
         y, cache = self.transformer.step(self.tokens(z_B1LN, tau_B1, d_B1, action_B1, action_mask_B1), cache, t)
         return self.readout(y), cache
+
+
+class WorldModel(nnx.Module):
+    """The world model: the (frozen) tokenizer and the dynamics, as one module (one state, one checkpoint).
+
+    The tokenizer is trained first and frozen here (training only updates parameters under `dynamics`);
+    holding both in one module places, shards and checkpoints them together.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, dynamics: Dynamics):
+        self.tokenizer = tokenizer
+        self.dynamics = dynamics
+
+    def latents(self, frames_BTHWC_uint8):
+        """Clean tokenizer latents z1 of uint8 frames, with no gradient into the tokenizer."""
+        return jax.lax.stop_gradient(self.tokenizer.encode(frames_BTHWC_uint8.astype(jnp.float32) / 255.0))
+
+    def decode(self, z_BTLN):
+        """Tokenizer latents -> frames in [0, 1] (clipped)."""
+        return jnp.clip(self.tokenizer.decode(z_BTLN), 0.0, 1.0)

@@ -24,44 +24,64 @@ from dreamer4.dynamics.model import Dynamics
 from dreamer4.dynamics.shortcut import corrupt, denoise_frame
 
 
-def _context_inputs(dyn: Dynamics, z_BTLN, key):
-    """Corrupt clean latents to tau_ctx; return (z, tau, d) inputs for context steps."""
+def context_inputs(z_BTLN, key, context_tau: float, k_max: int):
+    """Clean latents -> (z corrupted to tau_ctx, tau_BT, d_BT = d_min): what the cache holds for a
+    context step (dataset context, generated frame, or a real frame the agent acts on)."""
     B, T = z_BTLN.shape[:2]
-    tau = jnp.full((B, T), dyn.cfg.context_tau, jnp.float32)
+    tau = jnp.full((B, T), context_tau, jnp.float32)
     z0 = jax.random.normal(key, z_BTLN.shape, jnp.float32)
-    return corrupt(z_BTLN, z0, tau), tau, jnp.full((B, T), 1.0 / dyn.cfg.k_max, jnp.float32)
+    return corrupt(z_BTLN, z0, tau), tau, jnp.full((B, T), 1.0 / k_max, jnp.float32)
 
 
-@partial(nnx.jit, static_argnames=("max_len",))
-def prefill_context(dyn: Dynamics, z_ctx_BCLN, actions_BC, mask_BC, key, max_len: int):
-    """Write C context steps into a fresh cache of `max_len` steps; returns the cache."""
-    z, tau, d = _context_inputs(dyn, z_ctx_BCLN, key)
-    x = dyn.tokens(z, tau, d, actions_BC, mask_BC)
-    _, cache = dyn.transformer.prefill(x, max_len)
-    return cache
+def generate_frame(
+    step_fn, cache, k_noise, k_ctx, shape_B1LN, K: int, k_max: int, context_tau: float, z_of=lambda out: out
+):
+    """One new step t against the cache: K shortcut steps from noise, then one context pass.
 
-
-@partial(nnx.jit, static_argnames=("K",))
-def generate_step(dyn: Dynamics, cache, t, action_B1, mask_B1, key, K: int):
-    """Generate the clean latents of step t (B, 1, L, N) with K shortcut steps; update the cache."""
-    B = action_B1.shape[0]
-    k_noise, k_ctx = jax.random.split(key)
+    step_fn(z_B1LN, tau_B1, d_B1, cache) -> (out, cache) is one cached forward pass of step t (each
+    pass overwrites cache slot t); z_of(out) is its x-prediction. Returns (z_t, out of the context
+    pass, cache): the clean latents of the new frame, what the context pass read out (the agent
+    reads its state from it) and the cache whose slot t holds the frame at the context level.
+    """
+    B = shape_B1LN[0]
     state = {"cache": cache}
 
     def predict(z_B1LN, tau, d):
         tau_B1 = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (B, 1))
         d_B1 = jnp.broadcast_to(jnp.asarray(d, jnp.float32), (B, 1))
-        z1_hat, state["cache"] = dyn.step(z_B1LN, tau_B1, d_B1, action_B1, mask_B1, state["cache"], t)
-        return z1_hat
+        out, state["cache"] = step_fn(z_B1LN, tau_B1, d_B1, state["cache"])
+        return z_of(out)
 
-    z_t = denoise_frame(predict, k_noise, (B, 1, dyn.L, dyn.N), K, dyn.cfg.k_max)
-    zc, tau, d = _context_inputs(dyn, z_t, k_ctx)
-    _, cache = dyn.step(zc, tau, d, action_B1, mask_B1, state["cache"], t)
+    z_t = denoise_frame(predict, k_noise, shape_B1LN, K, k_max)
+    zc, tau, d = context_inputs(z_t, k_ctx, context_tau, k_max)
+    out, cache = step_fn(zc, tau, d, state["cache"])
+    return z_t, out, cache
+
+
+@partial(nnx.jit, static_argnames=("max_len", "context_tau"))
+def prefill_context(dyn: Dynamics, z_ctx_BCLN, actions_BC, mask_BC, key, max_len: int, context_tau: float):
+    """Write C context steps into a fresh cache of `max_len` steps; returns the cache."""
+    z, tau, d = context_inputs(z_ctx_BCLN, key, context_tau, dyn.cfg.k_max)
+    x = dyn.tokens(z, tau, d, actions_BC, mask_BC)
+    _, cache = dyn.transformer.prefill(x, max_len)
+    return cache
+
+
+@partial(nnx.jit, static_argnames=("K", "context_tau"))
+def generate_step(dyn: Dynamics, cache, t, action_B1, mask_B1, key, K: int, context_tau: float):
+    """Generate the clean latents of step t (B, 1, L, N) with K shortcut steps; update the cache."""
+    B = action_B1.shape[0]
+    k_noise, k_ctx = jax.random.split(key)
+
+    def step_fn(z_B1LN, tau_B1, d_B1, cache):
+        return dyn.step(z_B1LN, tau_B1, d_B1, action_B1, mask_B1, cache, t)
+
+    z_t, _, cache = generate_frame(step_fn, cache, k_noise, k_ctx, (B, 1, dyn.L, dyn.N), K, dyn.cfg.k_max, context_tau)
     return z_t, cache
 
 
-def rollout(dyn: Dynamics, z_ctx_BCLN, actions_BT, mask_BT, key, K: int, horizon: int):
-    """Open-loop imagination: C true context steps, then `horizon` generated steps.
+def rollout(dyn: Dynamics, z_ctx_BCLN, actions_BT, mask_BT, key, K: int, horizon: int, context_tau: float):
+    """Open-loop imagination: C true context steps, then `horizon` generated steps (context at tau_ctx).
 
     actions_BT / mask_BT cover all C + horizon steps (action_t leads into step t).
     Returns the generated latents (B, horizon, L, N).
@@ -71,11 +91,21 @@ def rollout(dyn: Dynamics, z_ctx_BCLN, actions_BT, mask_BT, key, K: int, horizon
     if C == 0:  # generation from scratch: the model learned start frames from single images
         cache = dyn.init_cache(actions_BT.shape[0], horizon)
     else:
-        cache = prefill_context(dyn, z_ctx_BCLN, actions_BT[:, :C], mask_BT[:, :C], k_pre, max_len=C + horizon)
+        cache = prefill_context(
+            dyn, z_ctx_BCLN, actions_BT[:, :C], mask_BT[:, :C], k_pre, max_len=C + horizon, context_tau=context_tau
+        )
     out = []
     for h in range(horizon):
         t = C + h
-        z_t, cache = generate_step(dyn, cache, jnp.int32(t), actions_BT[:, t:t + 1], mask_BT[:, t:t + 1],
-                                   jax.random.fold_in(key, t), K=K)
+        z_t, cache = generate_step(
+            dyn,
+            cache,
+            jnp.int32(t),
+            actions_BT[:, t : t + 1],
+            mask_BT[:, t : t + 1],
+            jax.random.fold_in(key, t),
+            K=K,
+            context_tau=context_tau,
+        )
         out.append(z_t)
     return jnp.concatenate(out, axis=1)

@@ -13,7 +13,7 @@ the clean z1 (x-prediction); its implied velocity is v = (z1_hat - z_tau) / (1 -
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -20,7 +20,7 @@ pure functions of static sizes (numpy), except `cached_time_mask`, whose step in
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -126,9 +126,21 @@ class Attention(nnx.Module):
     (bf16 compute with float32 parameters: dtype=bfloat16, param_dtype=float32).
     """
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, *, head_dim: int | None = None,
-                 qk_norm: bool = True, rope: bool = False, rope_base: float = 10000.0, logit_cap: float = 0.0,
-                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        *,
+        head_dim: int | None = None,
+        qk_norm: bool = True,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        logit_cap: float = 0.0,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")

@@ -100,6 +100,6 @@ def apply_rope(x_NH, positions, base: float = 10000.0):
     theta_NJ = jnp.asarray(positions, jnp.float32)[..., None] * freq_J
     cos, sin = jnp.cos(theta_NJ), jnp.sin(theta_NJ)
     x32 = x_NH.astype(jnp.float32)
-    a_NJ, b_NJ = x32[..., : H // 2], x32[..., H // 2:]
+    a_NJ, b_NJ = x32[..., : H // 2], x32[..., H // 2 :]
     out = jnp.concatenate([a_NJ * cos - b_NJ * sin, a_NJ * sin + b_NJ * cos], axis=-1)
     return out.astype(x_NH.dtype)

@@ -37,7 +37,7 @@ float32 residual with bf16 matmuls); every sub-layer output is cast to it before
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,17 +61,41 @@ def layer_kinds(depth: int, time_every: int) -> tuple[str, ...]:
 class Block(nnx.Module):
     """One pre-norm layer: x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)); attention over space or time."""
 
-    def __init__(self, kind: str, width: int, num_heads: int, num_kv_heads: int, *, mlp_hidden: int,
-                 logit_cap: float = 0.0, qk_norm: bool = True, time_rope: bool = True, space_rope: bool = False,
-                 rope_base: float = 10000.0, time_window: int = 0, eps: float = 1e-6, rngs: nnx.Rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        kind: str,
+        width: int,
+        num_heads: int,
+        num_kv_heads: int,
+        *,
+        mlp_hidden: int,
+        logit_cap: float = 0.0,
+        qk_norm: bool = True,
+        time_rope: bool = True,
+        space_rope: bool = False,
+        rope_base: float = 10000.0,
+        time_window: int = 0,
+        eps: float = 1e-6,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
         if kind not in (SPACE, TIME):
             raise ValueError(f"layer kind must be {SPACE!r} or {TIME!r}, got {kind!r}")
         self.kind, self.time_window = kind, time_window
         self.attn_norm = RMSNorm(width, eps=eps, param_dtype=param_dtype)
-        self.attn = Attention(width, num_heads, num_kv_heads, qk_norm=qk_norm,
-                              rope=time_rope if kind == TIME else space_rope, rope_base=rope_base,
-                              logit_cap=logit_cap, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attn = Attention(
+            width,
+            num_heads,
+            num_kv_heads,
+            qk_norm=qk_norm,
+            rope=time_rope if kind == TIME else space_rope,
+            rope_base=rope_base,
+            logit_cap=logit_cap,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
         self.mlp_norm = RMSNorm(width, eps=eps, param_dtype=param_dtype)
         self.mlp = SwiGLU(width, mlp_hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -133,23 +157,58 @@ class AxialTransformer(nnx.Module):
     Cache:  cache = model.init_cache(B, max_len); y_B1SD, cache = model.step(x_B1SD, cache, t)
     """
 
-    def __init__(self, *, width: int, depth: int, num_heads: int, num_kv_heads: int | None = None,
-                 mlp_ratio: float = 4.0, mlp_hidden: int | None = None, time_every: int = 4,
-                 kinds: Sequence[str] | None = None, logit_cap: float = 0.0, qk_norm: bool = True,
-                 time_rope: bool = True, space_rope: bool = False, rope_base: float = 10000.0,
-                 time_window: int = 0, visibility=None, remat: bool = False, eps: float = 1e-6,
-                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        *,
+        width: int,
+        depth: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        mlp_hidden: int | None = None,
+        time_every: int = 4,
+        kinds: Sequence[str] | None = None,
+        logit_cap: float = 0.0,
+        qk_norm: bool = True,
+        time_rope: bool = True,
+        space_rope: bool = False,
+        rope_base: float = 10000.0,
+        time_window: int = 0,
+        visibility=None,
+        remat: bool = False,
+        eps: float = 1e-6,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
         kinds = tuple(kinds) if kinds is not None else layer_kinds(depth, time_every)
         if len(kinds) != depth:
             raise ValueError(f"kinds has {len(kinds)} entries for depth {depth}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         hidden = mlp_hidden if mlp_hidden is not None else int(round(width * mlp_ratio))
         self.kinds = kinds
-        self.blocks = nnx.List([
-            Block(k, width, num_heads, num_kv_heads, mlp_hidden=hidden, logit_cap=logit_cap, qk_norm=qk_norm,
-                  time_rope=time_rope, space_rope=space_rope, rope_base=rope_base, time_window=time_window,
-                  eps=eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-            for k in kinds])
+        self.blocks = nnx.List(
+            [
+                Block(
+                    k,
+                    width,
+                    num_heads,
+                    num_kv_heads,
+                    mlp_hidden=hidden,
+                    logit_cap=logit_cap,
+                    qk_norm=qk_norm,
+                    time_rope=time_rope,
+                    space_rope=space_rope,
+                    rope_base=rope_base,
+                    time_window=time_window,
+                    eps=eps,
+                    rngs=rngs,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                )
+                for k in kinds
+            ]
+        )
         self.out_norm = RMSNorm(width, eps=eps, param_dtype=param_dtype)
         # Stored as nested tuples: static structure, not a (traced, trainable) array.
         self.visibility = None if visibility is None else tuple(map(tuple, space_mask(visibility).tolist()))
@@ -213,8 +272,10 @@ class AxialTransformer(nnx.Module):
         for blk in self.blocks:
             x_BTSD, kv = blk(x_BTSD, vis_SS, return_kv=True)
             if kv is not None:
-                cache[j] = {n: jax.lax.dynamic_update_slice(cache[j][n], a.astype(cache[j][n].dtype), (0,) * 5)
-                            for n, a in zip(("k", "v"), kv)}
+                cache[j] = {
+                    n: jax.lax.dynamic_update_slice(cache[j][n], a.astype(cache[j][n].dtype), (0,) * 5)
+                    for n, a in zip(("k", "v"), kv)
+                }
                 j += 1
         return self.out_norm(x_BTSD), tuple(cache)
 

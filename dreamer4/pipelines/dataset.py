@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from dreamer4.data.store import Dataset, rebuild_manifest, verify
+from dreamer4.data.video import import_videos
 
 
 def dataset_stats(root: str) -> dict:
@@ -13,14 +14,23 @@ def dataset_stats(root: str) -> dict:
     m = ds.manifest
     eps = ds.episodes
     out: dict = {
-        "dir": str(root), "env": m["env"]["id"], "craftax_version": m["env"]["craftax_version"],
-        "frame_shape": m["frame_shape"], "num_actions": m["num_actions"], "seed": m["seed"],
-        "behavior_policy": m["behavior_policy"], "shards": len(ds.shards),
+        "dir": str(root),
+        "env": m["env"]["id"],
+        "craftax_version": m["env"]["craftax_version"],
+        "frame_shape": m["frame_shape"],
+        "num_actions": m["num_actions"],
+        "seed": m["seed"],
+        "behavior_policy": m["behavior_policy"],
+        "shards": len(ds.shards),
         "writers_complete": sum(bool(w.get("complete")) for w in m.get("writers", {}).values()),
-        "num_writers": m.get("num_writers", 0), "target_episodes": m.get("num_episodes", len(ds.episodes)),
-        "epsilon": m.get("epsilon", 0.0), "has_actions": m.get("has_actions", True),
+        "num_writers": m.get("num_writers", 0),
+        "target_episodes": m.get("num_episodes", len(ds.episodes)),
+        "epsilon": m.get("epsilon", 0.0),
+        "has_actions": m.get("has_actions", True),
         "has_rewards": m.get("has_rewards", True),
-        "episodes": len(eps), "steps": int(sum(e.length for e in eps)), "splits": {},
+        "episodes": len(eps),
+        "steps": int(sum(e.length for e in eps)),
+        "splits": {},
     }
     for split in ("train", "eval"):
         se = [e for e in eps if e.split == split]
@@ -30,46 +40,65 @@ def dataset_stats(root: str) -> dict:
         rets = np.array([e.ret for e in se])
         lens = np.array([e.length for e in se])
         out["splits"][split] = {
-            "episodes": len(se), "steps": int(lens.sum()),
+            "episodes": len(se),
+            "steps": int(lens.sum()),
             "labeled_episodes": int(sum(e.labeled for e in se)),
             "label_fraction": float(np.mean([e.labeled for e in se])),
-            "return_mean": float(rets.mean()), "return_std": float(rets.std()),
-            "return_min": float(rets.min()), "return_max": float(rets.max()),
-            "length_mean": float(lens.mean()), "length_min": int(lens.min()), "length_max": int(lens.max()),
+            "return_mean": float(rets.mean()),
+            "return_std": float(rets.std()),
+            "return_min": float(rets.min()),
+            "return_max": float(rets.max()),
+            "length_mean": float(lens.mean()),
+            "length_min": int(lens.min()),
+            "length_max": int(lens.max()),
         }
     out["achievements"] = {
-        name: (float(np.mean([name in e.achievements for e in eps])) if eps else 0.0)
-        for name in ds.achievement_names
+        name: (float(np.mean([name in e.achievements for e in eps])) if eps else 0.0) for name in ds.achievement_names
     }
     out["policies"] = sorted({e.policy for e in eps})
     out["per_policy"] = {
-        p: {"episodes": len(pe), "steps": int(sum(e.length for e in pe)),
+        p: {
+            "episodes": len(pe),
+            "steps": int(sum(e.length for e in pe)),
             "return_mean": float(np.mean([e.ret for e in pe])),
-            "achievements_mean": float(np.mean([len(e.achievements) for e in pe]))}
-        for p in out["policies"] for pe in [[e for e in eps if e.policy == p]]}
+            "achievements_mean": float(np.mean([len(e.achievements) for e in pe])),
+        }
+        for p in out["policies"]
+        for pe in [[e for e in eps if e.policy == p]]
+    }
     return out
 
 
 def print_info(root: str) -> dict:
     s = dataset_stats(root)
     print(f"dataset   {s['dir']}")
-    print(f"env       {s['env']} (craftax {s['craftax_version']}), frames {tuple(s['frame_shape'])}, "
-          f"{s['num_actions']} actions, seed {s['seed']}, policy {s['behavior_policy']}")
-    print(f"progress  {s['episodes']}/{s['target_episodes']} episodes, {s['steps']} steps, {s['shards']} shards, "
-          f"{s['writers_complete']}/{s['num_writers']} writers complete")
-    print(f"{'split':6} {'episodes':>8} {'steps':>8} {'labeled':>8} {'return mean±std':>18} {'min':>6} {'max':>6} {'len mean':>8}")
+    print(
+        f"env       {s['env']} (craftax {s['craftax_version']}), frames {tuple(s['frame_shape'])}, "
+        f"{s['num_actions']} actions, seed {s['seed']}, policy {s['behavior_policy']}"
+    )
+    print(
+        f"progress  {s['episodes']}/{s['target_episodes']} episodes, {s['steps']} steps, {s['shards']} shards, "
+        f"{s['writers_complete']}/{s['num_writers']} writers complete"
+    )
+    print(
+        f"{'split':6} {'episodes':>8} {'steps':>8} {'labeled':>8} {'return mean±std':>18} {'min':>6} {'max':>6} {'len mean':>8}"
+    )
     for split, d in s["splits"].items():
         if not d["episodes"]:
             print(f"{split:6} {0:>8}")
             continue
-        print(f"{split:6} {d['episodes']:>8} {d['steps']:>8} {d['label_fraction']:>8.1%} "
-              f"{d['return_mean']:>10.2f} ± {d['return_std']:<5.2f} {d['return_min']:>6.1f} {d['return_max']:>6.1f} "
-              f"{d['length_mean']:>8.1f}")
+        print(
+            f"{split:6} {d['episodes']:>8} {d['steps']:>8} {d['label_fraction']:>8.1%} "
+            f"{d['return_mean']:>10.2f} ± {d['return_std']:<5.2f} {d['return_min']:>6.1f} {d['return_max']:>6.1f} "
+            f"{d['length_mean']:>8.1f}"
+        )
     if len(s["per_policy"]) > 1 or s["epsilon"]:
         print(f"behaviour policies (epsilon {s['epsilon']}):")
         for p, d in s["per_policy"].items():
-            print(f"  {p:40} {d['episodes']:>6} episodes {d['steps']:>8} steps  return {d['return_mean']:.2f}  "
-                  f"achievements {d['achievements_mean']:.2f}")
+            print(
+                f"  {p:40} {d['episodes']:>6} episodes {d['steps']:>8} steps  return {d['return_mean']:.2f}  "
+                f"achievements {d['achievements_mean']:.2f}"
+            )
     if not (s["has_actions"] and s["has_rewards"]):
         print("note: some episodes are imported videos without actions or rewards (never labeled)")
     print("achievements (share of episodes that unlocked each):")
@@ -78,10 +107,9 @@ def print_info(root: str) -> dict:
     return s
 
 
-def run_import_video(cfg, out: str, files: list[str], frame_shape: str | None = None, fit: str = "resize",
-                     fps: float | None = None) -> dict:
-    from dreamer4.data.video import import_videos
-
+def run_import_video(
+    cfg, out: str, files: list[str], frame_shape: str | None = None, fit: str = "resize", fps: float | None = None
+) -> dict:
     summary = import_videos(cfg, out, files, frame_shape=frame_shape, fit=fit, fps=fps)
     print(f"dataset: {out} (inspect with `dreamer4 dataset info {out}`)")
     return summary

@@ -26,7 +26,8 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from dreamer4.config import AgentConfig
+from dreamer4.config import AgentNet
+from dreamer4.dynamics.model import Dynamics, WorldModel
 from dreamer4.nn import RMSNorm, symlog_bins, two_hot_mean
 
 
@@ -41,8 +42,7 @@ def agent_visibility(S: int) -> np.ndarray:
 class MTPHead(nnx.Module):
     """h_BTD -> out_BTJO: RMSNorm, Linear, SiLU, then one output layer per distance j < J."""
 
-    def __init__(self, width: int, hidden: int, out_dim: int, num_out: int, *, rngs: nnx.Rngs,
-                 zero_init: bool = False):
+    def __init__(self, width: int, hidden: int, out_dim: int, num_out: int, *, rngs: nnx.Rngs, zero_init: bool = False):
         self.J, self.O = num_out, out_dim
         self.norm = RMSNorm(width)
         self.hidden = nnx.Linear(width, hidden, rngs=rngs)
@@ -62,7 +62,7 @@ class Agent(nnx.Module):
     head taken when that phase starts (`freeze_prior`); it is never trained.
     """
 
-    def __init__(self, world, cfg: AgentConfig, num_actions: int, *, rngs: nnx.Rngs):
+    def __init__(self, world: WorldModel, cfg: AgentNet, num_actions: int, *, rngs: nnx.Rngs):
         self.world = world
         dyn = world.dynamics
         D = dyn.cfg.width
@@ -74,7 +74,7 @@ class Agent(nnx.Module):
         self.prior = MTPHead(D, cfg.head_hidden, num_actions, cfg.mtp, rngs=rngs)
 
     @property
-    def dynamics(self):
+    def dynamics(self) -> Dynamics:
         return self.world.dynamics
 
     @property

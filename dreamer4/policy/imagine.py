@@ -5,7 +5,8 @@ N latent width, D width, A actions.
 
 A rollout starts from C dataset steps (frames encoded by the tokenizer, with their actions where
 labeled), written into a KV cache (S + 1 tokens per step: the agent token included) at the
-context signal level `dynamics.context_tau`, as the dynamics sampler does. Then, for h = 1..H:
+context signal level `dynamics.context_tau`, with the dynamics sampler's own helpers
+(`context_inputs`, `generate_frame`). Then, for h = 1..H:
   1. the policy (distance-1 head) reads the agent output of the previous step and samples the
      action that leads INTO the next step (the step convention);
   2. the next frame is generated with K shortcut steps (`shortcut.denoise_frame`) against the
@@ -22,30 +23,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dreamer4.dynamics.shortcut import corrupt, denoise_frame
+from dreamer4.config import DynamicsSampling
+from dreamer4.dynamics.sampler import context_inputs, generate_frame
 from dreamer4.policy.heads import Agent
 
 
-def context_level(agent: Agent, z_BTLN, key):
-    """Clean latents -> (z corrupted to tau_ctx, tau_BT, d_BT) as the cache should hold them."""
-    dc = agent.dynamics.cfg
-    B, T = z_BTLN.shape[:2]
-    tau = jnp.full((B, T), dc.context_tau, jnp.float32)
-    z0 = jax.random.normal(key, z_BTLN.shape, jnp.float32)
-    return corrupt(z_BTLN, z0, tau), tau, jnp.full((B, T), 1.0 / dc.k_max, jnp.float32)
-
-
-def imagine_rollout(agent: Agent, z_ctx_BCLN, actions_BC, mask_BC, task_B, key, horizon: int, K: int):
+def imagine_rollout(
+    agent: Agent, z_ctx_BCLN, actions_BC, mask_BC, task_B, key, horizon: int, sampling: DynamicsSampling
+):
     """Roll the policy out in the world model. Returns a dict (all stop-gradient):
 
     h:        (B, H + 1, D) agent outputs; index 0 = the last context step, index i = imagined step i;
     actions:  (B, H) actions[:, i] was sampled from the policy at h[:, i] and leads into step i + 1;
     z:        (B, H, L, N) the imagined frames' latents (z[:, i] is step i + 1).
+
+    `sampling` (the world model's: K = sample_steps, tau_ctx = context_tau) is the dynamics sampler's.
     """
     dyn = agent.dynamics
+    k_max, tau_ctx = dyn.cfg.k_max, sampling.context_tau
     B, C = actions_BC.shape
     k_ctx, key = jax.random.split(key)
-    z, tau, d = context_level(agent, z_ctx_BCLN, k_ctx)
+    z, tau, d = context_inputs(z_ctx_BCLN, k_ctx, tau_ctx, k_max)
     task_BC = jnp.broadcast_to(task_B[:, None], (B, C))
     (_, h_BCD), cache = agent.prefill(z, tau, d, actions_BC, mask_BC, task_BC, C + horizon)
     task_B1 = task_B[:, None]
@@ -57,17 +55,21 @@ def imagine_rollout(agent: Agent, z_ctx_BCLN, actions_BC, mask_BC, task_B, key, 
         k_act, k_noise, k_c = jax.random.split(k, 3)
         a_B = jax.random.categorical(k_act, agent.policy_logits(h_BD))
         a_B1 = a_B[:, None]
-        state = {"cache": cache}
 
-        def predict(z_B1LN, tau_, d_):
-            tau_B1 = jnp.broadcast_to(jnp.asarray(tau_, jnp.float32), (B, 1))
-            d_B1 = jnp.broadcast_to(jnp.asarray(d_, jnp.float32), (B, 1))
-            (z1_hat, _), state["cache"] = agent.step(z_B1LN, tau_B1, d_B1, a_B1, ones_B1, task_B1, state["cache"], t)
-            return z1_hat
+        def step_fn(z_B1LN, tau_B1, d_B1, cache):
+            return agent.step(z_B1LN, tau_B1, d_B1, a_B1, ones_B1, task_B1, cache, t)
 
-        z_t = denoise_frame(predict, k_noise, (B, 1, dyn.L, dyn.N), K, dyn.cfg.k_max)
-        zc, tc, dc = context_level(agent, z_t, k_c)
-        (_, h_B1D), cache = agent.step(zc, tc, dc, a_B1, ones_B1, task_B1, state["cache"], t)
+        z_t, (_, h_B1D), cache = generate_frame(
+            step_fn,
+            cache,
+            k_noise,
+            k_c,
+            (B, 1, dyn.L, dyn.N),
+            sampling.sample_steps,
+            k_max,
+            tau_ctx,
+            z_of=lambda out: out[0],
+        )
         return (cache, h_B1D[:, 0]), (h_B1D[:, 0], a_B, z_t[:, 0])
 
     ts = C + jnp.arange(horizon, dtype=jnp.int32)

@@ -25,8 +25,8 @@ def mtp_targets(x_BT, valid_BT, offsets):
     tgt, val = [], []
     for o in offsets:
         pad = [(0, 0), (0, o)] + [(0, 0)] * (x_BT.ndim - 2)
-        tgt.append(jnp.pad(x_BT, pad)[:, o:o + T])
-        val.append(jnp.pad(jnp.asarray(valid_BT, bool), [(0, 0), (0, o)])[:, o:o + T])
+        tgt.append(jnp.pad(x_BT, pad)[:, o : o + T])
+        val.append(jnp.pad(jnp.asarray(valid_BT, bool), [(0, 0), (0, o)])[:, o : o + T])
     return jnp.stack(tgt, 2), jnp.stack(val, 2)
 
 

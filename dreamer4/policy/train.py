@@ -19,41 +19,21 @@ Both phases run through the shared runtime (runtime/train_loop.py), so each is r
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from dreamer4.config import Config, load_config
-from dreamer4.data.loader import make_loader
-from dreamer4.data.store import Dataset, DatasetError
+from dreamer4.config import Config, DynamicsSampling
 from dreamer4.dynamics.shortcut import shortcut_forcing_loss
-from dreamer4.dynamics.train import load_world_model
 from dreamer4.policy.heads import Agent, freeze_prior
 from dreamer4.policy.imagine import imagine_rollout
-from dreamer4.policy.losses import (bc_mtp_loss, lambda_returns, pmpo_loss, reverse_kl, reward_mtp_loss,
-                                    value_loss)
-from dreamer4.runtime.train_loop import Stage, load_trained, stage_complete, train
+from dreamer4.policy.losses import bc_mtp_loss, lambda_returns, pmpo_loss, reverse_kl, reward_mtp_loss, value_loss
+from dreamer4.runtime.loading import TRAINABLE, fresh_agent, load_agent
+from dreamer4.runtime.stage import StageDir, open_dataset
+from dreamer4.runtime.train_loop import Stage, loader_factory, train
 
 STAGE_BC, STAGE_IMAGINE = "agent_bc", "agent"
 PHASES = ("bc", "imagine", "all")
-# BC trains the world model's dynamics with the new agent parts; never the tokenizer, the prior
-# (a later copy of the policy) or the value head (it only learns in imagination).
-TRAINABLE_BC = nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.PathContains("tokenizer"), nnx.PathContains("prior"),
-                                                  nnx.PathContains("value"))))
-# Imagination trains the policy and value heads only: transformer, reward head and prior frozen.
-TRAINABLE_IMAGINE = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("policy"), nnx.PathContains("value")))
-TRAINABLE = {STAGE_BC: TRAINABLE_BC, STAGE_IMAGINE: TRAINABLE_IMAGINE}
-
-
-def build_agent(cfg: Config, run_dir) -> tuple[Agent, Config, dict]:
-    """The trained world model of RUN_DIR with fresh agent tokens and heads."""
-    world, wcfg, info = load_world_model(run_dir)
-    agent = Agent(world, cfg.agent, info["num_actions"], rngs=nnx.Rngs(cfg.seed + 2))
-    return agent, wcfg, info
 
 
 def make_bc_loss(cfg: Config, k_max: int):
@@ -79,8 +59,16 @@ def make_bc_loss(cfg: Config, k_max: int):
         # next-action accuracy on labeled targets (distance 1)
         nxt_m = m[:, 1:].astype(jnp.float32)
         acc = jnp.sum((jnp.argmax(pol[:, :-1, 0], -1) == a[:, 1:]) * nxt_m) / jnp.maximum(nxt_m.sum(), 1.0)
-        metrics = {"video": video, "bc": bc, "bc_next": bc_per[0], "bc_next_acc": acc, "reward": rew,
-                   "reward_now": rew_per[0], "action_label_frac": m.mean(), **vm}
+        metrics = {
+            "video": video,
+            "bc": bc,
+            "bc_next": bc_per[0],
+            "bc_next_acc": acc,
+            "reward": rew,
+            "reward_now": rew_per[0],
+            "action_label_frac": m.mean(),
+            **vm,
+        }
         return loss, metrics
 
     return loss_fn
@@ -99,15 +87,20 @@ def imagine_terms(agent: Agent, roll: dict, cfg: Config):
     logp_all = jax.nn.log_softmax(logits, -1)
     logp = jnp.take_along_axis(logp_all, roll["actions"][..., None], -1)[..., 0]
     kl = reverse_kl(logits, agent.policy_logits(h[:, :-1], prior=True))
-    p_loss, pm = pmpo_loss(logp.reshape(-1), (R - v[:, :-1]).reshape(-1), kl.reshape(-1), ac.pmpo_alpha,
-                           ac.pmpo_beta)
-    metrics = {"policy": p_loss, "value": v_loss, "imagined_reward_sum": r[:, 1:].sum(1).mean(),
-               "return_mean": R.mean(), "value_mean": v.mean(),
-               "entropy": -jnp.sum(jnp.exp(logp_all) * logp_all, -1).mean(), **pm}
+    p_loss, pm = pmpo_loss(logp.reshape(-1), (R - v[:, :-1]).reshape(-1), kl.reshape(-1), ac.pmpo_alpha, ac.pmpo_beta)
+    metrics = {
+        "policy": p_loss,
+        "value": v_loss,
+        "imagined_reward_sum": r[:, 1:].sum(1).mean(),
+        "return_mean": R.mean(),
+        "value_mean": v.mean(),
+        "entropy": -jnp.sum(jnp.exp(logp_all) * logp_all, -1).mean(),
+        **pm,
+    }
     return p_loss + v_loss, metrics
 
 
-def make_imagine_loss(cfg: Config, sample_steps: int):
+def make_imagine_loss(cfg: Config, sampling: DynamicsSampling):
     ac = cfg.agent
 
     def loss_fn(agent: Agent, batch: dict, key):
@@ -116,99 +109,95 @@ def make_imagine_loss(cfg: Config, sample_steps: int):
         frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
         z_ctx = frozen.world.latents(batch["frames"])
         task = jnp.zeros((z_ctx.shape[0],), jnp.int32)
-        roll = imagine_rollout(frozen, z_ctx, batch["actions"], batch["action_mask"], task, key, ac.horizon,
-                               sample_steps)
+        roll = imagine_rollout(frozen, z_ctx, batch["actions"], batch["action_mask"], task, key, ac.horizon, sampling)
         return imagine_terms(agent, roll, cfg)
 
     return loss_fn
 
 
-def _check_data(run_dir: Path, data_dir, cfg: Config, info: dict) -> Dataset:
-    ds = Dataset.open(data_dir, env_name=cfg.env.name)
-    if list(ds.frame_shape) != list(info["frame_shape"]) or ds.num_actions != info["num_actions"]:
-        raise DatasetError(f"dataset {data_dir} (frames {tuple(ds.frame_shape)}, {ds.num_actions} actions) does not "
-                           f"match the world model in {run_dir / 'dynamics'} (frames {tuple(info['frame_shape'])}, "
-                           f"{info['num_actions']} actions)")
+def _checked_dataset(stage: StageDir, data_dir, cfg: Config, facts: dict):
+    """The dataset, checked against the world model the agent is built on."""
+    ds = open_dataset(data_dir, cfg)
+    StageDir(stage.run_dir, "dynamics").check_dataset(ds, facts, data_dir)
     return ds
 
 
-def _write_model_json(stage_dir: Path, info: dict, data_dir) -> None:
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (stage_dir / "model.json").write_text(json.dumps({**info, "data": str(data_dir)}, indent=1))
-
-
-def train_bc(cfg: Config, data_dir, run_dir) -> Agent:
-    run_dir = Path(run_dir)
-    agent, wcfg, info = build_agent(cfg, run_dir)
-    _check_data(run_dir, data_dir, cfg, info)
+def train_bc(cfg: Config, data_dir, run_dir) -> dict:
+    stage = StageDir(run_dir, STAGE_BC)
+    stage.check_network(cfg)
+    agent, wcfg, facts = fresh_agent(cfg, run_dir)
+    _checked_dataset(stage, data_dir, cfg, facts)
     tc = cfg.agent.bc
-    stage_dir = run_dir / STAGE_BC
-    _write_model_json(stage_dir, info, data_dir)
 
     def prepare(batch, step):
         return {k: batch[k] for k in ("frames", "actions", "action_mask", "rewards")}
 
-    stage = Stage(name=STAGE_BC, stage_dir=stage_dir, cfg=cfg, train=tc, model=agent,
-                  loss_fn=make_bc_loss(cfg, wcfg.dynamics.k_max),
-                  make_iterator=lambda: iter(make_loader(data_dir, cfg, "train", batch_size=tc.batch_size,
-                                                         seq_len=tc.seq_len, batch_key="agent.bc.batch_size",
-                                                         seq_len_key="agent.bc.seq_len")),
-                  prepare=prepare, trainable=TRAINABLE_BC, meta={"phase": "bc", **info})
-    return train(stage)
+    train(
+        Stage(
+            name=STAGE_BC,
+            stage_dir=stage.dir,
+            cfg=cfg,
+            train=tc,
+            model=agent,
+            loss_fn=make_bc_loss(cfg, wcfg.dynamics.k_max),
+            make_iterator=loader_factory(
+                data_dir,
+                cfg,
+                tc.batch_size,
+                tc.seq_len,
+                batch_key="agent.bc.batch_size",
+                seq_len_key="agent.bc.seq_len",
+            ),
+            prepare=prepare,
+            trainable=TRAINABLE[STAGE_BC],
+            meta={"phase": "bc", **facts, "data": str(data_dir)},
+        )
+    )
+    return stage.results()
 
 
-def train_imagine(cfg: Config, data_dir, run_dir) -> Agent:
-    run_dir = Path(run_dir)
-    agent, wcfg, info = load_agent(run_dir, STAGE_BC)
-    # The run's agent config keeps the network shape of the BC stage; training keys come from cfg.
-    _check_data(run_dir, data_dir, cfg, info)
+def train_imagine(cfg: Config, data_dir, run_dir) -> dict:
+    stage = StageDir(run_dir, STAGE_IMAGINE)
+    stage.check_network(cfg)
+    # The agent network is the BC stage's (its saved config); training keys come from cfg.
+    agent, wcfg, facts = load_agent(run_dir, STAGE_BC)
+    _checked_dataset(stage, data_dir, cfg, facts)
     freeze_prior(agent)
     tc = cfg.agent.imagine
-    stage_dir = run_dir / STAGE_IMAGINE
-    _write_model_json(stage_dir, info, data_dir)
     C = cfg.agent.context_len
 
     def prepare(batch, step):
         return {k: batch[k][:, :C] for k in ("frames", "actions", "action_mask")}
 
-    stage = Stage(name=STAGE_IMAGINE, stage_dir=stage_dir, cfg=cfg, train=tc, model=agent,
-                  loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sample_steps),
-                  make_iterator=lambda: iter(make_loader(data_dir, cfg, "train", batch_size=tc.batch_size,
-                                                         seq_len=C, batch_key="agent.imagine.batch_size",
-                                                         seq_len_key="agent.context_len")),
-                  prepare=prepare, trainable=TRAINABLE_IMAGINE, meta={"phase": "imagine", **info})
-    return train(stage)
-
-
-def load_agent(run_dir, stage: str = STAGE_IMAGINE) -> tuple[Agent, Config, dict]:
-    """The agent of RUN_DIR/<stage> (agent_bc or agent) with its weights; returns (agent, world cfg, info)."""
-    run_dir = Path(run_dir)
-    stage_dir = run_dir / stage
-    if not (stage_dir / "checkpoints").is_dir():
-        raise DatasetError(f"{stage_dir} holds no trained agent (run `dreamer4 train-agent` first)")
-    cfg = load_config(stage_dir / "config.yaml")
-    agent, wcfg, info = build_agent(cfg, run_dir)
-    agent, _ = load_trained(stage_dir, agent, trainable=TRAINABLE[stage])
-    return agent, wcfg, info
-
-
-def agent_complete(cfg: Config, run_dir, phase: str = "all") -> bool:
-    run_dir = Path(run_dir)
-    bc = stage_complete(run_dir / STAGE_BC, cfg.agent.bc.steps)
-    im = stage_complete(run_dir / STAGE_IMAGINE, cfg.agent.imagine.steps)
-    return {"bc": bc, "imagine": im, "all": bc and im}[phase]
+    train(
+        Stage(
+            name=STAGE_IMAGINE,
+            stage_dir=stage.dir,
+            cfg=cfg,
+            train=tc,
+            model=agent,
+            loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sampling),
+            make_iterator=loader_factory(
+                data_dir, cfg, tc.batch_size, C, batch_key="agent.imagine.batch_size", seq_len_key="agent.context_len"
+            ),
+            prepare=prepare,
+            trainable=TRAINABLE[STAGE_IMAGINE],
+            meta={"phase": "imagine", **facts, "data": str(data_dir)},
+        )
+    )
+    return stage.results()
 
 
 def train_agent(cfg: Config, data_dir, run_dir, phase: str = "all") -> dict:
+    """Train the agent's phases; returns each phase's results (its last logged training metrics)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    run_dir = Path(run_dir)
+    bc, imagine = StageDir(run_dir, STAGE_BC), StageDir(run_dir, STAGE_IMAGINE)
     if phase in ("bc", "all"):
-        if stage_complete(run_dir / STAGE_BC, cfg.agent.bc.steps):
+        if bc.is_complete(cfg):
             print(f"[{STAGE_BC}] complete, skipped")
         else:
             train_bc(cfg, data_dir, run_dir)
     if phase in ("imagine", "all"):
         train_imagine(cfg, data_dir, run_dir)
-    return {}
+    return {name: StageDir(run_dir, name).results() for name in (bc.name, imagine.name)}

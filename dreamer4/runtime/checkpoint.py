@@ -16,6 +16,7 @@ directories removed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from dreamer4.runtime.distributed import barrier
 from dreamer4.runtime.faults import CheckpointError, DiskFullError, disk_full_error, is_disk_full, remove_quietly
 
 __all__ = ["Checkpointer", "CheckpointError", "DiskFullError", "abstract_like"]
@@ -62,8 +64,7 @@ class Checkpointer:
         self._state_bytes: int | None = None
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=async_save),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
             item_names=("state", "meta"),
         )
 
@@ -80,8 +81,9 @@ class Checkpointer:
         # what the next checkpoint needs (before orbax's compression), for a disk-full message
         self._state_bytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)))
+            self.manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+            )
         except Exception as e:
             if is_disk_full(e):
                 raise self._disk_full(e) from None
@@ -92,8 +94,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        )
         return out["state"], out["meta"]
 
     def restore_latest_good(self, abstract_state, log=print):
@@ -117,7 +120,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint in {self.directory} can be restored (newest: step {step}, {why}); if they are of "
                 f"another model config use a new run directory, if damaged move {self.directory} aside to "
-                f"start the stage afresh")
+                f"start the stage afresh"
+            )
         return None
 
     def _move_aside(self, failed: list[tuple[int, str]], log) -> None:
@@ -129,8 +133,6 @@ class Checkpointer:
                 os.replace(self.directory / str(step), dest)
                 log(f"checkpoint step {step} in {self.directory} is damaged ({why}); moved it to {dest}")
         if jax.process_count() > 1:
-            from dreamer4.runtime.distributed import barrier
-
             barrier(f"checkpoint-move-aside-{self.directory.name}")
         self.manager.reload()
 
@@ -156,3 +158,17 @@ class Checkpointer:
 def abstract_like(state, shardings):
     """ShapeDtypeStructs of `state` placed with `shardings` (the restore target)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def checkpoint_steps(directory: str | Path) -> list[int]:
+    """The committed checkpoint steps in `directory`, ascending (orbax renames a step directory to
+    its number only once it is complete); [] when there is none."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def read_meta(directory: str | Path, step: int) -> dict:
+    """The JSON meta of checkpoint `step`, read directly (no checkpoint manager, nothing created)."""
+    return json.loads((Path(directory) / str(step) / "meta" / "metadata").read_text())

@@ -31,7 +31,7 @@ from dreamer4.config import ConfigError
 
 PROCESS_PER = ("device", "node")
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-_initialized: "DistributedInfo | None" = None
+_initialized: DistributedInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,30 @@ class DistributedInfo:
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
     """The flags every stage command takes (see the module docstring)."""
     g = p.add_argument_group("multi-host (optional; detected automatically under Slurm)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="address of process 0's coordinator service (explicit multi-process launch)")
+    g.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of process 0's coordinator service (explicit multi-process launch)",
+    )
     g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the job")
     g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index in [0, N)")
-    g.add_argument("--process-per", choices=PROCESS_PER, default=os.environ.get("DREAMER4_PROCESS_PER", "device"),
-                   help="under Slurm: one process per GPU (device, the default) or one per node seeing all "
-                        "its GPUs (node); default $DREAMER4_PROCESS_PER or device")
+    g.add_argument(
+        "--process-per",
+        choices=PROCESS_PER,
+        default=os.environ.get("DREAMER4_PROCESS_PER", "device"),
+        help="under Slurm: one process per GPU (device, the default) or one per node seeing all "
+        "its GPUs (node); default $DREAMER4_PROCESS_PER or device",
+    )
 
 
 def initialize_from_args(args: argparse.Namespace) -> DistributedInfo:
-    return initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-                      getattr(args, "process_id", None), getattr(args, "process_per", "device"))
+    return initialize(
+        getattr(args, "coordinator", None),
+        getattr(args, "num_processes", None),
+        getattr(args, "process_id", None),
+        getattr(args, "process_per", "device"),
+    )
 
 
 def slurm_task_count(env=os.environ) -> int:
@@ -69,8 +81,10 @@ def slurm_task_count(env=os.environ) -> int:
 def require_single_process(command: str, env=os.environ) -> None:
     """Refuse a single-process command started inside a multi-task srun step (it would run N times)."""
     if slurm_task_count(env) > 1:
-        raise ConfigError(f"`dreamer4 {command}` is a single-process evaluation; start it with one task "
-                          "(srun --ntasks=1 ...), not inside a multi-task srun step")
+        raise ConfigError(
+            f"`dreamer4 {command}` is a single-process evaluation; start it with one task "
+            "(srun --ntasks=1 ...), not inside a multi-task srun step"
+        )
 
 
 def _visible_gpus(env) -> list[str] | None:
@@ -103,8 +117,10 @@ def _explicit_flags(coordinator, num_processes, process_id) -> bool:
     if all(v is None for v in explicit):
         return False
     if any(v is None for v in explicit):
-        raise ConfigError("--coordinator, --num-processes and --process-id must be given together "
-                          f"(got {coordinator!r}, {num_processes!r}, {process_id!r})")
+        raise ConfigError(
+            "--coordinator, --num-processes and --process-id must be given together "
+            f"(got {coordinator!r}, {num_processes!r}, {process_id!r})"
+        )
     if ":" not in coordinator:
         raise ConfigError(f"--coordinator {coordinator!r} must look like HOST:PORT")
     if num_processes < 1 or not 0 <= process_id < num_processes:
@@ -112,8 +128,13 @@ def _explicit_flags(coordinator, num_processes, process_id) -> bool:
     return True
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               process_per: str = "device", env=os.environ) -> DistributedInfo:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    process_per: str = "device",
+    env=os.environ,
+) -> DistributedInfo:
     """Initialise jax.distributed exactly once for this process (see the module docstring)."""
     global _initialized
     # Checked first: bad flags are an error even when an earlier command in this interpreter initialised.
@@ -126,8 +147,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             _initialized = DistributedInfo("single", 0, 1)
             return _initialized
         _use_gloo_on_cpu()
-        jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   cluster_detection_method="deactivate")
+        jax.distributed.initialize(coordinator, num_processes, process_id, cluster_detection_method="deactivate")
         _initialized = DistributedInfo("explicit", process_id, num_processes, coordinator)
     elif policy != "off" and slurm_task_count(env) > 1:
         if process_per not in PROCESS_PER:
@@ -142,9 +162,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     else:
         _initialized = DistributedInfo("single", 0, 1)
     if _initialized.num_processes > 1 and jax.process_index() == 0:
-        print(f"[distributed] {_initialized.mode}: {jax.process_count()} processes, "
-              f"{jax.device_count()} devices ({jax.local_device_count()} per process, "
-              f"{jax.devices()[0].platform})", flush=True)
+        print(
+            f"[distributed] {_initialized.mode}: {jax.process_count()} processes, "
+            f"{jax.device_count()} devices ({jax.local_device_count()} per process, "
+            f"{jax.devices()[0].platform})",
+            flush=True,
+        )
     return _initialized
 
 

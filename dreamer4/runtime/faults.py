@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 
 class CheckpointError(RuntimeError):
@@ -75,17 +75,11 @@ def remove_quietly(paths: Iterable[str | Path]) -> None:
             pass
 
 
-def disk_full_error(
-    directory: str | Path, need_bytes: int | None, what: str, bound: str = "about"
-) -> DiskFullError:
+def disk_full_error(directory: str | Path, need_bytes: int | None, what: str, bound: str = "about") -> DiskFullError:
     """`bound`: "about", or "up to" where the size is before compression."""
     free = free_bytes(directory)
     need = f"{bound} {human_bytes(need_bytes)}" if need_bytes else "more space"
-    have = (
-        f"{human_bytes(free)} is free"
-        if free is not None
-        else "the free space is unknown"
-    )
+    have = f"{human_bytes(free)} is free" if free is not None else "the free space is unknown"
     return DiskFullError(
         errno.ENOSPC,
         f"no space left on device in {directory} while writing {what}: it needs {need} and {have}; "

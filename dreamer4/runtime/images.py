@@ -18,7 +18,7 @@ def psnr(x_HWC, y_HWC, axes=(-3, -2, -1)):
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5):
     x = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
-    g = jnp.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = jnp.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
 
 
@@ -46,12 +46,12 @@ def ssim(x_BHWC, y_BHWC, window: int = 11, sigma: float = 1.5, k1: float = 0.01,
     x = jnp.moveaxis(x.reshape((-1, H, W, C)), -1, 1).reshape(-1, H, W)
     y = jnp.moveaxis(y.reshape((-1, H, W, C)), -1, 1).reshape(-1, H, W)
     w = _gaussian_window(window, sigma)
-    c1, c2 = k1 ** 2, k2 ** 2
+    c1, c2 = k1**2, k2**2
     mx, my = _blur(x, w), _blur(y, w)
-    sxx = _blur(x * x, w) - mx ** 2
-    syy = _blur(y * y, w) - my ** 2
+    sxx = _blur(x * x, w) - mx**2
+    syy = _blur(y * y, w) - my**2
     sxy = _blur(x * y, w) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
     per = s.mean(axis=(-2, -1)).reshape((-1, C)).mean(-1)
     return per.reshape(lead)
 
@@ -66,5 +66,5 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
     for i, r in enumerate(rows):
         for j in range(r.shape[0]):
             y, x = pad + i * (H + pad), pad + j * (W + pad)
-            grid[y:y + H, x:x + W] = r[j]
+            grid[y : y + H, x : x + W] = r[j]
     return grid

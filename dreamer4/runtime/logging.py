@@ -16,17 +16,18 @@ import os
 import uuid
 from pathlib import Path
 
-import jax
 import numpy as np
 
+from dreamer4.runtime.distributed import is_main_process
 from dreamer4.runtime.faults import disk_guard
 
 
 class MetricLogger:
-    def __init__(self, stage_dir: str | Path, stage: str, config: dict, mode: str = "offline",
-                 project: str = "dreamer4"):
+    def __init__(
+        self, stage_dir: str | Path, stage: str, config: dict, mode: str = "offline", project: str = "dreamer4"
+    ):
         self.dir = Path(stage_dir)
-        self.enabled = jax.process_index() == 0
+        self.enabled = is_main_process()
         self.run = None
         if not self.enabled:
             return
@@ -39,9 +40,16 @@ class MetricLogger:
             id_file = self.dir / "wandb_id"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
-            self.run = wandb.init(project=project, name=f"{self.dir.parent.name}/{stage}", id=run_id,
-                                  resume="allow", dir=str(self.dir), mode=mode, config=config,
-                                  settings=wandb.Settings(silent=True))
+            self.run = wandb.init(
+                project=project,
+                name=f"{self.dir.parent.name}/{stage}",
+                id=run_id,
+                resume="allow",
+                dir=str(self.dir),
+                mode=mode,
+                config=config,
+                settings=wandb.Settings(silent=True),
+            )
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

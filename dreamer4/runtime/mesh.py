@@ -19,7 +19,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_mesh(fsdp: int = 0, devices=None) -> Mesh:
@@ -55,12 +56,19 @@ def device_grid(devices, fsdp: int) -> np.ndarray:
     per = len(groups[0])
     candidates = []
     if len(groups) > 1 and all(len(g) == per for g in groups) and per % fsdp == 0:
-        candidates.append(lambda: mesh_utils.create_hybrid_device_mesh(
-            (per // fsdp, fsdp), (len(groups), 1), devices,
-            process_is_granule=kind == "process", allow_split_physical_axes=True))
+        candidates.append(
+            lambda: mesh_utils.create_hybrid_device_mesh(
+                (per // fsdp, fsdp),
+                (len(groups), 1),
+                devices,
+                process_is_granule=kind == "process",
+                allow_split_physical_axes=True,
+            )
+        )
     if len(groups) == 1 and devices[0].platform != "cpu":  # physical-topology-aware order on one host
-        candidates.append(lambda: mesh_utils.create_device_mesh((n // fsdp, fsdp), devices,
-                                                                allow_split_physical_axes=True))
+        candidates.append(
+            lambda: mesh_utils.create_device_mesh((n // fsdp, fsdp), devices, allow_split_physical_axes=True)
+        )
     for make in candidates:
         try:
             grid = make()
@@ -78,8 +86,10 @@ def check_process_layout(grid: np.ndarray) -> None:
     flat = [d.process_index for d in grid.reshape(-1)]
     runs = [p for i, p in enumerate(flat) if i == 0 or p != flat[i - 1]]
     if runs != sorted(set(flat)):
-        raise ValueError(f"device mesh does not give each process one contiguous block in process order "
-                         f"({flat}); this device topology needs another runtime.fsdp")
+        raise ValueError(
+            f"device mesh does not give each process one contiguous block in process order "
+            f"({flat}); this device topology needs another runtime.fsdp"
+        )
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:

@@ -8,21 +8,15 @@ from __future__ import annotations
 import sys
 import time
 
-
-def _is_main_process() -> bool:
-    try:
-        import jax
-
-        return jax.process_index() == 0
-    except Exception:
-        return True
+from dreamer4.runtime.distributed import is_main_process
 
 
 class Progress:
-    def __init__(self, total: int | None, desc: str, unit: str = "it", initial: int = 0,
-                 log_every_s: float = 10.0, stream=None):
+    def __init__(
+        self, total: int | None, desc: str, unit: str = "it", initial: int = 0, log_every_s: float = 10.0, stream=None
+    ):
         self.stream = stream or sys.stderr
-        self.enabled = _is_main_process()
+        self.enabled = is_main_process()
         self.total, self.desc, self.unit = total, desc, unit
         self.n = initial
         self.log_every_s = log_every_s
@@ -32,8 +26,7 @@ class Progress:
         if self.enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream,
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
 
     def update(self, n: int = 1, **stats) -> None:
         self.n += n
@@ -50,8 +43,11 @@ class Progress:
             self._last_log = now
             of = f"/{self.total}" if self.total is not None else ""
             extra = " ".join(f"{k}={v}" for k, v in text.items())
-            print(f"[{self.desc}] {self.n}{of} {self.unit} {time.time() - self._t0:.0f}s {extra}".rstrip(),
-                  file=self.stream, flush=True)
+            print(
+                f"[{self.desc}] {self.n}{of} {self.unit} {time.time() - self._t0:.0f}s {extra}".rstrip(),
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:

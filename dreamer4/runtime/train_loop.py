@@ -10,7 +10,8 @@ model inputs, and an optional evaluation hook. `train(stage)` then
   clip_by_global_norm -> AdamW with linear warm-up and cosine decay;
 * restores the latest checkpoint of STAGE_DIR/checkpoints if there is one (model, optimizer, step,
   data-iterator state), onto the current mesh, whatever mesh saved it;
-* logs every `log_every` steps (process 0: metrics.jsonl, wandb, progress bar) and checks that
+* hands every step's metrics to the host-loop core shared with PPO (runtime/host_loop.py), which
+  logs every `log_every` steps (process 0: metrics.jsonl, wandb, progress bar) and checks that
   every loss since the last check was finite: a NaN/inf stops the run with a message naming the
   step, saves the offending batch and metrics under STAGE_DIR/nan_debug/, and never overwrites a
   good checkpoint (checkpoints are only written right after such a check passed);
@@ -28,10 +29,10 @@ a barrier; only process 0 logs, prints and writes files.
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,12 +40,14 @@ import optax
 from flax import nnx
 
 from dreamer4.config import Config, ConfigError, TrainConfig, save_config, to_dict
-from dreamer4.data.loader import saved_process_count
+from dreamer4.data.loader import make_loader, saved_process_count
 from dreamer4.runtime.checkpoint import Checkpointer, abstract_like
 from dreamer4.runtime.distributed import barrier, is_main_process, log0
+from dreamer4.runtime.host_loop import HostLoop, mean_metrics
 from dreamer4.runtime.logging import MetricLogger
 from dreamer4.runtime.mesh import batch_sharding, global_batch, make_mesh, state_shardings
-from dreamer4.runtime.progress import Progress
+from dreamer4.runtime.optim import make_optimizer
+from dreamer4.runtime.stage import CHECKPOINTS, TRAIN_RESULTS
 
 
 @dataclass
@@ -73,21 +76,22 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=tc.lr, warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 1)),
-        decay_steps=max(tc.steps, 2), end_value=tc.lr * 0.1)
-    return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay))
-
-
-def stage_complete(stage_dir: str | Path, steps: int) -> bool:
-    """True when the stage's final checkpoint exists (used by `dreamer4 run` to skip it)."""
-    d = Path(stage_dir) / "checkpoints"
-    if not d.is_dir():
-        return False
-    done = [int(p.name) for p in d.iterdir() if p.name.isdigit()]
-    return bool(done) and max(done) >= steps
+def loader_factory(
+    data_dir,
+    cfg: Config,
+    batch_size: int,
+    seq_len: int,
+    *,
+    batch_key: str = "loader.batch_size",
+    seq_len_key: str = "loader.seq_len",
+) -> Callable[[], Iterator]:
+    """A Stage's `make_iterator`: a fresh iterator over this process's rows of the train split
+    (`batch_key` / `seq_len_key`: the config keys the sizes come from, for error messages)."""
+    return lambda: iter(
+        make_loader(
+            data_dir, cfg, "train", batch_size=batch_size, seq_len=seq_len, batch_key=batch_key, seq_len_key=seq_len_key
+        )
+    )
 
 
 def place_train_state(model: nnx.Module, tc: TrainConfig, mesh, trainable=nnx.Param):
@@ -105,13 +109,18 @@ def compile_train_step(graphdef, loss_fn, shardings, mesh, trainable=nnx.Param):
     def step_fn(state, batch, key):
         model, opt = nnx.merge(graphdef, state)
         (loss, metrics), grads = nnx.value_and_grad(
-            lambda m: loss_fn(m, batch, key), argnums=nnx.DiffState(0, trainable), has_aux=True)(model)
+            lambda m: loss_fn(m, batch, key), argnums=nnx.DiffState(0, trainable), has_aux=True
+        )(model)
         opt.update(model, grads)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return nnx.state((model, opt)), metrics
 
-    return jax.jit(step_fn, donate_argnums=(0,), in_shardings=(shardings, batch_sharding(mesh), replicated),
-                   out_shardings=(shardings, replicated))
+    return jax.jit(
+        step_fn,
+        donate_argnums=(0,),
+        in_shardings=(shardings, batch_sharding(mesh), replicated),
+        out_shardings=(shardings, replicated),
+    )
 
 
 def local_copy(graphdef, state, mesh):
@@ -136,8 +145,12 @@ def agree(value: int, what: str) -> None:
 
 
 # The config section holding each stage's TrainConfig (for error messages naming the user's key).
-TRAIN_KEYS = {"tokenizer": "tokenizer.train", "dynamics": "dynamics.train", "agent_bc": "agent.bc",
-              "agent": "agent.imagine"}
+TRAIN_KEYS = {
+    "tokenizer": "tokenizer.train",
+    "dynamics": "dynamics.train",
+    "agent_bc": "agent.bc",
+    "agent": "agent.imagine",
+}
 
 
 def _check_batch(stage_name: str, tc: TrainConfig, mesh) -> None:
@@ -151,7 +164,7 @@ def train(stage: Stage) -> nnx.Module:
     tc, cfg = stage.train, stage.cfg
     stage_dir = Path(stage.stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
+    if is_main_process():
         save_config(cfg, stage_dir)
     mesh = make_mesh(cfg.runtime.fsdp)
     _check_batch(stage.name, tc, mesh)
@@ -159,11 +172,14 @@ def train(stage: Stage) -> nnx.Module:
     graphdef, state, shardings = place_train_state(stage.model, tc, mesh, stage.trainable)
     leaves = jax.tree.leaves(shardings)
     split = sum(any(a is not None for a in sh.spec) for sh in leaves)
-    log0(f"[{stage.name}] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
-         f"{jax.process_count()} process(es); {split}/{len(leaves)} state arrays sharded over 'fsdp'")
-    ckpt = Checkpointer(stage_dir / "checkpoints", keep=tc.keep_checkpoints)
-    logger = MetricLogger(stage_dir, stage.name, to_dict(cfg), mode=cfg.runtime.wandb,
-                          project=cfg.runtime.wandb_project)
+    log0(
+        f"[{stage.name}] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
+        f"{jax.process_count()} process(es); {split}/{len(leaves)} state arrays sharded over 'fsdp'"
+    )
+    ckpt = Checkpointer(stage_dir / CHECKPOINTS, keep=tc.keep_checkpoints)
+    logger = MetricLogger(
+        stage_dir, stage.name, to_dict(cfg), mode=cfg.runtime.wandb, project=cfg.runtime.wandb_project
+    )
     it = stage.make_iterator()
     step = 0
     found = ckpt.restore_latest_good(abstract_like(state, shardings), log=lambda m: log0(f"[{stage.name}] {m}"))
@@ -176,62 +192,74 @@ def train(stage: Stage) -> nnx.Module:
             it.set_state(saved)
             if before is not None and before != now:
                 # The loader's global stream does not depend on the process count (data/loader.py).
-                log0(f"[{stage.name}] process count changed ({before} -> {now}): the data stream continues "
-                     f"at the same global batch, each process now reading 1/{now} of it")
+                log0(
+                    f"[{stage.name}] process count changed ({before} -> {now}): the data stream continues "
+                    f"at the same global batch, each process now reading 1/{now} of it"
+                )
         except Exception as e:  # another dataset, batch size or seed: restart the stream deterministically
             it = stage.make_iterator()
-            log0(f"[{stage.name}] data iterator restarted from its beginning: the saved position does not fit "
-                 f"this run ({e.__class__.__name__}: {e})")
-        log0(f"[{stage.name}] resumed from checkpoint step {step} in {ckpt.directory} "
-             f"(saved by {before or '?'} processes, now {now})")
+            log0(
+                f"[{stage.name}] data iterator restarted from its beginning: the saved position does not fit "
+                f"this run ({e.__class__.__name__}: {e})"
+            )
+        log0(
+            f"[{stage.name}] resumed from checkpoint step {step} in {ckpt.directory} "
+            f"(saved by {before or '?'} processes, now {now})"
+        )
     agree(step, "the step to start from")
     # Lines logged after the checkpoint we resume from would repeat steps: drop them.
     logger.truncate_after(step)
 
     train_step = compile_train_step(graphdef, stage.loss_fn, shardings, mesh, stage.trainable)
     base_key = jax.random.PRNGKey(cfg.seed)
-
-    pending: list[tuple[int, dict]] = []
     last_batch: dict | None = None
-    bar = Progress(total=tc.steps, initial=step, desc=stage.name, unit="step")
-    t_last, steps_since = time.time(), 0
 
-    def flush() -> None:
-        """Fetch pending metrics, stop on a non-finite loss, log means."""
-        nonlocal pending, t_last, steps_since
-        if not pending:
-            return
-        host = jax.device_get([m for _, m in pending])
-        for (s, _), m in zip(pending, host):
-            # m holds the replicated metrics of the global batch: every process sees the same
-            # values here and stops at the same step.
-            if not all(np.isfinite(v) for v in m.values()):
-                debug = stage_dir / "nan_debug"
-                debug.mkdir(exist_ok=True)
-                if is_main_process():
-                    (debug / "metrics.json").write_text(json.dumps(
-                        {"step": s, "metrics": {k: float(v) for k, v in m.items()}}, indent=1))
-                if last_batch is not None:  # each process saves its own rows of the batch
-                    suffix = "" if jax.process_index() == 0 else f"_p{jax.process_index()}"
-                    np.savez_compressed(debug / f"last_batch{suffix}.npz", **last_batch)
-                good = ckpt.latest_step()
-                raise NonFiniteLoss(
-                    f"[{stage.name}] loss or gradient became non-finite at step {s} "
-                    f"({ {k: float(v) for k, v in m.items()} }); the last good checkpoint is step {good} in "
-                    f"{ckpt.directory} (not overwritten); the batch and metrics are in {debug}")
-        means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        now = time.time()
-        means["steps_per_s"] = steps_since / max(now - t_last, 1e-9)
-        t_last, steps_since = now, 0
-        logger.log(pending[-1][0], means)
-        bar.update(0, loss=means["loss"], steps_per_s=means["steps_per_s"])
-        pending = []
+    def on_nonfinite(s: int, m: dict) -> None:
+        debug = stage_dir / "nan_debug"
+        debug.mkdir(exist_ok=True)
+        if is_main_process():
+            (debug / "metrics.json").write_text(
+                json.dumps({"step": s, "metrics": {k: float(v) for k, v in m.items()}}, indent=1)
+            )
+        if last_batch is not None:  # each process saves its own rows of the batch
+            suffix = "" if is_main_process() else f"_p{jax.process_index()}"
+            np.savez_compressed(debug / f"last_batch{suffix}.npz", **last_batch)
+        raise NonFiniteLoss(
+            f"[{stage.name}] loss or gradient became non-finite at step {s} "
+            f"({ {k: float(v) for k, v in m.items()} }); the last good checkpoint is step {ckpt.latest_step()} in "
+            f"{ckpt.directory} (not overwritten); the batch and metrics are in {debug}"
+        )
 
-    def save(s: int) -> None:
-        flush()
-        ckpt.save(s, state, {"step": s, "data_state": it.get_state().decode(), "stage": stage.name,
-                             "process_count": jax.process_count(), "device_count": jax.device_count(),
-                             "config": to_dict(cfg), **(stage.meta or {})})
+    def summarize(host: list[dict], steps: int, seconds: float) -> dict:
+        return dict(mean_metrics(host), steps_per_s=steps / seconds)
+
+    def save_state(s: int) -> tuple:
+        return state, {
+            "step": s,
+            "data_state": it.get_state().decode(),
+            "stage": stage.name,
+            "process_count": jax.process_count(),
+            "device_count": jax.device_count(),
+            "config": to_dict(cfg),
+            **(stage.meta or {}),
+        }
+
+    # m holds the replicated metrics of the global batch: every process sees the same values in a
+    # flush and stops at the same step.
+    loop = HostLoop(
+        stage.name,
+        total=tc.steps,
+        initial=step,
+        unit="step",
+        log_every=tc.log_every,
+        ckpt_every=tc.ckpt_every,
+        ckpt=ckpt,
+        logger=logger,
+        save_state=save_state,
+        summarize=summarize,
+        progress=lambda m: {"loss": m["loss"], "steps_per_s": m["steps_per_s"]},
+        on_nonfinite=on_nonfinite,
+    )
 
     def run_eval(s: int) -> dict | None:
         """Evaluate on process 0 (a local copy of the weights); the others wait."""
@@ -250,53 +278,16 @@ def train(stage: Stage) -> nnx.Module:
             batch = global_batch(mesh, local)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
             step += 1
-            steps_since += 1
-            pending.append((step, metrics))
-            bar.update(1)
-            if step % tc.log_every == 0:
-                flush()
-            if step % tc.ckpt_every == 0 or step == tc.steps:
-                save(step)
+            loop.record(step, metrics)
             if stage.evaluate is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 run_eval(step)
-        flush()
-        if ckpt.latest_step() != step:
-            save(step)
-        ckpt.wait()
+        loop.finish(step)
         if stage.evaluate is not None:
             results = run_eval(step)
             if is_main_process():
-                (stage_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=1))
+                (stage_dir / TRAIN_RESULTS).write_text(json.dumps({"step": step, **results}, indent=1))
             barrier(f"{stage.name}-eval-written")
         model, _ = nnx.merge(graphdef, state)
         return model
     finally:
-        bar.close()
-        ckpt.close()
-        logger.close()
-
-
-def load_trained(stage_dir: str | Path, model: nnx.Module, step: int | None = None,
-                 trainable=nnx.Param) -> tuple[nnx.Module, dict]:
-    """Load the model weights of a stage's checkpoint (default: latest) into `model`, in place.
-
-    Checkpoints hold (model, optimizer); the optimizer part is restored into a throw-away skeleton.
-    The weights come back replicated over all devices of all processes (every process must call
-    this), whatever mesh saved them; a training stage then reshards them onto its own mesh.
-    """
-    ckpt = Checkpointer(Path(stage_dir) / "checkpoints", async_save=False)
-    try:
-        _, full = nnx.split((model, nnx.Optimizer(model, make_optimizer(TrainConfig()), wrt=trainable)))
-        replicated = jax.sharding.NamedSharding(make_mesh(), jax.sharding.PartitionSpec())
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), full)
-        if step is None:  # the newest checkpoint that restores (damaged newer ones are moved aside)
-            found = ckpt.restore_latest_good(target, log=log0)
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-            _, state, meta = found
-        else:
-            state, meta = ckpt.restore(target, step)
-        nnx.update(model, state[0])
-    finally:
-        ckpt.close()
-    return model, meta
+        loop.close()

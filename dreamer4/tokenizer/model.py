@@ -28,7 +28,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from dreamer4.config import TokenizerConfig
+from dreamer4.config import TokenizerNet
 from dreamer4.nn import AxialTransformer
 
 
@@ -55,8 +55,7 @@ def decoder_visibility(P: int, L: int) -> np.ndarray:
 
 
 class Tokenizer(nnx.Module):
-    def __init__(self, cfg: TokenizerConfig, frame_shape: tuple[int, int, int], *, rngs: nnx.Rngs,
-                 dtype=jnp.float32):
+    def __init__(self, cfg: TokenizerNet, frame_shape: tuple[int, int, int], *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
         self.frame_shape = tuple(frame_shape)
         H, W, C = frame_shape
@@ -82,9 +81,17 @@ class Tokenizer(nnx.Module):
         # Per-position output bias: learns the average frame within a few steps, so the network
         # spends its capacity on what differs from it.
         self.patch_bias = nnx.Param(jnp.zeros((P, X), jnp.float32))
-        common = dict(width=D, depth=cfg.depth, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                      mlp_ratio=cfg.mlp_ratio, time_every=cfg.time_every, logit_cap=cfg.logit_cap,
-                      rngs=rngs, dtype=dtype)
+        common = dict(
+            width=D,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            time_every=cfg.time_every,
+            logit_cap=cfg.logit_cap,
+            rngs=rngs,
+            dtype=dtype,
+        )
         self.encoder = AxialTransformer(visibility=encoder_visibility(P, L), **common)
         self.decoder = AxialTransformer(visibility=decoder_visibility(P, L), **common)
 
@@ -99,8 +106,9 @@ class Tokenizer(nnx.Module):
     def unpatchify(self, patches_BTPX):
         H, W, C = self.frame_shape
         p = self.cfg.patch_size
-        x = rearrange(patches_BTPX, "b t (h w) (p1 p2 c) -> b t (h p1) (w p2) c",
-                      h=self.Hp // p, w=self.Wp // p, p1=p, p2=p, c=C)
+        x = rearrange(
+            patches_BTPX, "b t (h w) (p1 p2 c) -> b t (h p1) (w p2) c", h=self.Hp // p, w=self.Wp // p, p1=p, p2=p, c=C
+        )
         return x[:, :, :H, :W]
 
     # -- encoder / decoder token assembly ------------------------------------------------------
@@ -113,7 +121,7 @@ class Tokenizer(nnx.Module):
         return jnp.concatenate([x_BTPD, lat_BTLD.astype(x_BTPD.dtype)], axis=2)
 
     def _enc_out(self, y_BTSD):
-        return jnp.tanh(self.to_bottleneck(y_BTSD[:, :, self.num_patches:]).astype(jnp.float32))
+        return jnp.tanh(self.to_bottleneck(y_BTSD[:, :, self.num_patches :]).astype(jnp.float32))
 
     def _dec_tokens(self, z_BTLN):
         lat_BTLD = self.from_bottleneck(z_BTLN.astype(self.dtype)) + self.latent_pos[...]
