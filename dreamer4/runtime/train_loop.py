@@ -8,8 +8,9 @@ model inputs, and an optional evaluation hook. `train(stage)` then
 * builds the ("data", "fsdp") mesh and places model + optimizer state FSDP-sharded on it;
 * compiles one train step (donated state buffers) with the optimiser
   clip_by_global_norm -> AdamW with linear warm-up and cosine decay;
-* restores the latest checkpoint of STAGE_DIR/checkpoints if there is one (model, optimizer, step,
-  data-iterator state), onto the current mesh, whatever mesh saved it;
+* restores the newest checkpoint of STAGE_DIR/checkpoints that restores, if there is one (model,
+  optimizer, step, data-iterator state), onto the current mesh, whatever mesh saved it; a damaged
+  newer step is moved aside (runtime/checkpoint.py), and metrics.jsonl is cut back to the step;
 * hands every step's metrics to the host-loop core shared with PPO (runtime/host_loop.py), which
   logs every `log_every` steps (process 0: metrics.jsonl, wandb, progress bar) and checks that
   every loss since the last check was finite: a NaN/inf stops the run with a message naming the
