@@ -653,13 +653,13 @@ def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
         (
             _pos(dy.spatial_tokens) and tk.num_latents % max(dy.spatial_tokens, 1) == 0,
             "dynamics.spatial_tokens",
-            f"must be >= 1 and divide tokenizer.num_latents={tk.num_latents} (got {dy.spatial_tokens})",
+            f"({dy.spatial_tokens}) must divide tokenizer.num_latents ({tk.num_latents}) and be >= 1",
         ),
         (dy.register_tokens >= 0, "dynamics.register_tokens", f"must be >= 0 (got {dy.register_tokens})"),
         (
-            0 <= dy.short_seq_len < dy.train.seq_len or dy.short_seq_len == 0,
+            0 <= dy.short_seq_len <= dy.train.seq_len,
             "dynamics.short_seq_len",
-            f"must be 0 (off) or in [1, dynamics.train.seq_len={dy.train.seq_len}) (got {dy.short_seq_len})",
+            f"must be 0 (off) or in [1, dynamics.train.seq_len={dy.train.seq_len}] (got {dy.short_seq_len})",
         ),
         (_pos(dy.eval_context), "dynamics.eval_context", f"must be >= 1 (got {dy.eval_context})"),
         (_pos(dy.eval_horizon), "dynamics.eval_horizon", f"must be >= 1 (got {dy.eval_horizon})"),
