@@ -36,7 +36,8 @@ from dreamer4.data.store import Dataset
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 
 
-def bare_loop_steps_per_s(cfg, seconds: float = 20.0) -> float:
+def bare_loop_steps_per_s(cfg, seconds: float = 20.0, info: dict | None = None) -> float:
+    """Steady env steps/s of the bare loop; `info`, if given, gets "compile_s" (init + first chunk)."""
     from craftax.craftax_env import make_craftax_env_from_name
 
     env = make_craftax_env_from_name(ENV_IDS[cfg.env.name], auto_reset=True)
@@ -61,11 +62,17 @@ def bare_loop_steps_per_s(cfg, seconds: float = 20.0) -> float:
         return jax.lax.scan(step, carry, None, length=T)
 
     init, chunk = jax.jit(init), jax.jit(chunk)
+    t0 = time.time()
     carry = init(jax.random.PRNGKey(cfg.seed))
-    carry, out = chunk(carry)
-    jax.block_until_ready(out)
+    # two warm-up chunks: the first call's carry (from init) and later ones (from chunk) may differ
+    # in weak types or layout, which costs a second compilation that must not land in the timing
+    for _ in range(2):
+        carry, out = chunk(carry)
+        jax.block_until_ready(out)
+    if info is not None:
+        info["compile_s"] = time.time() - t0
     steps, t0 = 0, time.time()
-    while time.time() - t0 < seconds:
+    while steps == 0 or time.time() - t0 < seconds:
         carry, out = chunk(carry)
         jax.block_until_ready(out)
         steps += N * T
@@ -79,8 +86,10 @@ def device_only_steps_per_s(cfg, seconds: float = 20.0) -> float:
     env, params, spec = make_env(cfg.env.name)
     policy = make_policy(cfg.collect.policy, spec, cfg.collect)
     init, chunk = make_chunk_fn(env, params, spec, policy, cfg.collect.num_envs, cfg.collect.chunk_steps)
-    carry, rows = chunk(init(jax.random.PRNGKey(cfg.seed)))
-    jax.block_until_ready(rows)
+    carry = init(jax.random.PRNGKey(cfg.seed))
+    for _ in range(2):  # two warm-up chunks, as in bare_loop_steps_per_s
+        carry, rows = chunk(carry)
+        jax.block_until_ready(rows)
     steps, t0 = 0, time.time()
     while time.time() - t0 < seconds:
         carry, rows = chunk(carry)

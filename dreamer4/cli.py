@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dreamer4.config import ConfigError, load_config
 from dreamer4.data.store import DatasetError
-from dreamer4.pipelines.dataset import print_info, run_import_video, run_verify
+from dreamer4.pipelines.dataset import print_info, run_import_video, run_rebuild_manifest, run_verify
 from dreamer4.pipelines.report import write_report
 from dreamer4.pipelines.run import run_all
 from dreamer4.pipelines.stages import (
@@ -24,6 +24,7 @@ from dreamer4.pipelines.stages import (
     run_train_tokenizer,
 )
 from dreamer4.runtime.distributed import add_distributed_args, initialize_from_args
+from dreamer4.runtime.faults import CheckpointError, DiskFullError
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 
 
@@ -143,6 +144,13 @@ def _dataset_args(p):
     q.add_argument("dir")
     q = dsub.add_parser("verify", help="re-read every committed shard and check it against the manifest")
     q.add_argument("dir")
+    q = dsub.add_parser(
+        "rebuild-manifest",
+        help="restore a lost manifest.json from the shards' metadata "
+        "(--move-aside: move the shards aside instead; nothing is deleted)",
+    )
+    q.add_argument("dir")
+    q.add_argument("--move-aside", action="store_true")
     q = dsub.add_parser("import-video", help="add MP4/GIF/WebM files or PNG folders as unlabeled episodes")
     config_args(q)
     q.add_argument("--out", required=True, help="dataset directory (created, or added to)")
@@ -165,6 +173,8 @@ def _dataset(args):
             config_of(args), args.out, args.files, frame_shape=args.frame_shape, fit=args.fit, fps=args.fps
         )
         return 0
+    if args.dataset_command == "rebuild-manifest":
+        return run_rebuild_manifest(args.dir, args.move_aside)
     if args.dataset_command == "info":
         print_info(args.dir)
         return 0
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             initialize_from_args(args)
         rc = command.run(args)
         return rc if isinstance(rc, int) else 0
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, DiskFullError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # the train loop's NaN guard; its message says what was kept

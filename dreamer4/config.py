@@ -530,6 +530,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks a type cannot express."""
+    for ok, key, what in range_checks(cfg):  # first: the checks below divide by some of these
+        if not ok:
+            raise ConfigError(f"config key '{key}' {what}")
     c = cfg.collect
     checks = [
         (c.num_envs >= 1, "collect.num_envs", "must be >= 1"),
@@ -614,6 +617,91 @@ def validate(cfg: Config) -> None:
     for ok, key, what in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid ranges: values of the right type that no stage can run with (issue 14). One table;
+# every entry names the key the user sets. Device-count divisibility is checked where the mesh is
+# known (runtime/train_loop.py), sequence lengths vs episode lengths where the dataset is opened
+# (data/loader.py); both errors name the stage's key.
+
+
+def _pos(x) -> bool:
+    return x >= 1
+
+
+def _train_ranges(prefix: str, t: TrainConfig) -> list[tuple[bool, str, str]]:
+    return [
+        (_pos(t.steps), f"{prefix}.steps", f"must be >= 1 (got {t.steps})"),
+        (_pos(t.batch_size), f"{prefix}.batch_size", f"must be >= 1 (got {t.batch_size})"),
+        (_pos(t.seq_len), f"{prefix}.seq_len", f"must be >= 1 (got {t.seq_len})"),
+        (t.lr > 0, f"{prefix}.lr", f"must be > 0 (got {t.lr})"),
+        (t.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0 (got {t.warmup_steps})"),
+        (t.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0 (got {t.weight_decay})"),
+        (t.grad_clip > 0, f"{prefix}.grad_clip", f"must be > 0 (got {t.grad_clip})"),
+        (_pos(t.log_every), f"{prefix}.log_every", f"must be >= 1 (got {t.log_every})"),
+        (t.eval_every >= 0, f"{prefix}.eval_every", f"must be >= 0 (0 = only at the end; got {t.eval_every})"),
+        (_pos(t.ckpt_every), f"{prefix}.ckpt_every", f"must be >= 1 (got {t.ckpt_every})"),
+        (_pos(t.keep_checkpoints), f"{prefix}.keep_checkpoints", f"must be >= 1 (got {t.keep_checkpoints})"),
+    ]
+
+
+def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    """(ok, key, what is expected) for every bounded field and relation not checked above."""
+    tk, dy, ag, b, lo = cfg.tokenizer, cfg.dynamics, cfg.agent, cfg.behavior, cfg.loader
+    checks = [(lo.worker_buffer_size >= 1, "loader.worker_buffer_size", "must be >= 1")]
+    for prefix, net in (("tokenizer", tk), ("dynamics", dy)):
+        for name in ("width", "depth", "num_heads", "num_kv_heads", "time_every"):
+            v = getattr(net, name)
+            checks.append((_pos(v), f"{prefix}.{name}", f"must be >= 1 (got {v})"))
+        checks.append((net.mlp_ratio > 0, f"{prefix}.mlp_ratio", f"must be > 0 (got {net.mlp_ratio})"))
+        checks.append((net.logit_cap > 0, f"{prefix}.logit_cap", f"must be > 0 (got {net.logit_cap})"))
+    for name in ("patch_size", "num_latents", "latent_dim", "eval_episodes", "eval_frames"):
+        v = getattr(tk, name)
+        checks.append((_pos(v), f"tokenizer.{name}", f"must be >= 1 (got {v})"))
+    checks += _train_ranges("tokenizer.train", tk.train)
+    checks += _train_ranges("dynamics.train", dy.train)
+    checks += [
+        (
+            _pos(dy.spatial_tokens) and tk.num_latents % max(dy.spatial_tokens, 1) == 0,
+            "dynamics.spatial_tokens",
+            f"({dy.spatial_tokens}) must divide tokenizer.num_latents ({tk.num_latents}) and be >= 1",
+        ),
+        (dy.register_tokens >= 0, "dynamics.register_tokens", f"must be >= 0 (got {dy.register_tokens})"),
+        (
+            0 <= dy.short_seq_len <= dy.train.seq_len,
+            "dynamics.short_seq_len",
+            f"must be 0 (off) or in [1, dynamics.train.seq_len={dy.train.seq_len}] (got {dy.short_seq_len})",
+        ),
+        (_pos(dy.eval_context), "dynamics.eval_context", f"must be >= 1 (got {dy.eval_context})"),
+        (_pos(dy.eval_horizon), "dynamics.eval_horizon", f"must be >= 1 (got {dy.eval_horizon})"),
+        (_pos(dy.eval_episodes), "dynamics.eval_episodes", f"must be >= 1 (got {dy.eval_episodes})"),
+    ]
+    checks += [
+        (_pos(ag.head_hidden), "agent.head_hidden", f"must be >= 1 (got {ag.head_hidden})"),
+        (_pos(ag.eval_episodes), "agent.eval_episodes", f"must be >= 1 (got {ag.eval_episodes})"),
+        (ag.eval_imagine >= 0, "agent.eval_imagine", f"must be >= 0 (got {ag.eval_imagine})"),
+    ]
+    for w in ("bc_weight", "reward_weight", "video_weight"):
+        v = getattr(ag, w)
+        checks.append((v >= 0, f"agent.{w}", f"must be >= 0 (got {v})"))
+    checks += _train_ranges("agent.bc", ag.bc)
+    checks += _train_ranges("agent.imagine", ag.imagine)
+    checks += [
+        (_pos(b.update_epochs), "behavior.update_epochs", f"must be >= 1 (got {b.update_epochs})"),
+        (b.lr > 0, "behavior.lr", f"must be > 0 (got {b.lr})"),
+        (0 < b.gamma <= 1, "behavior.gamma", f"must be in (0, 1] (got {b.gamma})"),
+        (0 <= b.gae_lambda <= 1, "behavior.gae_lambda", f"must be in [0, 1] (got {b.gae_lambda})"),
+        (b.clip_eps > 0, "behavior.clip_eps", f"must be > 0 (got {b.clip_eps})"),
+        (b.ent_coef >= 0 and b.vf_coef >= 0, "behavior.ent_coef", "and behavior.vf_coef must be >= 0"),
+        (b.max_grad_norm > 0, "behavior.max_grad_norm", f"must be > 0 (got {b.max_grad_norm})"),
+        (all(c >= 1 for c in b.conv_channels), "behavior.conv_channels", "must all be >= 1"),
+        (_pos(b.hidden), "behavior.hidden", f"must be >= 1 (got {b.hidden})"),
+        (_pos(b.keep_checkpoints), "behavior.keep_checkpoints", f"must be >= 1 (got {b.keep_checkpoints})"),
+        (_pos(b.eval_envs) and _pos(b.eval_steps), "behavior.eval_envs", "and behavior.eval_steps must be >= 1"),
+        (cfg.runtime.fsdp >= 0, "runtime.fsdp", f"must be >= 0 (0 = all devices; got {cfg.runtime.fsdp})"),
+    ]
+    return checks
 
 
 def save_config(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:

@@ -84,7 +84,7 @@ def test_loader_errors(dataset, cfg, tmp_path):
 
     with pytest.raises(DatasetError, match="env.name='full'"):
         make_loader(root, make_test_config(["env.name=full"]))
-    with pytest.raises(ValueError, match="batch size 3"):
+    with pytest.raises(ValueError, match=r"config key 'loader.batch_size' \(3\) must be divisible"):
         make_loader(root, make_test_config(["loader.batch_size=3"]), shard_index=0, shard_count=2)
     labeled = make_loader(root, cfg, labeled_only=True).source
     assert labeled.episodes and all(e.labeled for e in labeled.episodes)

@@ -328,14 +328,16 @@ def train_behavior(cfg: Config, run_dir: str | Path, log=print, stop_after_updat
     total = b.num_updates
     ckpt = Checkpointer(stage.checkpoints, keep=b.keep_checkpoints)
     logger = MetricLogger(stage_dir, STAGE, to_dict(cfg), mode=cfg.runtime.wandb, project=cfg.runtime.wandb_project)
-    latest = ckpt.latest_step()
     like = abstract_runner(fns, cfg.seed)
-    if latest is None:
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _to_saved(like))
+    found = ckpt.restore_latest_good(target, log=lambda m: log(f"[{STAGE}] {m}"))
+    if found is None:
         runner = fns.init(jax.random.PRNGKey(cfg.seed))
+        logger.truncate_after(0)
     else:
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _to_saved(like))
-        saved, meta = ckpt.restore(target, latest)
+        _, saved, meta = found
         runner = _from_saved(saved, like)
+        logger.truncate_after(int(meta["step"]))  # drop lines the killed run logged after this checkpoint
         log(f"[{STAGE}] resumed from update {int(meta['step'])} ({meta['env_steps']} env steps) in {ckpt.directory}")
     update = int(runner["update"])
     steps_per_update = b.num_envs * b.num_steps

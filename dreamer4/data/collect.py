@@ -13,7 +13,7 @@ action_{t+1}. The collector emits exactly one such row per env per scan iteratio
 last row was `is_last` is reset in the next iteration and emits its first row.
 
 Resumability: after each committed shard the writer saves its whole collector state (env states,
-PRNG key, the unfinished episodes' rows) to `collector/wNNN/state-KKKKKK.pkl` *before* the manifest
+PRNG key, the unfinished episodes' rows) to `collector/wNNN/state-KKKKKK.pkl.z` *before* the manifest
 lists the shard. A restarted writer deletes its uncommitted shard groups, loads the state saved
 with its last committed shard, and continues: the result is byte-identical to an uninterrupted
 run. Episode data never depends on `chunk_steps` (the key is split per step, not per chunk).
@@ -26,6 +26,8 @@ import os
 import pickle
 import shutil
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from dreamer4.data import store
 from dreamer4.data.behavior import BehaviorPolicy, assign_envs, mixture_policy, parse_mix
 from dreamer4.data.env import EnvSpec, make_env, to_uint8
 from dreamer4.data.policies import make_policy
+from dreamer4.runtime.faults import disk_guard
 from dreamer4.runtime.progress import Progress
 
 ROW_FIELDS = tuple(store.FIELD_DTYPES)
@@ -200,16 +203,12 @@ def behavior_members(c) -> list[tuple[str, float]]:
     return parse_mix(c.mix) if c.mix else [(c.policy, 1.0)]
 
 
-def _header(cfg: Config, spec: EnvSpec, num_writers: int) -> dict:
+def _config_header(cfg: Config, num_writers: int) -> dict:
+    """The header facts that come from the config alone (no environment needs to be built)."""
     c = cfg.collect
     return {
         "format": store.FORMAT,
         "format_version": store.FORMAT_VERSION,
-        "env": {"name": spec.name, "id": spec.env_id, "craftax_version": spec.craftax_version},
-        "frame_shape": list(spec.frame_shape),
-        "num_actions": spec.num_actions,
-        "action_meanings": list(spec.action_meanings),
-        "achievement_names": list(spec.achievement_names),
         "seed": cfg.seed,
         "num_writers": num_writers,
         "num_episodes": c.num_episodes,
@@ -224,6 +223,20 @@ def _header(cfg: Config, spec: EnvSpec, num_writers: int) -> dict:
         "reward_t received on arriving at frame_t",
         "collect_config": to_dict(c),
     }
+
+
+def _header(cfg: Config, spec: EnvSpec, num_writers: int) -> dict:
+    h = {
+        "format": store.FORMAT,
+        "format_version": store.FORMAT_VERSION,
+        "env": {"name": spec.name, "id": spec.env_id, "craftax_version": spec.craftax_version},
+        "frame_shape": list(spec.frame_shape),
+        "num_actions": spec.num_actions,
+        "action_meanings": list(spec.action_meanings),
+        "achievement_names": list(spec.achievement_names),
+    }
+    h.update(_config_header(cfg, num_writers))
+    return h
 
 
 # Header keys that must agree between every writer of one dataset.
@@ -241,10 +254,10 @@ _MUST_MATCH = (
 )
 
 
-def _check_header(root: Path, existing: dict, mine: dict) -> None:
+def _check_header(root: Path, existing: dict, mine: dict, keys=_MUST_MATCH) -> None:
     if existing.get("format") != store.FORMAT:
         raise store.DatasetError(f"{store.manifest_path(root)} exists but is not a dreamer4 dataset manifest")
-    for key in _MUST_MATCH:
+    for key in keys:
         if existing.get(key) != mine[key]:
             raise store.DatasetError(
                 f"{store.manifest_path(root)} was created with {key}={existing.get(key)!r}, but this "
@@ -252,43 +265,89 @@ def _check_header(root: Path, existing: dict, mine: dict) -> None:
             )
 
 
+def precheck_dataset(cfg: Config, root: Path, num_writers: int) -> None:
+    """Refuse before any environment is built (building full Craftax takes minutes): shards
+    without a manifest (never overwritten), or a manifest made with another env or config."""
+    store.refuse_orphaned_shards(root)
+    m = store.read_manifest(root)
+    if not m:
+        return
+    env = m.get("env") or {}
+    if env.get("name") != cfg.env.name:
+        raise store.DatasetError(
+            f"{store.manifest_path(root)} holds {env.get('id', '?')} episodes (env.name={env.get('name')!r}), "
+            f"but this collect run has env.name={cfg.env.name!r}; use the dataset's config or a new --out"
+        )
+    if m.get("created_by") == "import-video" and "collect_config" not in m:
+        return
+    _check_header(
+        root,
+        m,
+        _config_header(cfg, num_writers),
+        keys=tuple(k for k in _MUST_MATCH if k not in ("env", "frame_shape", "num_actions")),
+    )
+
+
 class CollectorState:
-    """What a writer needs to continue exactly where its last committed shard left it."""
+    """What a writer needs to continue exactly where its last committed shard left it.
+
+    `collector/wNNN/state-KKKKKK.pkl.z`: the carry (env states, policy state, frames, key) and
+    the rows of the episodes still running, pickled and zlib-compressed at level 1 (the rows are
+    mostly frames, which compress ~7x; level 6 or xz save another 20-45% at 2-6x the time, on the
+    host thread that must hide behind stepping; see BENCHMARKS.md for the sizes). Written to a
+    temp file, fsynced and renamed; a full disk removes the temp file and raises `DiskFullError`.
+    Older uncompressed `state-KKKKKK.pkl` files are still read.
+    """
+
+    SUFFIX = ".pkl.z"
 
     @staticmethod
     def path(root: Path, writer: int, shards_done: int) -> Path:
-        return root / "collector" / f"w{writer:03d}" / f"state-{shards_done:06d}.pkl"
+        return root / "collector" / f"w{writer:03d}" / f"state-{shards_done:06d}{CollectorState.SUFFIX}"
 
     @staticmethod
-    def save(root: Path, writer: int, shards_done: int, carry, assembler: EpisodeAssembler) -> None:
+    def encode(carry, assembler: EpisodeAssembler) -> bytes:
+        raw = pickle.dumps(
+            {"carry": jax.device_get(carry), "partial": assembler.partial}, protocol=pickle.HIGHEST_PROTOCOL
+        )
+        return zlib.compress(raw, 1)
+
+    @staticmethod
+    def save(
+        root: Path, writer: int, shards_done: int, carry, assembler: EpisodeAssembler, data: bytes | None = None
+    ) -> None:
+        """`data`: the state already encoded (collect encodes it while the shard is written)."""
         p = CollectorState.path(root, writer, shards_done)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(
-                {"carry": jax.device_get(carry), "partial": assembler.partial}, f, protocol=pickle.HIGHEST_PROTOCOL
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        data = CollectorState.encode(carry, assembler) if data is None else data
+        tmp = p.with_name(p.name + ".tmp")
+        with disk_guard(p.parent, len(data), f"the collector resume state {p.name}", cleanup=[tmp]):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
 
     @staticmethod
     def load(root: Path, writer: int, shards_done: int):
         p = CollectorState.path(root, writer, shards_done)
-        if not p.exists():
+        legacy = p.with_name(f"state-{shards_done:06d}.pkl")
+        if not p.exists() and legacy.exists():
+            s = pickle.loads(legacy.read_bytes())
+        elif p.exists():
+            s = pickle.loads(zlib.decompress(p.read_bytes()))
+        else:
             raise store.DatasetError(
                 f"{p} is missing: writer {writer} has {shards_done} committed shards but no saved "
                 f"collector state to continue from deterministically"
             )
-        with open(p, "rb") as f:
-            s = pickle.load(f)
         return s["carry"], s["partial"]
 
     @staticmethod
     def prune(root: Path, writer: int, keep_from: int) -> None:
         d = root / "collector" / f"w{writer:03d}"
-        for p in d.glob("state-*.pkl"):
-            if int(p.stem.split("-")[1]) < keep_from:
+        for p in d.glob("state-*"):
+            if p.name.endswith(".tmp") or int(p.name.split("-")[1].split(".")[0]) < keep_from:
                 p.unlink(missing_ok=True)
 
 
@@ -321,6 +380,7 @@ def collect(
     root = Path(out)
     writer, num_writers = resolve_writer(writer_id, num_writers)
     c = cfg.collect
+    precheck_dataset(cfg, root, num_writers)
     env, params, spec = make_env(cfg.env.name)
     members = behavior_members(c)
     policy_ids = None
@@ -359,6 +419,7 @@ def collect(
             _check_header(root, m, header)
         mine = [s for s in m["shards"] if s["writer"] == writer]
         wstate = m["writers"].get(str(writer), {})
+        header_now = {k: v for k, v in m.items() if k not in ("shards", "writers")}
     target = episodes_for_writer(c.num_episodes, writer, num_writers)
     shards_done = len(mine)
     episodes_done = sum(len(s["episodes"]) for s in mine)
@@ -415,8 +476,28 @@ def collect(
                 }
             )
             start += L
-        digests = store.write_shard(root, name, arrays, read_chunk=c.read_chunk_frames, zstd_level=c.zstd_level)
-        CollectorState.save(root, writer, shards_done + 1, carry_after, assembler)
+        entry = {
+            "name": name,
+            "writer": writer,
+            "index": shards_done,
+            "num_frames": int(len(arrays["frame"])),
+            "episodes": eps,
+            "target_episodes": target,
+            "final": final,
+        }
+        # zlib and TensorStore's zstd both release the GIL: compress the resume state meanwhile.
+        with ThreadPoolExecutor(1) as pool:
+            encoded = pool.submit(CollectorState.encode, carry_after, assembler)
+            digests = store.write_shard(
+                root,
+                name,
+                arrays,
+                read_chunk=c.read_chunk_frames,
+                zstd_level=c.zstd_level,
+                entry=entry,
+                header=header_now,
+            )
+            CollectorState.save(root, writer, shards_done + 1, None, None, data=encoded.result())
         with store.locked_manifest(root) as m:
             m["shards"].append(
                 {

@@ -33,7 +33,7 @@ import grain.python as grain
 import jax
 import numpy as np
 
-from dreamer4.config import Config
+from dreamer4.config import Config, ConfigError
 from dreamer4.data.store import Dataset, DatasetError, Episode
 
 _ROW_FIELDS = ("frame", "reward", "is_first", "is_last", "is_terminal")
@@ -50,6 +50,7 @@ class WindowSource(grain.RandomAccessDataSource):
         stride: int,
         env_name: str | None = None,
         labeled_only: bool = False,
+        seq_len_key: str = "loader.seq_len",
     ):
         self.ds = Dataset.open(root, env_name=env_name)
         self.split, self.seq_len = split, seq_len
@@ -68,8 +69,8 @@ class WindowSource(grain.RandomAccessDataSource):
         windows = [(i, s) for i, e in enumerate(eps) for s in range(0, e.length - seq_len + 1, stride)]
         if not windows:
             raise DatasetError(
-                f"dataset {root}: no '{split}' episode is at least loader.seq_len={seq_len} steps long "
-                f"(longest: {max(e.length for e in eps)})"
+                f"dataset {root}: no '{split}' episode is at least {seq_len_key}={seq_len} steps long "
+                f"(longest: {max(e.length for e in eps)}); lower config key '{seq_len_key}'"
             )
         self.windows = np.asarray(windows, dtype=np.int64)
 
@@ -219,25 +220,33 @@ def make_loader(
     shard_count: int | None = None,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    batch_key: str = "loader.batch_size",
+    seq_len_key: str = "loader.seq_len",
 ):
     """A loader of this process's share of every global batch; iterate it, save `iter.get_state()`.
 
     The global batch `loader.batch_size` is split evenly over JAX processes (`shard_index` of
     `shard_count`, default this process of all); each process reads only its rows. `batch_size` /
-    `seq_len` default to the loader config; a training stage passes its own.
+    `seq_len` default to the loader config; a training stage passes its own, and the config keys
+    they come from (`batch_key`, `seq_len_key`) for error messages.
     """
     lc = cfg.loader
     batch_size = lc.batch_size if batch_size is None else batch_size
     seq_len = lc.seq_len if seq_len is None else seq_len
     source = WindowSource(
-        root, split, seq_len, min(lc.window_stride, seq_len), env_name=cfg.env.name, labeled_only=labeled_only
+        root,
+        split,
+        seq_len,
+        min(lc.window_stride, seq_len),
+        env_name=cfg.env.name,
+        labeled_only=labeled_only,
+        seq_len_key=seq_len_key,
     )
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if batch_size % shard_count:
-        raise ValueError(
-            f"batch size {batch_size} (config loader.batch_size or the stage's "
-            f"train.batch_size) must be divisible by the number of JAX processes ({shard_count})"
+        raise ConfigError(
+            f"config key '{batch_key}' ({batch_size}) must be divisible by the number of JAX processes ({shard_count})"
         )
     if lc.worker_count > 0:
         # grain's worker processes read absl flags; a CLI that never parsed absl flags must say so.

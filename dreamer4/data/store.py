@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,14 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from dreamer4.runtime.faults import DiskFullError, disk_guard  # noqa: F401  (re-exported)
+
 FORMAT = "dreamer4-dataset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# zarr.json attributes of a shard group: its manifest entry and the dataset header (rebuild_manifest).
+SHARD_ATTR = "dreamer4_shard"
+HEADER_ATTR = "dreamer4_header"
 
 # Per-step fields: name -> dtype. The frame field has trailing shape (H, W, C); achievements (A,).
 FIELD_DTYPES = {
@@ -77,11 +83,13 @@ def read_manifest(root: str | Path) -> dict | None:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1)
+    with disk_guard(path.parent, len(text), path.name, cleanup=[tmp]):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     # fsync the directory so the rename itself survives a power cut.
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -170,29 +178,48 @@ def digest(array: np.ndarray) -> str:
 
 
 def write_shard(
-    root: str | Path, name: str, arrays: dict[str, np.ndarray], *, read_chunk: int, zstd_level: int
+    root: str | Path,
+    name: str,
+    arrays: dict[str, np.ndarray],
+    *,
+    read_chunk: int,
+    zstd_level: int,
+    entry: dict | None = None,
+    header: dict | None = None,
 ) -> dict[str, str]:
     """Write one shard group in a single TensorStore transaction; returns sha256 per array.
 
-    Any leftover of an earlier, uncommitted attempt at the same shard is removed first.
+    Any leftover of an earlier, uncommitted attempt at the same shard is removed first. `entry`
+    (the shard's manifest entry without sha256) and `header` (the dataset's manifest header), when
+    given, are stored in the group's zarr.json attributes once the arrays are written, so that
+    `rebuild_manifest` can restore a lost manifest from the shards alone. A disk that fills up
+    mid-write removes the partial group and raises `DiskFullError`.
     """
     d = shard_dir(root, name)
     if d.exists():
         shutil.rmtree(d)
-    write_group_json(d.parent)
-    write_group_json(d)
     n = len(arrays["frame"])
-    txn = ts.Transaction()
-    futures = []
-    for field, dtype in FIELD_DTYPES.items():
-        a = np.asarray(arrays[field], dtype=dtype)
-        assert a.shape[0] == n, (field, a.shape, n)
-        store = ts.open(_array_spec(d / field, a.shape, dtype, read_chunk, zstd_level)).result()
-        futures.append(store.with_transaction(txn).write(a))
-    for f in futures:
-        f.result()
-    txn.commit_async().result()
-    return {field: digest(np.asarray(arrays[field], dtype=dtype)) for field, dtype in FIELD_DTYPES.items()}
+    need = sum(np.asarray(a).nbytes for a in arrays.values())
+    with disk_guard(d.parent.parent, need, f"shard {name}", cleanup=[d], bound="up to"):
+        write_group_json(d.parent)
+        write_group_json(d)
+        txn = ts.Transaction()
+        futures = []
+        for field, dtype in FIELD_DTYPES.items():
+            a = np.asarray(arrays[field], dtype=dtype)
+            assert a.shape[0] == n, (field, a.shape, n)
+            store = ts.open(_array_spec(d / field, a.shape, dtype, read_chunk, zstd_level)).result()
+            futures.append(store.with_transaction(txn).write(a))
+        for f in futures:
+            f.result()
+        txn.commit_async().result()
+        digests = {field: digest(np.asarray(arrays[field], dtype=dtype)) for field, dtype in FIELD_DTYPES.items()}
+        if entry is not None:
+            attrs = {SHARD_ATTR: {**entry, "sha256": digests, "written_at": time.time()}}
+            if header is not None:
+                attrs[HEADER_ATTR] = {k: v for k, v in header.items() if k not in ("shards", "writers")}
+            _write_json_atomic(d / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+    return digests
 
 
 def open_shard_array(root: str | Path, name: str, field: str):
@@ -277,6 +304,7 @@ class Dataset:
             raise DatasetError(f"dataset directory {root} does not exist")
         m = read_manifest(root)
         if m is None:
+            refuse_orphaned_shards(root, "it cannot be read until it has one")
             raise DatasetError(
                 f"{root} is not a dreamer4 dataset: {manifest_path(root)} is missing "
                 f"(create one with `dreamer4 collect --out {root}`)"
@@ -379,3 +407,173 @@ def verify(root: str | Path) -> tuple[list[str], list[str]]:
             if p.is_dir() and p.name not in ds.shards:
                 notes.append(f"shard {p.name} is not committed (left by an interrupted writer; ignored)")
     return problems, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# A directory whose manifest is lost: refuse to write into it; rebuild the manifest from shards.
+
+
+def shard_groups(root: str | Path) -> list[Path]:
+    sdir = Path(root) / "shards"
+    return sorted(p for p in sdir.iterdir() if p.is_dir()) if sdir.is_dir() else []
+
+
+def refuse_orphaned_shards(
+    root: str | Path, why: str = "refusing to write into it, which would overwrite them"
+) -> None:
+    """Raise if `root` holds shard groups but no manifest: writing there would destroy them."""
+    root = Path(root)
+    if manifest_path(root).exists():
+        return
+    groups = shard_groups(root)
+    if groups:
+        names = ", ".join(p.name for p in groups[:3]) + (", ..." if len(groups) > 3 else "")
+        raise DatasetError(
+            f"{root} holds {len(groups)} shard group(s) ({names}) but no {MANIFEST}; {why}: restore the "
+            f"manifest with `dreamer4 dataset rebuild-manifest {root}` (or move them aside with `dreamer4 dataset rebuild-manifest --move-aside {root}`)"
+        )
+
+
+def _shard_attributes(d: Path) -> dict:
+    try:
+        return json.loads((d / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def _shard_ok(root: Path, entry: dict) -> str | None:
+    """None if every array of the shard reads back with its recorded sha256, else the problem."""
+    name = entry["name"]
+    for field in FIELD_DTYPES:
+        try:
+            store = open_shard_array(root, name, field)
+            if store.shape[0] != entry["num_frames"]:
+                return f"array '{field}' has {store.shape[0]} rows, its attributes say {entry['num_frames']}"
+            if digest(read_shard_array(store, name, field)) != entry["sha256"][field]:
+                return f"array '{field}' differs from its recorded sha256"
+        except DatasetError as e:
+            return str(e)
+    return None
+
+
+def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> dict:
+    """Rebuild `root`'s manifest from the metadata its shards carry (or move them aside).
+
+    Shards written since the metadata existed carry their manifest entry and the dataset header
+    in their zarr.json attributes (written after the arrays, so a shard with attributes is whole).
+    Each is re-read against its sha256; per writer the contiguous run of good shards from index 0
+    is committed, and an import batch of videos only when all its shards are there. Shards that
+    cannot be restored (written before the metadata existed, damaged, or beyond a gap) are listed
+    and left where they are; with `move_aside` every shard group and the collector state are moved
+    to `shards-aside-<time>/` next to them instead (nothing is deleted), so that the directory can
+    be collected into afresh. Returns a summary.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset directory {root} does not exist")
+    mp = manifest_path(root)
+    if mp.exists():
+        try:
+            m = json.loads(mp.read_text())
+            raise DatasetError(
+                f"{mp} exists and is readable ({len(m.get('shards', []))} committed shards); "
+                f"nothing to rebuild (move it aside first to rebuild it from the shards)"
+            )
+        except json.JSONDecodeError:
+            bad = mp.with_name(f"{MANIFEST}.damaged-{int(time.time())}")
+            os.replace(mp, bad)
+            log(f"{mp} is not valid JSON: moved it to {bad.name}")
+    groups = shard_groups(root)
+    if move_aside:
+        aside = root / f"shards-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for p in groups:
+            os.replace(p, aside / p.name)
+        if (root / "collector").is_dir():
+            os.replace(root / "collector", aside / "collector")
+        log(f"moved {len(groups)} shard group(s) and the collector state to {aside}; nothing was deleted")
+        return {"moved": len(groups), "to": str(aside)}
+    found, skipped = [], []
+    for d in groups:
+        attrs = _shard_attributes(d)
+        entry, header = attrs.get(SHARD_ATTR), attrs.get(HEADER_ATTR)
+        if not entry or not header:
+            skipped.append(f"{d.name}: no shard metadata (written before it existed, or interrupted)")
+            continue
+        problem = _shard_ok(root, entry)
+        if problem:
+            skipped.append(f"{d.name}: {problem}")
+            continue
+        found.append((entry, header))
+    by_writer: dict[Any, list] = {}
+    for entry, header in found:
+        by_writer.setdefault(entry["writer"], []).append((entry, header))
+    committed = []
+    writers = {}
+    for w, items in by_writer.items():
+        items.sort(key=lambda x: x[0]["index"])
+        run = []
+        for entry, header in items:
+            if entry["index"] != len(run):
+                skipped.append(f"{entry['name']}: shard index {len(run)} of writer {w} is missing before it")
+                continue
+            run.append((entry, header))
+        if w == "video":  # an import batch commits all its shards together, or none
+            batches: dict[int, list] = {}
+            for item in run:
+                batches.setdefault(item[0]["batch"]["first"], []).append(item)
+            run = []
+            for first, b in sorted(batches.items()):
+                if len(b) != b[0][0]["batch"]["count"] or first != len(run):
+                    skipped.extend(f"{e['name']}: its import was interrupted before the commit" for e, _ in b)
+                    break
+                run.extend(b)
+        committed.extend(run)
+        if w != "video" and run:
+            last = run[-1][0]
+            writers[str(w)] = {
+                "committed_shards": len(run),
+                "episodes": sum(len(e["episodes"]) for e, _ in run),
+                "target_episodes": last["target_episodes"],
+                "complete": last["final"],
+            }
+    if not committed:
+        raise DatasetError(
+            f"{root}: no shard carries the metadata a rebuild needs ({len(skipped)} shard group(s): "
+            f"{'; '.join(skipped[:3])}); move them aside with `dreamer4 dataset rebuild-manifest --move-aside {root}`"
+        )
+    committed.sort(key=lambda x: x[0]["written_at"])  # commit order, as the manifest listed them
+    headers = [h for _, h in committed]
+    video = [h for e, h in committed if e["writer"] == "video"]
+    collectors = [h for e, h in committed if e["writer"] != "video"]
+    m = {}
+    if video:  # as collect does when it adds play to imported videos: adopt the collect header
+        m.update(video[0])
+    if collectors:
+        m.update({k: v for k, v in collectors[0].items() if not (video and k in ("has_actions", "has_rewards"))})
+    for h in headers[1:]:
+        for key in ("env", "frame_shape", "num_actions", "seed"):
+            if h.get(key) != headers[0].get(key):
+                raise DatasetError(
+                    f"{root}: shards disagree on the dataset's {key} ({h.get(key)!r} vs "
+                    f"{headers[0].get(key)!r}); rebuild refused"
+                )
+    if video:
+        m["has_actions"] = m["has_rewards"] = False
+    m["shards"] = [
+        {k: v for k, v in e.items() if k not in ("written_at", "target_episodes", "final", "batch")}
+        for e, _ in committed
+    ]
+    m["writers"] = writers
+    with locked_manifest(root) as current:
+        if current:
+            raise DatasetError(f"{mp} appeared while rebuilding (another process?); nothing changed")
+        current.update(m)
+    for s in skipped:
+        log(f"not restored: {s}")
+    eps = sum(len(s["episodes"]) for s in m["shards"])
+    log(
+        f"rebuilt {mp}: {len(m['shards'])} shards, {eps} episodes; {len(skipped)} shard group(s) not restored "
+        f"(left in place)"
+    )
+    return {"shards": len(m["shards"]), "episodes": eps, "skipped": skipped}

@@ -62,6 +62,18 @@ def _to_rgb(frames: np.ndarray, name: str) -> np.ndarray:
     return frames[..., :3]
 
 
+def _decoder_reason(e: Exception) -> str:
+    """One line out of a decoder error (imageio-ffmpeg appends ffmpeg's whole banner and log)."""
+    text = str(e)
+    head, _, log = text.partition("=== stderr ===")
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    reason = head.strip().splitlines()[0] if head.strip() else e.__class__.__name__
+    errors = [ln for ln in lines if "error" in ln.lower() or "invalid" in ln.lower()]
+    if errors:
+        reason += f": ffmpeg says {errors[-1]!r}"
+    return reason
+
+
 def read_frames(path: str | Path) -> tuple[np.ndarray, float | None]:
     """(frames_THW3 uint8, frames per second or None) of a video file or a folder of PNGs."""
     import imageio.v3 as iio
@@ -97,7 +109,7 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, float | None]:
     except DatasetError:
         raise
     except Exception as e:  # every decoder failure is the file's fault as far as the user can tell
-        raise DatasetError(f"{p}: cannot read as a video ({e.__class__.__name__}: {e})") from None
+        raise DatasetError(f"{p}: cannot read as a video ({_decoder_reason(e)})") from None
     if frames.size == 0 or frames.shape[0] == 0:
         raise DatasetError(f"{p}: has zero frames")
     return _to_rgb(frames, str(p)), (float(fps) if fps and math.isfinite(fps) and fps > 0 else None)
@@ -195,7 +207,18 @@ def import_videos(
         raise DatasetError(f"--fit {fit!r}: expected one of {FIT_MODES}")
     root = Path(out)
     want_shape = _parse_shape(frame_shape)
+    store.refuse_orphaned_shards(root)
     existing = store.read_manifest(root)
+    # 1. Read every file first: a file that is no video is refused before anything else is built.
+    digests_now = {}
+    read = []
+    for f in files:
+        p = Path(f)
+        digests_now[f] = _file_digest(p) if p.exists() else None
+        done = existing is not None and digests_now[f] in {
+            e.get("sha256") for s in existing.get("shards", []) for e in s["episodes"]
+        }
+        read.append(None if done else read_frames(p))
     if existing is not None:
         if existing.get("format") != store.FORMAT:
             raise DatasetError(f"{store.manifest_path(root)} is not a dreamer4 dataset manifest")
@@ -214,15 +237,15 @@ def import_videos(
         shape = tuple(header["frame_shape"])
         done_digests = set()
 
-    # 1. Read, check and fit every file before writing anything.
+    # Then fit every file before writing anything.
     todo = []
-    for f in files:
+    for f, got in zip(files, read):
         p = Path(f)
-        d = _file_digest(p) if p.exists() else None
+        d = digests_now[f]
         if d is not None and d in done_digests:
             log(f"{p}: already imported, skipped")
             continue
-        frames, file_fps = read_frames(p)
+        frames, file_fps = got if got is not None else read_frames(p)
         frames = fit_frames(frames, shape, fit, str(p))
         todo.append((p, d, frames, file_fps or fps))
         done_digests.add(d)
@@ -232,6 +255,11 @@ def import_videos(
 
     # 2. Write one shard per file (named after the import's index), then commit them together.
     A = len((existing or header)["achievement_names"])
+    if existing is None:  # a new dataset gets its header first, as collect does: shard groups
+        with store.locked_manifest(root) as m:  # left by a killed import are then recognisably
+            if not m:  # uncommitted (and deleted by the next import), never orphans
+                m.update(header)
+                save_config(cfg, root)
     with store.locked_manifest(root) as m:
         if not m:
             m.update(header)
@@ -259,34 +287,45 @@ def import_videos(
                 "achievements": np.zeros((T, A), bool),
             }
             name = f"{WRITER}-s{len(mine) + i:06d}"
-            digests = store.write_shard(
-                root, name, rows, read_chunk=cfg.collect.read_chunk_frames, zstd_level=cfg.collect.zstd_level
-            )
             k = n_eps + i
+            entry = {
+                "name": name,
+                "writer": WRITER,
+                "index": len(mine) + i,
+                "num_frames": T,
+                "episodes": [
+                    {
+                        "id": f"video-e{k:06d}",
+                        "start": 0,
+                        "length": T,
+                        "return": 0.0,
+                        "achievements": [],
+                        "labeled": False,
+                        "split": "eval" if stratified_pick(k, cfg.collect.eval_fraction, u) else "train",
+                        "policy": "video",
+                        "has_actions": False,
+                        "has_rewards": False,
+                        "source": str(p),
+                        "fps": rate,
+                        "sha256": d,
+                    }
+                ],
+            }
+            # The import batch lets `dataset rebuild-manifest` commit all of this import's shards or none.
+            digests = store.write_shard(
+                root,
+                name,
+                rows,
+                read_chunk=cfg.collect.read_chunk_frames,
+                zstd_level=cfg.collect.zstd_level,
+                entry={**entry, "batch": {"first": len(mine), "count": len(todo)}},
+                header={k2: v for k2, v in m.items() if k2 not in ("shards", "writers")},
+            )
             new_shards.append(
                 {
-                    "name": name,
-                    "writer": WRITER,
-                    "index": len(mine) + i,
-                    "num_frames": T,
+                    **{k2: v for k2, v in entry.items() if k2 != "episodes"},
                     "sha256": digests,
-                    "episodes": [
-                        {
-                            "id": f"video-e{k:06d}",
-                            "start": 0,
-                            "length": T,
-                            "return": 0.0,
-                            "achievements": [],
-                            "labeled": False,
-                            "split": "eval" if stratified_pick(k, cfg.collect.eval_fraction, u) else "train",
-                            "policy": "video",
-                            "has_actions": False,
-                            "has_rewards": False,
-                            "source": str(p),
-                            "fps": rate,
-                            "sha256": d,
-                        }
-                    ],
+                    "episodes": entry["episodes"],
                 }
             )
         m["shards"].extend(new_shards)

@@ -20,6 +20,7 @@ from dreamer4.data.store import Dataset, DatasetError
 from dreamer4.dynamics.grounding import bootstrap_ci, eval_transitions, probe, summary_lines
 from dreamer4.dynamics.model import WorldModel
 from dreamer4.dynamics.sampler import rollout
+from dreamer4.runtime.faults import disk_guard
 from dreamer4.runtime.images import psnr, ssim
 from dreamer4.runtime.loading import load_world_model
 from dreamer4.runtime.stage import StageDir, open_dataset, write_json
@@ -122,7 +123,8 @@ def side_by_side_frames(real_BHWC, imagined_BHWC, scale: int = 4) -> np.ndarray:
 def write_video(path: Path, frames_THWC: np.ndarray, fps: int = 4) -> Path:
     import imageio.v3 as iio
 
-    iio.imwrite(path, frames_THWC, duration=int(1000 / fps), loop=0)
+    with disk_guard(Path(path).parent, np.asarray(frames_THWC).nbytes, f"video {Path(path).name}", cleanup=[path]):
+        iio.imwrite(path, frames_THWC, duration=int(1000 / fps), loop=0)
     return path
 
 

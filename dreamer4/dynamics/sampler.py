@@ -9,7 +9,8 @@ For each new step t (action_t given: from data, a policy or a person):
      step t with d = d_min so that slot t holds what later steps read as context (slightly
      noisy, as in training, which makes the model robust to its own small errors).
 So a frame costs K + 1 forward passes of one step against the cache, never a pass over the
-whole context. Context frames (true latents) are written with one `prefill` pass.
+whole context, in one compiled call (`generate_step`: K steps in a fori_loop, cache donated).
+Context frames (true latents) are written with one `prefill` pass.
 """
 
 from __future__ import annotations
@@ -39,22 +40,23 @@ def generate_frame(
     """One new step t against the cache: K shortcut steps from noise, then one context pass.
 
     step_fn(z_B1LN, tau_B1, d_B1, cache) -> (out, cache) is one cached forward pass of step t (each
-    pass overwrites cache slot t); z_of(out) is its x-prediction. Returns (z_t, out of the context
-    pass, cache): the clean latents of the new frame, what the context pass read out (the agent
-    reads its state from it) and the cache whose slot t holds the frame at the context level.
+    pass overwrites cache slot t); z_of(out) is its x-prediction. The K steps run in one
+    `lax.fori_loop` with the cache as its carry (one traced model call whatever K, so compile time
+    does not grow with K; tau is a traced float32 scalar). Returns (z_t, out of the context pass,
+    cache): the clean latents of the new frame, what the context pass read out (the agent reads its
+    state from it) and the cache whose slot t holds the frame at the context level.
     """
     B = shape_B1LN[0]
-    state = {"cache": cache}
 
-    def predict(z_B1LN, tau, d):
+    def predict(z_B1LN, tau, d, cache):
         tau_B1 = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (B, 1))
         d_B1 = jnp.broadcast_to(jnp.asarray(d, jnp.float32), (B, 1))
-        out, state["cache"] = step_fn(z_B1LN, tau_B1, d_B1, state["cache"])
-        return z_of(out)
+        out, cache = step_fn(z_B1LN, tau_B1, d_B1, cache)
+        return z_of(out), cache
 
-    z_t = denoise_frame(predict, k_noise, shape_B1LN, K, k_max)
+    z_t, cache = denoise_frame(predict, k_noise, shape_B1LN, K, k_max, carry=cache)
     zc, tau, d = context_inputs(z_t, k_ctx, context_tau, k_max)
-    out, cache = step_fn(zc, tau, d, state["cache"])
+    out, cache = step_fn(zc, tau, d, cache)
     return z_t, out, cache
 
 
@@ -67,9 +69,14 @@ def prefill_context(dyn: Dynamics, z_ctx_BCLN, actions_BC, mask_BC, key, max_len
     return cache
 
 
-@partial(nnx.jit, static_argnames=("K", "context_tau"))
+@partial(nnx.jit, static_argnames=("K", "context_tau"), donate_argnames=("cache",))
 def generate_step(dyn: Dynamics, cache, t, action_B1, mask_B1, key, K: int, context_tau: float):
-    """Generate the clean latents of step t (B, 1, L, N) with K shortcut steps; update the cache."""
+    """Generate the clean latents of step t (B, 1, L, N) with K shortcut steps; update the cache.
+
+    One compiled call per frame: the K steps run in a `lax.fori_loop` (generate_frame; compile time
+    independent of K) and the cache is donated, so slot t is overwritten in place; the caller must
+    use the returned cache (the one passed in is deleted).
+    """
     B = action_B1.shape[0]
     k_noise, k_ctx = jax.random.split(key)
 

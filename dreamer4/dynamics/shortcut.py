@@ -233,7 +233,7 @@ def shortcut_forcing_loss(
 # ----------------------------------------------------------------------------- sampling
 
 
-def denoise_frame(predict: Predict, key, shape, k: int, k_max: int):
+def denoise_frame(predict: Predict, key, shape, k: int, k_max: int, *, carry=None):
     """K shortcut steps from noise, d = 1/K:  z <- z + (f(z, tau, d) - z)/(1 - tau) d,  tau <- tau + d.
 
     Starts at z ~ N(0, I) (shape `shape`), tau = 0. predict(z, tau, d) receives the current z of
@@ -242,6 +242,10 @@ def denoise_frame(predict: Predict, key, shape, k: int, k_max: int):
     on the x-prediction itself (z + (z1_hat - z) = z1_hat up to rounding), so that prediction is
     returned exactly. K must be a power of two <= k_max (the finest step the model learned).
     Makes exactly K predict calls.
+
+    With `carry` (any pytree, e.g. a KV cache), the K steps run in one `lax.fori_loop` (one traced
+    model call whatever K, so compile time does not grow with K): predict(z, tau, d, carry) ->
+    (z1_hat, carry) gets tau as a traced float32 scalar, and (z1_hat, carry) is returned.
     """
     _log2_pow2(k, "K (sampling steps)")
     _log2_pow2(k_max, "k_max")
@@ -249,6 +253,18 @@ def denoise_frame(predict: Predict, key, shape, k: int, k_max: int):
         raise ValueError(f"K = {k} sampling steps is finer than the model's finest step 1/k_max = 1/{k_max}")
     d = 1.0 / k
     z = jax.random.normal(key, shape, jnp.float32)
+    if carry is not None:
+
+        def body(i, c):
+            z, _, inner = c
+            tau = i.astype(jnp.float32) * np.float32(d)
+            z1_hat, inner = predict(z, tau, d, inner)
+            z1_hat = z1_hat.astype(jnp.float32)
+            # at i = K - 1 this lands on z1_hat (unused: z1_hat itself is returned)
+            return z + (z1_hat - z) * (np.float32(d) / (1.0 - tau)), z1_hat, inner
+
+        _, z1_hat, carry = jax.lax.fori_loop(0, k, body, (z, z, carry))
+        return z1_hat, carry
     z1_hat = z
     for i in range(k):
         tau = i * d

@@ -1,10 +1,11 @@
-"""`dreamer4 dataset info|verify DIR`: statistics of a dataset, and a full re-read check."""
+"""`dreamer4 dataset info|verify|rebuild-manifest DIR`: statistics of a dataset, a full re-read
+check, and the recovery of a lost manifest from the shards' own metadata."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from dreamer4.data.store import Dataset, verify
+from dreamer4.data.store import Dataset, rebuild_manifest, verify
 from dreamer4.data.video import import_videos
 
 
@@ -125,4 +126,11 @@ def run_verify(root: str) -> int:
         print(f"verify: {len(problems)} problem(s) in {root}")
         return 1
     print(f"verify: OK, {len(ds.shards)} committed shards, {len(ds.episodes)} episodes, all arrays match the manifest")
+    return 0
+
+
+def run_rebuild_manifest(root: str, move_aside: bool = False) -> int:
+    rebuild_manifest(root, move_aside=move_aside)
+    if not move_aside:
+        print(f"check it with `dreamer4 dataset verify {root}`")
     return 0

@@ -159,7 +159,14 @@ def train_bc(cfg: Config, data_dir, run_dir) -> dict:
             train=tc,
             model=agent,
             loss_fn=make_bc_loss(cfg, wcfg.dynamics),
-            make_iterator=loader_factory(data_dir, cfg, tc.batch_size, tc.seq_len),
+            make_iterator=loader_factory(
+                data_dir,
+                cfg,
+                tc.batch_size,
+                tc.seq_len,
+                batch_key="agent.bc.batch_size",
+                seq_len_key="agent.bc.seq_len",
+            ),
             prepare=prepare,
             trainable=TRAINABLE[STAGE_BC],
             meta={"phase": "bc", **facts, "data": str(data_dir)},
@@ -189,7 +196,9 @@ def train_imagine(cfg: Config, data_dir, run_dir) -> dict:
             train=tc,
             model=agent,
             loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sampling),
-            make_iterator=loader_factory(data_dir, cfg, tc.batch_size, C),
+            make_iterator=loader_factory(
+                data_dir, cfg, tc.batch_size, C, batch_key="agent.imagine.batch_size", seq_len_key="agent.context_len"
+            ),
             prepare=prepare,
             trainable=TRAINABLE[STAGE_IMAGINE],
             meta={"phase": "imagine", **facts, "data": str(data_dir)},

@@ -25,6 +25,7 @@ from dreamer4.config import Config, ConfigError, TrainConfig
 from dreamer4.dynamics.model import Dynamics, WorldModel
 from dreamer4.policy.heads import Agent
 from dreamer4.runtime.checkpoint import Checkpointer
+from dreamer4.runtime.distributed import log0
 from dreamer4.runtime.mesh import make_mesh
 from dreamer4.runtime.optim import make_optimizer
 from dreamer4.runtime.stage import CHECKPOINTS, StageDir
@@ -85,7 +86,8 @@ def build_agent(cfg: Config, world: WorldModel, num_actions: int) -> Agent:
 def load_trained(
     stage_dir: str | Path, model: nnx.Module, step: int | None = None, trainable=nnx.Param
 ) -> tuple[nnx.Module, dict]:
-    """Load the model weights of a stage's checkpoint (default: latest) into `model`, in place.
+    """Load the model weights of a stage's checkpoint (default: the newest that restores; a damaged
+    newer one is moved aside, runtime/checkpoint.py) into `model`, in place.
 
     Checkpoints hold (model, optimizer); the optimizer part is restored into a throw-away skeleton.
     The weights come back replicated over all devices of all processes (every process must call
@@ -93,11 +95,16 @@ def load_trained(
     """
     ckpt = Checkpointer(Path(stage_dir) / CHECKPOINTS, async_save=False)
     try:
-        meta = ckpt.restore_meta(step)
         _, full = nnx.split((model, nnx.Optimizer(model, make_optimizer(TrainConfig()), wrt=trainable)))
         replicated = jax.sharding.NamedSharding(make_mesh(), jax.sharding.PartitionSpec())
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), full)
-        state, _ = ckpt.restore(target, step)
+        if step is None:  # the newest checkpoint that restores (damaged newer ones are moved aside)
+            found = ckpt.restore_latest_good(target, log=log0)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+            _, state, meta = found
+        else:
+            state, meta = ckpt.restore(target, step)
         nnx.update(model, state[0])
     finally:
         ckpt.close()

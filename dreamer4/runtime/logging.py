@@ -3,6 +3,10 @@
 Every metric line is appended to STAGE_DIR/metrics.jsonl and every image is written as a PNG under
 STAGE_DIR/images/, so a run can be read without wandb. Only JAX process 0 logs. Tests set
 WANDB_MODE=disabled (or runtime.wandb=disabled).
+
+A resumed stage calls `truncate_after(step)` with the step of the checkpoint it continues from:
+lines logged after that checkpoint (by the run that was killed) are dropped, so metrics.jsonl
+never repeats a step. A full disk is one `DiskFullError` (runtime/faults.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dreamer4.runtime.distributed import is_main_process
+from dreamer4.runtime.faults import disk_guard
 
 
 class MetricLogger:
@@ -50,8 +55,9 @@ class MetricLogger:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        line = json.dumps({"step": int(step), **clean}) + "\n"
+        with disk_guard(self.dir, len(line), "metrics.jsonl"), open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(line)
         if self.run is not None:
             self.run.log(clean, step=int(step))
 
@@ -62,7 +68,9 @@ class MetricLogger:
         import imageio.v3 as iio
 
         path = self.dir / "images" / f"{name}_{int(step):07d}.png"
-        iio.imwrite(path, np.asarray(image_HWC, np.uint8))
+        image = np.asarray(image_HWC, np.uint8)
+        with disk_guard(path.parent, image.nbytes, f"image {path.name}", cleanup=[path]):
+            iio.imwrite(path, image)
         if self.run is not None:
             import wandb
 
@@ -75,6 +83,27 @@ class MetricLogger:
             import wandb
 
             self.run.log({name: wandb.Video(str(path))}, step=int(step))
+
+    def truncate_after(self, step: int) -> int:
+        """Drop metrics.jsonl lines of steps after `step` (a resume from that checkpoint); returns how many."""
+        p = self.dir / "metrics.jsonl"
+        if not self.enabled or not p.exists():
+            return 0
+        lines = p.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                if int(json.loads(line)["step"]) > step:
+                    continue
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                continue
+            keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) != len(lines):
+            tmp = p.with_name(p.name + ".tmp")
+            with disk_guard(self.dir, sum(map(len, keep)), "metrics.jsonl", cleanup=[tmp]):
+                tmp.write_text("".join(keep))
+                os.replace(tmp, p)
+        return len(lines) - len(keep)
 
     def close(self) -> None:
         if self.run is not None:

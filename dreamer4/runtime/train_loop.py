@@ -8,8 +8,9 @@ model inputs, and an optional evaluation hook. `train(stage)` then
 * builds the ("data", "fsdp") mesh and places model + optimizer state FSDP-sharded on it;
 * compiles one train step (donated state buffers) with the optimiser
   clip_by_global_norm -> AdamW with linear warm-up and cosine decay;
-* restores the latest checkpoint of STAGE_DIR/checkpoints if there is one (model, optimizer, step,
-  data-iterator state), onto the current mesh, whatever mesh saved it;
+* restores the newest checkpoint of STAGE_DIR/checkpoints that restores, if there is one (model,
+  optimizer, step, data-iterator state), onto the current mesh, whatever mesh saved it; a damaged
+  newer step is moved aside (runtime/checkpoint.py), and metrics.jsonl is cut back to the step;
 * hands every step's metrics to the host-loop core shared with PPO (runtime/host_loop.py), which
   logs every `log_every` steps (process 0: metrics.jsonl, wandb, progress bar) and checks that
   every loss since the last check was finite: a NaN/inf stops the run with a message naming the
@@ -39,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dreamer4.config import Config, TrainConfig, save_config, to_dict
+from dreamer4.config import Config, ConfigError, TrainConfig, save_config, to_dict
 from dreamer4.data.loader import make_loader, saved_process_count
 from dreamer4.runtime.checkpoint import Checkpointer, abstract_like
 from dreamer4.runtime.distributed import barrier, is_main_process, log0
@@ -76,9 +77,22 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def loader_factory(data_dir, cfg: Config, batch_size: int, seq_len: int) -> Callable[[], Iterator]:
-    """A Stage's `make_iterator`: a fresh iterator over this process's rows of the train split."""
-    return lambda: iter(make_loader(data_dir, cfg, "train", batch_size=batch_size, seq_len=seq_len))
+def loader_factory(
+    data_dir,
+    cfg: Config,
+    batch_size: int,
+    seq_len: int,
+    *,
+    batch_key: str = "loader.batch_size",
+    seq_len_key: str = "loader.seq_len",
+) -> Callable[[], Iterator]:
+    """A Stage's `make_iterator`: a fresh iterator over this process's rows of the train split
+    (`batch_key` / `seq_len_key`: the config keys the sizes come from, for error messages)."""
+    return lambda: iter(
+        make_loader(
+            data_dir, cfg, "train", batch_size=batch_size, seq_len=seq_len, batch_key=batch_key, seq_len_key=seq_len_key
+        )
+    )
 
 
 def place_train_state(model: nnx.Module, tc: TrainConfig, mesh, trainable=nnx.Param):
@@ -131,10 +145,20 @@ def agree(value: int, what: str) -> None:
         multihost_utils.assert_equal(np.asarray(value, np.int64), f"processes disagree on {what}")
 
 
-def _check_batch(tc: TrainConfig, mesh) -> None:
+# The config section holding each stage's TrainConfig (for error messages naming the user's key).
+TRAIN_KEYS = {
+    "tokenizer": "tokenizer.train",
+    "dynamics": "dynamics.train",
+    "agent_bc": "agent.bc",
+    "agent": "agent.imagine",
+}
+
+
+def _check_batch(stage_name: str, tc: TrainConfig, mesh) -> None:
     n = mesh.devices.size
     if tc.batch_size % n:
-        raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by the number of devices ({n})")
+        key = f"{TRAIN_KEYS.get(stage_name, 'train')}.batch_size"
+        raise ConfigError(f"config key '{key}' ({tc.batch_size}) must be divisible by the number of devices ({n})")
 
 
 def train(stage: Stage) -> nnx.Module:
@@ -144,7 +168,7 @@ def train(stage: Stage) -> nnx.Module:
     if is_main_process():
         save_config(cfg, stage_dir)
     mesh = make_mesh(cfg.runtime.fsdp)
-    _check_batch(tc, mesh)
+    _check_batch(stage.name, tc, mesh)
 
     graphdef, state, shardings = place_train_state(stage.model, tc, mesh, stage.trainable)
     leaves = jax.tree.leaves(shardings)
@@ -159,9 +183,9 @@ def train(stage: Stage) -> nnx.Module:
     )
     it = stage.make_iterator()
     step = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(abstract_like(state, shardings), latest)
+    found = ckpt.restore_latest_good(abstract_like(state, shardings), log=lambda m: log0(f"[{stage.name}] {m}"))
+    if found is not None:
+        _, state, meta = found
         step = int(meta["step"])
         saved = meta["data_state"].encode()
         before, now = meta.get("process_count", saved_process_count(saved)), jax.process_count()
@@ -184,6 +208,8 @@ def train(stage: Stage) -> nnx.Module:
             f"(saved by {before or '?'} processes, now {now})"
         )
     agree(step, "the step to start from")
+    # Lines logged after the checkpoint we resume from would repeat steps: drop them.
+    logger.truncate_after(step)
 
     train_step = compile_train_step(graphdef, stage.loss_fn, shardings, mesh, stage.trainable)
     base_key = jax.random.PRNGKey(cfg.seed)

@@ -1,0 +1,380 @@
+"""One prepared benchmark suite for a 15-minute GPU lease (issue 17); `benchmarks/gpu_suite.sh` runs it.
+
+    python benchmarks/gpu_suite.py [--smoke] [--out DIR] [--parts a,b] [--total-s 330]
+
+Parts, each in its own process with its own time budget (benchmarks/gpu_suite_parts.py):
+  env              jax version, devices, device kind, dense bf16 peak, package versions
+  train_tokenizer  classic tokenizer train step (bf16) at the preset batch and 2x: step time,
+                   tokens/s, XLA and analytic FLOPs, MFU, peak GPU memory, compiled memory analysis,
+                   compile time, and a check that a step makes no host transfer
+  train_dynamics   the same for the dynamics (world model) train step
+  imagine          frames/s for K = 1, 4, 64, single stream (batch 1) and batched, with and without
+                   the tokenizer decoder; K=4 / K=64 ratio; compile time of each
+  collect          env steps/s of `dreamer4 collect` (classic, 1024 and 4096 envs) against the bare
+                   jitted Craftax loop
+  loader           grain loader frames/s, in-process and with worker processes, against the frames/s
+                   the classic train steps consume (from the train parts)
+A part that fails, or runs out of its budget, is recorded as such with whatever it measured before
+(its process writes results after every measurement); the others go on. Writes gpu_suite.json and
+gpu_suite.md into --out (default $OUT, else bench_out/) and prints the table.
+
+--smoke runs every part at tiny sizes on whatever device there is (CPU in CI), in about a minute.
+This driver imports no JAX (the parts do): it never holds the GPU itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+ORDER = ["env", "train_tokenizer", "train_dynamics", "imagine", "collect", "loader"]
+
+
+def full_plan(work: str, cache: str | None) -> dict:
+    """Part -> (budget seconds, params) for one H100/H200 (classic preset, bf16)."""
+    c = {"config": "configs/classic.yaml", "cache_dir": cache, "work": work}
+    return {
+        "env": (15, {**c, "require_gpu": True}),
+        "train_tokenizer": (60, {**c, "batches": [[64, 16], [128, 16]], "seconds": 3}),
+        # the dynamics step compiled in 106 s on a CPU: it gets the largest budget
+        "train_dynamics": (95, {**c, "batches": [[32, 64], [64, 64]], "seconds": 3}),
+        "imagine": (50, {**c, "batches": [1, 64], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 64, "seconds": 2}),
+        "collect": (
+            75,
+            {
+                **c,
+                "num_envs": [1024, 4096],
+                "episodes_per_env": 0.5,
+                "bare_seconds": 4,
+                "overrides": ["collect.shard_frames=32768"],
+            },
+        ),
+        # the loader needs no GPU: on CPU its grain workers cannot grab GPU memory either
+        "loader": (35, {**c, "workers": [0, 8], "seconds": 5, "_env": {"JAX_PLATFORMS": "cpu"}}),
+    }
+
+
+SMOKE_MODEL = [
+    "tokenizer.width=32",
+    "tokenizer.num_heads=2",
+    "tokenizer.num_kv_heads=1",
+    "tokenizer.depth=2",
+    "dynamics.width=32",
+    "dynamics.depth=2",
+    "dynamics.num_heads=2",
+    "dynamics.num_kv_heads=1",
+    "dynamics.k_max=64",
+    "dynamics.short_seq_len=0",
+]
+
+
+def smoke_plan(work: str, cache: str | None) -> dict:
+    """Every part at tiny sizes (tiny preset, smaller still): a test that the suite runs, not a figure."""
+    c = {
+        "config": "configs/tiny.yaml",
+        "cache_dir": cache,
+        "work": work,
+        "overrides": SMOKE_MODEL,
+        "min_steps": 2,
+        "max_steps": 3,
+        "min_frames": 2,
+        "max_frames": 3,
+    }
+    return {
+        "env": (60, {**c}),
+        "train_tokenizer": (90, {**c, "batches": [[2, 2]], "seconds": 0.0}),
+        "train_dynamics": (90, {**c, "batches": [[2, 4]], "seconds": 0.0}),
+        "imagine": (90, {**c, "batches": [1], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 4, "seconds": 0.0}),
+        "collect": (150, {**c, "num_envs": [4], "chunk_steps": 16, "episodes_per_env": 1.0, "bare_seconds": None}),
+        "loader": (
+            90,
+            {**c, "workers": [0, 1], "batch": [2, 4], "seconds": 0.0, "synthetic": True, "synthetic_size": [4, 16]},
+        ),
+    }
+
+
+def _commit() -> str:
+    if os.environ.get("DREAMER4_COMMIT"):
+        return os.environ["DREAMER4_COMMIT"]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            check=False,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if sha.returncode == 0:
+            return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown (no .git here; pass DREAMER4_COMMIT=<sha>)"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_part(name: str, params: dict, budget: float, work: Path) -> dict:
+    out = work / f"part_{name}.json"
+    out.unlink(missing_ok=True)
+    params = dict(params)
+    part_env = params.pop("_env", {})
+    cmd = [sys.executable, str(HERE / "gpu_suite_parts.py"), name, "--params", json.dumps(params), "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env.update(part_env)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    timed_out = False
+    try:
+        log, _ = proc.communicate(timeout=budget)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)  # the part and its workers (grain), nothing else
+        log, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    try:
+        res = json.loads(out.read_text())
+    except (OSError, ValueError):
+        res = {}
+    if not res.get("error"):
+        res.pop("traceback", None)
+    status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "failed")
+    entry = {"status": status, "wall_s": round(wall, 2), "budget_s": budget, "results": res}
+    if timed_out:
+        entry["reason"] = f"stopped at its budget of {budget:.0f} s; results hold what finished before"
+    elif proc.returncode != 0:
+        entry["reason"] = res.get("error") or f"exit code {proc.returncode}: {(log or '')[-500:]}"
+    entry["log_tail"] = (log or "")[-1500:]
+    return entry
+
+
+# --------------------------------------------------------------------------------------- report
+def _f(x, fmt="{:.1f}"):
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _gib(b):
+    return None if b is None else b / 2**30
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    parts = res["parts"]
+    env = parts.get("env", {}).get("results", {})
+    lines = [
+        f"# GPU suite ({'smoke' if m['smoke'] else 'full'})",
+        "",
+        (
+            f"device: {env.get('device_kind', '?')} ({env.get('platform', '?')}), jax {env.get('jax', '?')}; "
+            f"host CPU: {m['cpu_model']} x {m['cpu_count']}; date {m['date_utc']}; commit {m['commit']}"
+        ),
+        (
+            f"command: `{m['command']}`; total {m['total_s']:.0f} s; compilation cache entries at start: "
+            f"{m['cache_entries_at_start']} (0 = compile times are cold)"
+        ),
+        "",
+        "| part | status | wall s | note |",
+        "|---|---|---|---|",
+    ]
+    for name in ORDER:
+        e = parts.get(name)
+        if e is None:
+            continue
+        lines.append(
+            f"| {name} | {e['status']} | {e['wall_s']:.0f} / {e['budget_s']:.0f} | "
+            f"{(e.get('reason') or '').replace('|', '/')[:160]} |"
+        )
+    lines += [
+        "",
+        "## Train steps",
+        "",
+        (
+            "| stage | batch | step ms | frames/s | tokens/s | TFLOP/step (XLA / model) | XLA TFLOP/s | MFU (XLA) "
+            "| MFU (model) | peak GiB | temp GiB (compiled) | compile s | host transfers |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("train_tokenizer", "train_dynamics"):
+        for r in parts.get(name, {}).get("results", {}).get("batches", []):
+            ma = r.get("memory_analysis", {})
+            xla = r.get("cost_analysis", {}).get("flops")
+            flops = f"{_f(xla and xla / 1e12, '{:.2f}')} / {_f(r.get('model_flops_per_step') and r['model_flops_per_step'] / 1e12, '{:.2f}')}"
+            head = f"| {name[6:]} | {r['batch']}x{r['seq_len']} |"
+            tail = f" {_f(_gib(ma.get('temp_size_in_bytes')), '{:.2f}')} | {_f(r.get('compile_s'))} |"
+            if "step_s" not in r:
+                why = r.get("error", "compiled only" if m.get("compile_only") else "did not finish")[:80]
+                lines.append(f"{head} {why} | | | {flops} | | | | |{tail} |")
+                continue
+            lines.append(
+                f"{head} {r['step_s'] * 1e3:.1f} | {r['frames_per_s']:.0f} | {r['tokens_per_s']:.0f} | {flops} | "
+                f"{_f(r.get('xla_tflops_per_s'), '{:.2f}')} | {_f(r.get('mfu_xla'), '{:.1%}')} | "
+                f"{_f(r.get('mfu_model'), '{:.1%}')} | {_f(_gib(r.get('memory', {}).get('peak_bytes_in_use')), '{:.2f}')} |"
+                f"{tail} {'none' if str(r.get('host_transfers_in_step', '')).startswith('none') else 'YES'} |"
+            )
+    im = parts.get("imagine", {}).get("results", {})
+    lines += [
+        "",
+        "## Imagination (frames/s)",
+        "",
+        "| batch | K | decode | frames/s | ms per frame step | compile s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in im.get("rows", []):
+        lines.append(
+            f"| {r['batch']} | {r['K']} | {'yes' if r['decode'] else 'no'} | "
+            f"{_f(r.get('frames_per_s')) if 'error' not in r else r['error'][:80]} | "
+            f"{_f(r.get('ms_per_step'), '{:.2f}')} | {_f(r.get('compile_s'))} |"
+        )
+    for k, v in (im.get("speedup_k4_over_kmax") or {}).items():
+        lines.append(f"\n{k}: {_f(v)}x (goal >= 12x)")
+    co = parts.get("collect", {}).get("results", {})
+    lines += [
+        "",
+        "## Collection (env steps/s)",
+        "",
+        "| envs | collect steady | bare loop | collect / bare | bare compile s | collect compile+1st chunk s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in co.get("rows", []):
+        lines.append(
+            f"| {r['num_envs']} | {_f(r.get('collect_steady_steps_per_s'), '{:.0f}')} | "
+            f"{_f(r.get('bare_steps_per_s'), '{:.0f}')} | {_f(r.get('ratio_collect_over_bare'), '{:.2f}')} | "
+            f"{_f(r.get('bare_compile_s'))} | {_f(r.get('collect_compile_and_first_chunk_s_est'))} |"
+            + (f" {r['error'][:80]}" if "error" in r else "")
+        )
+    lo = parts.get("loader", {}).get("results", {})
+    lines += [
+        "",
+        f"## Loader (batch {lo.get('batch')}; train steps consume {lo.get('train_consumes_frames_per_s')} frames/s)",
+        "",
+        "| workers | frames/s | MB/s | x train step | start-up s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in lo.get("rows", []):
+        lines.append(
+            f"| {r['worker_count']} | {_f(r.get('frames_per_s'), '{:.0f}')} | {_f(r.get('MB_per_s'))} | "
+            f"{_f(r.get('ratio_over_train_step'), '{:.2f}')} | {_f(r.get('startup_s'))} |"
+            + (f" {r['error'][:80]}" if "error" in r else "")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="every part at tiny sizes (CPU, CI)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
+    ap.add_argument("--parts", default=",".join(ORDER))
+    ap.add_argument("--total-s", type=float, default=None, help="time for all parts (default 330 s; smoke 300 s)")
+    ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="train parts: compile the classic steps at the preset batch and report XLA FLOPs and memory "
+        "analysis without running them (what a CPU can tell about the GPU step)",
+    )
+    ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's budget")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    total = args.total_s or (300.0 if args.smoke else 330.0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="d4suite-"))
+    # The project's persistent compilation cache: a second try on the same machine compiles nothing
+    # again. Whether it held entries at the start is recorded (then compile times are cache loads).
+    cache = os.environ.get("DREAMER4_JAX_CACHE") or str(Path.home() / ".cache" / "dreamer4" / "jax")
+    cache_entries = len(list(Path(cache).glob("*"))) if Path(cache).is_dir() else 0
+    plan = (smoke_plan if args.smoke else full_plan)(str(work), None if cache.lower() == "off" else cache)
+    wanted = [p for p in ORDER if p in args.parts.split(",")]
+    if args.compile_only:
+        for name in ("train_tokenizer", "train_dynamics"):
+            budget, params = plan[name]
+            plan[name] = (budget, {**params, "compile_only": True, "batches": params["batches"][:1]})
+    res = {
+        "meta": {
+            "smoke": args.smoke,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": _commit(),
+            "compile_only": args.compile_only,
+            "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "host": platform.node(),
+            "cpu_model": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "compilation_cache": cache,
+            "cache_entries_at_start": cache_entries,
+            "total_budget_s": total,
+        },
+        "parts": {},
+    }
+    jpath, mpath = out / "gpu_suite.json", out / "gpu_suite.md"
+
+    def save():
+        res["meta"]["total_s"] = time.perf_counter() - t_start
+        jpath.write_text(json.dumps(res, indent=1, default=str))
+        mpath.write_text(markdown(res))
+
+    for name in wanted:
+        budget, params = plan[name]
+        budget *= args.budget_scale
+        if name == "loader":
+            consumed = {}
+            for tr in ("train_tokenizer", "train_dynamics"):
+                rows = res["parts"].get(tr, {}).get("results", {}).get("batches", [])
+                ok = [r for r in rows if "frames_per_s" in r]
+                if ok:
+                    consumed[tr] = max(r["frames_per_s"] for r in ok)
+            params = {**params, "consumed_frames_per_s": consumed}
+        left = total - (time.perf_counter() - t_start)
+        if left < 10:
+            res["parts"][name] = {
+                "status": "skipped",
+                "wall_s": 0.0,
+                "budget_s": budget,
+                "results": {},
+                "reason": f"not started: {left:.0f} s of the suite's {total:.0f} s left",
+            }
+            save()
+            continue
+        print(f"[suite] {name}: budget {min(budget, left):.0f} s", flush=True)
+        entry = run_part(name, params, min(budget, left), work)
+        res["parts"][name] = entry
+        print(
+            f"[suite] {name}: {entry['status']} in {entry['wall_s']:.1f} s"
+            + (f" ({entry['reason']})" if entry.get("reason") else ""),
+            flush=True,
+        )
+        if entry["status"] != "ok":
+            print(entry["log_tail"][-800:], flush=True)
+        save()
+    save()
+    print("\n" + mpath.read_text())
+    print(f"wrote {jpath} and {mpath}")
+    if not os.environ.get("DREAMER4_SUITE_KEEP"):
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

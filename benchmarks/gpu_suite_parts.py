@@ -1,0 +1,512 @@
+"""The parts of the GPU suite, one per process: `python benchmarks/gpu_suite_parts.py PART --params JSON --out FILE`.
+
+`benchmarks/gpu_suite.py` starts one process per part (a crash, an out-of-memory or a hang loses
+that part only, and each part's peak GPU memory is its own) and kills it at its time budget. A part
+writes what it has measured to FILE after every measurement (atomic rename), so a part stopped
+at its budget still reports what it finished. DREAMER4_SUITE_FAIL=part1,part2 makes those parts
+raise at their start (tests: one failing part must not lose the others).
+
+Everything this suite needs from the package is imported here, at the top: the config loader,
+the compilation cache, the training runtime (mesh, state placement, compiled step), the model
+constructors, the sampler, the collector and the loader. Model cases (shapes, analytic FLOPs)
+and the bare env loop are reused from benchmarks/train_step.py and benchmarks/data.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dreamer4.config import load_config
+from dreamer4.data.loader import make_loader
+from dreamer4.dynamics.model import Dynamics
+from dreamer4.dynamics.sampler import generate_step
+from dreamer4.runtime.jax_setup import enable_compilation_cache
+from dreamer4.runtime.loading import TRAINABLE, build_tokenizer
+from dreamer4.runtime.mesh import global_batch, make_mesh
+from dreamer4.runtime.train_loop import compile_train_step, place_train_state
+
+HERE = Path(__file__).resolve().parent
+
+
+def _bench_module(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train_step_bench = _bench_module("train_step")  # tokenizer_case, dynamics_case, PEAK_BF16, FRAME_SHAPES
+
+
+def _collection():
+    """(dreamer4.data.collect.collect, benchmarks/data.py): imported by the parts that step Craftax
+    only, since importing Craftax costs seconds that every other part would pay."""
+    from dreamer4.data.collect import collect
+
+    return collect, _bench_module("data")
+
+
+class Recorder:
+    """The part's result dict, written to disk (atomically) after every update."""
+
+    def __init__(self, path: Path):
+        self.path, self.res = path, {}
+
+    def __setitem__(self, key, value):
+        self.res[key] = value
+        self.flush()
+
+    def flush(self):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.res, indent=1, default=str))
+        tmp.replace(self.path)
+
+
+def _device():
+    return jax.devices()[0]
+
+
+def _peak_flops():
+    kind = getattr(_device(), "device_kind", "")
+    if _device().platform == "cpu":
+        return None
+    for k, v in train_step_bench.PEAK_BF16.items():
+        if k.lower() in kind.lower():
+            return v
+    return None
+
+
+def _memory_stats() -> dict:
+    try:
+        s = _device().memory_stats() or {}
+    except Exception:  # noqa: BLE001  (CPU backends may not implement it)
+        s = {}
+    return {k: int(s[k]) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in s}
+
+
+def _cost(compiled) -> dict:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = ca or {}
+    return {k: float(ca[k]) for k in ("flops", "bytes accessed", "transcendentals") if k in ca}
+
+
+def _memory_analysis(compiled) -> dict:
+    try:
+        ma = compiled.memory_analysis()
+    except Exception as e:  # noqa: BLE001  (not every backend implements it)
+        return {"error": str(e)}
+    if ma is None:
+        return {}
+    return {k: int(getattr(ma, k)) for k in dir(ma) if k.endswith("_in_bytes")}
+
+
+def _timed_steps(fn, seconds: float, min_n: int, max_n: int):
+    """Call fn(i) (returns something to block on) until `seconds` passed (>= min_n, <= max_n calls)."""
+    n, out, t0 = 0, None, time.perf_counter()
+    while n < min_n or (time.perf_counter() - t0 < seconds and n < max_n):
+        out = fn(n)
+        n += 1
+        if n in (min_n, 2 * min_n) or n % 8 == 0:  # check the clock without syncing every call
+            jax.block_until_ready(out)
+    jax.block_until_ready(out)
+    return n, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------- parts
+def part_env(p, rec: Recorder):
+    import importlib.metadata as md
+
+    dev = _device()
+    rec["jax"] = jax.__version__
+    rec["backend"] = jax.default_backend()
+    rec["devices"] = [str(d) for d in jax.devices()]
+    rec["device_kind"] = dev.device_kind
+    rec["platform"] = dev.platform
+    rec["peak_bf16_flops"] = _peak_flops()
+    rec["memory"] = _memory_stats()
+    versions = {}
+    for name in ("jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore", "craftax", "grain", "wandb", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    rec["versions"] = versions
+    rec["python"] = platform.python_version()
+    rec["cpu_count"] = os.cpu_count()
+    if p.get("require_gpu") and dev.platform != "gpu":
+        raise RuntimeError(f"jax.devices() shows no GPU: {jax.devices()} (backend {jax.default_backend()})")
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def _train_batch(p, rec: Recorder, row: dict, cfg, tc, stage: str, trainable) -> None:
+    """Compile (and unless compile_only, time) one train step at row's batch; fills `row`."""
+    case = train_step_bench.tokenizer_case if stage == "tokenizer" else train_step_bench.dynamics_case
+    model, loss_fn, data, model_flops, tokens, n_params, frames = case(cfg, row["batch"], row["seq_len"])
+    row.update(
+        {"params": n_params, "model_flops_per_step": model_flops, "tokens_per_step": tokens, "frames_per_step": frames}
+    )
+    mesh = make_mesh(cfg.runtime.fsdp)
+    graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
+    del model
+    step = compile_train_step(graphdef, loss_fn, shardings, mesh, trainable)
+    gb = global_batch(mesh, data)
+    key = jax.device_put(jax.random.PRNGKey(0))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, gb, key).compile()
+    row["compile_s"] = time.perf_counter() - t0
+    row["cost_analysis"] = _cost(compiled)
+    row["memory_analysis"] = _memory_analysis(compiled)
+    rec.flush()
+    if p.get("compile_only"):  # FLOPs and memory of the compiled step, without running it
+        return
+    state, metrics = compiled(state, gb, key)  # warm-up
+    jax.block_until_ready(metrics)
+    # no host round trip inside a step: batch, key and state are on the device already
+    try:
+        with jax.transfer_guard("disallow"):
+            state, metrics = compiled(state, gb, key)
+            jax.block_until_ready(metrics)
+        row["host_transfers_in_step"] = "none (jax.transfer_guard('disallow') passed)"
+    except Exception as e:  # noqa: BLE001
+        row["host_transfers_in_step"] = f"transfer guard tripped: {_error(e)[:200]}"
+    keys = [jax.random.fold_in(key, i) for i in range(8)]
+    holder = {"state": state, "metrics": metrics}
+    del state
+
+    def one(i):
+        holder["state"], holder["metrics"] = compiled(holder["state"], gb, keys[i % 8])
+        return holder["metrics"]
+
+    n, dt = _timed_steps(one, p["seconds"], p.get("min_steps", 3), p.get("max_steps", 200))
+    step_s = dt / n
+    peak = _peak_flops()
+    xla_flops = row["cost_analysis"].get("flops")
+    finite = all(bool(np.isfinite(np.asarray(v)).all()) for v in jax.device_get(holder["metrics"]).values())
+    row.update(
+        {
+            "steps_timed": n,
+            "step_s": step_s,
+            "frames_per_s": frames / step_s,
+            "tokens_per_s": tokens / step_s,
+            "model_tflops_per_s": model_flops / step_s / 1e12,
+            "xla_tflops_per_s": (xla_flops / step_s / 1e12) if xla_flops else None,
+            "mfu_model": (model_flops / step_s / peak) if peak else None,
+            "mfu_xla": (xla_flops / step_s / peak) if (peak and xla_flops) else None,
+            "memory": _memory_stats(),
+            "metrics_finite": finite,
+        }
+    )
+
+
+def _train(p, rec: Recorder, stage: str):
+    cfg = load_config(p["config"], p.get("overrides", []))
+    tc = cfg.tokenizer.train if stage == "tokenizer" else cfg.dynamics.train
+    trainable = TRAINABLE[stage]
+    rec["precision"] = tc.precision
+    rec["config"] = p["config"]
+    rec["mfu_flops_note"] = (
+        "mfu_xla: FLOPs of the whole compiled step from XLA's cost_analysis (forward, backward and "
+        "optimizer update, as compiled); mfu_model: the analytic model FLOPs of benchmarks/train_step.py "
+        "(6N per token trained + attention, dynamics: + bootstrap half-step forwards + frozen encoder)"
+    )
+    rows = []
+    rec["batches"] = rows
+    todo = [tuple(b) for b in p["batches"]]
+    while todo:
+        batch, seq_len = todo.pop(0)
+        row = {"batch": batch, "seq_len": seq_len}
+        rows.append(row)
+        try:
+            _train_batch(p, rec, row, cfg, tc, stage, trainable)
+        except Exception as e:  # noqa: BLE001  (one batch failing, e.g. out of memory, keeps the others)
+            row["error"] = _error(e)
+            oom = any(x in str(e) for x in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory"))
+            if oom and batch > 1 and not any("step_s" in r for r in rows):
+                # larger batches would not fit either: try half of this one instead
+                todo = [(batch // 2, seq_len)] if batch // 2 not in [r["batch"] for r in rows] else []
+        rec.flush()
+        gc.collect()
+    if not any(("compile_s" if p.get("compile_only") else "step_s") in r for r in rows):
+        raise RuntimeError("no batch size ran: " + "; ".join(r.get("error", "?") for r in rows))
+
+
+def part_train_tokenizer(p, rec):
+    _train(p, rec, "tokenizer")
+
+
+def part_train_dynamics(p, rec):
+    _train(p, rec, "dynamics")
+
+
+def _imagine_case(p, row: dict, dyn, tok, decode_step, ts, keys, context_tau: float) -> None:
+    """frames/s of generate_step (+ decode) at row's batch and K; fills `row`."""
+    batch, K, decode, max_len = row["batch"], row["K"], row["decode"], p["max_len"]
+    act = jnp.zeros((batch, 1), jnp.int32)
+    mask = jnp.ones((batch, 1), bool)
+    st = {"cache": dyn.init_cache(batch, max_len), "tcache": tok.init_cache(batch, max_len) if decode else None}
+
+    def frame(i):
+        t = i % max_len  # wraps around: the cost per frame does not depend on t
+        z, st["cache"] = generate_step(dyn, st["cache"], ts[t], act, mask, keys[t], K=K, context_tau=context_tau)
+        if decode:
+            z, st["tcache"] = decode_step(tok, z, st["tcache"], ts[t])
+        return z
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(frame(0))
+    first = time.perf_counter() - t0
+    n, dt = _timed_steps(frame, p["seconds"], p.get("min_frames", 4), p.get("max_frames", 4000))
+    row.update(
+        {
+            "frames_timed": n,
+            "frames_per_s": batch * n / dt,
+            "ms_per_step": dt / n * 1e3,
+            "first_call_s": first,
+            "compile_s": max(first - dt / n, 0.0),
+        }
+    )  # compile = first call - one frame
+
+
+def part_imagine(p, rec: Recorder):
+    cfg = load_config(p["config"], p.get("overrides", []))
+    dc = cfg.dynamics
+    dtype = jnp.bfloat16 if dc.train.precision == "bf16" else jnp.float32
+    tok = build_tokenizer(cfg, train_step_bench.FRAME_SHAPES[cfg.env.name])
+    dyn = Dynamics(dc.net, cfg.tokenizer.num_latents, cfg.tokenizer.latent_dim, 17, rngs=nnx.Rngs(0), dtype=dtype)
+    max_len = p["max_len"]
+    decode_step = nnx.jit(lambda tok, z, cache, t: tok.decode_step(z, cache, t))
+    rec["precision"] = dc.train.precision
+    rec["k_max"] = dc.k_max
+    rec["cache_len"] = max_len
+    rec["note"] = (
+        "frames/s after compilation; a frame = one compiled generate_step (K steps in a fori_loop + one "
+        "context pass, KV cache donated); 'decode' adds the tokenizer's cached per-frame decoder"
+    )
+    rows = []
+    rec["rows"] = rows
+    ts = [jax.device_put(jnp.int32(t)) for t in range(max_len)]
+    keys = [jax.device_put(jax.random.fold_in(jax.random.PRNGKey(0), t)) for t in range(max_len)]
+    for batch in p["batches"]:
+        for K in p["ks"]:
+            for decode in (False, True):
+                if decode and K not in p.get("decode_ks", [4]):
+                    continue
+                row = {"batch": batch, "K": K, "decode": decode}
+                rows.append(row)
+                try:
+                    _imagine_case(p, row, dyn, tok, decode_step, ts, keys, dc.context_tau)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = _error(e)
+                rec.flush()
+                gc.collect()
+    by = {(r["batch"], r["K"], r["decode"]): r.get("frames_per_s") for r in rows}
+    ratios = {}
+    for batch in p["batches"]:
+        a, b = by.get((batch, 4, False)), by.get((batch, max(p["ks"]), False))
+        ratios[f"batch {batch}: K=4 / K={max(p['ks'])}"] = (a / b) if (a and b) else None
+    rec["speedup_k4_over_kmax"] = ratios
+    if not any("frames_per_s" in r for r in rows):
+        raise RuntimeError("no imagination case ran: " + "; ".join(r.get("error", "?") for r in rows))
+
+
+def part_collect(p, rec: Recorder):
+    collect, data_bench = _collection()
+    rows = []
+    rec["rows"] = rows
+    rec["note"] = (
+        "collect: `dreamer4 collect`'s own function (device scan + episode assembly + TensorStore "
+        "writes + manifest commits), steady state after its first chunk; bare: a jitted lax.scan over "
+        "Craftax's own auto-reset env with the same policy and envs, frames to uint8, nothing written"
+    )
+    work = Path(p["work"])
+    for n_envs in p["num_envs"]:
+        row = {"num_envs": n_envs}
+        rows.append(row)
+        try:
+            ov = list(p.get("overrides", [])) + [
+                f"collect.num_envs={n_envs}",
+                f"collect.num_episodes={max(2, int(n_envs * p['episodes_per_env']))}",
+            ]
+            if p.get("chunk_steps"):
+                ov.append(f"collect.chunk_steps={p['chunk_steps']}")
+            cfg = load_config(p["config"], ov)
+            row["chunk_steps"] = cfg.collect.chunk_steps
+            if p.get("bare_seconds") is None:  # smoke: the auto-reset loop alone compiles for a minute on CPU
+                row["bare_steps_per_s"] = None
+                row["bare_note"] = "bare loop not run (bare_seconds null)"
+            else:
+                info: dict = {}
+                row["bare_steps_per_s"] = data_bench.bare_loop_steps_per_s(cfg, p["bare_seconds"], info=info)
+                row["bare_compile_s"] = info.get("compile_s")
+            rec.flush()
+            out = work / f"collect_ds_{n_envs}"
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            summary = collect(cfg, out, log=lambda *a: None, stop_after_shards=p.get("max_shards"))
+            wall = time.perf_counter() - t0
+            steady = summary.get("steady_steps_per_s") or 0.0
+            row.update(
+                {
+                    "collect_steady_steps_per_s": steady,
+                    "collect_wall_s": wall,
+                    "collect_steps": summary.get("new_steps"),
+                    "episodes": summary.get("episodes"),
+                    "shards": summary.get("shards"),
+                    "collect_compile_and_first_chunk_s_est": (wall - summary["new_steps"] / steady) if steady else None,
+                    "ratio_collect_over_bare": steady / row["bare_steps_per_s"] if row["bare_steps_per_s"] else None,
+                }
+            )
+        except Exception as e:  # noqa: BLE001
+            row["error"] = _error(e)
+        rec.flush()
+        gc.collect()
+    if not any("collect_steady_steps_per_s" in r for r in rows):
+        raise RuntimeError("no collection case ran: " + "; ".join(r.get("error", "?") for r in rows))
+
+
+def _find_dataset(work: Path):
+    """The largest dataset the collect part committed episodes to, or None."""
+    best = None
+    for m in work.glob("collect_ds_*/manifest.json"):
+        try:
+            frames = sum(e["length"] for s in json.loads(m.read_text()).get("shards", []) for e in s["episodes"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if frames and (best is None or frames > best[0]):
+            best = (frames, m.parent)
+    return best[1] if best else None
+
+
+def synthetic_dataset(cfg, root: Path, videos: int, frames: int, seed: int = 0) -> Path:
+    """A dataset of `videos` imported GIFs of Craftax-sized frames (9x9 grids of 7x7 tiles in 16
+    colours, a few tiles changing per frame: about as compressible as game frames), written with
+    `dataset import-video`'s function: no Craftax compilation, so the loader can be measured even
+    when collection did not run. Imported episodes carry no actions; the loader reads them alike."""
+    import imageio.v3 as iio
+
+    from dreamer4.data.video import import_videos
+
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    src = root.parent / f"{root.name}_gifs"
+    src.mkdir(parents=True, exist_ok=True)
+    files = []
+    for v in range(videos):
+        grid = rng.integers(0, 16, (9, 9))
+        clip = []
+        for _ in range(frames):
+            grid[rng.integers(0, 9, 3), rng.integers(0, 9, 3)] = rng.integers(0, 16, 3)
+            clip.append(np.repeat(np.repeat(palette[grid], 7, 0), 7, 1))
+        f = src / f"v{v:03d}.gif"
+        iio.imwrite(f, np.stack(clip), duration=100, loop=0)
+        files.append(str(f))
+    import_videos(cfg, root, files, log=lambda *a: None)
+    return root
+
+
+def part_loader(p, rec: Recorder):
+    cfg = load_config(p["config"], p.get("overrides", []))
+    work = Path(p["work"])
+    root = None if p.get("synthetic") else _find_dataset(work)
+    if root is None:
+        root = work / "synthetic_ds"
+        shutil.rmtree(root, ignore_errors=True)
+        t0 = time.perf_counter()
+        synthetic_dataset(cfg, root, *p.get("synthetic_size", (32, 256)))
+        rec["dataset_note"] = f"synthetic: imported GIFs ({time.perf_counter() - t0:.1f} s to make), " + (
+            "as asked" if p.get("synthetic") else "the collect part committed no episodes"
+        )
+    rec["dataset"] = str(root.name)
+    B, T = p.get("batch") or (cfg.loader.batch_size, cfg.loader.seq_len)
+    rec["batch"] = [B, T]
+    consumed = p.get("consumed_frames_per_s") or {}
+    rec["train_consumes_frames_per_s"] = consumed
+    rows = []
+    rec["rows"] = rows
+    for workers in p["workers"]:
+        row = {"worker_count": workers}
+        rows.append(row)
+        try:
+            c = replace(cfg, loader=replace(cfg.loader, worker_count=workers))
+            t0 = time.perf_counter()
+            it = iter(make_loader(root, c, batch_size=B, seq_len=T))
+            next(it)
+            row["startup_s"] = time.perf_counter() - t0
+            n, nbytes, t0 = 0, 0, time.perf_counter()
+            while n < p.get("min_batches", 3) or (time.perf_counter() - t0 < p["seconds"] and n < 10_000):
+                b = next(it)
+                nbytes += sum(v.nbytes for v in b.values())
+                n += 1
+            dt = time.perf_counter() - t0
+            row.update({"batches": n, "frames_per_s": n * B * T / dt, "MB_per_s": nbytes / dt / 1e6})
+            if consumed:
+                row["ratio_over_train_step"] = row["frames_per_s"] / max(consumed.values())
+            del it
+        except Exception as e:  # noqa: BLE001
+            row["error"] = _error(e)
+        rec.flush()
+    if not any("frames_per_s" in r for r in rows):
+        raise RuntimeError("no loader case ran: " + "; ".join(r.get("error", "?") for r in rows))
+
+
+PARTS = {
+    "env": part_env,
+    "train_tokenizer": part_train_tokenizer,
+    "train_dynamics": part_train_dynamics,
+    "imagine": part_imagine,
+    "collect": part_collect,
+    "loader": part_loader,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("part", choices=sorted(PARTS))
+    ap.add_argument("--params", required=True, help="JSON object")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rec = Recorder(Path(args.out))
+    p = json.loads(args.params)
+    if p.get("cache_dir"):
+        enable_compilation_cache(p["cache_dir"])
+    t0 = time.perf_counter()
+    try:
+        forced = [x.strip() for x in os.environ.get("DREAMER4_SUITE_FAIL", "").split(",") if x.strip()]
+        if args.part in forced:
+            raise RuntimeError(f"forced failure of part {args.part!r} (DREAMER4_SUITE_FAIL)")
+        PARTS[args.part](p, rec)
+    except BaseException as e:  # noqa: BLE001
+        rec.res["error"] = f"{type(e).__name__}: {e}"[:1000]
+        rec.res["traceback"] = traceback.format_exc()[-4000:]
+        rec.res["part_s"] = time.perf_counter() - t0
+        rec.flush()
+        print(f"part {args.part} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+    rec.res["part_s"] = time.perf_counter() - t0
+    rec.flush()
+
+
+if __name__ == "__main__":
+    main()

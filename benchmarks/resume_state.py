@@ -1,0 +1,74 @@
+"""Size of the collector's resume state per committed shard: stored (compressed) vs plain pickle.
+
+    python benchmarks/resume_state.py [--config configs/tiny.yaml] [--json bench_out/resume_state.json]
+
+Collects the preset's dataset into a temporary directory and, after every commit, records the
+size of the state file written (`collector/w000/state-K.pkl.z`) and of the plain pickle it
+decompresses to (what earlier versions stored as `state-K.pkl`), with the time spent encoding.
+Prints a table and writes JSON. Numbers go into BENCHMARKS.md with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+from dreamer4.config import load_config
+from dreamer4.data import collect as C
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=["runtime.wandb=disabled"])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    rows = []
+    encode = C.CollectorState.encode
+
+    def timed_encode(carry, assembler):
+        t = time.perf_counter()
+        data = encode(carry, assembler)
+        rows.append(
+            {
+                "stored_bytes": len(data),
+                "pickle_bytes": len(zlib.decompress(data)),
+                "encode_s": time.perf_counter() - t,
+            }
+        )
+        return data
+
+    C.CollectorState.encode = staticmethod(timed_encode)
+    with tempfile.TemporaryDirectory() as d:
+        t = time.time()
+        summary = C.collect(cfg, Path(d) / "ds", log=lambda *a: None)
+        wall = time.time() - t
+    print(f"{'shard':>5} {'pickle MB':>10} {'stored MB':>10} {'ratio':>6} {'encode s':>9}")
+    for i, r in enumerate(rows, 1):
+        print(
+            f"{i:>5} {r['pickle_bytes'] / 1e6:>10.2f} {r['stored_bytes'] / 1e6:>10.2f} "
+            f"{r['pickle_bytes'] / r['stored_bytes']:>6.1f} {r['encode_s']:>9.2f}"
+        )
+    print(f"collect: {wall:.1f} s wall, {summary['steady_steps_per_s']:.0f} steady steps/s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "config": args.config,
+                    "states": rows,
+                    "wall_s": wall,
+                    "steady_steps_per_s": summary["steady_steps_per_s"],
+                },
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

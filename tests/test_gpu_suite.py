@@ -1,0 +1,69 @@
+"""The GPU suite (benchmarks/gpu_suite.py) in --smoke mode, so it cannot rot between device leases.
+
+One run on CPU: every part runs at tiny sizes in its own process, except `collect`, which is made
+to fail (DREAMER4_SUITE_FAIL): the others must still report numbers, and collect its reason. The
+collect part itself (Craftax compilation: a minute or more on a 2-core CPU) is left out of CI.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PARTS = ["env", "train_tokenizer", "train_dynamics", "imagine", "collect", "loader"]
+
+
+@pytest.mark.slow
+def test_smoke_suite_reports_every_part_and_survives_a_failing_one(tmp_path):
+    env = dict(os.environ, DREAMER4_SUITE_FAIL="collect", PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_suite.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            "--total-s",
+            "600",
+        ],
+        check=False,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_suite.json").read_text())
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert res["meta"]["smoke"] and res["meta"]["commit"]
+    assert list(res["parts"]) == PARTS
+    for name, part in res["parts"].items():
+        if name == "collect":
+            assert part["status"] == "failed" and "forced failure" in part["reason"], part
+            continue
+        assert part["status"] == "ok", (name, part.get("reason"), part.get("log_tail"))
+    r = {k: v["results"] for k, v in res["parts"].items()}
+    assert r["env"]["platform"] == "cpu" and r["env"]["peak_bf16_flops"] is None
+    for stage in ("train_tokenizer", "train_dynamics"):
+        (row,) = r[stage]["batches"]
+        assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["compile_s"] > 0
+        assert row["cost_analysis"]["flops"] > 0 and row["model_flops_per_step"] > 0
+        assert row["mfu_xla"] is None  # no known peak on CPU
+        assert row["memory_analysis"].get("temp_size_in_bytes", 0) >= 0
+        assert row["host_transfers_in_step"].startswith("none"), row["host_transfers_in_step"]
+        assert row["metrics_finite"]
+    cases = {(x["batch"], x["K"], x["decode"]): x for x in r["imagine"]["rows"]}
+    assert {(1, 1, False), (1, 4, False), (1, 64, False), (1, 4, True)} <= set(cases)
+    assert all(x["frames_per_s"] > 0 and x["compile_s"] > 0 for x in cases.values())
+    assert r["imagine"]["speedup_k4_over_kmax"]["batch 1: K=4 / K=64"] > 0
+    rows = {x["worker_count"]: x for x in r["loader"]["rows"]}
+    assert rows[0]["frames_per_s"] > 0 and rows[1]["frames_per_s"] > 0
+    assert rows[0]["ratio_over_train_step"] > 0
+    for name in PARTS:
+        assert f"| {name} |" in md
+    assert "forced failure" in md
