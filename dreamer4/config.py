@@ -676,6 +676,10 @@ def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
         (_pos(dy.eval_context), "dynamics.eval_context", f"must be >= 1 (got {dy.eval_context})"),
         (_pos(dy.eval_horizon), "dynamics.eval_horizon", f"must be >= 1 (got {dy.eval_horizon})"),
         (_pos(dy.eval_episodes), "dynamics.eval_episodes", f"must be >= 1 (got {dy.eval_episodes})"),
+        (_pos(dy.eval_windows), "dynamics.eval_windows", f"must be >= 1 (got {dy.eval_windows})"),
+        (_pos(dy.eval_transitions), "dynamics.eval_transitions", f"must be >= 1 (got {dy.eval_transitions})"),
+        (0.0 <= dy.flow_share < 1.0, "dynamics.flow_share", f"must be in [0, 1) (got {dy.flow_share})"),
+        (0.0 <= dy.context_prob < 1.0, "dynamics.context_prob", f"must be in [0, 1) (got {dy.context_prob})"),
     ]
     checks += [
         (_pos(ag.head_hidden), "agent.head_hidden", f"must be >= 1 (got {ag.head_hidden})"),

@@ -271,6 +271,9 @@ def test_disk_full_in_state_checkpoint_and_logs(small_disk):
         ("dynamics.sample_steps=32", "dynamics.sample_steps"),
         ("dynamics.short_seq_len=13", "dynamics.short_seq_len"),  # tiny: dynamics.train.seq_len=12
         ("behavior.gamma=1.5", "behavior.gamma"),
+        ("dynamics.flow_share=1.0", "dynamics.flow_share"),
+        ("dynamics.context_prob=-0.1", "dynamics.context_prob"),
+        ("dynamics.eval_transitions=0", "dynamics.eval_transitions"),
         ("loader.worker_buffer_size=0", "loader.worker_buffer_size"),
     ],
 )
