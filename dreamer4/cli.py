@@ -65,7 +65,11 @@ def _collect_args(p):
         default=None,
         help="writers filling the dataset together (default: the JAX process count)",
     )
-    p.add_argument("--policy", default=None, help="behaviour policy: random, sticky or ppo:CHECKPOINT (collect.policy)")
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="behaviour policy: random, sticky or ppo:CHECKPOINT (collect.policy; replaces the preset's collect.mix)",
+    )
     p.add_argument("--epsilon", type=float, default=None, help="probability of a random action (collect.epsilon)")
     p.add_argument(
         "--mix",
@@ -77,9 +81,12 @@ def _collect_args(p):
 
 def _collect(args):
     # the flags are shorthands for collect.* keys (JSON-quoted for YAML)
+    mix = args.mix
+    if args.policy is not None and mix is None:
+        mix = ""  # an explicit --policy replaces the preset's behaviour mix
     extra = [
         f"collect.{k}={json.dumps(v)}"
-        for k, v in (("policy", args.policy), ("epsilon", args.epsilon), ("mix", args.mix))
+        for k, v in (("policy", args.policy), ("epsilon", args.epsilon), ("mix", mix))
         if v is not None
     ]
     run_collect(config_of(args, extra), args.out, writer_id=args.writer_id, num_writers=args.num_writers)

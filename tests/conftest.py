@@ -27,6 +27,7 @@ REPO = Path(__file__).parent.parent
 TEST_OVERRIDES = [
     "seed=7",
     "collect.policy=framehash:none",
+    'collect.mix=""',  # the presets' behaviour mix would otherwise decide every env's policy
     "collect.num_envs=4",
     "collect.num_episodes=8",
     "collect.chunk_steps=32",
