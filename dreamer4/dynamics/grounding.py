@@ -33,6 +33,7 @@ import numpy as np
 
 from dreamer4.data.store import Dataset, DatasetError
 from dreamer4.dynamics.sampler import context_inputs, generate_step, prefill_context
+from dreamer4.runtime.images import psnr
 
 # Craftax (Classic and full) action ids: 0 noop, 1 left, 2 right, 3 up, 4 down.
 MOVE_CANDIDATES = (0, 1, 2, 3, 4)
@@ -195,16 +196,10 @@ def action_scores(
         "_sel": sel,
         "_true_col": true_col,
         "_others": others,
-        "_gap": gap_N,
     }
 
 
 # ----------------------------------------------------------------------------- probe
-
-
-def _psnr_N(x, y):
-    mse = np.mean((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2, axis=(1, 2, 3))
-    return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))
 
 
 def probe(
@@ -275,10 +270,9 @@ def probe(
 
     scores = action_scores(gen_px, real, trans.frames[:, C - 1], trans.frames[:, C], true_a, cand)
     sel, true_col, others = scores.pop("_sel"), scores.pop("_true_col"), scores.pop("_others")
-    scores.pop("_gap")
-    psnr_gen = _psnr_N(gen_px[:, A], real)
-    psnr_copy = _psnr_N(last, real)
-    psnr_copy_tok = _psnr_N(rec_last, real)
+    psnr_gen = np.asarray(psnr(gen_px[:, A], real))
+    psnr_copy = np.asarray(psnr(last, real))
+    psnr_copy_tok = np.asarray(psnr(rec_last, real))
     lat_gen = gen_err[:, A]
     lat_copy = np.mean((zl_all - zt_all) ** 2, axis=(1, 2))
     lat_mean = np.mean((zt_all - zt_all.mean(0, keepdims=True)) ** 2, axis=(1, 2))
@@ -304,7 +298,7 @@ def probe(
         "psnr_generated": ci(psnr_gen),
         "psnr_copy_last_frame": ci(psnr_copy),
         "psnr_copy_last_tokenized": ci(psnr_copy_tok),
-        "psnr_tokenizer_ceiling": ci(_psnr_N(rec_t, real)),
+        "psnr_tokenizer_ceiling": ci(np.asarray(psnr(rec_t, real))),
         "psnr_generated_minus_copy": ci(psnr_gen - psnr_copy),
         "psnr_generated_minus_copy_movement": ci(psnr_gen[sel] - psnr_copy[sel]),
     }

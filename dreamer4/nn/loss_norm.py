@@ -41,19 +41,12 @@ class LossNormalizer(nnx.Module):
         self.ms = RunningStat(jnp.zeros((len(self.names),), jnp.float32))
         self.count = RunningStat(jnp.zeros((), jnp.int32))
 
-    def __call__(self, terms: dict, weights: dict | None = None, update: bool = True):
-        """(sum_k w_k x_k / max(r_k, eps), {name: r_k}) for the terms present (missing ones count 0).
-
-        With update=False the stored statistics are used as they are (evaluation)."""
+    def __call__(self, terms: dict, weights: dict | None = None):
+        """(sum_k w_k x_k / max(r_k, eps), {name: r_k}) for the terms present (missing ones count 0);
+        updates the running statistics."""
         weights = weights or {}
         x = jnp.stack([jnp.asarray(terms.get(n, 0.0), jnp.float32) for n in self.names])
-        if update:
-            ms, count, rms = rms_update(self.ms[...], self.count[...], x, self.decay)
-            self.ms[...] = ms
-            self.count[...] = count
-        else:
-            c = jnp.maximum(self.count[...], 1).astype(jnp.float32)
-            rms = jnp.sqrt(self.ms[...] / (1.0 - jnp.power(self.decay, c)))
+        self.ms[...], self.count[...], rms = rms_update(self.ms[...], self.count[...], x, self.decay)
         scale = 1.0 / jnp.maximum(jax.lax.stop_gradient(rms), self.eps)
         total = sum(weights.get(n, 1.0) * x[i] * scale[i] for i, n in enumerate(self.names) if n in terms)
         return total, {n: rms[i] for i, n in enumerate(self.names)}

@@ -67,10 +67,11 @@ def make_bc_loss(cfg: Config, world_dc: DynamicsConfig):
         pol = agent.policy(h)
         bc, bc_per = bc_mtp_loss(pol, a, m)
         rew, rew_per = reward_mtp_loss(agent.reward(h), batch["rewards"], agent.bins)
+        terms = {"video": video, "bc": bc, "reward": rew}
         weights = {"video": ac.video_weight, "bc": ac.bc_weight, "reward": ac.reward_weight}
-        raw = sum(w * {"video": video, "bc": bc, "reward": rew}[k] for k, w in weights.items())
+        raw = sum(weights[k] * x for k, x in terms.items())
         if ac.loss_norm:
-            loss, rms = agent.loss_norm({"video": video, "bc": bc, "reward": rew}, weights)
+            loss, rms = agent.loss_norm(terms, weights)
         else:
             loss, rms = raw, {}
         # next-action accuracy on labeled targets (distance 1)
