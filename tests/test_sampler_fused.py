@@ -7,28 +7,19 @@ import numpy as np
 import pytest
 from conftest import TOK_OVERRIDES, make_test_config
 from flax import nnx
+from test_dynamics import DYN_OVERRIDES  # the same small network as the dynamics tests
 
 from dreamer4.dynamics.model import Dynamics
 from dreamer4.dynamics.sampler import context_inputs, generate_step, prefill_context
 from dreamer4.dynamics.shortcut import denoise_frame
 
-DYN = [
-    "dynamics.width=32",
-    "dynamics.depth=2",
-    "dynamics.num_heads=2",
-    "dynamics.num_kv_heads=1",
-    "dynamics.time_every=2",
-    "dynamics.spatial_tokens=2",
-    "dynamics.register_tokens=2",
-    "dynamics.k_max=8",
-]
 L, N, A, B = 4, 8, 17, 2
 TAU_CTX = 0.9
 
 
 @pytest.fixture(scope="module")
 def dyn():
-    return Dynamics(make_test_config(TOK_OVERRIDES + DYN).dynamics.net, L, N, A, rngs=nnx.Rngs(0))
+    return Dynamics(make_test_config(TOK_OVERRIDES + DYN_OVERRIDES).dynamics.net, L, N, A, rngs=nnx.Rngs(0))
 
 
 @nnx.jit(static_argnames=("K",))
