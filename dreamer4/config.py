@@ -303,6 +303,11 @@ class AgentTraining:
     # Divide the video, BC and reward terms each by a running RMS estimate (paper sec. 3), so the
     # video loss (raw ~0.01) keeps its weight next to the BC and reward losses (raw ~2-3 nats).
     loss_norm: bool = True
+    # Which transformer pass the policy and agent-token reward heads read in phase bc: "context" =
+    # frames at dynamics.context_tau, the level the agent acts at (imagination, real game); "train"
+    # = the shortcut-forcing pass at random noise levels (the paper's reading, one pass cheaper).
+    head_signal: Literal["context", "train"] = "context"
+    cont_weight: float = 1.0  # weight of the continuation (not-terminal) loss of the state heads
     bc: TrainConfig = field(default_factory=TrainConfig)
     # Phase imagine: RL in the world model, transformer frozen.
     context_len: int = 4  # dataset steps that start each imagined rollout (one rollout per context)
@@ -311,6 +316,18 @@ class AgentTraining:
     lam: float = 0.95
     pmpo_alpha: float = 0.5
     pmpo_beta: float = 0.3
+    # Imagined rewards from "state": the state heads r(z_{t-1}, z_t), which never read an action
+    # token (a policy cannot earn reward by choosing an action the reward model likes, only by
+    # changing the world); "token": the paper's agent-token reward head (distance 0), which also
+    # reads the same-step action.
+    reward_source: Literal["state", "token"] = "state"
+    continuation: bool = True  # imagined episodes end where the state heads predict death
+    # Imagination steps at the start that train only the value head, so that the advantage sign
+    # PMPO uses carries information once the policy starts to move (critic lag, BENCHMARKS.md).
+    critic_warmup: int = 0
+    # PMPO uses only the advantage's sign: subtract the batch mean of (R - v) so a value that still
+    # lags its returns (every advantage > 0) does not turn PMPO into "raise whatever was sampled".
+    center_advantages: bool = True
     imagine: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -686,7 +703,8 @@ def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
         (_pos(ag.eval_episodes), "agent.eval_episodes", f"must be >= 1 (got {ag.eval_episodes})"),
         (ag.eval_imagine >= 0, "agent.eval_imagine", f"must be >= 0 (got {ag.eval_imagine})"),
     ]
-    for w in ("bc_weight", "reward_weight", "video_weight"):
+    checks.append((ag.critic_warmup >= 0, "agent.critic_warmup", f"must be >= 0 (got {ag.critic_warmup})"))
+    for w in ("bc_weight", "reward_weight", "video_weight", "cont_weight"):
         v = getattr(ag, w)
         checks.append((v >= 0, f"agent.{w}", f"must be >= 0 (got {v})"))
     checks += _train_ranges("agent.bc", ag.bc)

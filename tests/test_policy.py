@@ -1,5 +1,6 @@
 """Agent stage pieces: two-hot, lambda-returns, PMPO, KL, MTP alignment, agent-token attention masks."""
 
+import dataclasses
 import math
 
 import jax
@@ -224,3 +225,104 @@ def test_crafter_score_geometric_mean():
     np.testing.assert_allclose(crafter_score([0.0, 100.0]), math.sqrt(101) - 1, rtol=1e-9)
     np.testing.assert_allclose(crafter_score([5.0] * 22), 5.0, rtol=1e-9)
     assert crafter_score([0.0] * 22) == 0.0
+
+
+# ----------------------------------------------------------------------------- issue 13: critic, continuation, state heads
+def test_alive_weights_hand_values():
+    # c_0 is the real start (ignored); w_t = c_1 ... c_t
+    w = Lo.alive_weights(jnp.array([[0.3, 0.9, 0.5, 1.0]]))
+    np.testing.assert_allclose(w, [[1.0, 0.9, 0.45, 0.45]], rtol=1e-6)
+
+
+def test_lambda_returns_stop_at_an_imagined_death():
+    # death at state 2 (c_2 = 0): R_1 = r_2 only, nothing after the death leaks back
+    r = jnp.array([[0.0, 1.0, 2.0, 100.0]])
+    v = jnp.array([[0.0, 10.0, 10.0, 10.0]])
+    c = jnp.array([[1.0, 1.0, 0.0, 1.0]])
+    R = Lo.lambda_returns(r, v, c, gamma=0.5, lam=0.5)
+    # R_1 = r_2 + 0 = 2; R_0 = r_1 + 0.5 * 1 * (0.5 * 10 + 0.5 * 2) = 1 + 3 = 4
+    np.testing.assert_allclose(R[0, :2], [4.0, 2.0], rtol=1e-6)
+
+
+def test_advantages_centering_removes_a_common_critic_lag():
+    R = jnp.array([[3.0, 4.0], [5.0, 6.0]])
+    v = R - jnp.array([[1.0, 1.2], [0.8, 1.0]])  # every R - v > 0: the value lags by ~1 everywhere
+    raw = Lo.advantages(R, v, center=False)
+    assert bool((raw > 0).all())
+    np.testing.assert_allclose(Lo.advantages(R, v), [[0.0, 0.2], [-0.2, 0.0]], atol=1e-6)
+    # weighted centring: weights (1, 1, 0, 0) -> mean of the first row (1.1)
+    w = jnp.array([[1.0, 1.0], [0.0, 0.0]])
+    np.testing.assert_allclose(Lo.advantages(R, v, w), [[-0.1, 0.1], [-0.3, -0.1]], atol=1e-6)
+
+
+def test_pmpo_with_float_weights_hand_value():
+    logp = jnp.array([-1.0, -2.0, -3.0])
+    adv = jnp.array([1.0, -1.0, 1.0])
+    w = jnp.array([1.0, 0.5, 0.25])
+    loss, m = Lo.pmpo_loss(logp, adv, jnp.zeros(3), alpha=0.5, beta=0.0, mask_N=w)
+    # D+ = {0, 2} weights 1, 0.25: mean logp = (-1 - 0.75) / 1.25 = -1.4; D- = {1}: -2
+    np.testing.assert_allclose(loss, 0.5 * -2.0 - 0.5 * -1.4, rtol=1e-6)
+    np.testing.assert_allclose(m["pmpo_pos_frac"], 1.25 / 1.75, rtol=1e-6)
+
+
+def test_state_heads_loss_hand_values():
+    bins = symlog_bins(5)
+    # continuation logit 0 -> BCE ln 2 whatever the label; rows marked invalid do not count
+    c = jnp.array([[0.0, 0.0, 50.0]])
+    term = jnp.array([[True, False, True]])
+    valid = jnp.array([[True, True, False]])
+    logits = jnp.zeros((1, 3, 5))
+    L_r, L_c, acc_dead, acc_alive = Lo.state_heads_loss(logits, c, jnp.zeros((1, 3)), term, valid, bins)
+    np.testing.assert_allclose(L_c, math.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(L_r, math.log(5.0), rtol=1e-6)  # uniform over 5 bins
+    # logit -3 on a terminal row: softplus(-3) = 0.04859 ; +3 on an alive row: the same
+    c2 = jnp.array([[-3.0, 3.0, 0.0]])
+    _, L_c2, acc_dead, acc_alive = Lo.state_heads_loss(logits, c2, jnp.zeros((1, 3)), term, valid, bins)
+    np.testing.assert_allclose(L_c2, math.log1p(math.exp(-3.0)), rtol=1e-5)
+    assert float(acc_dead) == 1.0 and float(acc_alive) == 1.0
+
+
+def test_state_reward_ignores_the_same_step_action_token_reward_does_not(agent):
+    """Frames fixed, only the actions changed: the state heads' reward and continuation are unchanged
+    (they never read an action), while the agent token (and the paper's token reward) moves."""
+    from test_dynamics import _inputs
+
+    from dreamer4.config import Config
+    from dreamer4.policy.imagine import imagined_reward_cont
+
+    agent = nnx.clone(agent)  # the module fixture is shared: perturb a copy
+    z, tau, d, acts, mask = _inputs(6)
+    task = jnp.zeros(acts.shape, jnp.int32)
+    other = (acts + 1) % agent.A
+    m = jnp.ones_like(mask)
+    # give the zero-initialised reward outputs random weights
+    for layer in (agent.reward.out, agent.state_heads.reward):
+        st = nnx.state(layer)
+        leaves, tree = jax.tree.flatten(st)
+        keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+        noisy = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+        nnx.update(layer, jax.tree.unflatten(tree, noisy))
+    _, h1 = agent(z, tau, d, acts, m, task)
+    _, h2 = agent(z, tau, d, other, m, task)
+    assert not np.allclose(h1, h2, atol=1e-4)
+    roll1 = {"h": h1, "actions": acts[:, 1:], "z": z[:, 1:]}
+    roll2 = {"h": h2, "actions": other[:, 1:], "z": z[:, 1:]}
+    for source, same in (("state", True), ("token", False)):
+        cfg = dataclasses.replace(Config(), agent=dataclasses.replace(Config().agent, reward_source=source))
+        r1, c1 = imagined_reward_cont(agent, roll1, z[:, 0], cfg)
+        r2, c2 = imagined_reward_cont(agent, roll2, z[:, 0], cfg)
+        np.testing.assert_array_equal(c1, c2)
+        assert np.array_equal(r1, r2) == same, source
+    # ... and the state reward does read the frames
+    r3, _ = imagined_reward_cont(agent, {**roll1, "z": z[:, 1:] + 1.0}, z[:, 0], Config())
+    assert not np.allclose(r1, r3)
+
+
+def test_mean_ci_student_t_hand_value():
+    from dreamer4.policy.evaluate import mean_ci
+
+    # mean 2.5, s = sqrt(5/3) = 1.290994, t_{0.975,3} = 3.182446 -> half 2.054261
+    c = mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert c["n"] == 4 and c["mean"] == 2.5
+    np.testing.assert_allclose(c["ci95"], [2.5 - 2.054261, 2.5 + 2.054261], rtol=1e-5)
+    assert np.isnan(mean_ci([1.0])["ci95"][0])

@@ -10,6 +10,8 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
+
 from dreamer4.runtime.stage import REPORT, STAGE_TIMES, StageDir
 
 
@@ -97,19 +99,74 @@ def summary_lines(dream: dict, ev: dict) -> list[str]:
     pols = ev.get("policies", {})
     if {"bc", "imagine"} <= set(pols):
         a, b = pols["imagine"], pols["bc"]
-        diff = a["return_mean"] - b["return_mean"]
-        se = (a["return_std"] ** 2 / a["episodes"] + b["return_std"] ** 2 / b["episodes"]) ** 0.5
-        verdict = "beat" if diff - 1.96 * se > 0 else ("was worse than" if diff + 1.96 * se < 0 else "did not beat")
+        paired = ev.get("comparisons", {}).get("imagine_minus_bc")
+        if paired:  # per-episode differences over the same starting worlds
+            diff, (lo, hi), how = paired["mean"], paired["ci95"], "paired over the same starting worlds"
+        else:  # older results: two independent samples, normal approximation
+            diff = a["return_mean"] - b["return_mean"]
+            se = (a["return_std"] ** 2 / a["episodes"] + b["return_std"] ** 2 / b["episodes"]) ** 0.5
+            lo, hi, how = diff - 1.96 * se, diff + 1.96 * se, "unpaired"
+        verdict = "beat" if lo > 0 else ("was worse than" if hi < 0 else "did not beat")
         line = (
             f"Agent: imagination training {verdict} behaviour cloning in the real game: return "
             f"{a['return_mean']:.2f} vs {b['return_mean']:.2f}, difference {diff:+.2f} "
-            f"(95% CI {diff - 1.96 * se:+.2f} to {diff + 1.96 * se:+.2f}, {a['episodes']} episodes each, "
+            f"(95% CI {lo:+.2f} to {hi:+.2f}, {how}, {a['episodes']} episodes each, "
             f"cut at {ev.get('max_steps', '?')} steps)"
         )
         if "random" in pols:
             line += f"; random {pols['random']['return_mean']:.2f}"
         out.append(line + ".")
+    im = ev.get("imagination")
+    if im and "imagined_minus_real" in im:
+        d = im["imagined_minus_real"]
+        out.append(
+            f"Imagined return {im['imagined_return_mean']:.2f} vs real {im['real_return_mean']:.2f} over "
+            f"{im['horizon']} steps from the same {im['rollouts']} real starts (difference {d['mean']:+.2f}, "
+            f"95% CI {d['ci95'][0]:+.2f} to {d['ci95'][1]:+.2f}; correlation across starts {im['correlation']:.2f})."
+        )
     return out
+
+
+# Training curves of the agent stage drawn in the report: (metrics.jsonl key, title).
+AGENT_CURVES = (
+    ("loss", "loss"),
+    ("imagined_reward_sum", "imagined return (reward sum over the horizon)"),
+    ("value_mean", "value"),
+    ("entropy", "policy entropy"),
+    ("raw_adv_pos_frac", "share of advantages R - v >= 0 (before centring)"),
+    ("pmpo_kl", "KL to the BC prior"),
+)
+
+
+def training_curves(metrics_path: Path, out_png: Path, curves=AGENT_CURVES) -> bool:
+    """Plot the logged `curves` of a stage's metrics.jsonl into one PNG; False when nothing to plot."""
+    if not metrics_path.exists():
+        return False
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    curves = [(k, t) for k, t in curves if any(k in r for r in rows)]
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3
+    fig, axes = plt.subplots(
+        (len(curves) + cols - 1) // cols, cols, figsize=(11, 3 * ((len(curves) + cols - 1) // cols))
+    )
+    for ax, (key, title) in zip(np.ravel(axes), curves):
+        pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in np.ravel(axes)[len(curves) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return True
 
 
 def write_report(run_dir) -> Path:
@@ -140,6 +197,11 @@ def write_report(run_dir) -> Path:
                 "<p>Real (left) vs imagined (right), dataset actions:</p>"
                 + "".join(f"<img src='{g.relative_to(root)}' style='margin:4px'>" for g in gifs)
             )
+    agent = StageDir(root, "agent")
+    if training_curves(agent.path("metrics.jsonl"), agent.path("curves.png")):
+        parts.append(
+            f"<h2>Imagination training</h2><img src='{agent.path('curves.png').relative_to(root)}' width='900'>"
+        )
     if ev.path("table.md").exists():
         parts.append("<h2>Agent in the real game</h2>" + _md_table(ev.path("table.md").read_text()))
         if ev.path("achievements.png").exists():

@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 from flax import nnx
 
 from dreamer4.config import DynamicsSampling
@@ -38,7 +39,8 @@ from dreamer4.data.store import Dataset
 from dreamer4.dynamics.evaluate import write_video
 from dreamer4.dynamics.sampler import context_inputs
 from dreamer4.policy.heads import Agent
-from dreamer4.policy.imagine import imagine_rollout
+from dreamer4.policy.imagine import imagine_rollout, imagined_reward_cont
+from dreamer4.policy.losses import alive_weights
 from dreamer4.runtime.loading import load_agent
 from dreamer4.runtime.stage import StageDir, open_dataset, write_json
 
@@ -51,12 +53,26 @@ def crafter_score(success_pct) -> float:
     return float(np.exp(np.mean(np.log1p(s))) - 1.0)
 
 
+def mean_ci(x, level: float = 0.95) -> dict:
+    """Mean of x and its Student-t confidence interval: mean -+ t_{(1+level)/2, n-1} s / sqrt(n), with s
+    the sample standard deviation (ddof 1). For a paired difference pass x = a - b."""
+    x = np.asarray(x, np.float64).ravel()
+    n = int(x.size)
+    if n < 2:
+        m = float(x.mean()) if n else float("nan")
+        return {"mean": m, "ci95": [float("nan"), float("nan")], "n": n}
+    half = float(scipy.stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / np.sqrt(n))
+    m = float(x.mean())
+    return {"mean": m, "ci95": [m - half, m + half], "n": n}
+
+
 def summarize(returns, achieved_EA, lengths, names, max_return: float) -> dict:
     """Per-policy statistics from per-episode returns, achievement flags (E, A) and lengths."""
     rates = 100.0 * np.asarray(achieved_EA, np.float64).mean(0) if len(returns) else np.zeros(len(names))
     return {
         "episodes": int(len(returns)),
         "return_mean": float(np.mean(returns)),
+        "return_ci95": mean_ci(returns)["ci95"],
         "return_std": float(np.std(returns)),
         "reward_pct_of_max": float(100.0 * np.mean(returns) / max_return),
         "length_mean": float(np.mean(lengths)),
@@ -66,7 +82,7 @@ def summarize(returns, achieved_EA, lengths, names, max_return: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- playing the real game
-def _agent_act(graphdef, max_steps: int, context_tau: float):
+def agent_act(graphdef, max_steps: int, context_tau: float):
     """(init(state, N), act(state, pstate, key, frame_NHWC, prev_action_N, t)) for an Agent's weights."""
 
     def init(state, N):
@@ -89,7 +105,7 @@ def _agent_act(graphdef, max_steps: int, context_tau: float):
     return init, act
 
 
-def _random_act(num_actions: int):
+def random_act(num_actions: int):
     def init(state, N):
         return ()
 
@@ -99,9 +115,12 @@ def _random_act(num_actions: int):
     return init, act
 
 
-def make_player(env, params, policy, N: int, max_steps: int):
-    """jit(play(state, key)) -> per-env return, achievements (N, A), length, rewards (T, N), frames of env 0."""
+def make_player(env, params, policy, N: int, max_steps: int, context: int = 1):
+    """jit(play(state, key)) -> per-env return, achievements (N, A), length, rewards (T, N), frames of env 0,
+    and the first `context` frames of every env (C, N, H, W, 3) with the actions into them (C, N)
+    (row 0: the reset frame, action 0 unlabeled): the starting states of imagined rollouts."""
     init, act = policy
+    C = max(1, min(context, max_steps))
     reset_v = jax.vmap(env.reset_env, in_axes=(0, None))
     step_v = jax.vmap(env.step_env, in_axes=(0, 0, 0, None))
 
@@ -117,6 +136,8 @@ def make_player(env, params, policy, N: int, max_steps: int):
             length=jnp.zeros((N,), jnp.int32),
             ach=jnp.zeros_like(env_state.achievements),
             pstate=init(state, N),
+            ctx=jnp.zeros((C,) + obs.shape, jnp.uint8).at[0].set(to_uint8(obs)),
+            ctx_act=jnp.zeros((C, N), jnp.int32),
         )
 
         def one(carry, xs):
@@ -135,52 +156,83 @@ def make_player(env, params, policy, N: int, max_steps: int):
                 length=carry["length"] + alive,
                 ach=carry["ach"] | (nxt.achievements & alive[:, None]),
                 pstate=pstate,
+                # frame t + 1 and the action into it, while t + 1 is a context row
+                ctx=jnp.where(t + 1 < C, carry["ctx"].at[jnp.minimum(t + 1, C - 1)].set(to_uint8(obs)), carry["ctx"]),
+                ctx_act=jnp.where(t + 1 < C, carry["ctx_act"].at[jnp.minimum(t + 1, C - 1)].set(a), carry["ctx_act"]),
             )
             return out, (r, carry["frame"][0])
 
         ts = jnp.arange(max_steps, dtype=jnp.int32)
         carry, (rewards_TN, frames_T) = jax.lax.scan(one, carry, (ts, jax.random.split(key, max_steps)))
-        return carry["ret"], carry["ach"], carry["length"], rewards_TN, frames_T
+        return carry["ret"], carry["ach"], carry["length"], rewards_TN, frames_T, carry["ctx"], carry["ctx_act"]
 
     return jax.jit(play)
 
 
 def play_episodes(play, state, episodes: int, N: int, seed: int):
-    """Run ceil(episodes / N) batches of N episodes with `play` (make_player); numpy results."""
-    rets, achs, lens, rews, video = [], [], [], [], None
+    """Run ceil(episodes / N) batches of N episodes with `play` (make_player); numpy results. Batch i
+    resets from PRNGKey(seed + i), so every policy played with the same seed starts from the same
+    worlds: differences between policies can be taken per episode (paired)."""
+    rets, achs, lens, rews, ctxs, acts, video = [], [], [], [], [], [], None
     for i in range((episodes + N - 1) // N):
-        ret, ach, length, rewards_TN, frames_T = jax.device_get(play(state, jax.random.PRNGKey(seed + i)))
+        out = jax.device_get(play(state, jax.random.PRNGKey(seed + i)))
+        ret, ach, length, rewards_TN, frames_T, ctx_CN, act_CN = out
         rets.append(ret), achs.append(ach), lens.append(length), rews.append(rewards_TN.T)
+        ctxs.append(np.moveaxis(ctx_CN, 0, 1)), acts.append(act_CN.T)
         if video is None:
             video = frames_T[: int(length[0]) + 1]
     cat = lambda xs: np.concatenate(xs)[:episodes]  # noqa: E731
-    return {"returns": cat(rets), "achieved": cat(achs), "lengths": cat(lens), "rewards": cat(rews), "video": video}
+    return {
+        "returns": cat(rets),
+        "achieved": cat(achs),
+        "lengths": cat(lens),
+        "rewards": cat(rews),
+        "context_frames": cat(ctxs),
+        "context_actions": cat(acts),
+        "video": video,
+    }
 
 
 # ----------------------------------------------------------------------------- imagination
-def imagined_returns(agent: Agent, ds: Dataset, cfg, n: int, horizon: int, sampling: DynamicsSampling, seed: int = 0):
-    """Imagined reward sums over `horizon` steps from the first context_len rows of n eval episodes,
-    and the decoded imagined frames."""
-    C = cfg.agent.context_len
-    eps = [e for e in ds.split("eval") if e.length >= C] or [e for e in ds.episodes if e.length >= C]
-    eps = eps[:n]
-    rows = [ds.read(e, 0, C, ("frame",)) for e in eps]
-    frames = jnp.asarray(np.stack([r["frame"] for r in rows]))
-    B = frames.shape[0]
+def imagined_returns(
+    agent: Agent, frames_BCHWC, actions_BC, horizon: int, sampling: DynamicsSampling, cfg, seed: int = 0
+):
+    """Imagined reward sums over `horizon` steps of the agent's own rollouts from the given real
+    starts (C frames and the actions into them; row 0 unlabeled), with the same reward and
+    continuation as training (policy/train.py: imagined_reward_cont), and the decoded frames."""
+    B, C = actions_BC.shape
+    mask = np.ones((B, C), bool)
+    mask[:, 0] = False
 
     @nnx.jit(static_argnames=("horizon", "sampling"))
-    def run(agent, frames, key, horizon, sampling):
+    def run(agent, frames, actions, mask, key, horizon, sampling):
         z = agent.world.latents(frames)
-        mask = jnp.zeros((B, C), bool)  # the context's actions are not needed: leave them unlabeled
-        roll = imagine_rollout(
-            agent, z, jnp.zeros((B, C), jnp.int32), mask, jnp.zeros((B,), jnp.int32), key, horizon, sampling
-        )
-        r = agent.reward_now(roll["h"])[:, 1:]
+        roll = imagine_rollout(agent, z, actions, mask, jnp.zeros((B,), jnp.int32), key, horizon, sampling)
+        r, c = imagined_reward_cont(agent, roll, z[:, -1], cfg)
+        alive = alive_weights(c)
         video = agent.world.decode(jnp.concatenate([z, roll["z"]], 1))
-        return r, video
+        return (r * alive)[:, 1:].sum(1), video
 
-    r, video = jax.device_get(run(agent, frames, jax.random.PRNGKey(seed), horizon, sampling))
-    return r.sum(1), video
+    r, video = jax.device_get(
+        run(
+            agent, jnp.asarray(frames_BCHWC), jnp.asarray(actions_BC), mask, jax.random.PRNGKey(seed), horizon, sampling
+        )
+    )
+    return r, video
+
+
+def imagined_vs_real(imagined_B, real_B) -> dict:
+    """Imagined vs real return over the same horizon from the same starting states: means, the
+    paired difference with its 95% CI and the Pearson correlation across starts."""
+    imagined_B, real_B = np.asarray(imagined_B, np.float64), np.asarray(real_B, np.float64)
+    ok = imagined_B.std() > 0 and real_B.std() > 0 and len(real_B) > 1
+    return {
+        "imagined_return_mean": float(imagined_B.mean()),
+        "real_return_mean": float(real_B.mean()),
+        "imagined_minus_real": mean_ci(imagined_B - real_B),
+        "correlation": float(np.corrcoef(imagined_B, real_B)[0, 1]) if ok else float("nan"),
+        "rollouts": int(len(real_B)),
+    }
 
 
 # ----------------------------------------------------------------------------- the command
@@ -210,20 +262,23 @@ def evaluate(run_dir, episodes: int | None = None, seed: int = 0, out_name: str 
 
     results: dict = {"episodes": E, "max_steps": ac.eval_max_steps, "max_return": max_return, "policies": {}}
     # One compiled player for both agents (same graph, weights passed as an argument).
+    C, H = ac.context_len, ac.horizon
     agent_play = make_player(
         env,
         params,
-        _agent_act(nnx.graphdef(agents["imagine"][0]), ac.eval_max_steps, wcfg.dynamics.context_tau),
+        agent_act(nnx.graphdef(agents["imagine"][0]), ac.eval_max_steps, wcfg.dynamics.context_tau),
         N,
         ac.eval_max_steps,
+        context=C,
     )
-    random_play = make_player(env, params, _random_act(spec.num_actions), N, ac.eval_max_steps)
+    random_play = make_player(env, params, random_act(spec.num_actions), N, ac.eval_max_steps, context=C)
     played = {}
     for name in ("bc", "imagine", "random"):
         if name == "random":
             play, state = random_play, None
         else:
             play, state = agent_play, nnx.state(agents[name][0])
+        print(f"[evaluate] {name}: {E} episodes in the real game ({N} at a time, cut at {ac.eval_max_steps} steps)")
         p = play_episodes(play, state, E, N, seed)
         played[name] = p
         results["policies"][name] = summarize(
@@ -231,19 +286,33 @@ def evaluate(run_dir, episodes: int | None = None, seed: int = 0, out_name: str 
         )
         write_video(out / f"real_{name}.gif", np.repeat(np.repeat(p["video"], 4, 1), 4, 2))
     results["policies"]["dataset"] = dataset_policy_stats(ds, max_return)
-
-    H = ac.horizon
-    imagined, video = imagined_returns(agents["imagine"][0], ds, cfg, ac.eval_imagine, H, wcfg.dynamics.sampling, seed)
-    real_h = played["imagine"]["rewards"][:, :H].sum(1)
-    results["imagination"] = {
-        "horizon": H,
-        "imagined_return_mean": float(np.mean(imagined)),
-        "real_return_first_h_mean": float(np.mean(real_h)),
-        "rollouts": int(len(imagined)),
+    # Same seed => same starting worlds for every policy: per-episode (paired) differences.
+    results["comparisons"] = {
+        f"{a}_minus_{b}": mean_ci(played[a]["returns"] - played[b]["returns"])
+        for a, b in (("imagine", "bc"), ("bc", "random"), ("imagine", "random"))
     }
-    for i in range(min(2, video.shape[0])):
-        frames = (video[i] * 255).round().astype(np.uint8)
-        write_video(out / f"imagined_{i}.gif", np.repeat(np.repeat(frames, 4, 1), 4, 2))
+
+    # Imagined vs real return of the imagination-trained policy from the same real starting states:
+    # the first C frames of its real episodes, then H steps imagined / played.
+    n_im = min(ac.eval_imagine, E)
+    if n_im > 0 and ac.eval_max_steps >= C + H:
+        p = played["imagine"]
+        starts = np.flatnonzero(p["lengths"] >= C)[:n_im]  # episodes still running after the context
+        if len(starts):
+            imagined, video = imagined_returns(
+                agents["imagine"][0],
+                p["context_frames"][starts],
+                p["context_actions"][starts],
+                H,
+                wcfg.dynamics.sampling,
+                cfg,
+                seed,
+            )
+            real_h = p["rewards"][starts, C - 1 : C - 1 + H].sum(1)  # transitions into frames C .. C+H-1
+            results["imagination"] = {"horizon": H, "context": C, **imagined_vs_real(imagined, real_h)}
+            for i in range(min(2, video.shape[0])):
+                frames = (video[i] * 255).round().astype(np.uint8)
+                write_video(out / f"imagined_{i}.gif", np.repeat(np.repeat(frames, 4, 1), 4, 2))
     (out / "table.md").write_text(results_table(results))
     achievement_chart(results, out / "achievements.png")
     write_json(stage.results_path, results)  # last: the stage's commit marker
@@ -260,6 +329,11 @@ def results_table(results: dict) -> str:
         "| metric | " + " | ".join(pols) + " |",
         "|---|" + "---|" * len(pols),
     ]
+    lines.append(
+        "| return 95% CI | "
+        + " | ".join(_ci_text(P[p]["return_ci95"]) if "return_ci95" in P[p] else "" for p in pols)
+        + " |"
+    )
     for key, fmt in (
         ("return_mean", "{:.2f}"),
         ("return_std", "{:.2f}"),
@@ -271,15 +345,28 @@ def results_table(results: dict) -> str:
         lines.append(f"| {key} | " + " | ".join(fmt.format(P[p][key]) for p in pols) + " |")
     for name in P[pols[0]]["achievements"]:
         lines.append(f"| {name} (%) | " + " | ".join(f"{P[p]['achievements'][name]:.0f}" for p in pols) + " |")
+    comps = results.get("comparisons", {})
+    if comps:
+        lines += ["", "Paired differences of real return (same starting worlds; mean, 95% CI):", ""]
+        lines += [
+            f"- {k.replace('_minus_', ' - ')}: {c['mean']:+.3f} {_ci_text(c['ci95'])} (n={c['n']})"
+            for k, c in comps.items()
+        ]
     im = results.get("imagination")
     if im:
+        d = im["imagined_minus_real"]
         lines += [
             "",
-            f"Imagination ({im['rollouts']} rollouts, {im['horizon']} steps): imagined return "
-            f"{im['imagined_return_mean']:.3f} vs real return over the first {im['horizon']} steps "
-            f"{im['real_return_first_h_mean']:.3f}",
+            f"Imagination vs real game from the same {im['rollouts']} starts ({im['context']} real frames, then "
+            f"{im['horizon']} steps): imagined return {im['imagined_return_mean']:.3f}, real "
+            f"{im['real_return_mean']:.3f}; imagined - real {d['mean']:+.3f} {_ci_text(d['ci95'])}; "
+            f"correlation across starts {im['correlation']:.2f}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _ci_text(ci) -> str:
+    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
 def achievement_chart(results: dict, path: Path) -> None:

@@ -16,6 +16,12 @@ Heads read the agent token's output h_BTD. Policy and reward use multi-token pre
 MLP trunk, then J output layers, one per distance (stored as one Linear whose J blocks of outputs
 have disjoint weights: the same function as J separate layers). The value head is one output.
 Distances and targets: see dreamer4/policy/losses.py.
+
+The state heads (`StateHeads`) are the exception: they read the tokenizer latents of two
+consecutive frames, (z_{t-1}, z_t), and predict the reward of that transition and whether frame t
+continues the episode (not a death). They never see an action token, so in imagination reward
+and continuation can only follow from what the world model generates; the agent-token reward
+head above, which also reads the same-step action, stays as the paper's auxiliary MTP target.
 """
 
 from __future__ import annotations
@@ -56,6 +62,26 @@ class MTPHead(nnx.Module):
         return rearrange(y, "... (j o) -> ... j o", j=self.J)
 
 
+class StateHeads(nnx.Module):
+    """(z_prev_BTLN, z_BTLN) -> (reward logits B T K, continuation logit B T): an MLP on both frames'
+    latents and their difference (a reward in Craftax is mostly an inventory change)."""
+
+    def __init__(self, latent_size: int, hidden: int, num_bins: int, *, rngs: nnx.Rngs):
+        self.norm = RMSNorm(3 * latent_size)
+        self.hidden = nnx.Linear(3 * latent_size, hidden, rngs=rngs)
+        self.hidden2 = nnx.Linear(hidden, hidden, rngs=rngs)
+        self.reward = nnx.Linear(hidden, num_bins, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+        # Bias 5: an episode continues at almost every step (sigmoid(5) = 0.993) before training.
+        self.cont = nnx.Linear(hidden, 1, bias_init=nnx.initializers.constant(5.0), rngs=rngs)
+
+    def __call__(self, z_prev_BTLN, z_BTLN):
+        a = rearrange(z_prev_BTLN.astype(jnp.float32), "b t l n -> b t (l n)")
+        b = rearrange(z_BTLN.astype(jnp.float32), "b t l n -> b t (l n)")
+        x = jax.nn.silu(self.hidden(self.norm(jnp.concatenate([a, b, b - a], -1))))
+        x = jax.nn.silu(self.hidden2(x))
+        return self.reward(x), self.cont(x)[..., 0]
+
+
 class Agent(nnx.Module):
     """The world model (frozen tokenizer + dynamics) with agent tokens and heads.
 
@@ -73,6 +99,7 @@ class Agent(nnx.Module):
         self.reward = MTPHead(D, cfg.head_hidden, cfg.num_bins, cfg.mtp, rngs=rngs, zero_init=True)
         self.value = MTPHead(D, cfg.head_hidden, cfg.num_bins, 1, rngs=rngs, zero_init=True)
         self.prior = MTPHead(D, cfg.head_hidden, num_actions, cfg.mtp, rngs=rngs)
+        self.state_heads = StateHeads(dyn.L * dyn.N, cfg.head_hidden, cfg.num_bins, rngs=rngs)
         # running RMS of the BC phase's loss terms (not a parameter; checkpointed with the agent)
         self.loss_norm = LossNormalizer(("video", "bc", "reward"))
 
@@ -125,6 +152,11 @@ class Agent(nnx.Module):
     def reward_now(self, h_BTD):
         """Predicted reward of the transition into the current step (distance 0), B T."""
         return two_hot_mean(self.reward(h_BTD)[..., 0, :], self.bins)
+
+    def state_reward_cont(self, z_prev_BTLN, z_BTLN):
+        """State heads' predictions for the transitions z_prev -> z: (reward B T, P(continue) B T)."""
+        r_logits, c_logit = self.state_heads(z_prev_BTLN, z_BTLN)
+        return two_hot_mean(r_logits, self.bins), jax.nn.sigmoid(c_logit)
 
     def value_logits(self, h_BTD):
         return self.value(h_BTD)[..., 0, :]

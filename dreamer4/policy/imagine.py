@@ -14,7 +14,8 @@ context signal level `dynamics.context_tau`, with the dynamics sampler's own hel
   3. the frame, corrupted to the context level, is passed once more to fill its cache slot; the
      agent token's output of this pass is the state h of the new step (reward, value and the
      next action are read from it).
-Everything here runs without gradients: the transformer is frozen in this phase and the heads
+`imagined_reward_cont` reads the rollout's rewards and continuation (training and evaluation
+share it). Everything here runs without gradients: the transformer is frozen in this phase and the heads
 are trained on the returned agent outputs.
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dreamer4.config import DynamicsSampling
+from dreamer4.config import Config, DynamicsSampling
 from dreamer4.dynamics.sampler import context_inputs, generate_frame
 from dreamer4.policy.heads import Agent
 
@@ -78,3 +79,22 @@ def imagine_rollout(
     h = jnp.concatenate([h_BCD[:, -1:], jnp.moveaxis(h_HBD, 0, 1)], axis=1)
     out = {"h": h, "actions": jnp.moveaxis(a_HB, 0, 1), "z": jnp.moveaxis(z_HBLN, 0, 1)}
     return jax.lax.stop_gradient(out)
+
+
+def imagined_reward_cont(agent: Agent, roll: dict, z_last_BLN, cfg: Config):
+    """Rewards r_BH1 (r[:, i] = reward on arriving at step i; r[:, 0] = 0) and continuation c_BH1 of the
+    rollout's H + 1 states (c[:, 0] = 1, the real start), both stop-gradient.
+
+    reward_source "state": the state heads on consecutive latents (z_last -> z_1 -> ... -> z_H), which
+    never read an action token; "token": the agent-token reward head at distance 0.
+    """
+    ac = cfg.agent
+    B, H = roll["actions"].shape
+    z_all = jnp.concatenate([z_last_BLN[:, None], roll["z"]], 1)  # B H+1 L N
+    r_state, c_state = agent.state_reward_cont(z_all[:, :-1], z_all[:, 1:])
+    if ac.reward_source == "state":
+        r = jnp.concatenate([jnp.zeros((B, 1)), r_state], 1)
+    else:
+        r = agent.reward_now(roll["h"])
+    c = jnp.concatenate([jnp.ones((B, 1)), c_state], 1) if ac.continuation else jnp.ones((B, H + 1))
+    return jax.lax.stop_gradient(r), jax.lax.stop_gradient(c)

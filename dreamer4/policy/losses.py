@@ -39,8 +39,9 @@ def reward_offsets(J: int) -> tuple[int, ...]:
 
 
 def _masked_mean(x, m):
+    """sum(x m) / sum(m) for a bool mask or float weights m; 0 where m is all zero."""
     m = jnp.asarray(m, jnp.float32)
-    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1e-8)
 
 
 def bc_mtp_loss(logits_BTJA, actions_BT, action_mask_BT):
@@ -91,9 +92,53 @@ def lambda_returns(rewards_BT, values_BT, cont_BT, gamma: float, lam: float):
 
 
 def value_loss(logits_BTK, returns_BT, bins_K, mask_BT=None):
-    """L_V = mean_{b,t} -ln p_theta(twohot(sg(R^lambda_t)) | s_t): TD learning of the value head."""
+    """L_V = sum_{b,t} w_bt -ln p_theta(twohot(sg(R^lambda_t)) | s_t) / sum w: TD learning of the value
+    head; mask_BT (bool or float weights w, default 1) e.g. the probability that s_t is alive."""
     nll = two_hot_nll(logits_BTK, jax.lax.stop_gradient(returns_BT), bins_K)
     return _masked_mean(nll, jnp.ones(nll.shape, bool) if mask_BT is None else mask_BT)
+
+
+def alive_weights(cont_BT):
+    """w_t = prod_{j=1}^{t} c_j (w_0 = 1): the probability that imagined state t is reached alive, with
+    c_j the predicted probability that state j continues the episode (c_0, the start, is ignored).
+    States after a predicted death then barely count in the value and policy losses."""
+    c = jnp.asarray(cont_BT, jnp.float32)
+    return jnp.cumprod(c.at[:, 0].set(1.0), axis=1)
+
+
+def state_heads_loss(reward_logits_BTK, cont_logit_BT, rewards_BT, is_terminal_BT, valid_BT, bins_K):
+    """Reward and continuation of the transition into step t from (z_{t-1}, z_t):
+
+        L_r = mean_valid -ln p(twohot(reward_t)),
+        L_c = mean_valid BCE(sigmoid(c_t), 1 - is_terminal_t) = mean_valid softplus(-c_t) (1-y) + softplus(c_t) y
+              with y = is_terminal_t (frame t is a death).
+
+    valid_BT excludes rows without a previous frame in the window (t = 0) or in the episode.
+    Returns (L_r, L_c, continuation accuracy on terminal rows, on the rest).
+    """
+    nll = two_hot_nll(reward_logits_BTK.astype(jnp.float32), jnp.asarray(rewards_BT, jnp.float32), bins_K)
+    y = jnp.asarray(is_terminal_BT, jnp.float32)
+    c = cont_logit_BT.astype(jnp.float32)
+    bce = jax.nn.softplus(-c) * (1.0 - y) + jax.nn.softplus(c) * y
+    pred_dead = c < 0
+    term = valid_BT & (y > 0)
+    rest = valid_BT & (y == 0)
+    return (
+        _masked_mean(nll, valid_BT),
+        _masked_mean(bce, valid_BT),
+        _masked_mean(pred_dead, term),
+        _masked_mean(~pred_dead, rest),
+    )
+
+
+def advantages(returns_BT, values_BT, weights_BT=None, center: bool = True):
+    """A_t = R_t - v_t, minus its (weighted) batch mean when `center`: PMPO only reads sign(A), so a
+    value that lags its returns by a common offset (all A > 0) would otherwise carry no information."""
+    adv = jnp.asarray(returns_BT, jnp.float32) - jnp.asarray(values_BT, jnp.float32)
+    if not center:
+        return adv
+    w = jnp.ones(adv.shape) if weights_BT is None else jnp.asarray(weights_BT, jnp.float32)
+    return adv - jnp.sum(adv * w) / jnp.maximum(jnp.sum(w), 1e-8)
 
 
 def reverse_kl(logits_NA, prior_logits_NA):
@@ -110,13 +155,14 @@ def pmpo_loss(logp_N, adv_N, kl_N, alpha: float = 0.5, beta: float = 0.3, mask_N
             + beta/N sum_i KL[pi(.|s_i) || pi_prior(.|s_i)]
 
     D+ = {i : A_i >= 0}, D- = {i : A_i < 0}: only the sign of the advantage is used. An empty set
-    contributes 0. Returns (loss, metrics).
+    contributes 0. mask_N may be float weights w_i (e.g. alive probabilities): then every sum and
+    count above is weighted by w_i. Returns (loss, metrics).
     """
-    m = jnp.ones(logp_N.shape, bool) if mask_N is None else jnp.asarray(mask_N, bool)
+    m = jnp.ones(logp_N.shape, jnp.float32) if mask_N is None else jnp.asarray(mask_N, jnp.float32)
     adv = jax.lax.stop_gradient(adv_N)
-    pos, neg = m & (adv >= 0), m & (adv < 0)
+    pos, neg = m * (adv >= 0), m * (adv < 0)
     neg_term = (1.0 - alpha) * _masked_mean(logp_N, neg)
     pos_term = -alpha * _masked_mean(logp_N, pos)
     kl_term = beta * _masked_mean(kl_N, m)
-    metrics = {"pmpo_pos_frac": _masked_mean(pos.astype(jnp.float32), m), "pmpo_kl": _masked_mean(kl_N, m)}
+    metrics = {"pmpo_pos_frac": _masked_mean((adv >= 0).astype(jnp.float32), m), "pmpo_kl": _masked_mean(kl_N, m)}
     return neg_term + pos_term + kl_term, metrics

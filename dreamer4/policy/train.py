@@ -6,15 +6,21 @@ Phase bc  (RUN_DIR/agent_bc/): the world model of RUN_DIR/dynamics gets agent to
   Trained: dynamics transformer + task embedding + policy and reward heads (the tokenizer stays
   frozen). Loss = video_weight * shortcut forcing (the video loss continues, on every episode)
   + bc_weight * BC with MTP (labeled actions only: unlabeled episodes deliver none)
-  + reward_weight * reward two-hot with MTP (every episode), each term divided by a running
-  estimate of its RMS (agent.loss_norm, nn/loss_norm.py) so that the video loss keeps its weight. The agent outputs come from the
-  main shortcut-forcing pass, so, as in the paper, the agent reads noisy representations.
+  + reward_weight * (reward two-hot with MTP + the state heads' reward and continuation losses,
+  every episode), each term divided by a running
+  estimate of its RMS (agent.loss_norm, nn/loss_norm.py) so that the video loss keeps its weight.
+  The policy and reward heads read a second pass whose frames are all at dynamics.context_tau, the
+  level the agent acts at (agent.head_signal = "context"; "train" reads the shortcut-forcing pass
+  at random noise levels as the paper does).
 Phase imagine  (RUN_DIR/agent/): starts from the BC weights; the policy head is copied into a
   frozen prior; only the policy and value heads train. Each batch element is one dataset
   context of agent.context_len steps, from which ONE rollout of agent.horizon steps is imagined
   with the policy's own actions (policy/imagine.py); rewards come from the reward head, values
   from the value head, then lambda-returns, value TD loss and PMPO with the reverse KL to the
-  prior (policy/losses.py). There is no continuation head: imagined episodes never terminate.
+  prior (policy/losses.py). Rewards and continuation come from the state heads on consecutive
+  imagined latents (no action token: agent.reward_source), imagined deaths end the returns and
+  down-weight later states (agent.continuation), the first agent.critic_warmup updates train only
+  the value head, and advantages are centred per batch before PMPO takes their sign.
 Both phases run through the shared runtime (runtime/train_loop.py), so each is resumable.
 """
 
@@ -22,13 +28,25 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dreamer4.config import Config, DynamicsConfig, DynamicsSampling
+from dreamer4.dynamics.sampler import context_inputs
 from dreamer4.dynamics.shortcut import shortcut_forcing_loss
 from dreamer4.policy.heads import Agent, freeze_prior
-from dreamer4.policy.imagine import imagine_rollout
-from dreamer4.policy.losses import bc_mtp_loss, lambda_returns, pmpo_loss, reverse_kl, reward_mtp_loss, value_loss
+from dreamer4.policy.imagine import imagine_rollout, imagined_reward_cont
+from dreamer4.policy.losses import (
+    advantages,
+    alive_weights,
+    bc_mtp_loss,
+    lambda_returns,
+    pmpo_loss,
+    reverse_kl,
+    reward_mtp_loss,
+    state_heads_loss,
+    value_loss,
+)
 from dreamer4.runtime.loading import TRAINABLE, fresh_agent, load_agent
 from dreamer4.runtime.stage import StageDir, open_dataset
 from dreamer4.runtime.train_loop import Stage, loader_factory, train
@@ -63,11 +81,25 @@ def make_bc_loss(cfg: Config, world_dc: DynamicsConfig):
             context_tau=world_dc.context_tau,
             ramp=world_dc.ramp_weight,
         )
-        h = main["h"]
+        if ac.head_signal == "context":
+            # A second pass with every frame at the context level the agent acts at.
+            k_ctx = jax.random.fold_in(key, 1)
+            _, h = agent(*context_inputs(z1, k_ctx, world_dc.context_tau, k_max), a, m, task)
+        else:
+            h = main["h"]
         pol = agent.policy(h)
         bc, bc_per = bc_mtp_loss(pol, a, m)
         rew, rew_per = reward_mtp_loss(agent.reward(h), batch["rewards"], agent.bins)
-        terms = {"video": video, "bc": bc, "reward": rew}
+        # State heads on consecutive clean latents; row 0 of a window has no previous frame here.
+        valid = jnp.asarray(~batch["is_first"], bool).at[:, 0].set(False)
+        s_rew, s_cont, acc_dead, acc_alive = state_heads_loss(
+            *agent.state_heads(z1[:, :-1], z1[:, 1:]),
+            batch["rewards"][:, 1:],
+            batch["is_terminal"][:, 1:],
+            valid[:, 1:],
+            agent.bins,
+        )
+        terms = {"video": video, "bc": bc, "reward": rew + s_rew + ac.cont_weight * s_cont}
         weights = {"video": ac.video_weight, "bc": ac.bc_weight, "reward": ac.reward_weight}
         raw = sum(weights[k] * x for k, x in terms.items())
         if ac.loss_norm:
@@ -84,6 +116,10 @@ def make_bc_loss(cfg: Config, world_dc: DynamicsConfig):
             "bc_next_acc": acc,
             "reward": rew,
             "reward_now": rew_per[0],
+            "state_reward": s_rew,
+            "state_cont": s_cont,
+            "cont_acc_terminal": acc_dead,
+            "cont_acc_alive": acc_alive,
             "action_label_frac": m.mean(),
             "raw_loss": raw,
             **{f"rms_{k}": v for k, v in rms.items()},
@@ -94,30 +130,42 @@ def make_bc_loss(cfg: Config, world_dc: DynamicsConfig):
     return loss_fn
 
 
-def imagine_terms(agent: Agent, roll: dict, cfg: Config):
-    """Losses on one batch of imagined rollouts; the heads are the only thing with gradients."""
+def imagine_terms(agent: Agent, roll: dict, r, c, policy_on, cfg: Config):
+    """Losses on one batch of imagined rollouts; the heads are the only thing with gradients.
+
+    r, c: (B, H + 1) rewards and continuation probabilities (imagined_reward_cont); policy_on: 0 during
+    the critic warm-up (only the value head learns), else 1.
+    """
     ac = cfg.agent
     h = roll["h"]  # B H+1 D
-    r = jax.lax.stop_gradient(agent.reward_now(h))  # r[:, i] = reward on arriving at step i
     v_logits = agent.value_logits(h)
     v = jax.lax.stop_gradient(agent.value_now(h))
-    R = lambda_returns(r, v, jnp.ones_like(r), ac.gamma, ac.lam)  # B H
-    v_loss = value_loss(v_logits[:, :-1], R, agent.bins)
+    R = lambda_returns(r, v, c, ac.gamma, ac.lam)  # B H
+    w = alive_weights(c)[:, :-1]  # weight of state i = P(alive at i)
+    v_loss = value_loss(v_logits[:, :-1], R, agent.bins, w)
     logits = agent.policy_logits(h[:, :-1])
     logp_all = jax.nn.log_softmax(logits, -1)
     logp = jnp.take_along_axis(logp_all, roll["actions"][..., None], -1)[..., 0]
     kl = reverse_kl(logits, agent.policy_logits(h[:, :-1], prior=True))
-    p_loss, pm = pmpo_loss(logp.reshape(-1), (R - v[:, :-1]).reshape(-1), kl.reshape(-1), ac.pmpo_alpha, ac.pmpo_beta)
+    raw_adv = R - v[:, :-1]
+    adv = advantages(R, v[:, :-1], w, center=ac.center_advantages)
+    p_loss, pm = pmpo_loss(
+        logp.reshape(-1), adv.reshape(-1), kl.reshape(-1), ac.pmpo_alpha, ac.pmpo_beta, w.reshape(-1)
+    )
     metrics = {
         "policy": p_loss,
         "value": v_loss,
         "imagined_reward_sum": r[:, 1:].sum(1).mean(),
+        "imagined_alive_end": w[:, -1].mean(),
         "return_mean": R.mean(),
         "value_mean": v.mean(),
         "entropy": -jnp.sum(jnp.exp(logp_all) * logp_all, -1).mean(),
+        # share of states whose uncentered advantage R - v is >= 0 (critic lag shows as ~1)
+        "raw_adv_pos_frac": jnp.mean((raw_adv >= 0).astype(jnp.float32)),
+        "policy_on": policy_on,
         **pm,
     }
-    return p_loss + v_loss, metrics
+    return policy_on * p_loss + v_loss, metrics
 
 
 def make_imagine_loss(cfg: Config, sampling: DynamicsSampling):
@@ -130,7 +178,8 @@ def make_imagine_loss(cfg: Config, sampling: DynamicsSampling):
         z_ctx = frozen.world.latents(batch["frames"])
         task = jnp.zeros((z_ctx.shape[0],), jnp.int32)
         roll = imagine_rollout(frozen, z_ctx, batch["actions"], batch["action_mask"], task, key, ac.horizon, sampling)
-        return imagine_terms(agent, roll, cfg)
+        r, c = imagined_reward_cont(frozen, roll, z_ctx[:, -1], cfg)
+        return imagine_terms(agent, roll, r, c, jnp.mean(batch["policy_on"]), cfg)
 
     return loss_fn
 
@@ -150,7 +199,7 @@ def train_bc(cfg: Config, data_dir, run_dir) -> dict:
     tc = cfg.agent.bc
 
     def prepare(batch, step):
-        return {k: batch[k] for k in ("frames", "actions", "action_mask", "rewards")}
+        return {k: batch[k] for k in ("frames", "actions", "action_mask", "rewards", "is_first", "is_terminal")}
 
     train(
         Stage(
@@ -187,7 +236,10 @@ def train_imagine(cfg: Config, data_dir, run_dir) -> dict:
     C = cfg.agent.context_len
 
     def prepare(batch, step):
-        return {k: batch[k][:, :C] for k in ("frames", "actions", "action_mask")}
+        out = {k: batch[k][:, :C] for k in ("frames", "actions", "action_mask")}
+        # step = updates done so far: the first critic_warmup updates train the value head only
+        out["policy_on"] = np.full((len(out["frames"]),), float(step >= cfg.agent.critic_warmup), np.float32)
+        return out
 
     train(
         Stage(
