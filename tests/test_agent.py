@@ -32,6 +32,7 @@ AGENT_OVERRIDES = [
     "agent.imagine.warmup_steps=1",
     "agent.imagine.log_every=2",
     "agent.imagine.ckpt_every=4",
+    "agent.critic_warmup=2",
     "agent.eval_episodes=4",
     "agent.eval_envs=4",
     "agent.eval_max_steps=10",
@@ -80,8 +81,12 @@ def test_bc_and_imagine_train_and_log(trained_agent):
     assert bc[0]["bc"] > 0 and bc[0]["action_label_frac"] > 0  # the labeled half of the dataset
     im = [r for r in read_metrics(trained_agent / "agent") if "loss" in r]
     assert [r["step"] for r in im] == [2, 4]
-    for k in ("policy", "value", "pmpo_kl", "pmpo_pos_frac", "entropy", "imagined_reward_sum"):
+    for k in ("policy", "value", "pmpo_kl", "pmpo_pos_frac", "entropy", "imagined_reward_sum", "raw_adv_pos_frac"):
         assert all(np.isfinite(r[k]) for r in im), k
+    # critic warm-up: updates 1-2 train the value only, the policy joins from update 3
+    assert [r["policy_on"] for r in im] == [0.0, 1.0]
+    for k in ("state_reward", "state_cont", "cont_acc_alive"):
+        assert all(np.isfinite(r[k]) for r in bc), k
 
 
 def test_freezing_per_phase(trained_agent):
@@ -126,6 +131,19 @@ def test_imagination_rollout_shapes(trained_agent, dataset):
     assert int(roll["actions"].max()) < info["num_actions"]
     assert all(bool(jnp.all(jnp.isfinite(roll[k]))) for k in ("h", "z"))
 
+    # the critic warm-up switch: with policy_on = 0 the policy head gets no gradient, the value does
+    from dreamer4.policy.imagine import imagined_reward_cont
+    from dreamer4.policy.train import imagine_terms
+
+    cfg = agent_config()
+    r, c = imagined_reward_cont(agent, roll, z[:, -1], cfg)
+    assert r.shape == c.shape == (2, 4) and float(c[:, 0].min()) == 1.0 and bool(((c >= 0) & (c <= 1)).all())
+    for on in (0.0, 1.0):
+        g = nnx.grad(lambda m, on=on: imagine_terms(m, roll, r, c, on, cfg)[0])(agent)
+        pol = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(nnx.state(g.policy)))
+        val = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(nnx.state(g.value)))
+        assert (pol > 0) == bool(on) and val > 0
+
 
 def test_imagine_resumes(trained_agent, dataset):
     from dreamer4.policy.train import train_agent
@@ -159,7 +177,15 @@ def test_evaluate_real_episodes_and_report(trained_agent):
         np.testing.assert_allclose(p["crafter_score"], crafter_score(list(p["achievements"].values())))
         np.testing.assert_allclose(p["reward_pct_of_max"], 100 * p["return_mean"] / 22)
     assert P["dataset"]["episodes"] == 8
-    assert np.isfinite(res["imagination"]["imagined_return_mean"])
+    for name in ("bc", "imagine", "random"):
+        lo, hi = P[name]["return_ci95"]
+        assert lo <= P[name]["return_mean"] <= hi
+    # paired differences: same starting worlds, so n = episodes; the mean is the difference of means
+    c = res["comparisons"]["imagine_minus_bc"]
+    assert c["n"] == 3
+    np.testing.assert_allclose(c["mean"], P["imagine"]["return_mean"] - P["bc"]["return_mean"], atol=1e-5)
+    im = res["imagination"]  # from the imagination policy's own real starts
+    assert im["rollouts"] == 2 and np.isfinite(im["imagined_return_mean"]) and np.isfinite(im["real_return_mean"])
     out = trained_agent / "evaluate"
     table = (out / "table.md").read_text()
     assert "| metric | bc | imagine | random | dataset |" in table and "collect_wood" in table
@@ -167,6 +193,8 @@ def test_evaluate_real_episodes_and_report(trained_agent):
         assert (out / f).exists(), f
     page = write_report(trained_agent).read_text()
     assert "Agent in the real game" in page and "evaluate/achievements.png" in page
+    assert "agent/curves.png" in page and (trained_agent / "agent" / "curves.png").exists()
+    assert "paired over the same starting worlds" in page
 
 
 CHROMIUM = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
