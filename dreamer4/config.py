@@ -319,8 +319,9 @@ class AgentTraining:
     # Imagined rewards from "state": the state heads r(z_{t-1}, z_t), which never read an action
     # token (a policy cannot earn reward by choosing an action the reward model likes, only by
     # changing the world); "token": the paper's agent-token reward head (distance 0), which also
-    # reads the same-step action.
-    reward_source: Literal["state", "token"] = "state"
+    # reads the same-step action; "none": every reward 0, a control run that shows what imagination
+    # training does to the policy without any reward signal.
+    reward_source: Literal["state", "token", "none"] = "state"
     continuation: bool = True  # imagined episodes end where the state heads predict death
     # Imagination steps at the start that train only the value head, so that the advantage sign
     # PMPO uses carries information once the policy starts to move (critic lag, BENCHMARKS.md).

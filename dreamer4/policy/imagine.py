@@ -86,7 +86,7 @@ def imagined_reward_cont(agent: Agent, roll: dict, z_last_BLN, cfg: Config):
     rollout's H + 1 states (c[:, 0] = 1, the real start), both stop-gradient.
 
     reward_source "state": the state heads on consecutive latents (z_last -> z_1 -> ... -> z_H), which
-    never read an action token; "token": the agent-token reward head at distance 0.
+    never read an action token; "token": the agent-token reward head at distance 0; "none": zeros.
     """
     ac = cfg.agent
     B, H = roll["actions"].shape
@@ -94,7 +94,9 @@ def imagined_reward_cont(agent: Agent, roll: dict, z_last_BLN, cfg: Config):
     r_state, c_state = agent.state_reward_cont(z_all[:, :-1], z_all[:, 1:])
     if ac.reward_source == "state":
         r = jnp.concatenate([jnp.zeros((B, 1)), r_state], 1)
-    else:
+    elif ac.reward_source == "token":
         r = agent.reward_now(roll["h"])
+    else:  # "none": the no-reward control
+        r = jnp.zeros((B, H + 1))
     c = jnp.concatenate([jnp.ones((B, 1)), c_state], 1) if ac.continuation else jnp.ones((B, H + 1))
     return jax.lax.stop_gradient(r), jax.lax.stop_gradient(c)
