@@ -307,6 +307,7 @@ class PlaySession:
             "slide_keep": self.keep,
             "episodes": [{"index": i, "id": e.id, "length": e.length} for i, e in enumerate(self.episodes)],
             "recording": str(self.recorder.root) if self.recorder else None,
+            "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         }
 
     # -- start -------------------------------------------------------------------------------------
