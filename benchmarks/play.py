@@ -148,8 +148,11 @@ def measure(client: Client, reset: dict, K: int, actor: str, steps: int, warmup:
         "frames_per_s": float(steps / (lat_ms.sum() / 1000.0)),
         "latency_ms_median": float(np.median(lat_ms)),
         "latency_ms_p90": float(np.percentile(lat_ms, 90)),
+        "latency_ms_max": float(lat_ms.max()),
         "server_step_ms_median": float(np.median(server_ms)),
         "resets": resets,
+        "latency_ms": [round(float(x), 2) for x in lat_ms],  # every step: outliers (a slide, a compile) show
+        "server_ms": [round(float(x), 2) for x in server_ms],
     }
 
 
@@ -216,7 +219,7 @@ def main():
                     rows.append({"mode": mode, **r})
                     print(
                         f"{mode:9} K={K:<3} {r['frames_per_s']:8.1f} frames/s  latency median {r['latency_ms_median']:6.1f} ms"
-                        f"  p90 {r['latency_ms_p90']:6.1f} ms  (server step {r['server_step_ms_median']:.1f} ms)",
+                        f"  p90 {r['latency_ms_p90']:6.1f} ms  max {r['latency_ms_max']:7.1f} ms  (server step {r['server_step_ms_median']:.1f} ms)",
                         flush=True,
                     )
         finally:

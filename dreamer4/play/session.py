@@ -171,8 +171,21 @@ def world_functions(graphdef, with_agent: bool, k_max: int, context_tau: float):
     )
 
 
-def env_functions(env, params):
-    """(reset(key), step(state, action, key)) of the real game, jitted, frames uint8 on the device."""
+def host_device():
+    """The CPU backend's device, where the real game runs; None when JAX has no CPU backend."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return None
+
+
+def env_functions(env, params, device=None):
+    """(reset(key), step(state, action, key)) of the real game, jitted, frames uint8, on `device`.
+
+    One env's step is a long chain of tiny ops: on an H100 its kernel launches took 7-10 ms, more
+    than the world model's step, on a CPU core ~2 ms. On `device` (the CPU) it also runs beside the
+    world model's step on the accelerator instead of after it.
+    """
 
     def reset(key):
         obs, state = env.reset_env(key, params)
@@ -191,7 +204,11 @@ def env_functions(env, params):
         }
         return nxt, out
 
-    return jax.jit(reset), jax.jit(step)
+    reset_fn, step_fn = jax.jit(reset), jax.jit(step)
+    if device is None:
+        return reset_fn, step_fn
+    put = lambda x: jax.device_put(x, device)  # committed inputs: the jitted function runs there
+    return (lambda key: reset_fn(put(key))), (lambda state, action, key: step_fn(state, put(action), put(key)))
 
 
 def k_choices(k_max: int) -> list[int]:
@@ -269,7 +286,7 @@ class PlaySession:
         self._encode, self._prefill, self._step = world_functions(
             graphdef, self.has_agent, self.k_max, wcfg.dynamics.context_tau
         )
-        self._env_reset, self._env_step = env_functions(self.env, self.env_params)
+        self._env_reset, self._env_step = env_functions(self.env, self.env_params, host_device())
         self.bindings = key_bindings(self.env_name, self.spec.action_meanings)
         self.noop = self.spec.action_meanings.index("noop")
         self.episodes = self._episodes(info.data)
@@ -361,7 +378,8 @@ class PlaySession:
             self.state, z, jnp.asarray(actions[None]), jnp.asarray(mask[None]), k_pre, max_len=self.cache_len
         )
         T = z.shape[1]
-        self.history = [(z[:, i : i + 1], int(actions[i]), bool(mask[i])) for i in range(T)]
+        z_host = np.asarray(jax.device_get(z))  # the history stays on the host: a slide does no eager device op
+        self.history = [(z_host[:, i : i + 1], int(actions[i]), bool(mask[i])) for i in range(T)]
         self.t = T  # the cache slot of the next step
         self.n = 0  # steps since the reset
         self.start = start
@@ -410,7 +428,7 @@ class PlaySession:
             self.real_state, real_out = self._env_step(
                 self.real_state, jnp.int32(action), jax.random.fold_in(self.k_env, self.context + self.n)
             )
-        frame, extras, real_out = jax.device_get((frame, extras, real_out))
+        frame, z_t, extras, real_out = jax.device_get((frame, z_t, extras, real_out))
         self.history.append((z_t, action, True))
         self.t += 1
         self.n += 1
@@ -447,17 +465,21 @@ class PlaySession:
             recorded=recorded,
         )
 
+    def _slide_inputs(self, hist):
+        """(z_1WLN, actions_1W, mask_1W) of history entries, built on the host (one transfer each)."""
+        z = np.concatenate([h[0] for h in hist], axis=1)
+        actions = np.array([[h[1] for h in hist]], np.int32)
+        mask = np.array([[h[2] for h in hist]], bool)
+        return jnp.asarray(z), jnp.asarray(actions), jnp.asarray(mask)
+
     def _slide(self) -> None:
         """Refill a fresh cache with the last `keep` steps (see the module docstring)."""
-        W = self.keep
-        hist = self.history[-W:]
-        z = jnp.concatenate([h[0] for h in hist], axis=1)
-        actions = jnp.asarray([[h[1] for h in hist]], jnp.int32)
-        mask = jnp.asarray([[h[2] for h in hist]], bool)
+        hist = self.history[-self.keep :]
+        z, actions, mask = self._slide_inputs(hist)
         k_pre = jax.random.fold_in(self.k_slide, self.n)
         self.caches, _, _ = self._prefill(self.state, z, actions, mask, k_pre, max_len=self.cache_len)
         self.history = hist
-        self.t = W
+        self.t = self.keep
 
     def warm(self, ks=()) -> float:
         """Compile the step for each K in `ks`, the slide's prefill and the real game's step without
@@ -466,10 +488,8 @@ class PlaySession:
         for K in ks:
             caches = jax.tree.map(jnp.copy, self.caches)  # the step donates its caches
             jax.block_until_ready(self._step(self.state, caches, jnp.int32(self.t), jnp.int32(0), self.key, K=K))
-        W = self.keep
-        z = jnp.zeros((1, W) + self.history[0][0].shape[2:], jnp.float32)
-        w_int, w_bool = jnp.zeros((1, W), jnp.int32), jnp.ones((1, W), bool)
-        jax.block_until_ready(self._prefill(self.state, z, w_int, w_bool, self.key, max_len=self.cache_len))
+        z, actions, mask = self._slide_inputs(self.history[:1] * self.keep)  # the slide's exact inputs
+        jax.block_until_ready(self._prefill(self.state, z, actions, mask, self.key, max_len=self.cache_len))
         if self.lockstep:
             jax.block_until_ready(self._env_step(self.real_state, jnp.int32(0), self.key))
         return time.perf_counter() - t0
