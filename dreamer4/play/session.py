@@ -27,8 +27,8 @@ holds here for the person's keys.
 Context longer than the cache. The caches hold `cache_len` steps (default the dynamics' training
 sequence length: the longest history the model learned to attend over). When the next step would
 not fit, the session slides: a fresh cache is prefilled with the last W = max(C, cache_len // 2)
-steps (the clean latents the session generated, with their actions) and generation continues at
-step W. Time attention is relative (RoPE), so the shift changes nothing but the forgotten steps;
+(at most cache_len - 1) steps (the clean latents the session generated, with their actions) and
+generation continues at step W. Time attention is relative (RoPE), so the shift changes nothing but the forgotten steps;
 the picture goes on. A slide costs one prefill of W steps (compiled once, also by `warm`).
 
 Recording (play/record.py): with a recorder, each session of the real game (world start with
@@ -64,6 +64,7 @@ STARTS = ("world", "episode")
 ACTORS = ("human", "agent")
 VIDEO_FRAMES = 3000  # frames kept for the session download (a bound on memory)
 VIDEO_FORMATS = ("gif", "mp4")
+MAX_LISTED = 500  # dataset episodes offered on the page (a bound on the page's size)
 
 
 @dataclass(frozen=True)
@@ -182,9 +183,9 @@ def host_device():
 def env_functions(env, params, device=None):
     """(reset(key), step(state, action, key)) of the real game, jitted, frames uint8, on `device`.
 
-    One env's step is a long chain of tiny ops: on an H100 its kernel launches took 7-10 ms, more
-    than the world model's step, on a CPU core ~2 ms. On `device` (the CPU) it also runs beside the
-    world model's step on the accelerator instead of after it.
+    One env's step is a long chain of tiny ops: on an H100 it added 2-10 ms to a step (kernel
+    launches, after the world model's kernels), on a CPU core it takes ~2 ms. On `device` (the
+    CPU) it also runs beside the world model's step on the accelerator instead of after it.
     """
 
     def reset(key):
@@ -255,8 +256,8 @@ class PlaySession:
         cfg = info.cfg
         self.info, self.log = info, log
         self.env_name = cfg.env.name
-        self.context = int(context or cfg.dynamics.eval_context)
-        self.cache_len = int(cache_len or max(cfg.dynamics.train.seq_len, self.context + 1))
+        self.context = int(cfg.dynamics.eval_context if context is None else context)
+        self.cache_len = int(max(cfg.dynamics.train.seq_len, self.context + 1) if cache_len is None else cache_len)
         if self.context < 1:
             raise ConfigError(f"--context {self.context}: must be >= 1 (the reset frame)")
         if self.cache_len <= self.context:
@@ -322,7 +323,9 @@ class PlaySession:
             "context": self.context,
             "cache_len": self.cache_len,
             "slide_keep": self.keep,
-            "episodes": [{"index": i, "id": e.id, "length": e.length} for i, e in enumerate(self.episodes)],
+            "episodes": [
+                {"index": i, "id": e.id, "length": e.length} for i, e in enumerate(self.episodes[:MAX_LISTED])
+            ],
             "recording": str(self.recorder.root) if self.recorder else None,
             "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         }
