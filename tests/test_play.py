@@ -197,7 +197,7 @@ def test_endpoints_serve_only_their_routes_and_reject_bad_input(played):
     session, port, app, _ = played
     status, page = _request(port, "GET", "/")
     assert status == 200 and b'<script src="/play.js">' in page
-    assert _request(port, "GET", "/play.js")[0] == 200
+    assert _request(port, "GET", "/play.js")[0] == 200 and _request(port, "GET", "/play.css")[0] == 200
     info = json.loads(_request(port, "GET", "/api/info")[1])
     assert info["env"] == "classic" and info["agent"] == "agent" and info["ks"] == [1, 2, 4, 8]
     # nothing else is served: no path from the request reaches the file system
@@ -241,6 +241,8 @@ def test_endpoints_serve_only_their_routes_and_reject_bad_input(played):
     assert status == 200 and r["step"] == 1 and len(r["imagined"]) == len(r["real"]) == 4 * 63 * 63 * 3 // 3
     status, gif = _request(port, "GET", "/api/video.gif")
     assert status == 200 and gif[:6] == b"GIF89a"
+    status, mp4 = _request(port, "GET", "/api/video.mp4")
+    assert status == 200 and mp4[4:8] == b"ftyp"
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ answers a step that arrives while another is running with 409 {"dropped": true}.
 Routes (a fixed table; nothing from the request ever reaches the file system):
 
     GET  /                 the page (dreamer4/play/static/index.html)
-    GET  /play.js          its script
+    GET  /play.js          its script (and /play.css, its style)
     GET  /api/info         the run: env, key bindings, K choices, agent, episodes, recording
     POST /api/reset        {"start": "world"|"episode", "seed": int, "episode": int, "lockstep": bool}
     POST /api/step         {"action": int, "K": int, "actor": "human"|"agent"}
@@ -48,7 +48,11 @@ from dreamer4.play.record import check_target
 from dreamer4.play.session import STARTS, PlaySession, encode_video, inspect_run
 
 MAX_BODY = 4096
-STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/play.js": ("play.js", "text/javascript; charset=utf-8")}
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/play.js": ("play.js", "text/javascript; charset=utf-8"),
+    "/play.css": ("play.css", "text/css; charset=utf-8"),
+}
 VIDEOS = {"/api/video.gif": ("gif", "image/gif"), "/api/video.mp4": ("mp4", "video/mp4")}
 RESET_LOCK_TIMEOUT_S = 60.0  # a reset waits for a running step (a step never waits: it is dropped)
 

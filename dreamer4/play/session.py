@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,7 +232,9 @@ def encode_video(frames: list[np.ndarray], fmt: str, fps: int = 8) -> bytes:
     x = np.stack(frames)
     if fmt == "gif":
         return iio.imwrite("<bytes>", x, extension=".gif", duration=int(1000 / fps), loop=0)
-    with tempfile.TemporaryDirectory() as d:  # the ffmpeg writer needs a file; its name is ours
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():  # the writer needs a file; ours
+        # imageio-ffmpeg starts ffmpeg with fork + exec at once, which JAX's fork warning cannot tell apart
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
         path = Path(d) / "session.mp4"
         iio.imwrite(path, x, fps=fps, codec="libx264", macro_block_size=2)
         return path.read_bytes()
