@@ -23,6 +23,7 @@ from dreamer4.pipelines.stages import (
     run_train_dynamics,
     run_train_tokenizer,
 )
+from dreamer4.play.server import run_play
 from dreamer4.runtime.distributed import add_distributed_args, initialize_from_args
 from dreamer4.runtime.faults import CheckpointError, DiskFullError
 from dreamer4.runtime.jax_setup import enable_compilation_cache
@@ -145,6 +146,36 @@ def _report(args):
     print(f"wrote {write_report(args.run)}")
 
 
+def _play_args(p):
+    p.add_argument(
+        "--run", required=True, help="run directory with a trained tokenizer and dynamics (an agent is optional)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port to serve the page on (default 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--record",
+        default=None,
+        metavar="DATASET_DIR",
+        help="append every real-game session to this dataset as a labeled episode (policy human)",
+    )
+    p.add_argument(
+        "--context", type=int, default=None, help="context frames (default: the run's dynamics.eval_context)"
+    )
+    p.add_argument(
+        "--cache-len",
+        type=int,
+        default=None,
+        help="steps the KV cache holds before it slides (default: the dynamics' training seq_len)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the first world (the page can change it)")
+
+
+def _play(args):
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port}: expected 0..65535")
+    return run_play(args.run, args.port, args.host, args.record, args.context, args.cache_len, args.seed)
+
+
 def _dataset_args(p):
     dsub = p.add_subparsers(dest="dataset_command", required=True)
     q = dsub.add_parser("info", help="episodes, steps, label fraction, return and achievement statistics")
@@ -249,6 +280,12 @@ COMMANDS = (
     Command("evaluate", "evaluate RUN_DIR's agents in the real game and in imagination", _evaluate_args, _evaluate),
     Command("report", "(re)write RUN_DIR/report.html from what the run holds", _report_args, _report),
     Command("dataset", "inspect a dataset", _dataset_args, _dataset),
+    Command(
+        "play",
+        "play Craftax inside RUN_DIR's world model from a browser, beside the real game (--record: as data)",
+        _play_args,
+        _play,
+    ),
 )
 
 

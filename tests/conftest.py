@@ -108,3 +108,33 @@ def trained_tokenizer(dataset, tmp_path_factory):
     run = tmp_path_factory.mktemp("tok") / "run"
     results = train_tokenizer(make_test_config(TOK_OVERRIDES + ["tokenizer.train.steps=24"]), root, run)
     return run, results
+
+
+@pytest.fixture(scope="session")
+def world_run(dataset, trained_tokenizer, tmp_path_factory):
+    """A run dir with the session tokenizer and a dynamics model trained for 8 steps (agent sizes
+    of tests/test_agent.py)."""
+    import shutil
+
+    from test_agent import agent_config
+
+    from dreamer4.dynamics.train import train_dynamics
+
+    run = tmp_path_factory.mktemp("agent") / "run"
+    shutil.copytree(trained_tokenizer[0] / "tokenizer", run / "tokenizer")
+    train_dynamics(
+        agent_config(["dynamics.train.steps=8", "dynamics.train.ckpt_every=8"]), dataset[0], run, evaluate=False
+    )
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_agent(world_run, dataset):
+    """world_run with both agent phases trained (tests/test_agent.py; tests/test_play.py plays it).
+    Session-scoped so that both share one training; test_agent continues its imagination phase."""
+    from test_agent import agent_config
+
+    from dreamer4.policy.train import train_agent
+
+    train_agent(agent_config(), dataset[0], world_run, phase="all")
+    return world_run

@@ -44,25 +44,8 @@ def agent_config(extra=()):
     return make_test_config(TOK_OVERRIDES + DYN_OVERRIDES + AGENT_OVERRIDES + list(extra))
 
 
-@pytest.fixture(scope="module")
-def world_run(dataset, trained_tokenizer, tmp_path_factory):
-    """A run dir with the session tokenizer and a dynamics model trained for 8 steps."""
-    from dreamer4.dynamics.train import train_dynamics
-
-    run = tmp_path_factory.mktemp("agent") / "run"
-    shutil.copytree(trained_tokenizer[0] / "tokenizer", run / "tokenizer")
-    train_dynamics(
-        agent_config(["dynamics.train.steps=8", "dynamics.train.ckpt_every=8"]), dataset[0], run, evaluate=False
-    )
-    return run
-
-
-@pytest.fixture(scope="module")
-def trained_agent(world_run, dataset):
-    from dreamer4.policy.train import train_agent
-
-    train_agent(agent_config(), dataset[0], world_run, phase="all")
-    return world_run
+# world_run and trained_agent (the run these tests train) are session fixtures in conftest.py:
+# tests/test_play.py plays the same run.
 
 
 def _leaves(module):

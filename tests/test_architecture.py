@@ -6,7 +6,8 @@
   evaluation, train-loop or pipeline module: they sit below training and evaluation;
 * runtime/ and data/ import no stage package (tokenizer, dynamics, policy), except loading, which
   assembles the models, and the collection-policy registry, which lists the PPO policy;
-* nothing but cli imports pipelines/;
+* nothing but cli imports pipelines/ or play/ (`dreamer4 play`); play/ imports no training module,
+  no train loop and no pipeline: it plays trained models through runtime/loading;
 * no import cycles between modules; no function-level (lazy) imports of dreamer4 modules; no
   module named utils.
 """
@@ -120,6 +121,22 @@ def test_nothing_but_cli_imports_pipelines():
         bad = [t for t, _, _ in deps if t.startswith("dreamer4.pipelines")]
         assert not bad, f"{m} imports {bad}"
     assert not [t for t, _, _ in GRAPH["dreamer4.pipelines.run"] if t == "dreamer4.cli"]
+
+
+def test_play_is_a_leaf_beside_the_pipelines():
+    for m, deps in GRAPH.items():
+        if m == "dreamer4.cli" or m.startswith("dreamer4.play"):
+            continue
+        assert not [t for t, _, _ in deps if t.startswith("dreamer4.play")], f"{m} imports play/"
+    for m in (m for m in GRAPH if m.startswith("dreamer4.play")):
+        bad = [
+            t
+            for t, _, _ in GRAPH[m]
+            if t.endswith(".train")
+            or t.startswith("dreamer4.pipelines")
+            or t in ("dreamer4.runtime.train_loop", "dreamer4.runtime.host_loop", "dreamer4.cli")
+        ]
+        assert not bad, (m, bad)
 
 
 def test_no_lazy_imports_of_dreamer4_modules():

@@ -157,3 +157,9 @@ class Tokenizer(nnx.Module):
     def decode_step(self, z_B1LN, cache, t):
         y, dec = self.decoder.step(self._dec_tokens(z_B1LN), cache["dec"], t)
         return self._dec_out(y), {**cache, "dec": dec}
+
+    def decode_prefill(self, z_BTLN, max_len: int):
+        """Decode a clip of T <= max_len frames at once and return the decoder's KV cache of it, so
+        that decode_step can continue at step T: (frames_BTHWC, decoder cache)."""
+        y, dec = self.decoder.prefill(self._dec_tokens(z_BTLN), max_len)
+        return self._dec_out(y), dec
