@@ -115,7 +115,7 @@ def wait(procs, timeout=480) -> list[str]:
         except subprocess.TimeoutExpired:
             for q, _ in procs:
                 if q.poll() is None:
-                    q.send_signal(signal.SIGUSR1)  # multihost_worker.py: faulthandler stack dump
+                    q.send_signal(signal.SIGUSR2)  # multihost_worker.py: faulthandler stack dump
             time.sleep(3)
             for q, _ in procs:
                 q.kill()

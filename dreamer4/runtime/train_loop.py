@@ -16,7 +16,9 @@ model inputs, and an optional evaluation hook. `train(stage)` then
   every loss since the last check was finite: a NaN/inf stops the run with a message naming the
   step, saves the offending batch and metrics under STAGE_DIR/nan_debug/, and never overwrites a
   good checkpoint (checkpoints are only written right after such a check passed);
-* checkpoints every `ckpt_every` steps and at the end, then runs the evaluation hook.
+* checkpoints every `ckpt_every` steps and at the end, then runs the evaluation hook;
+* stops with a checkpoint at the next step boundary after a SIGTERM, SIGUSR1 or SIGINT
+  (runtime/preempt.py, through the host loop).
 
 Multi-process (one JAX multi-controller job, see runtime/distributed.py): every process runs this
 same loop on its own rows of each global batch. Every decision about when to stop is taken on
