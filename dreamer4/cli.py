@@ -25,7 +25,7 @@ from dreamer4.pipelines.stages import (
     run_train_tokenizer,
 )
 from dreamer4.runtime.distributed import add_distributed_args, initialize_from_args, is_main_process
-from dreamer4.runtime.faults import CheckpointError, DiskFullError
+from dreamer4.runtime.faults import CheckpointError, DiskFullError, StageLockedError
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 from dreamer4.runtime.preempt import EXIT_PREEMPTED, Preempted, handling
 
@@ -279,7 +279,7 @@ EXIT_OK, EXIT_REFUSED, EXIT_NONFINITE = 0, 2, 3
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit code: 0 done, 1 unexpected error, 2 refused (one sentence: config,
-    dataset, checkpoint, full disk), 3 non-finite loss, 75 stopped by
+    dataset, checkpoint, full disk, stage locked by another job), 3 non-finite loss, 75 stopped by
     SIGTERM/SIGUSR1/SIGINT with everything saved (run the same command again to continue)."""
     args = build_parser().parse_args(argv)
     command = {c.name: c for c in COMMANDS}[args.command]
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         with handling() if command.preemptible else contextlib.nullcontext():
             rc = command.run(args)
         return rc if isinstance(rc, int) else EXIT_OK
-    except (ConfigError, DatasetError, DiskFullError, CheckpointError) as e:
+    except (ConfigError, DatasetError, DiskFullError, CheckpointError, StageLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
     except FloatingPointError as e:  # the train loop's NaN guard; its message says what was kept

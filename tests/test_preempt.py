@@ -8,7 +8,9 @@
   completes a dataset with the same episodes as an uninterrupted collection;
 * (PPO's host loop: tests/test_behavior.py's `trained_ppo` is stopped by a SIGUSR1);
 * agreement: two processes, the signal sent to one of them while they are at different steps,
-  stop at the same step.
+  stop at the same step;
+* the lock: a second `train-tokenizer` on the same run exits 2 with one sentence naming the lock
+  and its holder; after a SIGKILL of the first, the next run takes the stale lock over.
 The Slurm path (sbatch scripts, forwarding, requeue) is tests/test_slurm.py.
 """
 
@@ -17,9 +19,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
-from conftest import REPO, TOK_OVERRIDES, make_test_config
+from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
 
 from dreamer4.data.collect import ROW_FIELDS, collect
 from dreamer4.data.store import Dataset, read_manifest, verify
@@ -67,6 +71,7 @@ def test_train_loop_checkpoints_at_the_signal_and_resumes_exactly(dataset, train
     ckpts = run / "tokenizer" / "checkpoints"
     assert checkpoint_steps(ckpts) == [4, 8, 10]  # 10 is no checkpoint step (ckpt_every 4): the signal's
     assert json.loads(read_meta(ckpts, 10)["data_state"])  # the loader's position is saved with it
+    assert not (run / "tokenizer" / "lock").read_text()  # released on the way out
 
     monkeypatch.setattr(train_loop, "HostLoop", HostLoop)
     with preempt.handling():
@@ -148,3 +153,45 @@ def test_processes_agree_on_the_stop_step(tmp_path):
     lines = [next(line for line in o.splitlines() if line.startswith("stopped")) for o in outs]
     assert lines[0].split()[2] == lines[1].split()[2] == "5"  # the same step on both
     assert lines[0].endswith("heard None") and lines[1].endswith("heard SIGUSR1")
+
+
+def _tok_cli(data, run, extra=()):
+    args = [sys.executable, "-m", "dreamer4.cli", "train-tokenizer", "--config", "configs/tiny.yaml"]
+    for o in TEST_OVERRIDES + TOK_OVERRIDES + list(extra):
+        if not o.startswith("collect.policy"):
+            args += ["--set", o]
+    return args + ["--data", str(data), "--run", str(run)]
+
+
+@pytest.mark.slow
+def test_second_job_on_a_stage_is_refused_and_a_killed_ones_lock_is_taken_over(dataset, tmp_path, capsys):
+    root, _ = dataset
+    run = tmp_path / "run"
+    lock = run / "tokenizer" / "lock"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    first = subprocess.Popen(
+        _tok_cli(root, run, ["tokenizer.train.steps=100000"]), cwd=REPO, env=env, stdout=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 300
+        while not (lock.exists() and lock.read_text()):
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        second = subprocess.run(_tok_cli(root, run), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None  # the first still holds it
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2, second.stdout + second.stderr
+    err = second.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith("error: tokenizer: ") and str(lock) in err
+    assert f"held by pid {first.pid} on host " in err and "another job is already working on this stage" in err
+    assert json.loads(lock.read_text())["pid"] == first.pid  # the killed job's description stays behind
+    # the next run takes the stale lock over, says whose it was, trains, and clears it on the way out
+    with preempt.handling():
+        train_tokenizer(make_test_config(TOK_OVERRIDES + ["tokenizer.train.steps=2"]), root, run)
+    out = capsys.readouterr().out
+    assert f"{lock} was left by pid {first.pid} on host " in out and "which is gone; taking it over" in out
+    assert not lock.read_text()
+    rows = [r for r in read_metrics(run / "tokenizer") if "loss" in r]
+    assert rows and np.isfinite(rows[-1]["loss"])

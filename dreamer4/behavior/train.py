@@ -16,7 +16,8 @@ checkpoint holds the whole runner: parameters, optimizer state, env states, fram
 key, episode accumulators and the update count, so a killed run resumes exactly where its last
 checkpoint left it (the continuation is the same as an uninterrupted run's, up to float
 reassociation on another device count). A SIGTERM, SIGUSR1 or SIGINT stops it after the current
-update with a checkpoint of that update (the host loop; exit code 75).
+update with a checkpoint of that update (the host loop; exit code 75), and RUN_DIR/behavior/lock
+keeps a second job off the stage (runtime/lock.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dreamer4.data.env import EnvSpec, make_env, to_uint8
 from dreamer4.runtime.checkpoint import Checkpointer
 from dreamer4.runtime.distributed import is_main_process
 from dreamer4.runtime.host_loop import HostLoop
+from dreamer4.runtime.lock import stage_lock
 from dreamer4.runtime.logging import MetricLogger
 from dreamer4.runtime.stage import StageDir
 
@@ -316,13 +318,15 @@ def train_behavior(cfg: Config, run_dir: str | Path, log=print) -> dict:
     A SIGTERM/SIGUSR1/SIGINT (runtime/preempt.py) stops it with a checkpoint: `Preempted`."""
     stage = StageDir(run_dir, STAGE)
     stage.check_network(cfg)
-    return _train_behavior(cfg, stage, log)
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    # one writer per stage directory (runtime/lock.py)
+    with stage_lock(stage.lock_path, STAGE, log=log):
+        return _train_behavior(cfg, stage, log)
 
 
 def _train_behavior(cfg: Config, stage: StageDir, log) -> dict:
     b = cfg.behavior
     stage_dir = stage.dir
-    stage_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_config(cfg, stage_dir)
     env, env_params, spec = make_env(cfg.env.name)

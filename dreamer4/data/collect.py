@@ -19,7 +19,8 @@ with its last committed shard, and continues: the result is byte-identical to an
 run. Episode data never depends on `chunk_steps` (the key is split per step, not per chunk).
 After a SIGTERM, SIGUSR1 or SIGINT (runtime/preempt.py) the writer commits its finished episodes
 at the end of the current chunk (a shorter shard; the episodes, their order, split and labels are
-those of an uninterrupted run) and stops with exit code 75; rerun to continue.
+those of an uninterrupted run) and stops with exit code 75; rerun to continue. A writer holds
+`collector/wNNN/lock` while it works, so two processes never write as the same writer.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from dreamer4.data.behavior import BehaviorPolicy, assign_envs, mixture_policy, 
 from dreamer4.data.env import EnvSpec, make_env, to_uint8
 from dreamer4.data.policies import make_policy
 from dreamer4.runtime.faults import disk_guard
+from dreamer4.runtime.lock import stage_lock
 from dreamer4.runtime.preempt import Preempted, requested
 from dreamer4.runtime.progress import Progress
 
@@ -306,6 +308,11 @@ class CollectorState:
     SUFFIX = ".pkl.z"
 
     @staticmethod
+    def lock_path(root: Path, writer: int) -> Path:
+        """Held by the process writing as this writer (runtime/lock.py)."""
+        return root / "collector" / f"w{writer:03d}" / "lock"
+
+    @staticmethod
     def path(root: Path, writer: int, shards_done: int) -> Path:
         return root / "collector" / f"w{writer:03d}" / f"state-{shards_done:06d}{CollectorState.SUFFIX}"
 
@@ -384,7 +391,9 @@ def collect(
     root = Path(out)
     writer, num_writers = resolve_writer(writer_id, num_writers)
     precheck_dataset(cfg, root, num_writers)
-    return _collect(cfg, root, writer, num_writers, log, stop_after_shards, row_sink)
+    # Each writer owns its shards: a second process writing as the same writer id is refused.
+    with stage_lock(CollectorState.lock_path(root, writer), f"collect w{writer}", shared=False, log=log):
+        return _collect(cfg, root, writer, num_writers, log, stop_after_shards, row_sink)
 
 
 def _collect(cfg: Config, root: Path, writer: int, num_writers: int, log, stop_after_shards, row_sink) -> dict:
