@@ -203,8 +203,8 @@ def stage_lock(path: str | Path, what: str, shared: bool = True, log=print) -> I
         if jax.process_index() == 0:
             try:
                 lock.acquire()
-            except StageLockedError as e:
-                client.key_value_set(key, str(e))
+            except BaseException as e:  # the others must not wait for an answer that never comes
+                client.key_value_set(key, str(e) or e.__class__.__name__)
                 raise
             client.key_value_set(key, "")
         else:
