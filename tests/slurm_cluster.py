@@ -211,11 +211,15 @@ class SlurmCluster:
         raise SlurmUnavailable(f"the node did not become idle in {timeout_s:.0f} s (sinfo: {state!r})")
 
     def stop(self) -> None:
-        """Cancel what is left, then stop slurmd, slurmctld and munged by their pids."""
+        """Cancel what is left (and wait for it to end), then stop slurmd, slurmctld and munged by pid."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run(
-                ["scancel", "--full", "-u", str(os.getuid())], env=self.env(), capture_output=True, timeout=10
-            )
+            try:
+                self.run("scancel", "-u", str(os.getuid()), check=False, timeout=10)
+                deadline = time.time() + self.kill_wait + 5
+                while time.time() < deadline and self.run("squeue", "-h", check=False, timeout=10).stdout.strip():
+                    time.sleep(0.5)
+            except (OSError, subprocess.SubprocessError):
+                pass
         for name in ("slurmd", "slurmctld", "munged"):
             p = self.procs.get(name)
             if p is None or p.poll() is not None:

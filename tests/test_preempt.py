@@ -4,8 +4,8 @@
 * the shared train loop (tokenizer here; dynamics and both agent phases run the same loop): a
   SIGUSR1 at step 10 checkpoints step 10 (not a checkpoint step) with the data position and raises
   `Preempted`; the rerun's losses equal an uninterrupted run's at every logged step;
-* collection: a SIGTERM after the second chunk commits the finished episodes and stops; the rerun
-  completes a dataset with the same episodes as an uninterrupted collection;
+* collection: a SIGINT (Ctrl-C) after the 7th chunk commits the finished episodes and stops; the
+  rerun completes a dataset with the same episodes as an uninterrupted collection;
 * (PPO's host loop: tests/test_behavior.py's `trained_ppo` is stopped by a SIGUSR1);
 * agreement: two processes, the signal sent to one of them while they are at different steps,
   stop at the same step;
@@ -96,11 +96,11 @@ def test_collection_commits_and_stops_at_the_signal(dataset, cfg, tmp_path):
     def sink(rows):  # called once per chunk as it leaves the device
         chunks.append(1)
         if len(chunks) == 7:  # chunk 7 of this seed ends one episode (112 rows): pending, not committed
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C
 
     with preempt.handling(), pytest.raises(Preempted) as e:
         collect(cfg, out, log=lambda *a: None, row_sink=sink)
-    assert e.value.signal_name == "SIGTERM" and "committed" in str(e.value)
+    assert e.value.signal_name == "SIGINT" and "committed" in str(e.value)
     m = read_manifest(out)
     assert not m["writers"]["0"]["complete"]
     sizes = [s["num_frames"] for s in m["shards"]]
