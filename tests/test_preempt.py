@@ -8,7 +8,7 @@
   rerun completes a dataset with the same episodes as an uninterrupted collection;
 * (PPO's host loop: tests/test_behavior.py's `trained_ppo` is stopped by a SIGUSR1);
 * agreement: two processes, the signal sent to one of them while they are at different steps,
-  stop at the same step;
+  stop at the same step; both stop with the same sentence when another job holds their lock;
 * the lock: a second `train-tokenizer` on the same run exits 2 with one sentence naming the lock
   and its holder; after a SIGKILL of the first, the next run takes the stale lock over.
 The Slurm path (sbatch scripts, forwarding, requeue) is tests/test_slurm.py.
@@ -123,7 +123,8 @@ def test_collection_commits_and_stops_at_the_signal(dataset, cfg, tmp_path):
 AGREE = r"""
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
-from dreamer4.runtime import distributed, preempt
+from dreamer4.runtime import distributed, lock, preempt
+from dreamer4.runtime.faults import StageLockedError
 pid = int(sys.argv[1])
 distributed.initialize("127.0.0.1:" + sys.argv[2], 2, pid)
 with preempt.handling():
@@ -134,25 +135,42 @@ with preempt.handling():
         if preempt.agreed_stop():
             print("stopped at", step, "heard", preempt.requested(), flush=True)
             break
+try:  # the job's lock: process 0 asks, process 1 hears the answer
+    with lock.stage_lock(sys.argv[3], "tokenizer", log=print):
+        print("locked", flush=True)
+except StageLockedError as e:
+    print("refused:", e, flush=True)
 """
 
 
-def test_processes_agree_on_the_stop_step(tmp_path):
+def test_processes_agree_on_the_stop_step_and_share_the_lock(tmp_path):
     from test_multihost import free_port
 
+    from dreamer4.runtime.lock import _Lock
+
+    held = _Lock(tmp_path / "lock", "tokenizer", print)  # another job holds the stage
+    held.acquire()
     port = str(free_port())
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env.pop("SLURM_JOB_ID", None)
     code = AGREE.format(repo=str(REPO))
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(i), port], env=env, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(i), port, str(tmp_path / "lock")],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
+    held.release()
     assert [p.returncode for p in procs] == [0, 0], outs
     lines = [next(line for line in o.splitlines() if line.startswith("stopped")) for o in outs]
     assert lines[0].split()[2] == lines[1].split()[2] == "5"  # the same step on both
     assert lines[0].endswith("heard None") and lines[1].endswith("heard SIGUSR1")
+    refusals = [next(line for line in o.splitlines() if line.startswith(("refused", "locked"))) for o in outs]
+    assert refusals[0] == refusals[1] and f"is held by pid {os.getpid()} on host" in refusals[0]
 
 
 def _tok_cli(data, run, extra=()):
