@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -24,9 +25,10 @@ from dreamer4.pipelines.stages import (
     run_train_tokenizer,
 )
 from dreamer4.play.server import run_play
-from dreamer4.runtime.distributed import add_distributed_args, initialize_from_args
-from dreamer4.runtime.faults import CheckpointError, DiskFullError
+from dreamer4.runtime.distributed import add_distributed_args, initialize_from_args, is_main_process
+from dreamer4.runtime.faults import CheckpointError, DiskFullError, StageLockedError
 from dreamer4.runtime.jax_setup import enable_compilation_cache
+from dreamer4.runtime.preempt import EXIT_PREEMPTED, Preempted, handling
 
 
 def config_args(p: argparse.ArgumentParser, default: str | None = "configs/tiny.yaml") -> None:
@@ -227,6 +229,8 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], object]  # an int it returns is the exit code (anything else: 0)
     distributed: bool = False  # takes --coordinator/--num-processes/--process-id/--process-per
+    # SIGTERM / SIGUSR1 / SIGINT stop it at the next step boundary with a checkpoint (exit code 75)
+    preemptible: bool = False
 
 
 COMMANDS = (
@@ -236,6 +240,7 @@ COMMANDS = (
         _run_args,
         lambda a: run_all(config_of(a), a.run),
         distributed=True,
+        preemptible=True,
     ),
     Command(
         "collect",
@@ -243,12 +248,14 @@ COMMANDS = (
         _collect_args,
         _collect,
         distributed=True,
+        preemptible=True,
     ),
     Command(
         "train-behavior",
         "train a PPO behaviour policy online in Craftax (resumes RUN_DIR/behavior)",
         _behavior_args,
         lambda a: run_train_behavior(config_of(a), a.run),
+        preemptible=True,
     ),
     Command(
         "train-tokenizer",
@@ -256,6 +263,7 @@ COMMANDS = (
         _tokenizer_args,
         lambda a: run_train_tokenizer(config_of(a), a.data, a.run),
         distributed=True,
+        preemptible=True,
     ),
     Command(
         "train-dynamics",
@@ -263,6 +271,7 @@ COMMANDS = (
         _dynamics_args,
         lambda a: run_train_dynamics(config_of(a), a.data, a.run),
         distributed=True,
+        preemptible=True,
     ),
     Command(
         "dream",
@@ -276,6 +285,7 @@ COMMANDS = (
         _agent_args,
         lambda a: run_train_agent(config_of(a), a.data, a.run, a.phase),
         distributed=True,
+        preemptible=True,
     ),
     Command("evaluate", "evaluate RUN_DIR's agents in the real game and in imagination", _evaluate_args, _evaluate),
     Command("report", "(re)write RUN_DIR/report.html from what the run holds", _report_args, _report),
@@ -300,21 +310,34 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Exit codes (README "Running on a cluster"; runtime/preempt.py)
+EXIT_OK, EXIT_REFUSED, EXIT_NONFINITE = 0, 2, 3
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code: 0 done, 1 unexpected error, 2 refused (one sentence: config,
+    dataset, checkpoint, full disk, stage locked by another job), 3 non-finite loss, 75 stopped by
+    SIGTERM/SIGUSR1/SIGINT with everything saved (run the same command again to continue)."""
     args = build_parser().parse_args(argv)
     command = {c.name: c for c in COMMANDS}[args.command]
     enable_compilation_cache()
     try:
         if command.distributed:  # before anything touches a JAX backend
             initialize_from_args(args)
-        rc = command.run(args)
-        return rc if isinstance(rc, int) else 0
-    except (ConfigError, DatasetError, DiskFullError, CheckpointError) as e:
+        # the handlers go in after jax.distributed (which would otherwise own SIGTERM)
+        with handling() if command.preemptible else contextlib.nullcontext():
+            rc = command.run(args)
+        return rc if isinstance(rc, int) else EXIT_OK
+    except (ConfigError, DatasetError, DiskFullError, CheckpointError, StageLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except FloatingPointError as e:  # the train loop's NaN guard; its message says what was kept
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
+    except Preempted as e:  # every process of a training job stops at the same step: one says so
+        if is_main_process() or e.what.startswith("collect"):
+            print(str(e), file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

@@ -20,6 +20,21 @@
 #                 environment before sbatch: --export=ALL carries it into every task
 #   DREAMER4_JAX_CACHE  compilation cache shared by all tasks ($HOME/.cache/dreamer4/jax)
 #   JAX_COORDINATOR_PORT  coordinator port (default: derived from the job id, as JAX does)
+#
+# Preemption and time limits. The scripts ask Slurm for SIGUSR1 five minutes before the time limit
+# (`#SBATCH --signal=B:USR1@300`, to this batch shell) and allow requeueing (`#SBATCH --requeue`;
+# `--open-mode=append` keeps one log across reruns). Each srun step runs in the background so that
+# the shell's traps run while it works: a SIGUSR1, SIGTERM or SIGINT the shell receives is
+# forwarded to the step (srun passes it to every task; SIGINT as SIGTERM). The dreamer4 processes
+# agree on a step, checkpoint it and exit with 75 (runtime/preempt.py). Then:
+#   * after SIGUSR1 (the time limit is near) the job requeues itself (`scontrol requeue`) unless the
+#     step failed, and the rerun (same job id, SLURM_RESTART_COUNT + 1) resumes from the checkpoint;
+#     a later stage of the script is not started (a step that finished anyway returns normally, and
+#     the requeue happens where the next stage would have started);
+#   * after SIGTERM or SIGINT (scancel, preemption) the script stops with 75 and does not requeue
+#     itself (a preempted job is requeued by Slurm where the cluster's PreemptMode says so).
+# Signals sent to the tasks directly (`scancel --signal=TERM JOB`) also end the step with 75; the
+# script then stops without requeueing.
 
 set -euo pipefail
 
@@ -53,17 +68,62 @@ for kv in ${SETS:-}; do CONFIG_ARGS+=(--set "$kv"); done
 echo "dreamer4 on $NODES node(s) x $GPUS_PER_NODE GPU(s), one process per $PROCESS_PER" \
      "($(( NODES * TASKS_PER_NODE )) processes), fsdp=$FSDP, run $RUN"
 
+EXIT_PREEMPTED=75          # a stage stopped by a signal after saving everything (runtime/preempt.py)
+_D4_SIGNAL=""              # the first signal this shell received
+_D4_STEP_PID=""            # the srun step running now
+
+_d4_on_signal() {
+  [ -n "$_D4_SIGNAL" ] || _D4_SIGNAL="$1"
+  echo "launch.sh: SIG$1 received at $(date '+%F %T'); the running stage checkpoints and stops" >&2
+  if [ -n "$_D4_STEP_PID" ]; then
+    kill -s "$([ "$1" = INT ] && echo TERM || echo "$1")" "$_D4_STEP_PID" 2>/dev/null || true
+  fi
+}
+trap '_d4_on_signal USR1' USR1
+trap '_d4_on_signal TERM' TERM
+trap '_d4_on_signal INT' INT
+
+# After a signal: requeue (SIGUSR1, the time limit is near) and end the script with 75. $1: the
+# step's exit code (0: no step was running, or it had finished).
+_d4_stop() {
+  local rc="$1"
+  if [ "$_D4_SIGNAL" = USR1 ] && { [ "$rc" = 0 ] || [ "$rc" = "$EXIT_PREEMPTED" ]; } && [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "launch.sh: requeueing job $SLURM_JOB_ID before its time limit; the rerun resumes from the checkpoint" >&2
+    scontrol requeue "$SLURM_JOB_ID" \
+      || echo "launch.sh: scontrol requeue failed; resubmit the same command to continue" >&2
+    exit "$EXIT_PREEMPTED"
+  fi
+  exit "$([ "$rc" = 0 ] && echo "$EXIT_PREEMPTED" || echo "$rc")"
+}
+
+# Run one srun step in the background and wait for it (a trapped signal interrupts `wait`, which
+# is then resumed); the step's exit code is returned, or the script stops after a signal.
+_d4_step() {
+  [ -z "$_D4_SIGNAL" ] || _d4_stop 0   # a signal came between steps: do not start another stage
+  "$@" &
+  _D4_STEP_PID=$!
+  local rc=0
+  while :; do
+    wait "$_D4_STEP_PID" && rc=0 || rc=$?
+    kill -0 "$_D4_STEP_PID" 2>/dev/null || break
+  done
+  _D4_STEP_PID=""
+  # (a step that finished despite the signal returns 0: a next stage, if any, is not started)
+  [ -z "$_D4_SIGNAL" ] || [ "$rc" = 0 ] || _d4_stop "$rc"
+  return "$rc"
+}
+
 # One multi-controller JAX job over the whole allocation: NODES x TASKS_PER_NODE processes.
 # Every task sees all of its node's GPUs (no --gpu-bind): JAX gives task SLURM_LOCALID its GPU.
 dreamer4_srun() {
-  srun --nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --kill-on-bad-exit=1 \
+  _d4_step srun --nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --kill-on-bad-exit=1 \
     --export=ALL,DREAMER4_PROCESS_PER="$PROCESS_PER",JAX_COORDINATOR_PORT="$JAX_COORDINATOR_PORT",DREAMER4_JAX_CACHE="$DREAMER4_JAX_CACHE",WANDB_MODE="$WANDB_MODE" \
     "$PYTHON" -m dreamer4.cli "$@"
 }
 
-# A single process (evaluation commands that are not multi-process).
+# A single process (evaluation commands that are not multi-process, and the PPO trainer).
 dreamer4_srun_one() {
-  srun --nodes=1 --ntasks=1 --kill-on-bad-exit=1 \
+  _d4_step srun --nodes=1 --ntasks=1 --kill-on-bad-exit=1 \
     --export=ALL,DREAMER4_JAX_CACHE="$DREAMER4_JAX_CACHE",WANDB_MODE="$WANDB_MODE" \
     "$PYTHON" -m dreamer4.cli "$@"
 }

@@ -17,7 +17,7 @@ import framehash_policy  # noqa: F401  (registers the "framehash:" policy)
 from dreamer4.cli import main
 
 if __name__ == "__main__":
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` shows where a job hangs
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID` shows where a job hangs (USR1 stops it)
     for argv in json.loads(sys.argv[1]):
         rc = main(argv)
         if rc:

@@ -106,15 +106,30 @@ BEHAVIOR_OVERRIDES = ["runtime.wandb=disabled", "behavior.eval_envs=64"]
 
 @pytest.fixture(scope="module")
 def trained_ppo(tmp_path_factory):
-    """(run dir, first-call result, final result, log): 16 updates, stop (as if killed), resume to 32."""
-    from dreamer4.behavior.train import train_behavior
+    """(run dir, the Preempted of the first call, final result, log): a SIGUSR1 at update 12 stops
+    the first call (PPO's host loop checkpoints update 12 and raises), the second resumes to 32."""
+    import signal
+
+    from dreamer4.behavior import train as behavior_train
+    from dreamer4.runtime import preempt
+    from dreamer4.runtime.host_loop import HostLoop
+
+    class SignalAt12(HostLoop):
+        def record(self, step, metrics):
+            if step == 12:
+                signal.raise_signal(signal.SIGUSR1)  # as `scancel --signal=USR1` would
+            super().record(step, metrics)
 
     run = tmp_path_factory.mktemp("ppo") / "run"
     cfg = make_test_config(BEHAVIOR_OVERRIDES)
     logs = []
-    first = train_behavior(cfg, run, log=logs.append, stop_after_updates=16)
-    final = train_behavior(cfg, run, log=logs.append)
-    return run, first, final, logs
+    with pytest.MonkeyPatch.context() as mp, preempt.handling():
+        mp.setattr(behavior_train, "HostLoop", SignalAt12)
+        with pytest.raises(preempt.Preempted) as first:
+            behavior_train.train_behavior(cfg, run, log=logs.append)
+    with preempt.handling():
+        final = behavior_train.train_behavior(cfg, run, log=logs.append)
+    return run, first.value, final, logs
 
 
 @pytest.mark.slow
@@ -122,12 +137,13 @@ def test_ppo_trains_resumes_and_beats_random(trained_ppo):
     from dreamer4.runtime.logging import read_metrics
 
     run, first, final, logs = trained_ppo
-    assert first["update"] == 16 and not first["complete"]
-    assert any("resumed from update 16" in line for line in logs)
+    assert (first.step, first.signal_name) == (12, "SIGUSR1")  # 12: a log step, not a checkpoint step
+    assert any("resumed from update 12" in line for line in logs)
     assert final["update"] == 32 and final["env_steps"] == 32 * 16 * 32 and final["complete"]
     steps = [m["step"] for m in read_metrics(run / "behavior") if "loss" in m]
     assert steps == [4 * i for i in range(1, 9)]  # the resumed run continues the log, no update counted twice
-    assert sorted(int(p.name) for p in (run / "behavior" / "checkpoints").iterdir() if p.name.isdigit()) == [16, 32]
+    ckpts = sorted(int(p.name) for p in (run / "behavior" / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts == [12, 16, 32]  # the signal's checkpoint, then the regular ones
     ev = json.loads((run / "behavior" / "eval.json").read_text())
     # Same seeded worlds, first 128 steps: the trained policy collects more reward and achievements.
     assert ev["eval_policy_return"] > ev["eval_random_return"] + 0.1, ev

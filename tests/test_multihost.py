@@ -42,6 +42,8 @@ SETS = [
         f"tokenizer.train.ckpt_every={STEPS}",
         f"dynamics.train.ckpt_every={STEPS}",
         "tokenizer.eval_episodes=1",
+        "dynamics.eval_windows=2",  # the evaluation only has to run (eval.json); keep it small
+        "dynamics.eval_transitions=2",
     ]
     for a in ("--set", kv)
 ]
@@ -115,7 +117,7 @@ def wait(procs, timeout=480) -> list[str]:
         except subprocess.TimeoutExpired:
             for q, _ in procs:
                 if q.poll() is None:
-                    q.send_signal(signal.SIGUSR1)  # multihost_worker.py: faulthandler stack dump
+                    q.send_signal(signal.SIGUSR2)  # multihost_worker.py: faulthandler stack dump
             time.sleep(3)
             for q, _ in procs:
                 q.kill()
@@ -400,3 +402,58 @@ def test_srun_lines_pass_what_the_tasks_rely_on(tmp_path):
         os.environ.clear()
         os.environ.update(os_env)
     assert args.process_per == "node"
+
+
+def _fake_slurm_bin(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake `srun` (records its command, runs until a signal, then exits 75 like a dreamer4 stage
+    that checkpointed) and a fake `scontrol` (records its arguments)."""
+    bindir, record = tmp_path / "fakebin", tmp_path / "calls.txt"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "srun").write_text(
+        "#!/bin/bash\n"
+        f'echo "srun ${{@: -5}}" >> {record}\n'
+        "trap 'exit 75' USR1 TERM\n"
+        "for i in $(seq 1 600); do sleep 0.05; done\n"
+    )
+    (bindir / "scontrol").write_text(f'#!/bin/bash\necho "scontrol $*" >> {record}\n')
+    for f in ("srun", "scontrol"):
+        (bindir / f).chmod(0o755)
+    return bindir, record
+
+
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_launch_forwards_signals_and_requeues_before_the_time_limit(tmp_path, sig):
+    """slurm/launch.sh without Slurm: a signal to the batch shell reaches the running step; after
+    SIGUSR1 (the time-limit warning) the job requeues itself, after SIGTERM it does not; either way
+    no later stage starts and the script exits 75. (tests/test_slurm.py does this on a real Slurm.)"""
+    import signal
+    import time
+
+    bindir, record = _fake_slurm_bin(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "DREAMER4_"))}
+    env.update(PATH=f"{bindir}:{env['PATH']}", SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="777", HOME=str(tmp_path))
+    p = subprocess.Popen(
+        ["bash", str(SLURM / "pipeline.sbatch")], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 20
+    while not (record.exists() and "srun" in record.read_text()):
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(getattr(signal, f"SIG{sig}"))
+    err = p.communicate(timeout=20)[1]
+    assert p.returncode == 75, err
+    calls = record.read_text().splitlines()
+    assert len([c for c in calls if c.startswith("srun")]) == 1  # collect ran; the tokenizer never started
+    assert f"launch.sh: SIG{sig} received" in err
+    if sig == "USR1":
+        assert calls[-1] == "scontrol requeue 777" and "requeueing job 777" in err
+    else:
+        assert not [c for c in calls if c.startswith("scontrol")]
+
+
+def test_sbatch_scripts_ask_for_a_warning_and_requeue():
+    for p in SCRIPTS:
+        text = p.read_text()
+        long_running = p.name not in ("dream.sbatch", "evaluate.sbatch")
+        for directive in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+            assert (directive in text) == long_running, (p.name, directive)

@@ -15,7 +15,9 @@ RUN_DIR/behavior/ holds config.yaml, checkpoints/<update>/, metrics.jsonl and ev
 checkpoint holds the whole runner: parameters, optimizer state, env states, frame stacks, PRNG
 key, episode accumulators and the update count, so a killed run resumes exactly where its last
 checkpoint left it (the continuation is the same as an uninterrupted run's, up to float
-reassociation on another device count).
+reassociation on another device count). A SIGTERM, SIGUSR1 or SIGINT stops it after the current
+update with a checkpoint of that update (the host loop; exit code 75), and RUN_DIR/behavior/lock
+keeps a second job off the stage (runtime/lock.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dreamer4.data.env import EnvSpec, make_env, to_uint8
 from dreamer4.runtime.checkpoint import Checkpointer
 from dreamer4.runtime.distributed import is_main_process
 from dreamer4.runtime.host_loop import HostLoop
+from dreamer4.runtime.lock import stage_lock
 from dreamer4.runtime.logging import MetricLogger
 from dreamer4.runtime.stage import StageDir
 
@@ -310,17 +313,20 @@ def evaluate_vs_random(ppo_fns: PPO, params, seed: int) -> dict:
     return out
 
 
-def train_behavior(cfg: Config, run_dir: str | Path, log=print, stop_after_updates: int | None = None) -> dict:
+def train_behavior(cfg: Config, run_dir: str | Path, log=print) -> dict:
     """Train (or finish training) the PPO behaviour policy of RUN_DIR; returns the final metrics.
-
-    `stop_after_updates` is for tests: return after that many updates in this call, as if killed
-    right after a checkpoint (set behavior.ckpt_every to divide it).
-    """
-    b = cfg.behavior
+    A SIGTERM/SIGUSR1/SIGINT (runtime/preempt.py) stops it with a checkpoint: `Preempted`."""
     stage = StageDir(run_dir, STAGE)
     stage.check_network(cfg)
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    # one writer per stage directory (runtime/lock.py)
+    with stage_lock(stage.lock_path, STAGE, log=log):
+        return _train_behavior(cfg, stage, log)
+
+
+def _train_behavior(cfg: Config, stage: StageDir, log) -> dict:
+    b = cfg.behavior
     stage_dir = stage.dir
-    stage_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_config(cfg, stage_dir)
     env, env_params, spec = make_env(cfg.env.name)
@@ -341,7 +347,6 @@ def train_behavior(cfg: Config, run_dir: str | Path, log=print, stop_after_updat
         log(f"[{STAGE}] resumed from update {int(meta['step'])} ({meta['env_steps']} env steps) in {ckpt.directory}")
     update = int(runner["update"])
     steps_per_update = b.num_envs * b.num_steps
-    done_now = 0
 
     def on_nonfinite(u: int, m: dict) -> None:
         raise FloatingPointError(
@@ -380,12 +385,7 @@ def train_behavior(cfg: Config, run_dir: str | Path, log=print, stop_after_updat
         while update < total:
             runner, metrics = fns.update(runner)
             update += 1
-            done_now += 1
-            loop.record(update, metrics)
-            if stop_after_updates is not None and done_now >= stop_after_updates and update < total:
-                loop.flush()
-                ckpt.wait()
-                return {"update": update, "complete": False, **loop.last}
+            loop.record(update, metrics)  # checkpoints and raises Preempted after a signal
         loop.finish(update)
         results = evaluate_vs_random(fns, runner["params"], cfg.seed)
         results.update(update=update, env_steps=update * steps_per_update, complete=True)

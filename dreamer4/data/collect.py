@@ -17,6 +17,10 @@ PRNG key, the unfinished episodes' rows) to `collector/wNNN/state-KKKKKK.pkl.z` 
 lists the shard. A restarted writer deletes its uncommitted shard groups, loads the state saved
 with its last committed shard, and continues: the result is byte-identical to an uninterrupted
 run. Episode data never depends on `chunk_steps` (the key is split per step, not per chunk).
+After a SIGTERM, SIGUSR1 or SIGINT (runtime/preempt.py) the writer commits its finished episodes
+at the end of the current chunk (a shorter shard; the episodes, their order, split and labels are
+those of an uninterrupted run) and stops with exit code 75; rerun to continue. A writer holds
+`collector/wNNN/lock` while it works, so two processes never write as the same writer.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from dreamer4.data.behavior import BehaviorPolicy, assign_envs, mixture_policy, 
 from dreamer4.data.env import EnvSpec, make_env, to_uint8
 from dreamer4.data.policies import make_policy
 from dreamer4.runtime.faults import disk_guard
+from dreamer4.runtime.lock import stage_lock
+from dreamer4.runtime.preempt import Preempted, requested
 from dreamer4.runtime.progress import Progress
 
 ROW_FIELDS = tuple(store.FIELD_DTYPES)
@@ -302,6 +308,11 @@ class CollectorState:
     SUFFIX = ".pkl.z"
 
     @staticmethod
+    def lock_path(root: Path, writer: int) -> Path:
+        """Held by the process writing as this writer (runtime/lock.py)."""
+        return root / "collector" / f"w{writer:03d}" / "lock"
+
+    @staticmethod
     def path(root: Path, writer: int, shards_done: int) -> Path:
         return root / "collector" / f"w{writer:03d}" / f"state-{shards_done:06d}{CollectorState.SUFFIX}"
 
@@ -379,8 +390,14 @@ def collect(
     """
     root = Path(out)
     writer, num_writers = resolve_writer(writer_id, num_writers)
-    c = cfg.collect
     precheck_dataset(cfg, root, num_writers)
+    # Each writer owns its shards: a second process writing as the same writer id is refused.
+    with stage_lock(CollectorState.lock_path(root, writer), f"collect w{writer}", shared=False, log=log):
+        return _collect(cfg, root, writer, num_writers, log, stop_after_shards, row_sink)
+
+
+def _collect(cfg: Config, root: Path, writer: int, num_writers: int, log, stop_after_shards, row_sink) -> dict:
+    c = cfg.collect
     env, params, spec = make_env(cfg.env.name)
     members = behavior_members(c)
     policy_ids = None
@@ -548,6 +565,15 @@ def collect(
             commit(carry_k, final=False)
             if stop_after_shards is not None and commits_now >= stop_after_shards:
                 break
+        signal_name = requested()  # writers are independent: no agreement between processes needed
+        if signal_name is not None:
+            if pending:  # commit the finished episodes (a shorter shard) with the state after chunk k
+                commit(carry_k, final=False)
+            bar.close()
+            log(f"writer {writer}: {episodes_done}/{target} episodes committed in {shards_done} shards")
+            raise Preempted(
+                f"collect w{writer}", signal_name, saved=f"{shards_done} shards of writer {writer} committed in {root}"
+            )
     bar.close()
     elapsed = time.time() - t0
     log(

@@ -27,6 +27,7 @@ position whatever the process count that saved it.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import grain.python as grain
@@ -127,6 +128,14 @@ class _ReadRows:
         return {k: np.stack([r[k] for r in records]) for k in records[0]}
 
 
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """In a grain worker process: leave SIGTERM/SIGINT/SIGUSR1 to the trainer. Slurm signals every
+    process of a step and Ctrl-C the whole process group; the trainer stops at a step boundary and
+    shuts its workers down itself (runtime/preempt.py), so a worker must not die first."""
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class WindowLoader:
     """Iterable of process-local batches; `iter()` gives a `LoaderIterator` (get_state/set_state)."""
 
@@ -152,7 +161,8 @@ class WindowLoader:
         ds = ds.map(_ReadRows(source, shard_index * local, (shard_index + 1) * local))
         if worker_count > 0:
             self._dataset = ds.to_iter_dataset().mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=buffer_size)
+                grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=buffer_size),
+                worker_init_fn=_ignore_stop_signals,
             )
         else:  # one reader thread overlaps reading with training
             self._dataset = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer_size))

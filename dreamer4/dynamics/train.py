@@ -20,7 +20,9 @@ from dreamer4.config import Config
 from dreamer4.dynamics.evaluate import open_loop_eval_hook
 from dreamer4.dynamics.model import WorldModel
 from dreamer4.dynamics.shortcut import shortcut_forcing_loss
+from dreamer4.runtime.distributed import log0
 from dreamer4.runtime.loading import TRAINABLE, build_dynamics, load_tokenizer
+from dreamer4.runtime.lock import stage_lock
 from dreamer4.runtime.stage import StageDir, open_dataset
 from dreamer4.runtime.train_loop import Stage, loader_factory, train
 
@@ -83,32 +85,33 @@ def make_prepare(cfg: Config):
 
 def train_dynamics(cfg: Config, data_dir: str | Path, run_dir: str | Path, evaluate: bool = True) -> dict:
     stage = StageDir(run_dir, STAGE)
-    stage.check_network(cfg)
-    tokenizer, tok_cfg, frame_shape = load_tokenizer(run_dir)
-    ds = open_dataset(data_dir, cfg)
-    StageDir(run_dir, "tokenizer").check_dataset(ds, {"frame_shape": frame_shape}, data_dir)
-    world = WorldModel(tokenizer, build_dynamics(cfg, tok_cfg, ds.num_actions))
-    tc = cfg.dynamics.train
-    train(
-        Stage(
-            name=STAGE,
-            stage_dir=stage.dir,
-            cfg=cfg,
-            train=tc,
-            model=world,
-            loss_fn=make_dynamics_loss(cfg),
-            make_iterator=loader_factory(
-                data_dir,
-                cfg,
-                tc.batch_size,
-                tc.seq_len,
-                batch_key="dynamics.train.batch_size",
-                seq_len_key="dynamics.train.seq_len",
-            ),
-            prepare=make_prepare(cfg),
-            evaluate=open_loop_eval_hook(cfg, ds) if evaluate else None,
-            trainable=TRAINABLE[STAGE],
-            meta={"frame_shape": list(frame_shape), "num_actions": ds.num_actions, "data": str(data_dir)},
+    with stage_lock(stage.lock_path, STAGE, log=log0):  # one writer per stage (runtime/lock.py)
+        stage.check_network(cfg)
+        tokenizer, tok_cfg, frame_shape = load_tokenizer(run_dir)
+        ds = open_dataset(data_dir, cfg)
+        StageDir(run_dir, "tokenizer").check_dataset(ds, {"frame_shape": frame_shape}, data_dir)
+        world = WorldModel(tokenizer, build_dynamics(cfg, tok_cfg, ds.num_actions))
+        tc = cfg.dynamics.train
+        train(
+            Stage(
+                name=STAGE,
+                stage_dir=stage.dir,
+                cfg=cfg,
+                train=tc,
+                model=world,
+                loss_fn=make_dynamics_loss(cfg),
+                make_iterator=loader_factory(
+                    data_dir,
+                    cfg,
+                    tc.batch_size,
+                    tc.seq_len,
+                    batch_key="dynamics.train.batch_size",
+                    seq_len_key="dynamics.train.seq_len",
+                ),
+                prepare=make_prepare(cfg),
+                evaluate=open_loop_eval_hook(cfg, ds) if evaluate else None,
+                trainable=TRAINABLE[STAGE],
+                meta={"frame_shape": list(frame_shape), "num_actions": ds.num_actions, "data": str(data_dir)},
+            )
         )
-    )
-    return stage.results()
+        return stage.results()

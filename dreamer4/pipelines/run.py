@@ -14,6 +14,9 @@ Each stage is resumable, so running the same command again continues an interrup
 stage that is complete by the stage contract (runtime/stage.py: its final checkpoint, or its
 results file, exists; also when it was run by hand) is skipped.
 
+After a SIGTERM, SIGUSR1 or SIGINT the running stage stops with a checkpoint, or (between stages)
+the next stage does not start; exit code 75, and the same command continues (runtime/preempt.py).
+
 In a multi-process job every process runs this chain: each collects its writer's share, all wait
 until the dataset is complete, then train together; only process 0 prints and writes reports.
 `dream` and `evaluate` are single-process evaluations and are skipped there (run them afterwards
@@ -34,6 +37,7 @@ from dreamer4.pipelines.dataset import print_info
 from dreamer4.pipelines.report import write_report
 from dreamer4.pipelines.stages import run_dream, run_evaluate, run_train_agent, run_train_dynamics, run_train_tokenizer
 from dreamer4.runtime.distributed import barrier, is_main_process, log0
+from dreamer4.runtime.preempt import Preempted, agreed_stop
 from dreamer4.runtime.stage import DATASET, STAGE_TIMES, StageDir
 
 N_STAGES = 6
@@ -62,6 +66,9 @@ def run_all(cfg: Config, run_dir: str) -> dict:
                 f"as one process"
             )
             return
+        signal_name = agreed_stop()  # a signal that arrived between stages (or during dream/evaluate)
+        if signal_name is not None:
+            raise Preempted("run", signal_name, saved=f"the stages before {name} are complete in {root}")
         t0 = time.time()
         results[name] = fn()
         times[name] = time.time() - t0

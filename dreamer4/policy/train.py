@@ -47,7 +47,9 @@ from dreamer4.policy.losses import (
     state_heads_loss,
     value_loss,
 )
+from dreamer4.runtime.distributed import log0
 from dreamer4.runtime.loading import TRAINABLE, fresh_agent, load_agent
+from dreamer4.runtime.lock import stage_lock
 from dreamer4.runtime.stage import StageDir, open_dataset
 from dreamer4.runtime.train_loop import Stage, loader_factory, train
 
@@ -193,71 +195,78 @@ def _checked_dataset(stage: StageDir, data_dir, cfg: Config, facts: dict):
 
 def train_bc(cfg: Config, data_dir, run_dir) -> dict:
     stage = StageDir(run_dir, STAGE_BC)
-    stage.check_network(cfg)
-    agent, wcfg, facts = fresh_agent(cfg, run_dir)
-    _checked_dataset(stage, data_dir, cfg, facts)
-    tc = cfg.agent.bc
+    with stage_lock(stage.lock_path, STAGE_BC, log=log0):  # one writer per stage (runtime/lock.py)
+        stage.check_network(cfg)
+        agent, wcfg, facts = fresh_agent(cfg, run_dir)
+        _checked_dataset(stage, data_dir, cfg, facts)
+        tc = cfg.agent.bc
 
-    def prepare(batch, step):
-        return {k: batch[k] for k in ("frames", "actions", "action_mask", "rewards", "is_first", "is_terminal")}
+        def prepare(batch, step):
+            return {k: batch[k] for k in ("frames", "actions", "action_mask", "rewards", "is_first", "is_terminal")}
 
-    train(
-        Stage(
-            name=STAGE_BC,
-            stage_dir=stage.dir,
-            cfg=cfg,
-            train=tc,
-            model=agent,
-            loss_fn=make_bc_loss(cfg, wcfg.dynamics),
-            make_iterator=loader_factory(
-                data_dir,
-                cfg,
-                tc.batch_size,
-                tc.seq_len,
-                batch_key="agent.bc.batch_size",
-                seq_len_key="agent.bc.seq_len",
-            ),
-            prepare=prepare,
-            trainable=TRAINABLE[STAGE_BC],
-            meta={"phase": "bc", **facts, "data": str(data_dir)},
+        train(
+            Stage(
+                name=STAGE_BC,
+                stage_dir=stage.dir,
+                cfg=cfg,
+                train=tc,
+                model=agent,
+                loss_fn=make_bc_loss(cfg, wcfg.dynamics),
+                make_iterator=loader_factory(
+                    data_dir,
+                    cfg,
+                    tc.batch_size,
+                    tc.seq_len,
+                    batch_key="agent.bc.batch_size",
+                    seq_len_key="agent.bc.seq_len",
+                ),
+                prepare=prepare,
+                trainable=TRAINABLE[STAGE_BC],
+                meta={"phase": "bc", **facts, "data": str(data_dir)},
+            )
         )
-    )
-    return stage.results()
+        return stage.results()
 
 
 def train_imagine(cfg: Config, data_dir, run_dir) -> dict:
     stage = StageDir(run_dir, STAGE_IMAGINE)
-    stage.check_network(cfg)
-    # The agent network is the BC stage's (its saved config); training keys come from cfg.
-    agent, wcfg, facts = load_agent(run_dir, STAGE_BC)
-    _checked_dataset(stage, data_dir, cfg, facts)
-    freeze_prior(agent)
-    tc = cfg.agent.imagine
-    C = cfg.agent.context_len
+    with stage_lock(stage.lock_path, STAGE_IMAGINE, log=log0):  # one writer per stage (runtime/lock.py)
+        stage.check_network(cfg)
+        # The agent network is the BC stage's (its saved config); training keys come from cfg.
+        agent, wcfg, facts = load_agent(run_dir, STAGE_BC)
+        _checked_dataset(stage, data_dir, cfg, facts)
+        freeze_prior(agent)
+        tc = cfg.agent.imagine
+        C = cfg.agent.context_len
 
-    def prepare(batch, step):
-        out = {k: batch[k][:, :C] for k in ("frames", "actions", "action_mask")}
-        # step = updates done so far: the first critic_warmup updates train the value head only
-        out["policy_on"] = np.full((len(out["frames"]),), float(step >= cfg.agent.critic_warmup), np.float32)
-        return out
+        def prepare(batch, step):
+            out = {k: batch[k][:, :C] for k in ("frames", "actions", "action_mask")}
+            # step = updates done so far: the first critic_warmup updates train the value head only
+            out["policy_on"] = np.full((len(out["frames"]),), float(step >= cfg.agent.critic_warmup), np.float32)
+            return out
 
-    train(
-        Stage(
-            name=STAGE_IMAGINE,
-            stage_dir=stage.dir,
-            cfg=cfg,
-            train=tc,
-            model=agent,
-            loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sampling),
-            make_iterator=loader_factory(
-                data_dir, cfg, tc.batch_size, C, batch_key="agent.imagine.batch_size", seq_len_key="agent.context_len"
-            ),
-            prepare=prepare,
-            trainable=TRAINABLE[STAGE_IMAGINE],
-            meta={"phase": "imagine", **facts, "data": str(data_dir)},
+        train(
+            Stage(
+                name=STAGE_IMAGINE,
+                stage_dir=stage.dir,
+                cfg=cfg,
+                train=tc,
+                model=agent,
+                loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sampling),
+                make_iterator=loader_factory(
+                    data_dir,
+                    cfg,
+                    tc.batch_size,
+                    C,
+                    batch_key="agent.imagine.batch_size",
+                    seq_len_key="agent.context_len",
+                ),
+                prepare=prepare,
+                trainable=TRAINABLE[STAGE_IMAGINE],
+                meta={"phase": "imagine", **facts, "data": str(data_dir)},
+            )
         )
-    )
-    return stage.results()
+        return stage.results()
 
 
 def train_agent(cfg: Config, data_dir, run_dir, phase: str = "all") -> dict:

@@ -147,16 +147,19 @@ def initialize(
             _initialized = DistributedInfo("single", 0, 1)
             return _initialized
         _use_gloo_on_cpu()
+        _disable_jax_preemption_notifier()
         jax.distributed.initialize(coordinator, num_processes, process_id, cluster_detection_method="deactivate")
         _initialized = DistributedInfo("explicit", process_id, num_processes, coordinator)
     elif policy != "off" and slurm_task_count(env) > 1:
         if process_per not in PROCESS_PER:
             raise ConfigError(f"--process-per {process_per!r} must be one of {list(PROCESS_PER)}")
         _use_gloo_on_cpu()
+        _disable_jax_preemption_notifier()
         jax.distributed.initialize(local_device_ids=slurm_local_device_ids(process_per, env))
         _initialized = DistributedInfo("slurm", jax.process_index(), jax.process_count())
     elif policy == "auto":  # TPU pods and other environments JAX detects by itself
         _use_gloo_on_cpu()
+        _disable_jax_preemption_notifier()
         jax.distributed.initialize()
         _initialized = DistributedInfo("auto", jax.process_index(), jax.process_count())
     else:
@@ -169,6 +172,16 @@ def initialize(
             flush=True,
         )
     return _initialized
+
+
+def _disable_jax_preemption_notifier() -> None:
+    """JAX's preemption service installs a C-level SIGTERM handler that only records the notice for
+    `reached_preemption_sync_point`; dreamer4 handles SIGTERM/SIGUSR1/SIGINT itself
+    (runtime/preempt.py), so it is turned off before jax.distributed starts."""
+    try:
+        jax.config.update("jax_enable_preemption_service", False)
+    except (AttributeError, KeyError, ValueError):  # a jax without the option
+        pass
 
 
 def _use_gloo_on_cpu() -> None:
@@ -189,6 +202,13 @@ def log0(msg: str) -> None:
         print(msg, flush=True)
 
 
+def coordination_client():
+    """The coordination service's client of this process (None before jax.distributed is up)."""
+    from jax._src import distributed as _dist  # no public handle exists
+
+    return _dist.global_state.client
+
+
 _barriers = 0
 
 
@@ -203,9 +223,7 @@ def barrier(name: str, timeout_s: float = 4 * 3600) -> None:
     if jax.process_count() == 1:
         return
     _barriers += 1
-    from jax._src import distributed as _dist  # the coordination client; no public handle exists
-
-    client = _dist.global_state.client
+    client = coordination_client()
     if client is not None and hasattr(client, "wait_at_barrier"):
         client.wait_at_barrier(f"dreamer4/{_barriers}/{name}", int(timeout_s * 1000))
     else:

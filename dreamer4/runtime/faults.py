@@ -1,4 +1,4 @@
-"""Faults a user can cause, as one sentence each: a full disk, a damaged checkpoint.
+"""Faults a user can cause, as one sentence each: a full disk, a damaged checkpoint, a busy stage.
 
 A full disk: which directory, what was being written, how much it needs.
 
@@ -21,6 +21,10 @@ from pathlib import Path
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a stage can be restored; the message names the directory and why."""
+
+
+class StageLockedError(RuntimeError):
+    """Another live job holds the stage's lock (runtime/lock.py); the message names the file and holder."""
 
 
 class DiskFullError(OSError):

@@ -7,7 +7,8 @@ drive one compiled step per iteration and hand its (device) metrics to a `HostLo
                     ckpt=..., logger=..., save_state=..., summarize=..., progress=..., on_nonfinite=...)
     while step < total:
         ...; step += 1
-        loop.record(step, metrics)     # flush every log_every, checkpoint every ckpt_every and at total
+        loop.record(step, metrics)     # flush every log_every, checkpoint every ckpt_every and at total;
+                                       # after a SIGTERM/SIGUSR1/SIGINT: checkpoint and raise Preempted
     loop.finish(step)                  # flush, final checkpoint if not written yet, wait for it
 
 Metrics stay on the device until a flush, which fetches them all, stops on the first non-finite
@@ -15,6 +16,11 @@ value (`on_nonfinite` raises; nothing is saved after it, so a bad state never ov
 checkpoint: every checkpoint is written right after a flush that passed), reduces them with
 `summarize` and logs the result (metrics.jsonl, wandb, the progress bar). Every process runs the
 same loop on replicated metrics, so all stop at the same step.
+
+Preemption (runtime/preempt.py): after every step the loop asks `agreed_stop()` (in a
+multi-process job all processes agree on it); once a SIGTERM, SIGUSR1 or SIGINT has arrived, the
+loop flushes, checkpoints that step (unless it just did), waits for the save and raises
+`Preempted` (exit code 75; the same command resumes from that checkpoint).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 
 from dreamer4.runtime.checkpoint import Checkpointer
 from dreamer4.runtime.logging import MetricLogger
+from dreamer4.runtime.preempt import Preempted, agreed_stop
 from dreamer4.runtime.progress import Progress
 
 
@@ -77,6 +84,17 @@ class HostLoop:
             self.flush()
         if step % self.ckpt_every == 0 or step == self.total:
             self.save(step)
+        signal_name = agreed_stop()
+        if signal_name is not None:
+            self.stop(step, signal_name)
+
+    def stop(self, step: int, signal_name: str) -> None:
+        """A signal arrived: checkpoint `step` (data position included) and raise `Preempted`."""
+        self.flush()
+        if self.ckpt.latest_step() != step:
+            self.save(step)
+        self.ckpt.wait()
+        raise Preempted(self.name, signal_name, step, f"checkpoint {step} saved in {self.ckpt.directory}")
 
     def flush(self) -> None:
         """Fetch pending metrics, stop on a non-finite value, log their summary."""

@@ -14,8 +14,8 @@ RUN_DIR/
 
 A training stage directory holds config.yaml (the resolved config it was trained with),
 checkpoints/<step>/ (state + JSON meta: step, loader position, config and the stage's model facts
-such as frame shape, action count and dataset), metrics.jsonl, images/ and its results file
-(eval.json). An evaluation stage holds results.json, written last (its commit marker).
+such as frame shape, action count and dataset), metrics.jsonl, images/, its results file
+(eval.json) and `lock` (held by the job training it: one writer per stage, runtime/lock.py). An evaluation stage holds results.json, written last (its commit marker).
 
 `StageDir` is the one place that knows these paths and reads them: the saved config, the model
 facts from the latest checkpoint's meta, the network-compatibility check on resume (only the
@@ -40,6 +40,7 @@ from dreamer4.runtime.logging import read_metrics
 
 RUN_CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"  # STAGE_DIR/checkpoints/<step>/
+LOCK = "lock"  # STAGE_DIR/lock: held by the job training the stage (runtime/lock.py)
 TRAIN_RESULTS = "eval.json"  # a training stage's evaluation at its final step
 # what a model was made for, saved in every checkpoint's meta by the stage that trains it
 MODEL_FACTS = ("frame_shape", "num_actions", "data")
@@ -109,6 +110,10 @@ class StageDir:
     @property
     def checkpoints(self) -> Path:
         return self.dir / CHECKPOINTS
+
+    @property
+    def lock_path(self) -> Path:
+        return self.dir / LOCK
 
     @property
     def results_path(self) -> Path:

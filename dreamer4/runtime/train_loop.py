@@ -16,7 +16,10 @@ model inputs, and an optional evaluation hook. `train(stage)` then
   every loss since the last check was finite: a NaN/inf stops the run with a message naming the
   step, saves the offending batch and metrics under STAGE_DIR/nan_debug/, and never overwrites a
   good checkpoint (checkpoints are only written right after such a check passed);
-* checkpoints every `ckpt_every` steps and at the end, then runs the evaluation hook.
+* checkpoints every `ckpt_every` steps and at the end, then runs the evaluation hook;
+* holds STAGE_DIR/lock while it runs (runtime/lock.py: a second job on the same stage stops with
+  one sentence) and stops with a checkpoint at the next step boundary after a SIGTERM, SIGUSR1 or
+  SIGINT (runtime/preempt.py, through the host loop).
 
 Multi-process (one JAX multi-controller job, see runtime/distributed.py): every process runs this
 same loop on its own rows of each global batch. Every decision about when to stop is taken on
@@ -45,10 +48,11 @@ from dreamer4.data.loader import make_loader, saved_process_count
 from dreamer4.runtime.checkpoint import Checkpointer, abstract_like
 from dreamer4.runtime.distributed import barrier, is_main_process, log0
 from dreamer4.runtime.host_loop import HostLoop, mean_metrics
+from dreamer4.runtime.lock import stage_lock
 from dreamer4.runtime.logging import MetricLogger
 from dreamer4.runtime.mesh import batch_sharding, global_batch, make_mesh, state_shardings
 from dreamer4.runtime.optim import make_optimizer
-from dreamer4.runtime.stage import CHECKPOINTS, TRAIN_RESULTS
+from dreamer4.runtime.stage import CHECKPOINTS, LOCK, TRAIN_RESULTS
 
 
 @dataclass
@@ -162,9 +166,15 @@ def _check_batch(stage_name: str, tc: TrainConfig, mesh) -> None:
 
 
 def train(stage: Stage) -> nnx.Module:
-    tc, cfg = stage.train, stage.cfg
     stage_dir = Path(stage.stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    # One writer per stage directory: refuse (StageLockedError) while another live job trains it.
+    with stage_lock(stage_dir / LOCK, stage.name, log=log0):
+        return _train(stage, stage_dir)
+
+
+def _train(stage: Stage, stage_dir: Path) -> nnx.Module:
+    tc, cfg = stage.train, stage.cfg
     if is_main_process():
         save_config(cfg, stage_dir)
     mesh = make_mesh(cfg.runtime.fsdp)

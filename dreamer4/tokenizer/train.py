@@ -16,8 +16,10 @@ import numpy as np
 
 from dreamer4.config import Config, TokenizerConfig
 from dreamer4.data.store import Dataset, DatasetError
+from dreamer4.runtime.distributed import log0
 from dreamer4.runtime.images import image_grid, psnr, ssim
 from dreamer4.runtime.loading import build_tokenizer
+from dreamer4.runtime.lock import stage_lock
 from dreamer4.runtime.stage import StageDir, open_dataset
 from dreamer4.runtime.train_loop import Stage, loader_factory, train
 from dreamer4.tokenizer.model import Tokenizer, sample_patch_mask
@@ -89,40 +91,41 @@ def evaluate_tokenizer(
 
 def train_tokenizer(cfg: Config, data_dir: str | Path, run_dir: str | Path) -> dict:
     stage = StageDir(run_dir, STAGE)
-    ds = open_dataset(data_dir, cfg)
-    frame_shape = tuple(ds.frame_shape)
-    # The training schedule may change on resume (e.g. more steps); the network may not.
-    stage.check_network(cfg)
-    if stage.has_model():
-        stage.check_dataset(ds, stage.facts(), data_dir)
-    tc = cfg.tokenizer.train
-    model = build_tokenizer(cfg, frame_shape)
-    frames, mean_frame = eval_frames(ds, cfg)
+    with stage_lock(stage.lock_path, STAGE, log=log0):  # one writer per stage (runtime/lock.py)
+        ds = open_dataset(data_dir, cfg)
+        frame_shape = tuple(ds.frame_shape)
+        # The training schedule may change on resume (e.g. more steps); the network may not.
+        stage.check_network(cfg)
+        if stage.has_model():
+            stage.check_dataset(ds, stage.facts(), data_dir)
+        tc = cfg.tokenizer.train
+        model = build_tokenizer(cfg, frame_shape)
+        frames, mean_frame = eval_frames(ds, cfg)
 
-    def evaluate(m, step, logger):
-        metrics, grid = evaluate_tokenizer(m, frames, mean_frame)
-        logger.log_image(step, "recon_grid", grid)
-        return metrics
+        def evaluate(m, step, logger):
+            metrics, grid = evaluate_tokenizer(m, frames, mean_frame)
+            logger.log_image(step, "recon_grid", grid)
+            return metrics
 
-    train(
-        Stage(
-            name=STAGE,
-            stage_dir=stage.dir,
-            cfg=cfg,
-            train=tc,
-            model=model,
-            loss_fn=partial(tokenizer_loss, mask_prob_max=cfg.tokenizer.mask_prob_max),
-            make_iterator=loader_factory(
-                data_dir,
-                cfg,
-                tc.batch_size,
-                tc.seq_len,
-                batch_key="tokenizer.train.batch_size",
-                seq_len_key="tokenizer.train.seq_len",
-            ),
-            prepare=lambda b, step: {"frames": b["frames"]},
-            evaluate=evaluate,
-            meta={"frame_shape": list(frame_shape), "data": str(data_dir)},
+        train(
+            Stage(
+                name=STAGE,
+                stage_dir=stage.dir,
+                cfg=cfg,
+                train=tc,
+                model=model,
+                loss_fn=partial(tokenizer_loss, mask_prob_max=cfg.tokenizer.mask_prob_max),
+                make_iterator=loader_factory(
+                    data_dir,
+                    cfg,
+                    tc.batch_size,
+                    tc.seq_len,
+                    batch_key="tokenizer.train.batch_size",
+                    seq_len_key="tokenizer.train.seq_len",
+                ),
+                prepare=lambda b, step: {"frames": b["frames"]},
+                evaluate=evaluate,
+                meta={"frame_shape": list(frame_shape), "data": str(data_dir)},
+            )
         )
-    )
-    return stage.results()
+        return stage.results()
