@@ -232,15 +232,7 @@ def _config_header(cfg: Config, num_writers: int) -> dict:
 
 
 def _header(cfg: Config, spec: EnvSpec, num_writers: int) -> dict:
-    h = {
-        "format": store.FORMAT,
-        "format_version": store.FORMAT_VERSION,
-        "env": {"name": spec.name, "id": spec.env_id, "craftax_version": spec.craftax_version},
-        "frame_shape": list(spec.frame_shape),
-        "num_actions": spec.num_actions,
-        "action_meanings": list(spec.action_meanings),
-        "achievement_names": list(spec.achievement_names),
-    }
+    h = store.env_header(spec)
     h.update(_config_header(cfg, num_writers))
     return h
 

@@ -70,6 +70,20 @@ def manifest_path(root: str | Path) -> Path:
     return Path(root) / MANIFEST
 
 
+def env_header(spec, frame_shape=None) -> dict:
+    """The manifest fields every dataset writer records (collect, import-video, play): the format and
+    the env its rows come from (`spec`: data.env.EnvSpec; frame_shape defaults to the env's)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "env": {"name": spec.name, "id": spec.env_id, "craftax_version": spec.craftax_version},
+        "frame_shape": list(frame_shape or spec.frame_shape),
+        "num_actions": spec.num_actions,
+        "action_meanings": list(spec.action_meanings),
+        "achievement_names": list(spec.achievement_names),
+    }
+
+
 def read_manifest(root: str | Path) -> dict | None:
     """The manifest, or None when the directory holds none yet."""
     p = manifest_path(root)

@@ -173,13 +173,7 @@ def _parse_shape(text: str | None) -> tuple[int, int, int] | None:
 def _new_header(cfg: Config, frame_shape) -> dict:
     _, _, spec = make_env(cfg.env.name)
     return {
-        "format": store.FORMAT,
-        "format_version": store.FORMAT_VERSION,
-        "env": {"name": spec.name, "id": spec.env_id, "craftax_version": spec.craftax_version},
-        "frame_shape": list(frame_shape or spec.frame_shape),
-        "num_actions": spec.num_actions,
-        "action_meanings": list(spec.action_meanings),
-        "achievement_names": list(spec.achievement_names),
+        **store.env_header(spec, frame_shape),
         "seed": cfg.seed,
         "behavior_policy": "video",
         "created_by": "import-video",

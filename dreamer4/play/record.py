@@ -67,13 +67,7 @@ def check_target(root: str | Path, env_name: str, frame_shape, num_actions: int)
 
 def new_header(spec: EnvSpec) -> dict:
     return {
-        "format": store.FORMAT,
-        "format_version": store.FORMAT_VERSION,
-        "env": {"name": spec.name, "id": spec.env_id, "craftax_version": spec.craftax_version},
-        "frame_shape": list(spec.frame_shape),
-        "num_actions": spec.num_actions,
-        "action_meanings": list(spec.action_meanings),
-        "achievement_names": list(spec.achievement_names),
+        **store.env_header(spec),
         "seed": None,
         "behavior_policy": WRITER,
         "created_by": "play",
