@@ -73,7 +73,15 @@ def main():
     dc = cfg.dynamics
     dtype = jnp.bfloat16 if dc.train.precision == "bf16" else jnp.float32
     tok = build_tokenizer(cfg, FRAME_SHAPES[cfg.env.name])
-    dyn = Dynamics(dc.net, cfg.tokenizer.num_latents, cfg.tokenizer.latent_dim, 17, rngs=nnx.Rngs(0), dtype=dtype)
+    dyn = Dynamics(
+        dc.net,
+        cfg.tokenizer.num_latents,
+        cfg.tokenizer.latent_dim,
+        17,
+        latent_grid=tok.latent_grid,
+        rngs=nnx.Rngs(0),
+        dtype=dtype,
+    )
     rows = []
     for name, batch, K, decode in [
         (f"interactive K={dc.sample_steps}", 1, dc.sample_steps, False),

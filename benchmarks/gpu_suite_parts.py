@@ -294,7 +294,15 @@ def part_imagine(p, rec: Recorder):
     dc = cfg.dynamics
     dtype = jnp.bfloat16 if dc.train.precision == "bf16" else jnp.float32
     tok = build_tokenizer(cfg, train_step_bench.FRAME_SHAPES[cfg.env.name])
-    dyn = Dynamics(dc.net, cfg.tokenizer.num_latents, cfg.tokenizer.latent_dim, 17, rngs=nnx.Rngs(0), dtype=dtype)
+    dyn = Dynamics(
+        dc.net,
+        cfg.tokenizer.num_latents,
+        cfg.tokenizer.latent_dim,
+        17,
+        latent_grid=tok.latent_grid,
+        rngs=nnx.Rngs(0),
+        dtype=dtype,
+    )
     max_len = p["max_len"]
     decode_step = nnx.jit(lambda tok, z, cache, t: tok.decode_step(z, cache, t))
     rec["precision"] = dc.train.precision

@@ -67,7 +67,7 @@ def random_run(preset: str, root: Path) -> Path:
     save("tokenizer", tok, facts)
     save(
         "dynamics",
-        WorldModel(tok, build_dynamics(cfg, cfg, spec.num_actions)),
+        WorldModel(tok, build_dynamics(cfg, cfg, spec.num_actions, latent_grid=tok.latent_grid)),
         {**facts, "num_actions": spec.num_actions},
     )
     return root

@@ -82,7 +82,7 @@ def dynamics_case(cfg, batch, seq_len):
 
     shape = FRAME_SHAPES[cfg.env.name]
     tok = build_tokenizer(cfg, shape)
-    dyn = build_dynamics(cfg, cfg, 17)
+    dyn = build_dynamics(cfg, cfg, 17, latent_grid=tok.latent_grid)
     world = WorldModel(tok, dyn)
     dc, tc = cfg.dynamics, cfg.tokenizer
     S = dyn.num_tokens

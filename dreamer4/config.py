@@ -34,7 +34,8 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class CollectConfig:
-    # Behaviour policy spec: "random", "sticky", or "NAME:CHECKPOINT" for a registered learned policy.
+    # Behaviour policy spec: "random", "sticky", "walk" (a move half the time), or "NAME:CHECKPOINT" for a
+    # registered learned policy.
     policy: str = "random"
     # Probability that the sticky policy repeats its previous action.
     sticky_repeat_prob: float = 0.8
@@ -116,6 +117,10 @@ class TokenizerNet:
     time_every: int = 4  # a time-attention layer every this many layers
     num_latents: int = 16  # latent tokens per frame
     latent_dim: int = 16  # bottleneck width per latent token
+    # "learned": L learned latent tokens read the patches (the paper's design; latents are not
+    # spatial). "patch": one latent per patch, read off the patch token itself (L = P), so a
+    # view shift in pixels is a shift of latents across token positions (BENCHMARKS.md, issue 12).
+    latent_layout: str = "learned"
     logit_cap: float = 50.0
 
 
@@ -162,6 +167,13 @@ class DynamicsNet:
     logit_cap: float = 50.0
     # Tokenizer latents (L per frame) are grouped into S_z spatial tokens (L % S_z == 0).
     spatial_tokens: int = 8
+    # 2-D RoPE in space attention over the spatial tokens' (row, column) on the tokenizer's patch
+    # grid: needs tokenizer.latent_layout=patch. A view shift is then one relative offset.
+    space_rope: bool = False
+    # Also add the labeled action's embedding to every spatial token (as Genie adds its actions to
+    # the video tokens), so each position reads the action in its first layer, not only through
+    # the action token's attention. Unlabeled steps add nothing.
+    action_broadcast: bool = False
     register_tokens: int = 4
     k_max: int = 64  # finest step size d_min = 1 / k_max (a power of two); sizes the tau/d embeddings
 
@@ -677,6 +689,13 @@ def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     for name in ("patch_size", "num_latents", "latent_dim", "eval_episodes", "eval_frames"):
         v = getattr(tk, name)
         checks.append((_pos(v), f"tokenizer.{name}", f"must be >= 1 (got {v})"))
+    checks.append(
+        (
+            tk.latent_layout in ("learned", "patch"),
+            "tokenizer.latent_layout",
+            f"must be 'learned' or 'patch' (got {tk.latent_layout!r})",
+        )
+    )
     checks += _train_ranges("tokenizer.train", tk.train)
     checks += _train_ranges("dynamics.train", dy.train)
     checks += [

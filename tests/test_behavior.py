@@ -85,6 +85,23 @@ def test_push_frame_stack_order_and_reset():
     assert s[1, 0, 0].tolist() == [7] * 6
 
 
+def test_walk_policy_moves_about_sixty_percent_of_the_time():
+    """walk: a move w.p. 1/2, else uniform over 17 actions -> P(move) = 1/2 + 1/2 * 4/17 = 0.6176,
+    each move 0.6176 / 4 = 0.154, every other action 1/2 * 1/17 = 0.0294."""
+    import jax
+
+    from dreamer4.data.behavior import MOVE_ACTIONS
+    from dreamer4.data.policies import make_policy
+
+    pol = make_policy("walk", type("Spec", (), {"num_actions": 17})(), None)
+    frames = jnp.zeros((20000, 1, 1, 1), jnp.uint8)
+    a, _ = pol.act(pol.init(20000), jax.random.PRNGKey(0), frames, jnp.zeros(20000, bool))
+    freq = np.bincount(np.asarray(a), minlength=17) / a.shape[0]
+    assert np.isin(np.asarray(a), MOVE_ACTIONS).mean() == pytest.approx(0.5 + 0.5 * 4 / 17, abs=0.01)
+    np.testing.assert_allclose(freq[list(MOVE_ACTIONS)], (0.5 + 0.5 * 4 / 17) / 4, atol=0.01)
+    np.testing.assert_allclose(np.delete(freq, MOVE_ACTIONS), 0.5 / 17, atol=0.006)
+
+
 def test_mix_parsing_and_env_assignment():
     assert parse_mix("ppo:runs/a=b=3,random=1") == [("ppo:runs/a=b", 0.75), ("random", 0.25)]
     for bad in ("random", "random=x", "random=-1", "random=0", "random=1,random=2"):

@@ -191,3 +191,50 @@ def test_bad_spatial_tokens(dataset, trained_tokenizer, tmp_path):
     shutil.copytree(trained_tokenizer[0] / "tokenizer", run / "tokenizer")
     with pytest.raises(ConfigError, match=r"'dynamics.spatial_tokens' \(3\) must divide .* \(4\)"):
         train_dynamics(dyn_config(["dynamics.spatial_tokens=3"]), root, run)
+
+
+def test_space_rope_positions_and_cached_steps():
+    """dynamics.space_rope: the spatial tokens' (row, column // group) on the tokenizer's patch
+    grid, the other tokens at (0, 0); frame-by-frame with the KV cache equals the full pass; and
+    a tokenizer without a grid (or a grouping that splits rows unevenly) is refused by key."""
+    from dreamer4.dynamics.model import space_positions
+
+    net = dyn_config(["dynamics.space_rope=true", "dynamics.spatial_tokens=6", "tokenizer.num_latents=12"]).dynamics.net
+    # a 2 x 6 grid of 12 latents, 6 tokens of 2 latents: token z = latents 2z, 2z+1
+    pos = space_positions(net, 12, (2, 6))
+    assert pos.tolist() == [[0, 0]] * 4 + [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    m = Dynamics(net, 12, N, A, latent_grid=(2, 6), rngs=nnx.Rngs(0))
+    z = jax.random.normal(jax.random.PRNGKey(1), (B, T, 12, N))
+    _, tau, d, acts, mask = _inputs()
+    full = m(z, tau, d, acts, mask)
+    cache, steps = m.init_cache(B, T), []
+    for t in range(T):
+        y, cache = m.step(
+            z[:, t : t + 1], tau[:, t : t + 1], d[:, t : t + 1], acts[:, t : t + 1], mask[:, t : t + 1], cache, t
+        )
+        steps.append(y)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
+    # the rotation is really applied: moving the grid changes the output
+    m2 = Dynamics(net, 12, N, A, latent_grid=(3, 4), rngs=nnx.Rngs(0))
+    assert not np.allclose(m2(z, tau, d, acts, mask), full, atol=1e-4)
+    with pytest.raises(ValueError, match="dynamics.space_rope.*latent_layout=patch"):
+        Dynamics(net, 12, N, A, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"dynamics.spatial_tokens' \(6\).*4x3"):
+        space_positions(net, 12, (4, 3))
+
+
+def test_action_broadcast_adds_the_labeled_action_to_every_spatial_token():
+    """dynamics.action_broadcast: spatial token inputs = the off case's + emb(action_t) where
+    labeled; unlabeled steps are bit-identical to the off case (nothing reaches the table)."""
+    on = Dynamics(dyn_config(["dynamics.action_broadcast=true"]).dynamics.net, L, N, A, rngs=nnx.Rngs(0))
+    off = Dynamics(dyn_config().dynamics.net, L, N, A, rngs=nnx.Rngs(0))  # same init, same weights
+    z, tau, d, acts, mask = _inputs(4)
+    mask = mask.at[:, 1].set(False)
+    t_on, t_off = on.tokens(z, tau, d, acts, mask), off.tokens(z, tau, d, acts, mask)
+    first = 2 + on.R  # spatial tokens start here
+    np.testing.assert_array_equal(t_on[:, :, :first], t_off[:, :, :first])
+    emb = on.action_embed.embedding[...][acts] * mask[..., None]
+    np.testing.assert_allclose(t_on[:, :, first:], t_off[:, :, first:] + emb[:, :, None], atol=1e-6)
+    np.testing.assert_array_equal(t_on[:, 1], t_off[:, 1])  # the unlabeled step
+    grads = nnx.grad(lambda m: jnp.sum(m(z, tau, d, acts, jnp.zeros_like(mask)) ** 2))(on)
+    assert float(jnp.abs(grads.action_embed.embedding[...]).max()) == 0.0

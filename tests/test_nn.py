@@ -13,6 +13,7 @@ from dreamer4.nn import (
     RMSNorm,
     SwiGLU,
     apply_rope,
+    apply_rope_2d,
     cached_time_mask,
     causal_time_mask,
     layer_kinds,
@@ -108,6 +109,28 @@ def test_rope_dot_depends_only_on_offset():
     x_TH = rand(4, (5, H))
     rows = jnp.stack([apply_rope(x_TH[t], t) for t in range(5)])
     np.testing.assert_allclose(apply_rope(x_TH, jnp.arange(5)), rows, atol=1e-6)
+
+
+def test_rope_2d_rotates_halves_by_row_and_column():
+    H = 16
+    q, k = rand(2, (H,)), rand(3, (H,))
+
+    def dot(m, n):  # m, n: (row, col)
+        return float(jnp.dot(apply_rope_2d(q, *m), apply_rope_2d(k, *n)))
+
+    # each half is the 1-D rotation of its own coordinate
+    got = apply_rope_2d(q, 2, 5)
+    np.testing.assert_allclose(got[:8], apply_rope(q[:8], 2), atol=1e-6)
+    np.testing.assert_allclose(got[8:], apply_rope(q[8:], 5), atol=1e-6)
+    # hand-worked: H = 4, row 1, col 0: first pair rotated by 1 rad, second pair untouched
+    x = jnp.array([1.0, 0.0, 2.0, 3.0])
+    np.testing.assert_allclose(apply_rope_2d(x, 1, 0), [np.cos(1.0), np.sin(1.0), 2.0, 3.0], atol=1e-6)
+    # logits depend on the 2-D offset only: "one tile left" is the same relation everywhere
+    assert dot((3, 4), (3, 3)) == pytest.approx(dot((7, 1), (7, 0)), abs=1e-5)
+    assert dot((0, 2), (1, 2)) == pytest.approx(dot((5, 6), (6, 6)), abs=1e-5)
+    assert abs(dot((3, 4), (3, 3)) - dot((3, 4), (2, 4))) > 1e-3  # left vs up: different
+    with pytest.raises(ValueError, match="divisible by 4"):
+        apply_rope_2d(rand(1, (6,)), 0, 0)
 
 
 # -- attention vs an independent numpy reference ---------------------------------------------------

@@ -128,6 +128,13 @@ def test_collect_tokenizer_dynamics_as_two_task_jobs_with_a_requeue(cluster, tmp
     assert verify(data) == ([], [])
     m = json.loads((data / "manifest.json").read_text())
     assert m["num_writers"] == 2 and {s["writer"] for s in m["shards"]} == {0, 1}
+    # writer ids came from the process index (no --writer-id given): disjoint, prefixed shards
+    by_writer = {w: [s["name"] for s in m["shards"] if s["writer"] == w] for w in (0, 1)}
+    assert not set(by_writer[0]) & set(by_writer[1])
+    assert all(n.startswith(f"w{w:03d}-") for w, names in by_writer.items() for n in names)
+    assert m["writers"]["0"]["complete"] and m["writers"]["1"]["complete"]
+    ids = [e["id"] for s in m["shards"] for e in s["episodes"]]
+    assert len(ids) == len(set(ids)) == 8  # collect.num_episodes of the test config
     t_collect = time.time() - t0
 
     # 2. tokenizer: SIGUSR1 to the batch shell mid-training -> checkpoint, exit 75, requeue, resume

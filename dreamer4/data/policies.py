@@ -1,8 +1,8 @@
 """The one registry of collection policies: spec string -> `BehaviorPolicy`.
 
-    make_policy("random" | "sticky" | "ppo:CHECKPOINT", env_spec, collect_cfg)
+    make_policy("random" | "sticky" | "walk" | "ppo:CHECKPOINT", env_spec, collect_cfg)
 
-Every kind is listed here, explicitly: "random" and "sticky" (data/behavior.py) and "ppo", a
+Every kind is listed here, explicitly: "random", "sticky" and "walk" (data/behavior.py) and "ppo", a
 trained PPO checkpoint (behavior/policy.py). `register_policy` adds a kind to the same table
 (tests use it for a frame-hash policy).
 """
@@ -13,13 +13,14 @@ from collections.abc import Callable
 
 from dreamer4.behavior.policy import ppo_policy
 from dreamer4.config import ConfigError
-from dreamer4.data.behavior import BehaviorPolicy, random_policy, sticky_policy
+from dreamer4.data.behavior import BehaviorPolicy, random_policy, sticky_policy, walk_policy
 
 # KIND -> factory(argument after "KIND:", env_spec, collect_cfg) -> BehaviorPolicy
 Factory = Callable[..., BehaviorPolicy]
 POLICIES: dict[str, Factory] = {
     "random": lambda arg, env_spec, c: random_policy(env_spec.num_actions),
     "sticky": lambda arg, env_spec, c: sticky_policy(env_spec.num_actions, c.sticky_repeat_prob),
+    "walk": lambda arg, env_spec, c: walk_policy(env_spec.num_actions),
     "ppo": ppo_policy,
 }
 # kinds that name a checkpoint ("KIND:CHECKPOINT"); the others take no argument

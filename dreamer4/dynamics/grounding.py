@@ -295,6 +295,9 @@ def probe(
         "latent_mse_copy_last": ci(lat_copy),
         "latent_mse_batch_mean": ci(lat_mean),
         "latent_mse_generated_minus_copy": ci(lat_gen - lat_copy),
+        # where the view moved (the action decides the frame) and where it did not (copying wins)
+        "latent_mse_generated_minus_copy_movement": ci(lat_gen[sel] - lat_copy[sel]),
+        "latent_mse_generated_minus_copy_still": ci(lat_gen[~sel] - lat_copy[~sel]),
         "psnr_generated": ci(psnr_gen),
         "psnr_copy_last_frame": ci(psnr_copy),
         "psnr_copy_last_tokenized": ci(psnr_copy_tok),
@@ -321,7 +324,9 @@ def summary_lines(r: dict, action_names=None) -> list[str]:
         f"paired PSNR gap true - other: {f(r['psnr_gap_true_minus_other_db'])} dB; on movement "
         f"{f(r['psnr_gap_true_minus_other_db_movement'])} dB",
         f"next-frame latent MSE: generated {f(r['latent_mse_generated'])}, copy-last {f(r['latent_mse_copy_last'])}, "
-        f"batch mean {f(r['latent_mse_batch_mean'])}; generated - copy {f(r['latent_mse_generated_minus_copy'])}",
+        f"batch mean {f(r['latent_mse_batch_mean'])}; generated - copy {f(r['latent_mse_generated_minus_copy'])} "
+        f"(view moved {f(r['latent_mse_generated_minus_copy_movement'])}, "
+        f"not {f(r['latent_mse_generated_minus_copy_still'])})",
         f"next-frame PSNR: generated {f(r['psnr_generated'])}, copy-last frame {f(r['psnr_copy_last_frame'])}, "
         f"copy-last tokenized {f(r['psnr_copy_last_tokenized'])}, tokenizer ceiling {f(r['psnr_tokenizer_ceiling'])}; "
         f"generated - copy {f(r['psnr_generated_minus_copy'])} dB",

@@ -13,7 +13,10 @@ Tokens of step t, in this order (S = 2 + R + Z):
   each is looked up in its own embedding table and the two halves are concatenated channel-wise
   into one token.
 * spatial tokens: the L latents of the (corrupted) frame, grouped into Z tokens of L/Z latents
-  each and linearly projected to the width.
+  each and linearly projected to the width. With `space_rope` (patch-layout tokenizers: latent l
+  sits at row l // cols, column l % cols of the patch grid) space attention rotates queries and
+  keys by each spatial token's (row, column // group); the other tokens sit at (0, 0). With
+  `action_broadcast` the labeled action's embedding is also added to every spatial token.
 Space attention lets every token of a step see every other token of that step; time layers are
 causal, so all tokens of step t see all tokens of steps <= t and none of later steps.
 Output: the spatial tokens are projected back to the latents: x-prediction of the clean z_t.
@@ -25,6 +28,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from flax import nnx
 
@@ -44,6 +48,26 @@ def d_index(d, k_max: int):
     return jnp.clip(j, 0, int(math.log2(k_max))).astype(jnp.int32)
 
 
+def space_positions(cfg: DynamicsNet, num_latents: int, latent_grid):
+    """(row, col) of each of the 2 + R + Z tokens of a step for 2-D RoPE: spatial token z holds
+    latents z*g .. z*g + g - 1 of a rows x cols grid (row-major), so it sits at (row, col // g)."""
+    if latent_grid is None:
+        raise ValueError(
+            "config key 'dynamics.space_rope' needs a tokenizer with tokenizer.latent_layout=patch "
+            "(its latents lie on the patch grid); this tokenizer's latents have no grid"
+        )
+    rows, cols = latent_grid
+    g = num_latents // cfg.spatial_tokens
+    if rows * cols != num_latents or cols % g:
+        raise ValueError(
+            f"config key 'dynamics.spatial_tokens' ({cfg.spatial_tokens}) must group whole parts of "
+            f"the {rows}x{cols} latent grid's rows for dynamics.space_rope (latents per token {g})"
+        )
+    lat = np.arange(0, num_latents, g)
+    spatial = np.stack([lat // cols, (lat % cols) // g], -1)
+    return np.concatenate([np.zeros((2 + cfg.register_tokens, 2), int), spatial]).astype(int)
+
+
 class Dynamics(nnx.Module):
     def __init__(
         self,
@@ -52,6 +76,7 @@ class Dynamics(nnx.Module):
         latent_dim: int,
         num_actions: int,
         *,
+        latent_grid: tuple[int, int] | None = None,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
@@ -71,6 +96,7 @@ class Dynamics(nnx.Module):
         self.action_base = nnx.Param(init(rngs.params(), (D,)))
         self.action_embed = nnx.Embed(num_actions, D, rngs=rngs)
         self.transformer = AxialTransformer(
+            space_grid=space_positions(cfg, num_latents, latent_grid) if cfg.space_rope else None,
             width=D,
             depth=cfg.depth,
             num_heads=cfg.num_heads,
@@ -82,12 +108,15 @@ class Dynamics(nnx.Module):
             dtype=dtype,
         )
 
-    def action_tokens(self, actions_BT, action_mask_BT):
-        """Learned embedding + the action's own embedding where labeled (masked actions never
-        index the table: they are replaced by 0 and their embedding is zeroed)."""
+    def action_embedding(self, actions_BT, action_mask_BT):
+        """emb_BTD: the action's embedding where labeled, 0 where not (masked actions never index
+        the table: they are replaced by 0 and their embedding is zeroed)."""
         safe = jnp.where(action_mask_BT, actions_BT, 0)
-        emb = self.action_embed(safe) * action_mask_BT[..., None]
-        return (self.action_base[...] + emb)[:, :, None, :]  # B T 1 D
+        return self.action_embed(safe) * action_mask_BT[..., None]
+
+    def action_tokens(self, actions_BT, action_mask_BT):
+        """Learned embedding + the action's own embedding where labeled."""
+        return (self.action_base[...] + self.action_embedding(actions_BT, action_mask_BT))[:, :, None, :]  # B T 1 D
 
     def tokens(self, z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT):
         B, T = z_BTLN.shape[:2]
@@ -95,6 +124,8 @@ class Dynamics(nnx.Module):
         sig = jnp.concatenate([self.tau_embed(tau_index(tau_BT, k)), self.d_embed(d_index(d_BT, k))], -1)
         z = rearrange(z_BTLN, "b t (z g) n -> b t z (g n)", g=self.group)
         spatial = self.z_in(z.astype(self.dtype)).astype(jnp.float32) + self.spatial_pos[...]
+        if self.cfg.action_broadcast:
+            spatial = spatial + self.action_embedding(actions_BT, action_mask_BT)[:, :, None, :]
         regs = jnp.broadcast_to(self.registers[...], (B, T, self.R, self.registers.shape[-1]))
         parts = [self.action_tokens(actions_BT, action_mask_BT), sig[:, :, None, :], regs, spatial]
         return jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=2)

@@ -90,7 +90,7 @@ def train_dynamics(cfg: Config, data_dir: str | Path, run_dir: str | Path, evalu
         tokenizer, tok_cfg, frame_shape = load_tokenizer(run_dir)
         ds = open_dataset(data_dir, cfg)
         StageDir(run_dir, "tokenizer").check_dataset(ds, {"frame_shape": frame_shape}, data_dir)
-        world = WorldModel(tokenizer, build_dynamics(cfg, tok_cfg, ds.num_actions))
+        world = WorldModel(tokenizer, build_dynamics(cfg, tok_cfg, ds.num_actions, latent_grid=tokenizer.latent_grid))
         tc = cfg.dynamics.train
         train(
             Stage(

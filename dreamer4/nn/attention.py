@@ -28,7 +28,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from dreamer4.nn.layers import RMSNorm, apply_rope, soft_cap
+from dreamer4.nn.layers import RMSNorm, apply_rope, apply_rope_2d, soft_cap
 
 # Masked logits get this instead of -inf, so a fully masked row gives a uniform (finite) softmax
 # rather than NaN; masks built here never leave a row empty.
@@ -135,6 +135,7 @@ class Attention(nnx.Module):
         head_dim: int | None = None,
         qk_norm: bool = True,
         rope: bool = False,
+        rope_axes: int = 1,
         rope_base: float = 10000.0,
         logit_cap: float = 0.0,
         rngs: nnx.Rngs,
@@ -148,10 +149,10 @@ class Attention(nnx.Module):
             if dim % num_heads:
                 raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}; pass head_dim")
             head_dim = dim // num_heads
-        if rope and head_dim % 2:
-            raise ValueError(f"RoPE needs an even head width, got {head_dim}")
+        if rope and head_dim % (2 * rope_axes):
+            raise ValueError(f"{rope_axes}-axis RoPE needs a head width divisible by {2 * rope_axes}, got {head_dim}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rope, self.rope_base, self.logit_cap = rope, rope_base, logit_cap
+        self.rope, self.rope_axes, self.rope_base, self.logit_cap = rope, rope_axes, rope_base, logit_cap
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.wq = nnx.Linear(dim, num_heads * head_dim, **kw)
         self.wk = nnx.Linear(dim, num_kv_heads * head_dim, **kw)
@@ -164,12 +165,21 @@ class Attention(nnx.Module):
         """(q_NLKH, k_NLGH, v_NLGH): projections, QK-norm, then RoPE at `positions`.
 
         `positions` broadcasts to (N, L) (e.g. positions_L); None = 0 .. L-1. Ignored without RoPE.
+        With rope_axes=2, `positions` is (L, 2): (row, column) of each token (`apply_rope_2d`).
         """
         q_NLKH = rearrange(self.wq(x_NLD), "n l (k h) -> n l k h", h=self.head_dim)
         k_NLGH = rearrange(self.wk(x_NLD), "n l (g h) -> n l g h", h=self.head_dim)
         v_NLGH = rearrange(self.wv(x_NLD), "n l (g h) -> n l g h", h=self.head_dim)
         if self.q_norm is not None:
             q_NLKH, k_NLGH = self.q_norm(q_NLKH), self.k_norm(k_NLGH)
+        if self.rope and self.rope_axes == 2:
+            rc_L2 = jnp.asarray(positions)
+            rows, cols = rc_L2[None, :, 0, None], rc_L2[None, :, 1, None]  # 1 L 1: all heads alike
+            return (
+                apply_rope_2d(q_NLKH, rows, cols, self.rope_base),
+                apply_rope_2d(k_NLGH, rows, cols, self.rope_base),
+                v_NLGH,
+            )
         if self.rope:
             L = x_NLD.shape[1]
             pos = jnp.arange(L) if positions is None else jnp.asarray(positions)

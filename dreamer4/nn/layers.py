@@ -103,3 +103,18 @@ def apply_rope(x_NH, positions, base: float = 10000.0):
     a_NJ, b_NJ = x32[..., : H // 2], x32[..., H // 2 :]
     out = jnp.concatenate([a_NJ * cos - b_NJ * sin, a_NJ * sin + b_NJ * cos], axis=-1)
     return out.astype(x_NH.dtype)
+
+
+def apply_rope_2d(x_NH, rows, cols, base: float = 10000.0):
+    """Two-axis rotary embedding: the first half of the last dim is rotated by the row position,
+    the second half by the column position (each half as in `apply_rope`).
+
+    Logits then depend only on the offset (row_m - row_n, col_m - col_n), so "the latent one tile to
+    the left" is the same query-key relation at every position of a grid. H must divide by 4.
+    """
+    H = x_NH.shape[-1]
+    if H % 4:
+        raise ValueError(f"2-D RoPE needs a head width divisible by 4, got {H}")
+    return jnp.concatenate(
+        [apply_rope(x_NH[..., : H // 2], rows, base), apply_rope(x_NH[..., H // 2 :], cols, base)], -1
+    )

@@ -73,6 +73,7 @@ class Block(nnx.Module):
         qk_norm: bool = True,
         time_rope: bool = True,
         space_rope: bool = False,
+        space_grid: tuple | None = None,
         rope_base: float = 10000.0,
         time_window: int = 0,
         eps: float = 1e-6,
@@ -83,13 +84,16 @@ class Block(nnx.Module):
         if kind not in (SPACE, TIME):
             raise ValueError(f"layer kind must be {SPACE!r} or {TIME!r}, got {kind!r}")
         self.kind, self.time_window = kind, time_window
+        # (row, col) per token of a step: 2-D RoPE in space attention (static, not a parameter)
+        self.space_grid = space_grid if kind == SPACE else None
         self.attn_norm = RMSNorm(width, eps=eps, param_dtype=param_dtype)
         self.attn = Attention(
             width,
             num_heads,
             num_kv_heads,
             qk_norm=qk_norm,
-            rope=time_rope if kind == TIME else space_rope,
+            rope=time_rope if kind == TIME else (space_rope or space_grid is not None),
+            rope_axes=2 if kind == SPACE and space_grid is not None else 1,
             rope_base=rope_base,
             logit_cap=logit_cap,
             rngs=rngs,
@@ -105,7 +109,8 @@ class Block(nnx.Module):
     def _space_attn(self, h_BTSD, vis_SS):
         B, T, S, _ = h_BTSD.shape
         h_NSD = rearrange(h_BTSD, "b t s d -> (b t) s d")
-        y_NSD = self.attn(h_NSD, vis_SS, positions=jnp.arange(S))
+        pos = jnp.arange(S) if self.space_grid is None else jnp.asarray(self.space_grid, jnp.int32)
+        y_NSD = self.attn(h_NSD, vis_SS, positions=pos)
         return rearrange(y_NSD, "(b t) s d -> b t s d", b=B)
 
     def _time_qkv(self, h_BTSD, t0=0):
@@ -172,6 +177,7 @@ class AxialTransformer(nnx.Module):
         qk_norm: bool = True,
         time_rope: bool = True,
         space_rope: bool = False,
+        space_grid=None,
         rope_base: float = 10000.0,
         time_window: int = 0,
         visibility=None,
@@ -199,6 +205,7 @@ class AxialTransformer(nnx.Module):
                     qk_norm=qk_norm,
                     time_rope=time_rope,
                     space_rope=space_rope,
+                    space_grid=None if space_grid is None else tuple(map(tuple, np.asarray(space_grid).tolist())),
                     rope_base=rope_base,
                     time_window=time_window,
                     eps=eps,

@@ -59,8 +59,11 @@ def build_tokenizer(cfg: Config, frame_shape, seed: int | None = None) -> Tokeni
     )
 
 
-def build_dynamics(cfg: Config, tok_cfg: Config, num_actions: int, seed: int | None = None) -> Dynamics:
-    """The dynamics of `cfg` over the latents of the tokenizer configured by `tok_cfg`."""
+def build_dynamics(
+    cfg: Config, tok_cfg: Config, num_actions: int, seed: int | None = None, latent_grid=None
+) -> Dynamics:
+    """The dynamics of `cfg` over the latents of the tokenizer configured by `tok_cfg` (whose
+    `Tokenizer.latent_grid` is `latent_grid`)."""
     L = tok_cfg.tokenizer.num_latents
     if L % cfg.dynamics.spatial_tokens:
         raise ConfigError(
@@ -72,6 +75,7 @@ def build_dynamics(cfg: Config, tok_cfg: Config, num_actions: int, seed: int | N
         L,
         tok_cfg.tokenizer.latent_dim,
         num_actions,
+        latent_grid=latent_grid,
         rngs=nnx.Rngs(cfg.seed + 1 if seed is None else seed),
         dtype=_dtype(cfg.dynamics.train),
     )
@@ -128,7 +132,7 @@ def load_world_model(run_dir: str | Path) -> tuple[WorldModel, Config, dict]:
     facts = stage.facts()
     cfg = stage.trained_config()
     tokenizer, tok_cfg, _ = load_tokenizer(run_dir)
-    world = WorldModel(tokenizer, build_dynamics(cfg, tok_cfg, facts["num_actions"]))
+    world = WorldModel(tokenizer, build_dynamics(cfg, tok_cfg, facts["num_actions"], latent_grid=tokenizer.latent_grid))
     world, _ = load_trained(stage.dir, world, trainable=TRAINABLE["dynamics"])
     return world, cfg, facts
 

@@ -10,6 +10,10 @@ Encoder: patchify -> linear -> (masked patches replaced by a learned mask embedd
 causal time attention across frames) -> latent outputs -> linear to N -> tanh = z_BTLN.
 Inside a frame, patch tokens see only patch tokens and latent tokens see everything, so what the
 decoder gets has to pass through the latents.
+With `latent_layout: patch` there are no learned latent tokens: the bottleneck reads each patch
+token's output (L = P latents, one per patch position, full attention within a frame), and the
+decoder's tokens are those P latents at their patch positions. A one-tile view shift is then a
+shift of latents between positions, which the dynamics' space attention can express directly.
 
 Decoder: z -> linear to D -> tokens [P learned patch queries, L latents] -> axial transformer
 (patch queries see everything, latents see only latents) -> patch outputs -> linear to X ->
@@ -63,19 +67,28 @@ class Tokenizer(nnx.Module):
         self.Hp, self.Wp = -(-H // p) * p, -(-W // p) * p
         self.num_patches = (self.Hp // p) * (self.Wp // p)
         P, L, D, X = self.num_patches, cfg.num_latents, cfg.width, p * p * C
+        self.patch_layout = cfg.latent_layout == "patch"
+        if self.patch_layout and L != P:
+            raise ValueError(
+                f"config key 'tokenizer.num_latents' ({L}) must equal the number of patches ({P} = "
+                f"{self.Hp // p}x{self.Wp // p} for {H}x{W} frames at tokenizer.patch_size {p}) when "
+                "tokenizer.latent_layout is 'patch'"
+            )
         self.dtype = dtype
         init = nnx.initializers.normal(0.02)
         pos_init = nnx.initializers.normal(0.5)
         self.patch_in = nnx.Linear(X, D, rngs=rngs, dtype=dtype)
         self.patch_pos = nnx.Param(pos_init(rngs.params(), (P, D)))
         self.mask_token = nnx.Param(init(rngs.params(), (D,)))
-        self.latent_tokens = nnx.Param(init(rngs.params(), (L, D)))
+        if not self.patch_layout:
+            self.latent_tokens = nnx.Param(init(rngs.params(), (L, D)))
+            self.patch_queries = nnx.Param(init(rngs.params(), (P, D)))
         # Small init keeps the tanh in its linear range at the start; a saturated bottleneck
         # passes almost no gradient and training stalls near the mean frame.
         self.to_bottleneck = nnx.Linear(D, cfg.latent_dim, rngs=rngs, dtype=dtype, kernel_init=init)
         self.from_bottleneck = nnx.Linear(cfg.latent_dim, D, rngs=rngs, dtype=dtype)
-        self.latent_pos = nnx.Param(init(rngs.params(), (L, D)))
-        self.patch_queries = nnx.Param(init(rngs.params(), (P, D)))
+        # Patch layout: these are the decoder's patch positions, as distinct as the encoder's.
+        self.latent_pos = nnx.Param((pos_init if self.patch_layout else init)(rngs.params(), (L, D)))
         # Zero-initialised read-out: training starts from the (learned) bias, not from noise.
         self.patch_out = nnx.Linear(D, X, rngs=rngs, dtype=dtype, kernel_init=nnx.initializers.zeros_init())
         # Per-position output bias: learns the average frame within a few steps, so the network
@@ -92,8 +105,19 @@ class Tokenizer(nnx.Module):
             rngs=rngs,
             dtype=dtype,
         )
-        self.encoder = AxialTransformer(visibility=encoder_visibility(P, L), **common)
-        self.decoder = AxialTransformer(visibility=decoder_visibility(P, L), **common)
+        if self.patch_layout:  # one set of P tokens per side, full attention within a frame
+            full = np.ones((P, P), bool)
+            self.encoder = AxialTransformer(visibility=full, **common)
+            self.decoder = AxialTransformer(visibility=full, **common)
+        else:
+            self.encoder = AxialTransformer(visibility=encoder_visibility(P, L), **common)
+            self.decoder = AxialTransformer(visibility=decoder_visibility(P, L), **common)
+
+    @property
+    def latent_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) of the latents on the patch grid (patch layout), else None."""
+        p = self.cfg.patch_size
+        return (self.Hp // p, self.Wp // p) if self.patch_layout else None
 
     # -- pixels <-> patches ------------------------------------------------------------------
     def patchify(self, frames_BTHWC):
@@ -116,15 +140,20 @@ class Tokenizer(nnx.Module):
         x_BTPD = self.patch_in(self.patchify(frames_BTHWC.astype(self.dtype))) + self.patch_pos[...]
         if mask_BTP is not None:
             x_BTPD = jnp.where(mask_BTP[..., None], self.mask_token[...].astype(x_BTPD.dtype), x_BTPD)
+        if self.patch_layout:
+            return x_BTPD
         B, T = x_BTPD.shape[:2]
         lat_BTLD = jnp.broadcast_to(self.latent_tokens[...], (B, T) + self.latent_tokens[...].shape)
         return jnp.concatenate([x_BTPD, lat_BTLD.astype(x_BTPD.dtype)], axis=2)
 
     def _enc_out(self, y_BTSD):
-        return jnp.tanh(self.to_bottleneck(y_BTSD[:, :, self.num_patches :]).astype(jnp.float32))
+        lat_BTLD = y_BTSD if self.patch_layout else y_BTSD[:, :, self.num_patches :]
+        return jnp.tanh(self.to_bottleneck(lat_BTLD).astype(jnp.float32))
 
     def _dec_tokens(self, z_BTLN):
         lat_BTLD = self.from_bottleneck(z_BTLN.astype(self.dtype)) + self.latent_pos[...]
+        if self.patch_layout:  # the latents are the patch queries
+            return lat_BTLD
         B, T = z_BTLN.shape[:2]
         q_BTPD = jnp.broadcast_to(self.patch_queries[...], (B, T) + self.patch_queries[...].shape)
         return jnp.concatenate([q_BTPD.astype(lat_BTLD.dtype), lat_BTLD], axis=2)
