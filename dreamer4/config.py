@@ -170,6 +170,9 @@ class DynamicsNet:
     # 2-D RoPE in space attention over the spatial tokens' (row, column) on the tokenizer's patch
     # grid: needs tokenizer.latent_layout=patch. A view shift is then one relative offset.
     space_rope: bool = False
+    # Its base: frequencies base^(-4j/H) per axis. 10000 leaves one useful frequency for a 9x9 grid
+    # (1, 0.1, 0.01, ... rad per tile at head width 16); 10 gives 1, 0.56, 0.32, 0.18.
+    space_rope_base: float = 10000.0
     # Also add the labeled action's embedding to every spatial token (as Genie adds its actions to
     # the video tokens), so each position reads the action in its first layer, not only through
     # the action token's attention. Unlabeled steps add nothing.
@@ -705,6 +708,7 @@ def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
             f"({dy.spatial_tokens}) must divide tokenizer.num_latents ({tk.num_latents}) and be >= 1",
         ),
         (dy.register_tokens >= 0, "dynamics.register_tokens", f"must be >= 0 (got {dy.register_tokens})"),
+        (dy.space_rope_base > 1, "dynamics.space_rope_base", f"must be > 1 (got {dy.space_rope_base})"),
         (
             0 <= dy.short_seq_len <= dy.train.seq_len,
             "dynamics.short_seq_len",

@@ -85,3 +85,16 @@ def test_view_shifted_separates_a_tile_shift_from_lighting_and_sprite_changes():
 
     got = view_shifted(np.concatenate([prev] * 3), np.concatenate([darker, sprite, moved]))
     assert got.tolist() == [False, False, True]
+
+
+def test_shift_latents_moves_map_content_opposite_to_the_player():
+    from dreamer4.dynamics.grounding import shift_latents
+
+    # 3x3 grid, 2 map rows, one channel: latent value = 10 * row + col
+    z = np.array([[[10 * r + c] for r in range(3) for c in range(3)]] * 5, np.float32)  # 5, 9, 1
+    out = shift_latents(z, np.array([0, 1, 2, 3, 4]), (3, 3), map_rows=2)[..., 0].reshape(5, 3, 3)
+    np.testing.assert_array_equal(out[0], [[0, 1, 2], [10, 11, 12], [20, 21, 22]])  # noop: copy
+    np.testing.assert_array_equal(out[1], [[0, 0, 1], [10, 10, 11], [20, 21, 22]])  # left: content right
+    np.testing.assert_array_equal(out[2], [[1, 2, 2], [11, 12, 12], [20, 21, 22]])  # right: content left
+    np.testing.assert_array_equal(out[3], [[0, 1, 2], [0, 1, 2], [20, 21, 22]])  # up: content down
+    np.testing.assert_array_equal(out[4], [[10, 11, 12], [10, 11, 12], [20, 21, 22]])  # down: content up

@@ -146,6 +146,27 @@ def view_shifted(
     return big.mean(axis=(1, 2)) > share
 
 
+def shift_latents(z_NLN, actions_N, grid, map_rows: int = 7):
+    """The last latents moved one tile the way each move shifts the view (content moves opposite to
+    the player: left -> content one column right); rows >= map_rows (the inventory) and the revealed
+    strip keep the copy. Actions 1-4 = left, right, up, down; others are copied."""
+    R, C = grid
+    g = np.asarray(z_NLN).reshape(len(z_NLN), R, C, -1)
+    out = g.copy()
+    M = map_rows
+    for i, a in enumerate(np.asarray(actions_N)):
+        m = g[i, :M]
+        if a == 1:
+            out[i, :M, 1:] = m[:, :-1]
+        elif a == 2:
+            out[i, :M, :-1] = m[:, 1:]
+        elif a == 3:
+            out[i, 1:M] = m[: M - 1]
+        elif a == 4:
+            out[i, : M - 1] = m[1:M]
+    return out.reshape(np.shape(z_NLN))
+
+
 def action_scores(
     gen_NA1HWC, real_NHWC, prev_uint8_NHWC, next_uint8_NHWC, true_a_N, candidates=MOVE_CANDIDATES
 ) -> dict:

@@ -97,6 +97,7 @@ class Dynamics(nnx.Module):
         self.action_embed = nnx.Embed(num_actions, D, rngs=rngs)
         self.transformer = AxialTransformer(
             space_grid=space_positions(cfg, num_latents, latent_grid) if cfg.space_rope else None,
+            space_rope_base=cfg.space_rope_base,
             width=D,
             depth=cfg.depth,
             num_heads=cfg.num_heads,
