@@ -710,6 +710,11 @@ def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
         (dy.register_tokens >= 0, "dynamics.register_tokens", f"must be >= 0 (got {dy.register_tokens})"),
         (dy.space_rope_base > 1, "dynamics.space_rope_base", f"must be > 1 (got {dy.space_rope_base})"),
         (
+            not dy.space_rope or tk.latent_layout == "patch",
+            "dynamics.space_rope",
+            "needs tokenizer.latent_layout=patch (latents on the patch grid)",
+        ),
+        (
             0 <= dy.short_seq_len <= dy.train.seq_len,
             "dynamics.short_seq_len",
             f"must be 0 (off) or in [1, dynamics.train.seq_len={dy.train.seq_len}] (got {dy.short_seq_len})",

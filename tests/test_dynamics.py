@@ -199,7 +199,13 @@ def test_space_rope_positions_and_cached_steps():
     a tokenizer without a grid (or a grouping that splits rows unevenly) is refused by key."""
     from dreamer4.dynamics.model import space_positions
 
-    net = dyn_config(["dynamics.space_rope=true", "dynamics.spatial_tokens=6", "tokenizer.num_latents=12"]).dynamics.net
+    extra = [
+        "dynamics.space_rope=true",
+        "dynamics.spatial_tokens=6",
+        "tokenizer.num_latents=12",
+        "tokenizer.latent_layout=patch",
+    ]
+    net = dyn_config(extra).dynamics.net
     # a 2 x 6 grid of 12 latents, 6 tokens of 2 latents: token z = latents 2z, 2z+1
     pos = space_positions(net, 12, (2, 6))
     assert pos.tolist() == [[0, 0]] * 4 + [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]

@@ -32,7 +32,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from dreamer4.config import DynamicsNet
+from dreamer4.config import ConfigError, DynamicsNet
 from dreamer4.nn import AxialTransformer
 from dreamer4.tokenizer.model import Tokenizer
 
@@ -52,14 +52,14 @@ def space_positions(cfg: DynamicsNet, num_latents: int, latent_grid):
     """(row, col) of each of the 2 + R + Z tokens of a step for 2-D RoPE: spatial token z holds
     latents z*g .. z*g + g - 1 of a rows x cols grid (row-major), so it sits at (row, col // g)."""
     if latent_grid is None:
-        raise ValueError(
+        raise ConfigError(
             "config key 'dynamics.space_rope' needs a tokenizer with tokenizer.latent_layout=patch "
             "(its latents lie on the patch grid); this tokenizer's latents have no grid"
         )
     rows, cols = latent_grid
     g = num_latents // cfg.spatial_tokens
     if rows * cols != num_latents or cols % g:
-        raise ValueError(
+        raise ConfigError(
             f"config key 'dynamics.spatial_tokens' ({cfg.spatial_tokens}) must group whole parts of "
             f"the {rows}x{cols} latent grid's rows for dynamics.space_rope (latents per token {g})"
         )

@@ -32,7 +32,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from dreamer4.config import TokenizerNet
+from dreamer4.config import ConfigError, TokenizerNet
 from dreamer4.nn import AxialTransformer
 
 
@@ -69,7 +69,7 @@ class Tokenizer(nnx.Module):
         P, L, D, X = self.num_patches, cfg.num_latents, cfg.width, p * p * C
         self.patch_layout = cfg.latent_layout == "patch"
         if self.patch_layout and L != P:
-            raise ValueError(
+            raise ConfigError(
                 f"config key 'tokenizer.num_latents' ({L}) must equal the number of patches ({P} = "
                 f"{self.Hp // p}x{self.Wp // p} for {H}x{W} frames at tokenizer.patch_size {p}) when "
                 "tokenizer.latent_layout is 'patch'"
