@@ -22,10 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dreamer4.config import load_config
-from dreamer4.dynamics.model import Dynamics
 from dreamer4.dynamics.sampler import generate_step
 from dreamer4.runtime.jax_setup import enable_compilation_cache
-from dreamer4.runtime.loading import build_tokenizer
+from dreamer4.runtime.loading import build_dynamics, build_tokenizer
 
 FRAME_SHAPES = {"classic": (63, 63, 3), "full": (130, 110, 3)}
 
@@ -71,17 +70,8 @@ def main():
     enable_compilation_cache()
     cfg = load_config(args.config, args.overrides)
     dc = cfg.dynamics
-    dtype = jnp.bfloat16 if dc.train.precision == "bf16" else jnp.float32
     tok = build_tokenizer(cfg, FRAME_SHAPES[cfg.env.name])
-    dyn = Dynamics(
-        dc.net,
-        cfg.tokenizer.num_latents,
-        cfg.tokenizer.latent_dim,
-        17,
-        latent_grid=tok.latent_grid,
-        rngs=nnx.Rngs(0),
-        dtype=dtype,
-    )
+    dyn = build_dynamics(cfg, cfg, 17, seed=0, latent_grid=tok.latent_grid)  # dtype from dynamics.train.precision
     rows = []
     for name, batch, K, decode in [
         (f"interactive K={dc.sample_steps}", 1, dc.sample_steps, False),

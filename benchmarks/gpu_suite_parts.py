@@ -34,10 +34,9 @@ from flax import nnx
 
 from dreamer4.config import load_config
 from dreamer4.data.loader import make_loader
-from dreamer4.dynamics.model import Dynamics
 from dreamer4.dynamics.sampler import generate_step
 from dreamer4.runtime.jax_setup import enable_compilation_cache
-from dreamer4.runtime.loading import TRAINABLE, build_tokenizer
+from dreamer4.runtime.loading import TRAINABLE, build_dynamics, build_tokenizer
 from dreamer4.runtime.mesh import global_batch, make_mesh
 from dreamer4.runtime.train_loop import compile_train_step, place_train_state
 
@@ -292,17 +291,8 @@ def _imagine_case(p, row: dict, dyn, tok, decode_step, ts, keys, context_tau: fl
 def part_imagine(p, rec: Recorder):
     cfg = load_config(p["config"], p.get("overrides", []))
     dc = cfg.dynamics
-    dtype = jnp.bfloat16 if dc.train.precision == "bf16" else jnp.float32
     tok = build_tokenizer(cfg, train_step_bench.FRAME_SHAPES[cfg.env.name])
-    dyn = Dynamics(
-        dc.net,
-        cfg.tokenizer.num_latents,
-        cfg.tokenizer.latent_dim,
-        17,
-        latent_grid=tok.latent_grid,
-        rngs=nnx.Rngs(0),
-        dtype=dtype,
-    )
+    dyn = build_dynamics(cfg, cfg, 17, seed=0, latent_grid=tok.latent_grid)  # dtype from dynamics.train.precision
     max_len = p["max_len"]
     decode_step = nnx.jit(lambda tok, z, cache, t: tok.decode_step(z, cache, t))
     rec["precision"] = dc.train.precision
