@@ -177,6 +177,11 @@ class DynamicsNet:
     # the video tokens), so each position reads the action in its first layer, not only through
     # the action token's attention. Unlabeled steps add nothing.
     action_broadcast: bool = False
+    # Time layers attend over the (2r+1) x (2r+1) neighbourhood of each spatial token's grid cell
+    # in past and present steps (r = this radius; 0 = own position only, the paper's axial time
+    # attention), with a learned per-neighbour logit bias read from the query token. Needs
+    # tokenizer.latent_layout=patch. A one-tile view shift is then one attention hop.
+    time_neighbourhood: int = 0
     register_tokens: int = 4
     k_max: int = 64  # finest step size d_min = 1 / k_max (a power of two); sizes the tau/d embeddings
 
@@ -712,6 +717,12 @@ def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
         (
             not dy.space_rope or tk.latent_layout == "patch",
             "dynamics.space_rope",
+            "needs tokenizer.latent_layout=patch (latents on the patch grid)",
+        ),
+        (dy.time_neighbourhood >= 0, "dynamics.time_neighbourhood", f"must be >= 0 (got {dy.time_neighbourhood})"),
+        (
+            dy.time_neighbourhood == 0 or tk.latent_layout == "patch",
+            "dynamics.time_neighbourhood",
             "needs tokenizer.latent_layout=patch (latents on the patch grid)",
         ),
         (

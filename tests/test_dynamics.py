@@ -229,6 +229,40 @@ def test_space_rope_positions_and_cached_steps():
         space_positions(net, 12, (4, 3))
 
 
+def test_time_neighbourhood_table_and_cached_steps():
+    """dynamics.time_neighbourhood: each spatial token's 3 x 3 grid neighbours (hand-worked on a
+    2 x 3 token grid), the other tokens only themselves; the KV-cached steps equal the full pass;
+    without a grid it is refused by key."""
+    from dreamer4.dynamics.model import time_neighbour_table
+
+    extra = ["dynamics.time_neighbourhood=1", "dynamics.spatial_tokens=6", "tokenizer.num_latents=12"]
+    net = dyn_config(extra + ["tokenizer.latent_layout=patch"]).dynamics.net
+    table = time_neighbour_table(net, 12, (2, 6), 1)  # tokens of 2 latents: a 2 x 3 token grid
+    f = 2 + net.register_tokens  # first spatial token
+    assert table.shape == (f + 6, 9)
+    for s in range(f):  # action, signal and register tokens: themselves, in the middle slot
+        assert table[s].tolist() == [-1] * 4 + [s] + [-1] * 4
+    # slots: (-1,-1) (-1,0) (-1,1) (0,-1) (0,0) (0,1) (1,-1) (1,0) (1,1)
+    assert table[f + 0].tolist() == [-1, -1, -1, -1, f, f + 1, -1, f + 3, f + 4]  # top left
+    assert table[f + 4].tolist() == [f, f + 1, f + 2, f + 3, f + 4, f + 5, -1, -1, -1]  # bottom middle
+    m = Dynamics(net, 12, N, A, latent_grid=(2, 6), rngs=nnx.Rngs(0))
+    for blk in m.transformer.blocks:  # a trained-like selector, so its bias takes part
+        if blk.kind == "time":
+            blk.select.kernel[...] = 0.3 * jax.random.normal(jax.random.PRNGKey(5), blk.select.kernel.shape)
+    z = jax.random.normal(jax.random.PRNGKey(1), (B, T, 12, N))
+    _, tau, d, acts, mask = _inputs()
+    full = m(z, tau, d, acts, mask)
+    cache, steps = m.init_cache(B, T), []
+    for t in range(T):
+        y, cache = m.step(
+            z[:, t : t + 1], tau[:, t : t + 1], d[:, t : t + 1], acts[:, t : t + 1], mask[:, t : t + 1], cache, t
+        )
+        steps.append(y)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
+    with pytest.raises(ValueError, match="dynamics.time_neighbourhood.*latent_layout=patch"):
+        Dynamics(net, 12, N, A, rngs=nnx.Rngs(0))
+
+
 def test_action_broadcast_adds_the_labeled_action_to_every_spatial_token():
     """dynamics.action_broadcast: spatial token inputs = the off case's + emb(action_t) where
     labeled; unlabeled steps are bit-identical to the off case (nothing reaches the table)."""

@@ -271,6 +271,8 @@ def test_disk_full_in_state_checkpoint_and_logs(small_disk):
         ("tokenizer.latent_layout=grid", "tokenizer.latent_layout"),
         ("dynamics.space_rope_base=1", "dynamics.space_rope_base"),
         ("dynamics.space_rope=true", "dynamics.space_rope"),  # tiny: learned latents, no grid
+        ("dynamics.time_neighbourhood=1", "dynamics.time_neighbourhood"),
+        ("dynamics.time_neighbourhood=-1", "dynamics.time_neighbourhood"),
         ("dynamics.sample_steps=32", "dynamics.sample_steps"),
         ("dynamics.short_seq_len=13", "dynamics.short_seq_len"),  # tiny: dynamics.train.seq_len=12
         ("behavior.gamma=1.5", "behavior.gamma"),

@@ -282,6 +282,37 @@ def test_sliding_window_cache_equals_full_pass(x):
         np.testing.assert_allclose(y_t[:, 0], y_full[:, t], atol=1e-5)
 
 
+def test_time_neighbourhood_reads_only_grid_neighbours(x):
+    """A time layer with a neighbour table: token s at step t depends on the tokens nb(s) of steps
+    <= t and on nothing else; a token past the table's rows (an agent token) reads only itself;
+    the selector's logit bias changes the output; KV-cached steps equal the full pass."""
+    nb = [[-1, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, -1]]  # 4 tokens on a line: (left, self, right)
+    m = AxialTransformer(
+        width=D, depth=1, num_heads=4, num_kv_heads=2, kinds=["time"], time_neighbours=nb, rngs=nnx.Rngs(0)
+    )
+    y = forward(m, x)  # x has S = 5 tokens: token 4 is beyond the table
+    diff_TS = np.abs(np.asarray(forward(m, x.at[:, 2, 1].add(1.0)) - y)).max(axis=(0, 3))
+    assert (diff_TS[:2] == 0).all()  # causal: earlier steps untouched
+    assert (diff_TS[2:, :3] > 1e-4).all() and (diff_TS[2:, 3:] == 0).all()  # tokens 0, 1, 2 read token 1
+    plain = AxialTransformer(width=D, depth=1, num_heads=4, num_kv_heads=2, kinds=["time"], rngs=nnx.Rngs(0))
+    diff_plain = np.abs(np.asarray(forward(plain, x.at[:, 2, 1].add(1.0)) - forward(plain, x))).max(axis=(0, 3))
+    assert (diff_plain[2:, 1] > 1e-4).all() and (diff_plain[:, [0, 2]] == 0).all()  # axial: own position only
+    sel = m.blocks[0].select
+    assert sel.kernel.shape == (D, 4 * 3) and float(jnp.abs(sel.kernel[...]).max()) == 0.0  # zero at init
+    sel.kernel[...] = rand(3, sel.kernel.shape)
+    y_sel = forward(m, x)
+    assert np.abs(np.asarray(y_sel - y)).max() > 1e-3
+    step = nnx.jit(lambda m, x_t, c, t: m.step(x_t, c, t))
+    cache = m.init_cache(B, max_len=T + 2, num_tokens=S)
+    for t in range(T):
+        y_t, cache = step(m, x[:, t : t + 1], cache, jnp.int32(t))
+        np.testing.assert_allclose(y_t[:, 0], y_sel[:, t], atol=1e-5)
+    y_ctx, _ = nnx.jit(lambda m, x: m.prefill(x, max_len=T))(m, x[:, :3])
+    np.testing.assert_allclose(y_ctx, y_sel[:, :3], atol=1e-5)
+    with pytest.raises(ValueError, match="neighbour table has 4 rows but each step has only 3 tokens"):
+        forward(m, x[:, :, :3])
+
+
 def test_bf16_compute_with_fp32_params(model, x):
     m16 = make_model(dtype=jnp.bfloat16, param_dtype=jnp.float32)  # same seed: same fp32 weights
     params = nnx.state(m16, nnx.Param)

@@ -16,7 +16,10 @@ Tokens of step t, in this order (S = 2 + R + Z):
   each and linearly projected to the width. With `space_rope` (patch-layout tokenizers: latent l
   sits at row l // cols, column l % cols of the patch grid) space attention rotates queries and
   keys by each spatial token's (row, column // group); the other tokens sit at (0, 0). With
-  `action_broadcast` the labeled action's embedding is also added to every spatial token.
+  `action_broadcast` the labeled action's embedding is also added to every spatial token. With
+  `time_neighbourhood` r > 0 each time layer lets a spatial token read the (2r+1)^2 grid
+  neighbours of its cell in steps <= t (`time_neighbour_table`), with a per-neighbour logit bias
+  read from the token: a one-tile view shift becomes one attention hop.
 Space attention lets every token of a step see every other token of that step; time layers are
 causal, so all tokens of step t see all tokens of steps <= t and none of later steps.
 Output: the spatial tokens are projected back to the latents: x-prediction of the clean z_t.
@@ -48,12 +51,12 @@ def d_index(d, k_max: int):
     return jnp.clip(j, 0, int(math.log2(k_max))).astype(jnp.int32)
 
 
-def space_positions(cfg: DynamicsNet, num_latents: int, latent_grid):
+def space_positions(cfg: DynamicsNet, num_latents: int, latent_grid, key: str = "dynamics.space_rope"):
     """(row, col) of each of the 2 + R + Z tokens of a step for 2-D RoPE: spatial token z holds
     latents z*g .. z*g + g - 1 of a rows x cols grid (row-major), so it sits at (row, col // g)."""
     if latent_grid is None:
         raise ConfigError(
-            "config key 'dynamics.space_rope' needs a tokenizer with tokenizer.latent_layout=patch "
+            f"config key '{key}' needs a tokenizer with tokenizer.latent_layout=patch "
             "(its latents lie on the patch grid); this tokenizer's latents have no grid"
         )
     rows, cols = latent_grid
@@ -61,11 +64,30 @@ def space_positions(cfg: DynamicsNet, num_latents: int, latent_grid):
     if rows * cols != num_latents or cols % g:
         raise ConfigError(
             f"config key 'dynamics.spatial_tokens' ({cfg.spatial_tokens}) must group whole parts of "
-            f"the {rows}x{cols} latent grid's rows for dynamics.space_rope (latents per token {g})"
+            f"the {rows}x{cols} latent grid's rows for {key} (latents per token {g})"
         )
     lat = np.arange(0, num_latents, g)
     spatial = np.stack([lat // cols, (lat % cols) // g], -1)
     return np.concatenate([np.zeros((2 + cfg.register_tokens, 2), int), spatial]).astype(int)
+
+
+def time_neighbour_table(cfg: DynamicsNet, num_latents: int, latent_grid, radius: int):
+    """(2 + R + Z, J) token indices, J = (2r + 1)^2, -1 = none: the spatial tokens' grid
+    neighbours (row offset, column offset) in row-major order, so slot J // 2 is the token itself;
+    the other tokens' rows hold only themselves (in slot J // 2)."""
+    # checks the grid; (row, col // g) per token
+    pos = space_positions(cfg, num_latents, latent_grid, key="dynamics.time_neighbourhood")
+    first = 2 + cfg.register_tokens
+    spatial = pos[first:]
+    rows, cols = latent_grid[0], latent_grid[1] // (num_latents // cfg.spatial_tokens)
+    offsets = [(dr, dc) for dr in range(-radius, radius + 1) for dc in range(-radius, radius + 1)]
+    table = np.full((len(pos), len(offsets)), -1, np.int64)
+    table[:first, len(offsets) // 2] = np.arange(first)
+    for z, (r, c) in enumerate(spatial):
+        for j, (dr, dc) in enumerate(offsets):
+            if 0 <= r + dr < rows and 0 <= c + dc < cols:
+                table[first + z, j] = first + (r + dr) * cols + (c + dc)
+    return table
 
 
 class Dynamics(nnx.Module):
@@ -104,6 +126,9 @@ class Dynamics(nnx.Module):
             num_kv_heads=cfg.num_kv_heads,
             mlp_ratio=cfg.mlp_ratio,
             time_every=cfg.time_every,
+            time_neighbours=time_neighbour_table(cfg, num_latents, latent_grid, cfg.time_neighbourhood)
+            if cfg.time_neighbourhood
+            else None,
             logit_cap=cfg.logit_cap,
             rngs=rngs,
             dtype=dtype,

@@ -90,15 +90,16 @@ def cached_time_mask(t, max_len: int, window: int = 0):
 
 
 # -- attention -------------------------------------------------------------------------------------
-def dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask=None, logit_cap: float = 0.0):
+def dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask=None, logit_cap: float = 0.0, bias_NQKM=None):
     """Grouped-query attention; query head k reads key/value head k // R  (R = K / G).
 
-        logits[q, m] = soft_cap(<q_q, k_m> / sqrt(H), cap)      (masked: -> float32 min)
+        logits[q, m] = soft_cap(<q_q, k_m> / sqrt(H), cap) + bias[q, k, m]   (masked: -> float32 min)
         out_q = sum_m softmax_m(logits[q, :]) v_m
 
     Logits and softmax are float32 whatever the input dtype (bf16 logits lose the ordering of near
     ties and overflow easily); the weighted sum of values runs in v's dtype. `mask` (True = may
-    attend) is (Q, M) or (N, Q, M), or None for no mask. Returns out_NQKH in v's dtype.
+    attend) is (Q, M) or (N, Q, M), or None for no mask. `bias_NQKM` (float, per query head) is
+    added after the cap, or None. Returns out_NQKH in v's dtype.
     """
     K, H = q_NQKH.shape[-2:]
     G = k_NMGH.shape[-2]
@@ -107,6 +108,8 @@ def dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask=None, logit_cap: float = 
     q_NQGRH = rearrange(q_NQKH, "n q (g r) h -> n q g r h", g=G)
     logits_NGRQM = jnp.einsum("nqgrh,nmgh->ngrqm", q_NQGRH, k_NMGH, preferred_element_type=jnp.float32)
     logits_NGRQM = soft_cap(logits_NGRQM.astype(jnp.float32) / np.float32(np.sqrt(H)), logit_cap)
+    if bias_NQKM is not None:
+        logits_NGRQM = logits_NGRQM + rearrange(bias_NQKM.astype(jnp.float32), "n q (g r) m -> n g r q m", g=G)
     if mask is not None:
         mask = jnp.asarray(mask, bool)
         mask_N11QM = (mask[None] if mask.ndim == 2 else mask)[:, None, None]
@@ -188,9 +191,9 @@ class Attention(nnx.Module):
             k_NLGH = apply_rope(k_NLGH, pos_NL1, self.rope_base)
         return q_NLKH, k_NLGH, v_NLGH
 
-    def attend(self, q_NQKH, k_NMGH, v_NMGH, mask=None):
+    def attend(self, q_NQKH, k_NMGH, v_NMGH, mask=None, bias_NQKM=None):
         """y_NQD = W_o (attention of the given queries over the given keys/values), see `dot_product_attention`."""
-        out_NQKH = dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask, self.logit_cap)
+        out_NQKH = dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask, self.logit_cap, bias_NQKM)
         return self.wo(rearrange(out_NQKH, "n q k h -> n q (k h)"))
 
     def __call__(self, x_NLD, mask=None, positions=None):

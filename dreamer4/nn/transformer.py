@@ -21,7 +21,11 @@ Each layer is a pre-norm residual block  x += Attn(RMSNorm(x));  x += SwiGLU(RMS
   * space layer: token q of step t attends to the tokens k of the same step with vis_SS[q, k]
     (a static S x S visibility matrix; default all True). Optional RoPE over token index.
   * time layer: token position s of step t attends to position s of steps u <= t (and t - u <
-    time_window if a window is set), RoPE over the step index.
+    time_window if a window is set), RoPE over the step index. With `time_neighbours` (a static
+    S x J table of token indices, -1 = none) it attends instead to the tokens nb(s, j) of steps
+    u <= t, with a learned logit bias per (query head, slot j) read linearly from the query token
+    (zero at init): on a grid of spatial tokens, a 3 x 3 neighbourhood lets a token copy the
+    neighbour that an action moved into it in one layer. The KV cache is the same either way.
 A final RMSNorm follows the last layer. Stacked, this is block-causal: outputs at step t never
 depend on inputs at steps > t.
 
@@ -77,6 +81,7 @@ class Block(nnx.Module):
         space_rope_base: float = 10000.0,
         rope_base: float = 10000.0,
         time_window: int = 0,
+        time_neighbours: tuple | None = None,
         eps: float = 1e-6,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
@@ -103,6 +108,47 @@ class Block(nnx.Module):
         )
         self.mlp_norm = RMSNorm(width, eps=eps, param_dtype=param_dtype)
         self.mlp = SwiGLU(width, mlp_hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        # Neighbourhood time attention (static S0 x J table of token indices, -1 = none), with a
+        # selector: a linear map of the query token to one logit bias per (head, neighbour slot),
+        # zero at init, so a token can pick a neighbour by its content (e.g. the action it carries).
+        self.neighbours = time_neighbours if kind == TIME else None
+        if self.neighbours is not None:
+            J = len(self.neighbours[0])
+            self.select = nnx.Linear(
+                width,
+                num_heads * J,
+                use_bias=False,
+                kernel_init=nnx.initializers.zeros_init(),
+                rngs=rngs,
+                dtype=dtype,
+                param_dtype=param_dtype,
+            )
+
+    def _neighbour_tables(self, S: int):
+        """(idx_SJ, valid_SJ) for S tokens: the table's rows, then self-only rows for extra tokens
+        (e.g. the agent's), each token's own index in the middle slot J // 2."""
+        nb = np.asarray(self.neighbours, np.int64)
+        S0, J = nb.shape
+        if S < S0:
+            raise ValueError(f"the neighbour table has {S0} rows but each step has only {S} tokens")
+        extra = np.full((S - S0, J), -1, np.int64)
+        extra[:, J // 2] = np.arange(S0, S)
+        nb = np.concatenate([nb, extra])
+        return np.maximum(nb, 0), nb >= 0
+
+    def _neighbour_attend(self, h_BTSD, q_NTKH, k_BSCGH, v_BSCGH, mask_TC):
+        """Time attention over the neighbours' past: token s at step t reads tokens nb(s, j) at
+        steps u with mask_TC[t, u], logits + select(h)[s, k, j].  (N = b s, M = j c)"""
+        B, T, S, _ = h_BTSD.shape
+        C = k_BSCGH.shape[2]
+        idx_SJ, valid_SJ = self._neighbour_tables(S)
+        J = idx_SJ.shape[1]
+        k_NMGH, v_NMGH = (rearrange(a[:, idx_SJ], "b s j c g h -> (b s) (j c) g h") for a in (k_BSCGH, v_BSCGH))
+        mask_S1TJC = jnp.asarray(valid_SJ)[:, None, None, :, None] & jnp.asarray(mask_TC, bool)[None, None, :, None, :]
+        mask_NTM = rearrange(jnp.broadcast_to(mask_S1TJC, (S, B, T, J, C)), "s b t j c -> (b s) t (j c)")
+        sel_NTKJ = rearrange(self.select(rearrange(h_BTSD, "b t s d -> (b s) t d")), "n t (k j) -> n t k j", j=J)
+        bias_NTKM = jnp.repeat(sel_NTKJ.astype(jnp.float32), C, axis=-1)  # (j c): slot j's bias for every step
+        return self.attn.attend(q_NTKH, k_NMGH, v_NMGH, mask_NTM, bias_NTKM)
 
     def _mlp(self, x_BTSD):
         return x_BTSD + self.mlp(self.mlp_norm(x_BTSD)).astype(x_BTSD.dtype)
@@ -129,9 +175,12 @@ class Block(nnx.Module):
             y_BTSD = self._space_attn(h_BTSD, vis_SS)
         else:
             q_NTKH, k_NTGH, v_NTGH = self._time_qkv(h_BTSD)
-            y_NTD = self.attn.attend(q_NTKH, k_NTGH, v_NTGH, causal_time_mask(T, self.time_window))
-            y_BTSD = rearrange(y_NTD, "(b s) t d -> b t s d", b=B)
             kv = tuple(rearrange(a, "(b s) t g h -> b s t g h", b=B) for a in (k_NTGH, v_NTGH))
+            if self.neighbours is None:
+                y_NTD = self.attn.attend(q_NTKH, k_NTGH, v_NTGH, causal_time_mask(T, self.time_window))
+            else:
+                y_NTD = self._neighbour_attend(h_BTSD, q_NTKH, *kv, causal_time_mask(T, self.time_window))
+            y_BTSD = rearrange(y_NTD, "(b s) t d -> b t s d", b=B)
         x_BTSD = self._mlp(x_BTSD + y_BTSD.astype(x_BTSD.dtype))
         return (x_BTSD, kv) if return_kv else x_BTSD
 
@@ -142,14 +191,18 @@ class Block(nnx.Module):
             return self(x_B1SD, vis_SS), cache
         B = x_B1SD.shape[0]
         C = cache["k"].shape[2]
-        q_N1KH, k_N1GH, v_N1GH = self._time_qkv(self.attn_norm(x_B1SD), t0=t)
+        h_B1SD = self.attn_norm(x_B1SD)
+        q_N1KH, k_N1GH, v_N1GH = self._time_qkv(h_B1SD, t0=t)
         start = (0, 0, jnp.asarray(t, jnp.int32), 0, 0)
         new = {}
         for name, a_N1GH in (("k", k_N1GH), ("v", v_N1GH)):
             a_BS1GH = rearrange(a_N1GH, "(b s) 1 g h -> b s 1 g h", b=B).astype(cache[name].dtype)
             new[name] = jax.lax.dynamic_update_slice(cache[name], a_BS1GH, start)
-        k_NCGH, v_NCGH = (rearrange(new[n], "b s c g h -> (b s) c g h") for n in ("k", "v"))
-        y_N1D = self.attn.attend(q_N1KH, k_NCGH, v_NCGH, cached_time_mask(t, C, self.time_window))
+        if self.neighbours is None:
+            k_NCGH, v_NCGH = (rearrange(new[n], "b s c g h -> (b s) c g h") for n in ("k", "v"))
+            y_N1D = self.attn.attend(q_N1KH, k_NCGH, v_NCGH, cached_time_mask(t, C, self.time_window))
+        else:
+            y_N1D = self._neighbour_attend(h_B1SD, q_N1KH, new["k"], new["v"], cached_time_mask(t, C, self.time_window))
         y_B1SD = rearrange(y_N1D, "(b s) 1 d -> b 1 s d", b=B)
         return self._mlp(x_B1SD + y_B1SD.astype(x_B1SD.dtype)), new
 
@@ -182,6 +235,7 @@ class AxialTransformer(nnx.Module):
         space_rope_base: float = 10000.0,
         rope_base: float = 10000.0,
         time_window: int = 0,
+        time_neighbours=None,
         visibility=None,
         remat: bool = False,
         eps: float = 1e-6,
@@ -211,6 +265,9 @@ class AxialTransformer(nnx.Module):
                     space_rope_base=space_rope_base,
                     rope_base=rope_base,
                     time_window=time_window,
+                    time_neighbours=None
+                    if time_neighbours is None
+                    else tuple(map(tuple, np.asarray(time_neighbours).tolist())),
                     eps=eps,
                     rngs=rngs,
                     dtype=dtype,
