@@ -30,11 +30,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dreamer4.config import load_config
 from dreamer4.data.loader import make_loader
 from dreamer4.dynamics.sampler import generate_step
+from dreamer4.nn.module_jit import module_jit
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 from dreamer4.runtime.loading import TRAINABLE, build_dynamics, build_tokenizer
 from dreamer4.runtime.mesh import global_batch, make_mesh
@@ -294,7 +294,8 @@ def part_imagine(p, rec: Recorder):
     tok = build_tokenizer(cfg, train_step_bench.FRAME_SHAPES[cfg.env.name])
     dyn = build_dynamics(cfg, cfg, 17, seed=0, latent_grid=tok.latent_grid)  # dtype from dynamics.train.precision
     max_len = p["max_len"]
-    decode_step = nnx.jit(lambda tok, z, cache, t: tok.decode_step(z, cache, t))
+    # module_jit, not nnx.jit: nnx.jit walks the module graph in Python on every call (ms per frame)
+    decode_step = module_jit(lambda tok, z, cache, t: tok.decode_step(z, cache, t))
     rec["precision"] = dc.train.precision
     rec["k_max"] = dc.k_max
     rec["cache_len"] = max_len
