@@ -19,17 +19,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from dreamer4.config import load_config
 from dreamer4.dynamics.sampler import generate_step
+from dreamer4.nn.module_jit import module_jit
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 from dreamer4.runtime.loading import build_dynamics, build_tokenizer
 
 FRAME_SHAPES = {"classic": (63, 63, 3), "full": (130, 110, 3)}
 
 
-@nnx.jit
+@module_jit  # not nnx.jit: that walks the module graph in Python on every call
 def _decode_step(tok, z_B1LN, cache, t):
     return tok.decode_step(z_B1LN, cache, t)
 

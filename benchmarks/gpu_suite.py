@@ -8,14 +8,17 @@ Parts, each in its own process with its own time budget (benchmarks/gpu_suite_pa
                    tokens/s, XLA and analytic FLOPs, MFU, peak GPU memory, compiled memory analysis,
                    compile time, and a check that a step makes no host transfer
   train_dynamics   the same for the dynamics (world model) train step
-  imagine          frames/s for K = 1, 4, 64, single stream (batch 1) and batched, with and without
-                   the tokenizer decoder; K=4 / K=64 ratio; compile time of each
-  collect          env steps/s of `dreamer4 collect` (classic, 1024 and 4096 envs) against the bare
-                   jitted Craftax loop
+  imagine          frames/s for K = 4, 64 (then 1), single stream (batch 1) and batched, with and
+                   without the tokenizer decoder; K=4 / K=64 ratio; compile time of each
+  collect          env steps/s of `dreamer4 collect` (classic, 1024 envs, then 4096 if time is left)
+                   against the collector's own jitted scan alone (the same compiled function)
   loader           grain loader frames/s, in-process and with worker processes, against the frames/s
                    the classic train steps consume (from the train parts)
 A part that fails, or runs out of its budget, is recorded as such with whatever it measured before
-(its process writes results after every measurement); the others go on. Writes gpu_suite.json and
+(its process writes results after every measurement); the others go on. A part gets its budget
+plus whatever earlier parts left unused (never what later parts have as theirs), and skips a
+further case when its budget would not hold one more like the last. --set KEY=VALUE passes a
+config override to every part. Writes gpu_suite.json and
 gpu_suite.md into --out (default $OUT, else bench_out/) and prints the table.
 
 --smoke runs every part at tiny sizes on whatever device there is (CPU in CI), in about a minute.
@@ -41,26 +44,50 @@ ORDER = ["env", "train_tokenizer", "train_dynamics", "imagine", "collect", "load
 
 
 def full_plan(work: str, cache: str | None) -> dict:
-    """Part -> (budget seconds, params) for one H100/H200 (classic preset, bf16)."""
+    """Part -> (budget seconds, params) for one H100/H200 (classic preset, bf16).
+
+    Budgets fit a cold start (no compilation cache) in the default 330 s; the 2026 H100 run's
+    compile times: tokenizer step 26 s, dynamics step 69 s, collect's Craftax chunk ~57 s (1024
+    envs). Within a part, further cases (a 2x batch, more imagination cases, 4096 envs) run only
+    while the part's budget holds another one like the last; a part may also use what earlier
+    parts left unused (`budget_now`).
+    """
     c = {"config": "configs/classic.yaml", "cache_dir": cache, "work": work}
     return {
         "env": (15, {**c, "require_gpu": True}),
-        "train_tokenizer": (60, {**c, "batches": [[64, 16], [128, 16]], "seconds": 3}),
-        # the dynamics step compiled in 106 s on a CPU: it gets the largest budget
-        "train_dynamics": (95, {**c, "batches": [[32, 64], [64, 64]], "seconds": 3}),
-        "imagine": (50, {**c, "batches": [1, 64], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 64, "seconds": 2}),
+        "train_tokenizer": (45, {**c, "batches": [[64, 16], [128, 16]], "seconds": 2}),
+        "train_dynamics": (90, {**c, "batches": [[32, 64], [64, 64]], "seconds": 2}),
+        "imagine": (
+            55,
+            {
+                **c,
+                # [batch, K, decode], most wanted first: the K=4 / K=64 ratio, then decode, then K=1
+                "cases": [
+                    [1, 4, False],
+                    [1, 64, False],
+                    [64, 4, False],
+                    [64, 64, False],
+                    [1, 4, True],
+                    [1, 1, False],
+                    [64, 1, False],
+                    [64, 4, True],
+                ],
+                "max_len": 64,
+                "seconds": 1.5,
+            },
+        ),
         "collect": (
-            75,
+            95,
             {
                 **c,
                 "num_envs": [1024, 4096],
-                "episodes_per_env": 0.5,
-                "bare_seconds": 4,
+                "device_seconds": 3,
+                "collect_seconds": 8,
                 "overrides": ["collect.shard_frames=32768"],
             },
         ),
         # the loader needs no GPU: on CPU its grain workers cannot grab GPU memory either
-        "loader": (35, {**c, "workers": [0, 8], "seconds": 5, "_env": {"JAX_PLATFORMS": "cpu"}}),
+        "loader": (30, {**c, "workers": [0, 8], "seconds": 3, "_env": {"JAX_PLATFORMS": "cpu"}}),
     }
 
 
@@ -95,12 +122,18 @@ def smoke_plan(work: str, cache: str | None) -> dict:
         "train_tokenizer": (90, {**c, "batches": [[2, 2]], "seconds": 0.0}),
         "train_dynamics": (90, {**c, "batches": [[2, 4]], "seconds": 0.0}),
         "imagine": (90, {**c, "batches": [1], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 4, "seconds": 0.0}),
-        "collect": (150, {**c, "num_envs": [4], "chunk_steps": 16, "episodes_per_env": 1.0, "bare_seconds": None}),
+        "collect": (150, {**c, "num_envs": [4], "chunk_steps": 16, "device_seconds": 0.2, "collect_seconds": 0.5}),
         "loader": (
             90,
             {**c, "workers": [0, 1], "batch": [2, 4], "seconds": 0.0, "synthetic": True, "synthetic_size": [4, 16]},
         ),
     }
+
+
+def budget_now(base: float, left: float, reserved: float) -> float:
+    """A part's budget: its own, or more when earlier parts left time unused; what later parts
+    have as their own budgets (`reserved`) stays theirs, so the suite never runs past --total-s."""
+    return max(base, left - reserved)
 
 
 def _commit() -> str:
@@ -140,6 +173,7 @@ def run_part(name: str, params: dict, budget: float, work: Path) -> dict:
     out.unlink(missing_ok=True)
     params = dict(params)
     part_env = params.pop("_env", {})
+    params["_t0"] = time.time()  # the part's clock for its own budget (gpu_suite_parts._left)
     cmd = [sys.executable, str(HERE / "gpu_suite_parts.py"), name, "--params", json.dumps(params), "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     env.update(part_env)
@@ -255,15 +289,22 @@ def markdown(res: dict) -> str:
         "",
         "## Collection (env steps/s)",
         "",
-        "| envs | collect steady | bare loop | collect / bare | bare compile s | collect compile+1st chunk s |",
-        "|---|---|---|---|---|---|",
+        (
+            "| envs | collect steady | device-only scan | collect / device-only | compile s (init + 2 chunks) "
+            "| collect 1st chunk s | episodes / shards | Craftax auto-reset loop |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in co.get("rows", []):
+        if "skipped" in r:
+            lines.append(f"| {r['num_envs']} | skipped: {r['skipped'][:100]} | | | | | | |")
+            continue
         lines.append(
             f"| {r['num_envs']} | {_f(r.get('collect_steady_steps_per_s'), '{:.0f}')} | "
-            f"{_f(r.get('bare_steps_per_s'), '{:.0f}')} | {_f(r.get('ratio_collect_over_bare'), '{:.2f}')} | "
-            f"{_f(r.get('bare_compile_s'))} | {_f(r.get('collect_compile_and_first_chunk_s_est'))} |"
-            + (f" {r['error'][:80]}" if "error" in r else "")
+            f"{_f(r.get('device_only_steps_per_s'), '{:.0f}')} | "
+            f"{_f(r.get('ratio_collect_over_device_only'), '{:.2f}')} | {_f(r.get('compile_s'))} | "
+            f"{_f(r.get('collect_first_chunk_s_est'))} | {r.get('episodes', 'n/a')} / {r.get('shards', 'n/a')} | "
+            f"{_f(r.get('craftax_loop_steps_per_s'), '{:.0f}')} |" + (f" {r['error'][:80]}" if "error" in r else "")
         )
     lo = parts.get("loader", {}).get("results", {})
     lines += [
@@ -295,6 +336,14 @@ def main():
         "analysis without running them (what a CPU can tell about the GPU step)",
     )
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's budget")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every part, e.g. --set dynamics.logit_cap=0 (then attention can run cuDNN)",
+    )
     args = ap.parse_args()
     t_start = time.perf_counter()
     total = args.total_s or (300.0 if args.smoke else 330.0)
@@ -334,9 +383,11 @@ def main():
         jpath.write_text(json.dumps(res, indent=1, default=str))
         mpath.write_text(markdown(res))
 
-    for name in wanted:
-        budget, params = plan[name]
-        budget *= args.budget_scale
+    base = {name: plan[name][0] * args.budget_scale for name in wanted}
+    for i, name in enumerate(wanted):
+        _, params = plan[name]
+        if args.overrides:
+            params = {**params, "overrides": list(params.get("overrides", [])) + args.overrides}
         if name == "loader":
             consumed = {}
             for tr in ("train_tokenizer", "train_dynamics"):
@@ -346,6 +397,7 @@ def main():
                     consumed[tr] = max(r["frames_per_s"] for r in ok)
             params = {**params, "consumed_frames_per_s": consumed}
         left = total - (time.perf_counter() - t_start)
+        budget = budget_now(base[name], left, sum(base[n] for n in wanted[i + 1 :]))
         if left < 10:
             res["parts"][name] = {
                 "status": "skipped",
@@ -356,8 +408,9 @@ def main():
             }
             save()
             continue
-        print(f"[suite] {name}: budget {min(budget, left):.0f} s", flush=True)
-        entry = run_part(name, params, min(budget, left), work)
+        budget = min(budget, left)
+        print(f"[suite] {name}: budget {budget:.0f} s", flush=True)
+        entry = run_part(name, {**params, "_budget_s": budget}, budget, work)
         res["parts"][name] = entry
         print(
             f"[suite] {name}: {entry['status']} in {entry['wall_s']:.1f} s"

@@ -30,11 +30,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dreamer4.config import load_config
 from dreamer4.data.loader import make_loader
 from dreamer4.dynamics.sampler import generate_step
+from dreamer4.nn.module_jit import module_jit
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 from dreamer4.runtime.loading import TRAINABLE, build_dynamics, build_tokenizer
 from dreamer4.runtime.mesh import global_batch, make_mesh
@@ -76,6 +76,16 @@ class Recorder:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.res, indent=1, default=str))
         tmp.replace(self.path)
+
+
+T_IMPORTED = time.time()  # when no _t0 is given: this module's imports are done by now
+MARGIN_S = 4.0  # kept free at the end of a part's budget: writing results, process exit
+
+
+def _left(p) -> float:
+    """Seconds of the part's budget left, less MARGIN_S: the driver passes the budget (_budget_s)
+    and the wall-clock time it started this process (_t0), imports included."""
+    return p.get("_budget_s", float("inf")) - (time.time() - p.get("_t0", T_IMPORTED)) - MARGIN_S
 
 
 def _device():
@@ -237,8 +247,17 @@ def _train(p, rec: Recorder, stage: str):
         batch, seq_len = todo.pop(0)
         row = {"batch": batch, "seq_len": seq_len}
         rows.append(row)
+        done = [r for r in rows if "part_time_s" in r]
+        if done and _left(p) < done[-1]["part_time_s"]:  # a larger batch costs at least as much
+            row["error"] = (
+                f"skipped: {_left(p):.0f} s of the budget left, the last batch took {done[-1]['part_time_s']:.0f} s"
+            )
+            rec.flush()
+            continue
+        t_row = time.perf_counter()
         try:
             _train_batch(p, rec, row, cfg, tc, stage, trainable)
+            row["part_time_s"] = time.perf_counter() - t_row
         except Exception as e:  # noqa: BLE001  (one batch failing, e.g. out of memory, keeps the others)
             row["error"] = _error(e)
             oom = any(x in str(e) for x in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory"))
@@ -294,7 +313,8 @@ def part_imagine(p, rec: Recorder):
     tok = build_tokenizer(cfg, train_step_bench.FRAME_SHAPES[cfg.env.name])
     dyn = build_dynamics(cfg, cfg, 17, seed=0, latent_grid=tok.latent_grid)  # dtype from dynamics.train.precision
     max_len = p["max_len"]
-    decode_step = nnx.jit(lambda tok, z, cache, t: tok.decode_step(z, cache, t))
+    # module_jit, not nnx.jit: nnx.jit walks the module graph in Python on every call (ms per frame)
+    decode_step = module_jit(lambda tok, z, cache, t: tok.decode_step(z, cache, t))
     rec["precision"] = dc.train.precision
     rec["k_max"] = dc.k_max
     rec["cache_len"] = max_len
@@ -306,63 +326,105 @@ def part_imagine(p, rec: Recorder):
     rec["rows"] = rows
     ts = [jax.device_put(jnp.int32(t)) for t in range(max_len)]
     keys = [jax.device_put(jax.random.fold_in(jax.random.PRNGKey(0), t)) for t in range(max_len)]
-    for batch in p["batches"]:
-        for K in p["ks"]:
-            for decode in (False, True):
-                if decode and K not in p.get("decode_ks", [4]):
-                    continue
-                row = {"batch": batch, "K": K, "decode": decode}
-                rows.append(row)
-                try:
-                    _imagine_case(p, row, dyn, tok, decode_step, ts, keys, dc.context_tau)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = _error(e)
-                rec.flush()
-                gc.collect()
+    # cases [batch, K, decode] in priority order; a case that would not fit the budget left is skipped
+    cases = p.get("cases") or [
+        [b, k, d] for b in p["batches"] for k in p["ks"] for d in (False, True) if not d or k in p.get("decode_ks", [4])
+    ]
+    for batch, K, decode in cases:
+        row = {"batch": batch, "K": K, "decode": bool(decode)}
+        rows.append(row)
+        done = [r for r in rows if "case_s" in r]
+        need = max((r["case_s"] for r in done), default=0.0)
+        if _left(p) < need:
+            row["error"] = f"skipped: {_left(p):.0f} s of the budget left, a case took up to {need:.0f} s"
+            rec.flush()
+            continue
+        t_row = time.perf_counter()
+        try:
+            _imagine_case(p, row, dyn, tok, decode_step, ts, keys, dc.context_tau)
+            row["case_s"] = time.perf_counter() - t_row
+        except Exception as e:  # noqa: BLE001
+            row["error"] = _error(e)
+        rec.flush()
+        gc.collect()
     by = {(r["batch"], r["K"], r["decode"]): r.get("frames_per_s") for r in rows}
     ratios = {}
-    for batch in p["batches"]:
-        a, b = by.get((batch, 4, False)), by.get((batch, max(p["ks"]), False))
-        ratios[f"batch {batch}: K=4 / K={max(p['ks'])}"] = (a / b) if (a and b) else None
+    k_max = max(k for _, k, _ in cases)
+    for batch in sorted({b for b, _, _ in cases}):
+        a, b = by.get((batch, 4, False)), by.get((batch, k_max, False))
+        ratios[f"batch {batch}: K=4 / K={k_max}"] = (a / b) if (a and b) else None
     rec["speedup_k4_over_kmax"] = ratios
     if not any("frames_per_s" in r for r in rows):
         raise RuntimeError("no imagination case ran: " + "; ".join(r.get("error", "?") for r in rows))
 
 
+def _device_only_steps_per_s(stepper, cfg, seconds: float, info: dict) -> float:
+    """The collector's own jitted chunk (the function `collect` then reuses), rows left on the
+    device: collection minus all host work. `info` gets compile_s (init + two warm-up chunks)."""
+    N, T = cfg.collect.num_envs, cfg.collect.chunk_steps
+    t0 = time.perf_counter()
+    carry = stepper.init_fn(jax.random.PRNGKey(cfg.seed))
+    # two warm-up chunks: the carry from init and the one from chunk may differ in weak types, a
+    # second compilation that must not land in the timing (and that collect then finds compiled)
+    for _ in range(2):
+        carry, rows = stepper.chunk_fn(carry)
+        jax.block_until_ready(rows)
+    info["compile_s"] = time.perf_counter() - t0
+    steps, t0 = 0, time.perf_counter()
+    while steps == 0 or time.perf_counter() - t0 < seconds:
+        carry, rows = stepper.chunk_fn(carry)
+        jax.block_until_ready(rows)
+        steps += N * T
+    return steps / (time.perf_counter() - t0)
+
+
 def part_collect(p, rec: Recorder):
+    from dreamer4.data.collect import build_stepper
+
     collect, data_bench = _collection()
     rows = []
     rec["rows"] = rows
     rec["note"] = (
-        "collect: `dreamer4 collect`'s own function (device scan + episode assembly + TensorStore "
-        "writes + manifest commits), steady state after its first chunk; bare: a jitted lax.scan over "
-        "Craftax's own auto-reset env with the same policy and envs, frames to uint8, nothing written"
+        "device-only: the collector's own jitted chunk (lax.scan over Craftax, no auto-reset, the "
+        "preset's behaviour policy), rows left on the device; collect: `dreamer4 collect`'s own "
+        "function (device scan + copy to host + episode assembly + TensorStore writes + manifest "
+        "commits) reusing that compiled chunk, steady state after its first chunk, stopped after "
+        "collect_seconds (finished episodes committed); craftax loop (optional): Craftax's own "
+        "auto-reset env in a jitted scan, frames to uint8, compiled separately"
     )
     work = Path(p["work"])
     for n_envs in p["num_envs"]:
         row = {"num_envs": n_envs}
         rows.append(row)
+        done = [r for r in rows if "collect_wall_s" in r]
+        if done:  # another size costs about what the last one did (mostly Craftax compilation)
+            need = done[-1]["part_time_s"]
+            if _left(p) < need:
+                row["skipped"] = f"{_left(p):.0f} s of the part's budget left, the last size took {need:.0f} s"
+                rec.flush()
+                continue
+        t_row = time.perf_counter()
         try:
             ov = list(p.get("overrides", [])) + [
                 f"collect.num_envs={n_envs}",
-                f"collect.num_episodes={max(2, int(n_envs * p['episodes_per_env']))}",
+                # an episode target collection never reaches: it stops after collect_seconds
+                f"collect.num_episodes={10**7}",
             ]
             if p.get("chunk_steps"):
                 ov.append(f"collect.chunk_steps={p['chunk_steps']}")
             cfg = load_config(p["config"], ov)
             row["chunk_steps"] = cfg.collect.chunk_steps
-            if p.get("bare_seconds") is None:  # smoke: the auto-reset loop alone compiles for a minute on CPU
-                row["bare_steps_per_s"] = None
-                row["bare_note"] = "bare loop not run (bare_seconds null)"
-            else:
-                info: dict = {}
-                row["bare_steps_per_s"] = data_bench.bare_loop_steps_per_s(cfg, p["bare_seconds"], info=info)
-                row["bare_compile_s"] = info.get("compile_s")
+            stepper = build_stepper(cfg, 0)
+            info: dict = {}
+            row["device_only_steps_per_s"] = _device_only_steps_per_s(stepper, cfg, p.get("device_seconds", 3.0), info)
+            row["compile_s"] = info["compile_s"]
             rec.flush()
             out = work / f"collect_ds_{n_envs}"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
-            summary = collect(cfg, out, log=lambda *a: None, stop_after_shards=p.get("max_shards"))
+            summary = collect(
+                cfg, out, log=lambda *a: None, stop_after_s=p.get("collect_seconds", 8.0), stepper=stepper
+            )
             wall = time.perf_counter() - t0
             steady = summary.get("steady_steps_per_s") or 0.0
             row.update(
@@ -372,16 +434,23 @@ def part_collect(p, rec: Recorder):
                     "collect_steps": summary.get("new_steps"),
                     "episodes": summary.get("episodes"),
                     "shards": summary.get("shards"),
-                    "collect_compile_and_first_chunk_s_est": (wall - summary["new_steps"] / steady) if steady else None,
-                    "ratio_collect_over_bare": steady / row["bare_steps_per_s"] if row["bare_steps_per_s"] else None,
+                    "collect_first_chunk_s_est": (wall - summary["new_steps"] / steady) if steady else None,
+                    "ratio_collect_over_device_only": steady / row["device_only_steps_per_s"],
                 }
             )
+            if p.get("craftax_loop_seconds"):  # Craftax's own auto-reset loop: a separate compilation
+                info = {}
+                row["craftax_loop_steps_per_s"] = data_bench.bare_loop_steps_per_s(
+                    cfg, p["craftax_loop_seconds"], info=info
+                )
+                row["craftax_loop_compile_s"] = info.get("compile_s")
         except Exception as e:  # noqa: BLE001
             row["error"] = _error(e)
+        row["part_time_s"] = time.perf_counter() - t_row
         rec.flush()
         gc.collect()
     if not any("collect_steady_steps_per_s" in r for r in rows):
-        raise RuntimeError("no collection case ran: " + "; ".join(r.get("error", "?") for r in rows))
+        raise RuntimeError("no collection case ran: " + "; ".join(r.get("error", r.get("skipped", "?")) for r in rows))
 
 
 def _find_dataset(work: Path):

@@ -121,7 +121,7 @@ class TokenizerNet:
     # spatial). "patch": one latent per patch, read off the patch token itself (L = P), so a
     # view shift in pixels is a shift of latents across token positions (BENCHMARKS.md, issue 12).
     latent_layout: str = "learned"
-    logit_cap: float = 50.0
+    logit_cap: float = 50.0  # attention logit soft-cap; 0 = off (then GPU attention may run cuDNN's fused kernel)
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class DynamicsNet:
     num_kv_heads: int = 2
     mlp_ratio: float = 4.0
     time_every: int = 4  # a time-attention layer every this many layers
-    logit_cap: float = 50.0
+    logit_cap: float = 50.0  # attention logit soft-cap; 0 = off (then GPU attention may run cuDNN's fused kernel)
     # Tokenizer latents (L per frame) are grouped into S_z spatial tokens (L % S_z == 0).
     spatial_tokens: int = 8
     # 2-D RoPE in space attention over the spatial tokens' (row, column) on the tokenizer's patch
@@ -693,7 +693,7 @@ def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
             v = getattr(net, name)
             checks.append((_pos(v), f"{prefix}.{name}", f"must be >= 1 (got {v})"))
         checks.append((net.mlp_ratio > 0, f"{prefix}.mlp_ratio", f"must be > 0 (got {net.mlp_ratio})"))
-        checks.append((net.logit_cap > 0, f"{prefix}.logit_cap", f"must be > 0 (got {net.logit_cap})"))
+        checks.append((net.logit_cap >= 0, f"{prefix}.logit_cap", f"must be >= 0, 0 = off (got {net.logit_cap})"))
     for name in ("patch_size", "num_latents", "latent_dim", "eval_episodes", "eval_frames"):
         v = getattr(tk, name)
         checks.append((_pos(v), f"tokenizer.{name}", f"must be >= 1 (got {v})"))

@@ -12,7 +12,7 @@ from conftest import TEST_OVERRIDES, cli_subprocess, make_test_config
 from framehash_policy import framehash_action
 
 from dreamer4.data import store
-from dreamer4.data.collect import ROW_FIELDS, collect
+from dreamer4.data.collect import ROW_FIELDS, build_stepper, collect
 from dreamer4.data.loader import WindowSource
 from dreamer4.data.store import Dataset, DatasetError, verify
 
@@ -200,6 +200,31 @@ def _assert_same_dataset(a, b):
             assert fa[k][f].tobytes() == fb[k][f].tobytes(), (k, f)
     ma, mb = (json.loads((r / "manifest.json").read_text()) for r in (a, b))
     assert [e for s in ma["shards"] for e in s["episodes"]] == [e for s in mb["shards"] for e in s["episodes"]]
+
+
+def test_stop_after_seconds_with_a_prebuilt_stepper(dataset, cfg, tmp_path):
+    """collect(stop_after_s=, stepper=) (the GPU suite's timed collection): it stops after the time
+    given, committing the episodes finished by then, reuses the stepper's compiled chunk, and a
+    rerun completes the dataset with the episodes of an uninterrupted run."""
+    root, _ = dataset
+    stepper = build_stepper(cfg, 0)
+    out = tmp_path / "timed"
+    s = collect(cfg, out, log=lambda *a: None, stop_after_s=0.0, stepper=stepper)
+    c = cfg.collect
+    assert not s["complete"] and s["new_steps"] == c.num_envs * c.chunk_steps  # one chunk, then stop
+    m = store.read_manifest(out)
+    assert s["episodes"] == sum(len(sh["episodes"]) for sh in m["shards"]) < c.num_episodes
+    with pytest.raises(ValueError, match="another config"):
+        collect(make_test_config(["seed=8"]), tmp_path / "other", log=lambda *a: None, stepper=stepper)
+    assert collect(cfg, out, log=lambda *a: None, stepper=stepper)["complete"]
+    fa, fb = _frames_by_episode(root), _frames_by_episode(out)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert all(fa[k][f].tobytes() == fb[k][f].tobytes() for f in ROW_FIELDS), k
+    strip = lambda r: [
+        {k: v for k, v in e.items() if k != "start"} for s in store.read_manifest(r)["shards"] for e in s["episodes"]
+    ]  # noqa: E731
+    assert strip(root) == strip(out)
 
 
 def test_resume_after_sigkill_is_byte_identical(dataset, tmp_path):

@@ -67,3 +67,16 @@ def test_smoke_suite_reports_every_part_and_survives_a_failing_one(tmp_path):
     for name in PARTS:
         assert f"| {name} |" in md
     assert "forced failure" in md
+
+
+def test_full_plan_fits_the_default_total_and_budgets_pass_unused_time_on():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    plan = suite.full_plan("/nowhere", None)
+    assert list(plan) == PARTS and sum(b for b, _ in plan.values()) <= 330
+    # a part gets its own budget, or what is left beyond later parts' budgets when that is more
+    assert suite.budget_now(60, left=300, reserved=200) == 100
+    assert suite.budget_now(60, left=250, reserved=200) == 60

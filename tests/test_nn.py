@@ -16,12 +16,14 @@ from dreamer4.nn import (
     apply_rope_2d,
     cached_time_mask,
     causal_time_mask,
+    dot_product_attention,
     layer_kinds,
     rms_norm,
     rope_frequencies,
     soft_cap,
     space_mask,
 )
+from dreamer4.nn import attention as attention_module
 
 B, T, S, D = 2, 6, 5, 32
 # Token S-1 is an "agent" token: it reads every token of its step, no other token reads it.
@@ -181,6 +183,63 @@ def test_attention_matches_numpy_reference(kv_heads, rope, cap):
     positions = np.arange(L) + 3
     got = att(x_NLD, mask_LL, positions=positions)
     np.testing.assert_allclose(got, reference_attention(att, x_NLD, mask_LL, positions), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("G", [4, 2, 1])
+def test_jax_nn_attention_equals_the_einsum_reference(G):
+    """implementation="xla" (jax.nn.dot_product_attention) computes what the einsum reference does:
+    GQA, no mask, a (Q, M) mask and an (N, Q, M) mask (rows with a single visible key included);
+    "auto" on a CPU is the einsum path itself, and a soft-cap always runs the einsum path."""
+    N, Q, M, K, H = 3, 5, 7, 4, 8
+    q, k, v = rand(1, (N, Q, K, H)) * 2, rand(2, (N, M, G, H)) * 2, rand(3, (N, M, G, H))
+    mask_QM = (np.arange(M)[None, :] <= np.arange(Q)[:, None]) | (np.arange(M)[None, :] == M - 1)
+    mask_NQM = np.array(jax.random.bernoulli(jax.random.PRNGKey(4), 0.5, (N, Q, M)))
+    mask_NQM[:, :, 0] = True  # masks built here never leave a row empty
+    mask_NQM[0, 1] = np.arange(M) == 3  # a row with one visible key
+    for mask in (None, mask_QM, mask_NQM):
+        ref = dot_product_attention(q, k, v, mask, implementation="einsum")
+        got = dot_product_attention(q, k, v, mask, implementation="xla")
+        assert got.shape == ref.shape == (N, Q, K, H) and got.dtype == ref.dtype
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+        auto = dot_product_attention(q, k, v, mask, implementation="auto")
+        np.testing.assert_array_equal(auto, ref)
+    capped = dot_product_attention(q, k, v, mask_QM, logit_cap=2.0, implementation="xla")
+    np.testing.assert_array_equal(
+        capped, dot_product_attention(q, k, v, mask_QM, logit_cap=2.0, implementation="einsum")
+    )
+    with pytest.raises(ValueError, match="implementation"):
+        dot_product_attention(q, k, v, implementation="flash")
+
+
+def test_auto_attention_falls_back_to_einsum_where_cudnn_refuses(monkeypatch):
+    """The "auto" kernel tries cuDNN where it could run (GPU, bf16); what jax.nn refuses while tracing (here:
+    no cuDNN at all) runs the einsum reference instead of failing."""
+    monkeypatch.setattr(attention_module, "_cudnn_takes", lambda *a: True)
+    q, k = rand(1, (2, 4, 4, 8), jnp.bfloat16), rand(2, (2, 6, 2, 8), jnp.bfloat16)
+    mask = np.tril(np.ones((4, 6), bool), 2)
+    got = jax.jit(lambda q, k: dot_product_attention(q, k, k, mask, implementation="auto"))(q, k)
+    ref = dot_product_attention(q, k, k, mask, implementation="einsum")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+
+
+def test_transformer_with_jax_nn_attention_equals_einsum(x, monkeypatch):
+    """The module setting switches every attention layer (space with a visibility mask, causal time,
+    the cached step): the full pass and a cached step agree with the einsum reference."""
+    m = make_model(logit_cap=0.0)
+    calls = []
+    jax_nn = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(1) or jax_nn(*a, **kw))
+    outs = {}
+    for impl in ("einsum", "xla"):
+        monkeypatch.setattr(attention_module, "IMPLEMENTATION", impl)
+        # fresh functions per setting: a jit cache keyed on the function would reuse the other's trace
+        y = nnx.jit(lambda m, x: m(x))(m, x)
+        _, cache = nnx.jit(lambda m, x: m.prefill(x, max_len=8))(m, x[:, :3])
+        y3, _ = nnx.jit(lambda m, x_t, c, t: m.step(x_t, c, t))(m, x[:, 3:4], cache, jnp.int32(3))
+        outs[impl] = (y, y3)
+        assert bool(calls) == (impl == "xla")
+    for a, b in zip(outs["einsum"], outs["xla"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 # -- masks -----------------------------------------------------------------------------------------

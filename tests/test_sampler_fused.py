@@ -75,3 +75,30 @@ def test_generate_step_has_no_host_transfer(dyn):
     with jax.transfer_guard("disallow"):
         z, cache = generate_step(dyn, cache, t, a, m, key, K=4, context_tau=TAU_CTX)
         z.block_until_ready()
+
+
+def test_generate_step_walks_the_module_graph_once(dyn, monkeypatch):
+    """generate_step is a module_jit function: nnx.split runs at a module's first call only, and
+    in-place weight updates (nnx.update, loading a checkpoint) are still read by the next call."""
+    from dreamer4.nn import module_jit as mj
+
+    calls = []
+    split = mj.nnx.split
+    monkeypatch.setattr(mj.nnx, "split", lambda *a: calls.append(1) or split(*a))
+    d2 = Dynamics(make_test_config(TOK_OVERRIDES + DYN_OVERRIDES).dynamics.net, L, N, A, rngs=nnx.Rngs(1))
+    cache, acts, mask = _context(d2, 0)
+    t, key = jnp.int32(2), jax.random.PRNGKey(0)
+    a, m = acts[:, 2:3], mask[:, 2:3]
+    outs = []
+    for _ in range(3):
+        z, _ = generate_step(d2, jax.tree.map(jnp.copy, cache), t, a, m, key, K=2, context_tau=TAU_CTX)
+        outs.append(np.asarray(z))
+    assert len(calls) == 1 and np.array_equal(outs[0], outs[2])
+    # new weights in place (the same Variable objects): the next call sees them, without a new split
+    nnx.update(d2, jax.tree.map(lambda x: x * 1.5, nnx.state(d2, nnx.Param)))
+    z_new, _ = generate_step(d2, jax.tree.map(jnp.copy, cache), t, a, m, key, K=2, context_tau=TAU_CTX)
+    assert len(calls) == 1
+    ref = nnx.jit(generate_step.fn, static_argnames=("K", "context_tau"))
+    z_ref, _ = ref(d2, jax.tree.map(jnp.copy, cache), t, a, m, key, K=2, context_tau=TAU_CTX)
+    np.testing.assert_allclose(np.asarray(z_new), np.asarray(z_ref), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(z_new), outs[0])

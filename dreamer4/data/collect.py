@@ -373,22 +373,47 @@ def collect(
     log=print,
     stop_after_shards: int | None = None,
     row_sink=None,
+    stop_after_s: float | None = None,
+    stepper: Stepper | None = None,
 ) -> dict:
     """Fill (or finish filling) dataset `out` with this writer's share of episodes.
 
     Returns a summary dict. `stop_after_shards` is for tests and benchmarks: stop after committing
-    that many shards in this call, as if killed right after the commit. `row_sink(rows_TN)`, if
+    that many shards in this call, as if killed right after the commit. `stop_after_s` (benchmarks):
+    once this many seconds have passed since the first chunk came back, commit the finished
+    episodes (a shorter shard, as after a preemption signal) and stop. `row_sink(rows_TN)`, if
     given, sees every chunk of raw rows as it leaves the device (tests compare it with the store).
+    `stepper`: a prebuilt `build_stepper(cfg, writer)` (its compiled chunk function is reused).
     """
     root = Path(out)
     writer, num_writers = resolve_writer(writer_id, num_writers)
     precheck_dataset(cfg, root, num_writers)
     # Each writer owns its shards: a second process writing as the same writer id is refused.
     with stage_lock(CollectorState.lock_path(root, writer), f"collect w{writer}", shared=False, log=log):
-        return _collect(cfg, root, writer, num_writers, log, stop_after_shards, row_sink)
+        return _collect(cfg, root, writer, num_writers, log, stop_after_shards, row_sink, stop_after_s, stepper)
 
 
-def _collect(cfg: Config, root: Path, writer: int, num_writers: int, log, stop_after_shards, row_sink) -> dict:
+@dataclass
+class Stepper:
+    """A writer's device side: the env, its behaviour policy and the jitted (init, chunk) functions.
+
+    `build_stepper` makes it; `collect(..., stepper=)` takes a prebuilt one, so a caller that has
+    already compiled and run its chunk function (the GPU suite's device-only timing) shares that
+    compilation with the collection itself.
+    """
+
+    key: tuple  # (env name, writer, collect config): what the functions were built for
+    env: object
+    params: object
+    spec: EnvSpec
+    members: list
+    policy_ids: np.ndarray | None
+    init_fn: object
+    chunk_fn: object
+
+
+def build_stepper(cfg: Config, writer: int) -> Stepper:
+    """Env, behaviour policy (a mixture's env assignment depends on the writer) and chunk functions."""
     c = cfg.collect
     env, params, spec = make_env(cfg.env.name)
     members = behavior_members(c)
@@ -404,6 +429,23 @@ def _collect(cfg: Config, root: Path, writer: int, num_writers: int, log, stop_a
         policy = mixture_policy([make_policy(s, spec, c) for s, _ in members], policy_ids, c.epsilon, spec.num_actions)
     else:
         policy = make_policy(c.policy, spec, c)
+    init_fn, chunk_fn = make_chunk_fn(env, params, spec, policy, c.num_envs, c.chunk_steps, policy_ids)
+    return Stepper(_stepper_key(cfg, writer), env, params, spec, members, policy_ids, init_fn, chunk_fn)
+
+
+def _stepper_key(cfg: Config, writer: int) -> tuple:
+    return (cfg.env.name, writer, cfg.seed, repr(cfg.collect))
+
+
+def _collect(
+    cfg: Config, root: Path, writer: int, num_writers: int, log, stop_after_shards, row_sink, stop_after_s, stepper
+) -> dict:
+    c = cfg.collect
+    if stepper is None:
+        stepper = build_stepper(cfg, writer)
+    elif stepper.key != _stepper_key(cfg, writer):
+        raise ValueError("collect(stepper=...) was built for another config or writer")
+    spec, members = stepper.spec, stepper.members
     header = _header(cfg, spec, num_writers)
 
     root.mkdir(parents=True, exist_ok=True)
@@ -443,7 +485,7 @@ def _collect(cfg: Config, root: Path, writer: int, num_writers: int, log, stop_a
             if int(p.name.split("-s")[1]) >= shards_done:
                 shutil.rmtree(p)
 
-    init_fn, chunk_fn = make_chunk_fn(env, params, spec, policy, c.num_envs, c.chunk_steps, policy_ids)
+    init_fn, chunk_fn = stepper.init_fn, stepper.chunk_fn
     assembler = EpisodeAssembler(c.num_envs)
     if shards_done == 0:
         carry = init_fn(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), writer))
@@ -557,6 +599,10 @@ def _collect(cfg: Config, root: Path, writer: int, num_writers: int, log, stop_a
             commit(carry_k, final=False)
             if stop_after_shards is not None and commits_now >= stop_after_shards:
                 break
+        if stop_after_s is not None and time.time() - t_first >= stop_after_s:
+            if pending:
+                commit(carry_k, final=False)
+            break
         signal_name = requested()  # writers are independent: no agreement between processes needed
         if signal_name is not None:
             if pending:  # commit the finished episodes (a shorter shard) with the state after chunk k

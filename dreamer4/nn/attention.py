@@ -16,10 +16,20 @@ Shape key (suffixes of array names in this file):
 
 Masks are boolean, True = may attend: mask[q, m] says whether query q may read key m. They are
 pure functions of static sizes (numpy), except `cached_time_mask`, whose step index may be traced.
+
+Attention kernels (`dot_product_attention(..., implementation=)`; default: the module setting
+`IMPLEMENTATION`, initially from the environment variable DREAMER4_ATTENTION, else "auto"):
+  "einsum"  the reference: grouped einsums, float32 logits and softmax (any shape, soft-cap);
+  "xla"     jax.nn.dot_product_attention(implementation="xla"): XLA's own attention graph;
+  "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"): cuDNN's fused flash attention
+            (GPU, bf16/fp16, head width a multiple of 8 up to 128; raises otherwise);
+  "auto"    "cudnn" on a GPU backend for bf16/fp16 inputs whose shapes it takes, else "einsum".
+jax.nn's kernels cannot soft-cap logits: with logit_cap > 0 every choice runs "einsum".
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import jax
@@ -33,6 +43,12 @@ from dreamer4.nn.layers import RMSNorm, apply_rope, apply_rope_2d, soft_cap
 # Masked logits get this instead of -inf, so a fully masked row gives a uniform (finite) softmax
 # rather than NaN; masks built here never leave a row empty.
 _MASKED = float(np.finfo(np.float32).min)
+
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+# The process-wide default kernel (see the module doc); set it, or pass implementation= per call.
+IMPLEMENTATION = os.environ.get("DREAMER4_ATTENTION", "auto")
+if IMPLEMENTATION not in IMPLEMENTATIONS:
+    raise ValueError(f"DREAMER4_ATTENTION={IMPLEMENTATION!r}: expected one of {IMPLEMENTATIONS}")
 
 
 # -- masks -----------------------------------------------------------------------------------------
@@ -90,21 +106,35 @@ def cached_time_mask(t, max_len: int, window: int = 0):
 
 
 # -- attention -------------------------------------------------------------------------------------
-def dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask=None, logit_cap: float = 0.0, bias_NQKM=None):
-    """Grouped-query attention; query head k reads key/value head k // R  (R = K / G).
+def _cudnn_takes(q_NQKH, k_NMGH, v_NMGH) -> bool:
+    """Whether cuDNN flash attention (through jax.nn) is worth trying: a GPU backend, half-precision
+    inputs of one dtype and a head width it supports."""
+    H = q_NQKH.shape[-1]
+    return (
+        jax.default_backend() in ("gpu", "cuda")
+        and q_NQKH.dtype == k_NMGH.dtype == v_NMGH.dtype
+        and q_NQKH.dtype in (jnp.bfloat16, jnp.float16)
+        and H % 8 == 0
+        and H <= 128
+    )
 
-        logits[q, m] = soft_cap(<q_q, k_m> / sqrt(H), cap) + bias[q, k, m]   (masked: -> float32 min)
-        out_q = sum_m softmax_m(logits[q, :]) v_m
 
-    Logits and softmax are float32 whatever the input dtype (bf16 logits lose the ordering of near
-    ties and overflow easily); the weighted sum of values runs in v's dtype. `mask` (True = may
-    attend) is (Q, M) or (N, Q, M), or None for no mask. `bias_NQKM` (float, per query head) is
-    added after the cap, or None. Returns out_NQKH in v's dtype.
-    """
+def _jax_nn_attention(q_NQKH, k_NMGH, v_NMGH, mask, implementation: str):
+    """jax.nn.dot_product_attention with this module's mask shapes: (Q, M) or (N, Q, M) -> 4-D."""
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask[None, None] if mask.ndim == 2 else mask[:, None]  # N 1 Q M: every head alike
+    dt = v_NMGH.dtype
+    out_NQKH = jax.nn.dot_product_attention(
+        q_NQKH.astype(dt), k_NMGH.astype(dt), v_NMGH, mask=mask, implementation=implementation
+    )
+    return out_NQKH.astype(dt)
+
+
+def einsum_attention(q_NQKH, k_NMGH, v_NMGH, mask=None, logit_cap: float = 0.0, bias_NQKM=None):
+    """The reference kernel of `dot_product_attention` (grouped einsums, float32 logits and softmax)."""
     K, H = q_NQKH.shape[-2:]
     G = k_NMGH.shape[-2]
-    if K % G:
-        raise ValueError(f"{K} query heads cannot share {G} key/value heads evenly")
     q_NQGRH = rearrange(q_NQKH, "n q (g r) h -> n q g r h", g=G)
     logits_NGRQM = jnp.einsum("nqgrh,nmgh->ngrqm", q_NQGRH, k_NMGH, preferred_element_type=jnp.float32)
     logits_NGRQM = soft_cap(logits_NGRQM.astype(jnp.float32) / np.float32(np.sqrt(H)), logit_cap)
@@ -117,6 +147,42 @@ def dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask=None, logit_cap: float = 
     probs_NGRQM = jax.nn.softmax(logits_NGRQM, axis=-1)
     out_NQGRH = jnp.einsum("ngrqm,nmgh->nqgrh", probs_NGRQM.astype(v_NMGH.dtype), v_NMGH)
     return rearrange(out_NQGRH, "n q g r h -> n q (g r) h")
+
+
+def dot_product_attention(
+    q_NQKH, k_NMGH, v_NMGH, mask=None, logit_cap: float = 0.0, implementation=None, bias_NQKM=None
+):
+    """Grouped-query attention; query head k reads key/value head k // R  (R = K / G).
+
+        logits[q, m] = soft_cap(<q_q, k_m> / sqrt(H), cap) + bias[q, k, m]   (masked: -> float32 min)
+        out_q = sum_m softmax_m(logits[q, :]) v_m
+
+    Logits and softmax are float32 whatever the input dtype (bf16 logits lose the ordering of near
+    ties and overflow easily); the weighted sum of values runs in v's dtype. `mask` (True = may
+    attend) is (Q, M) or (N, Q, M), or None for no mask. `bias_NQKM` (float, per query head) is
+    added after the cap, or None. Returns out_NQKH in v's dtype.
+    `implementation` ("auto" | "einsum" | "xla" | "cudnn", None = the module's IMPLEMENTATION)
+    picks the kernel (module doc); with a soft-cap or a bias the einsum reference always runs.
+    """
+    K = q_NQKH.shape[-2]
+    G = k_NMGH.shape[-2]
+    if K % G:
+        raise ValueError(f"{K} query heads cannot share {G} key/value heads evenly")
+    impl = IMPLEMENTATION if implementation is None else implementation
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {impl!r}: expected one of {IMPLEMENTATIONS}")
+    if (logit_cap and logit_cap > 0) or bias_NQKM is not None:
+        impl = "einsum"
+    if impl == "auto":
+        if _cudnn_takes(q_NQKH, k_NMGH, v_NMGH):
+            try:  # jax.nn checks what cuDNN supports while tracing; anything it refuses runs einsum
+                return _jax_nn_attention(q_NQKH, k_NMGH, v_NMGH, mask, "cudnn")
+            except Exception:  # noqa: BLE001
+                pass
+        impl = "einsum"
+    if impl == "einsum":
+        return einsum_attention(q_NQKH, k_NMGH, v_NMGH, mask, logit_cap, bias_NQKM)
+    return _jax_nn_attention(q_NQKH, k_NMGH, v_NMGH, mask, impl)
 
 
 class Attention(nnx.Module):
@@ -193,7 +259,7 @@ class Attention(nnx.Module):
 
     def attend(self, q_NQKH, k_NMGH, v_NMGH, mask=None, bias_NQKM=None):
         """y_NQD = W_o (attention of the given queries over the given keys/values), see `dot_product_attention`."""
-        out_NQKH = dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask, self.logit_cap, bias_NQKM)
+        out_NQKH = dot_product_attention(q_NQKH, k_NMGH, v_NMGH, mask, self.logit_cap, bias_NQKM=bias_NQKM)
         return self.wo(rearrange(out_NQKH, "n q k h -> n q (k h)"))
 
     def __call__(self, x_NLD, mask=None, positions=None):
