@@ -29,9 +29,9 @@ from dreamer4.dynamics.grounding import (
     probe,
     shift_latents,
     summary_lines,
+    teacher_forced_latents,
     view_shifted,
 )
-from dreamer4.dynamics.sampler import context_inputs
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 from dreamer4.runtime.loading import load_agent, load_world_model
 from dreamer4.runtime.stage import open_dataset
@@ -50,12 +50,10 @@ def oracle_shift(world, trans, key, context_tau: float) -> dict:
     @jax.jit
     def teacher_forced(f, acts, k):
         z = world.latents(f)
-        zc, tc, dc = context_inputs(z[:, :C], k, context_tau, dyn.cfg.k_max)
-        B = z.shape[0]
         noise = jax.random.normal(jax.random.fold_in(k, 1), z[:, C:].shape)
-        tau = jnp.concatenate([tc, jnp.zeros((B, 1))], 1)
-        d = jnp.concatenate([dc, jnp.full((B, 1), 1.0 / dyn.cfg.k_max)], 1)
-        return dyn(jnp.concatenate([zc, noise], 1), tau, d, acts, acts >= 0)[:, -1], z[:, C - 1], z[:, C]
+        a_ctx = acts[:, :C]
+        pred = teacher_forced_latents(dyn, z[:, :C], a_ctx, a_ctx >= 0, acts[:, C:], noise, k, context_tau=context_tau)
+        return pred, z[:, C - 1], z[:, C]
 
     idx = np.flatnonzero(sel)
     parts = [

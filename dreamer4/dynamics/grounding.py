@@ -26,6 +26,7 @@ The metric functions at the top are pure numpy; `probe` runs a world model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -223,6 +224,20 @@ def action_scores(
 # ----------------------------------------------------------------------------- probe
 
 
+def teacher_forced_latents(dyn, z_ctx_BCLN, acts_ctx_BC, mask_ctx_BC, act_B1, noise_B1LN, key, *, context_tau: float):
+    """The dynamics' x-prediction of z_t (B, L, N) in one pass: the C context steps at the context
+    level tau_ctx (`context_inputs`), step t pure noise (tau = 0, d = d_min) under action act_B1
+    (labeled where >= 0). Its error against the real z_t is the teacher-forced next-latent error."""
+    zc, tau_c, d_c = context_inputs(z_ctx_BCLN, key, context_tau, dyn.cfg.k_max)
+    B = z_ctx_BCLN.shape[0]
+    z = jnp.concatenate([zc, noise_B1LN], axis=1)
+    tau = jnp.concatenate([tau_c, jnp.zeros((B, 1))], axis=1)
+    d = jnp.concatenate([d_c, jnp.full((B, 1), 1.0 / dyn.cfg.k_max)], axis=1)
+    a = jnp.concatenate([acts_ctx_BC, act_B1], axis=1)
+    m = jnp.concatenate([mask_ctx_BC, act_B1 >= 0], axis=1)
+    return dyn(z, tau, d, a, m)[:, -1]
+
+
 def probe(
     world, trans: Transitions, K: int, key, *, context_tau: float, batch: int = 256, candidates=MOVE_CANDIDATES
 ) -> dict:
@@ -234,16 +249,7 @@ def probe(
     decode = jax.jit(lambda z: world.decode(z))
     encode = jax.jit(lambda f: world.latents(f))
 
-    @jax.jit
-    def teacher_forced(z_ctx, acts_ctx, mask_ctx, act_t, noise, kctx):
-        zc, tau_c, d_c = context_inputs(z_ctx, kctx, context_tau, dyn.cfg.k_max)
-        B = z_ctx.shape[0]
-        z = jnp.concatenate([zc, noise], axis=1)
-        tau = jnp.concatenate([tau_c, jnp.zeros((B, 1))], axis=1)
-        d = jnp.concatenate([d_c, jnp.full((B, 1), 1.0 / dyn.cfg.k_max)], axis=1)
-        a = jnp.concatenate([acts_ctx, act_t], axis=1)
-        m = jnp.concatenate([mask_ctx, act_t >= 0], axis=1)
-        return dyn(z, tau, d, a, m)[:, -1]
+    teacher_forced = jax.jit(partial(teacher_forced_latents, dyn, context_tau=context_tau))
 
     gen_err, gen_px, tf_err = [], [], []  # per candidate (+ true as the last column)
     real_px, last_px, z_true, z_last, recon_px, recon_last_px = [], [], [], [], [], []
