@@ -8,11 +8,22 @@ from dreamer4.config import Config, ConfigError, load_config, save_config
 REPO = Path(__file__).parent.parent
 
 
-@pytest.mark.parametrize("preset", ["tiny", "classic", "full"])
+@pytest.mark.parametrize("preset", ["tiny", "grounded", "classic", "full"])
 def test_presets_load(preset):
     cfg = load_config(REPO / "configs" / f"{preset}.yaml")
     assert isinstance(cfg, Config)
     assert cfg.env.name == ("full" if preset == "full" else "classic")
+
+
+def test_grounded_preset_builds_a_neighbourhood_dynamics_on_the_tile_grid():
+    from dreamer4.runtime.loading import build_dynamics, build_tokenizer
+
+    cfg = load_config(REPO / "configs" / "grounded.yaml")
+    tok = build_tokenizer(cfg, (63, 63, 3))
+    assert tok.latent_grid == (9, 9)  # one latent per 7x7 tile
+    dyn = build_dynamics(cfg, cfg, 17, seed=0, latent_grid=tok.latent_grid)
+    time_blocks = [b for b in dyn.transformer.blocks if b.kind == "time"]
+    assert time_blocks and all(len(b.neighbours[0]) == 9 for b in time_blocks)
 
 
 def test_dotted_overrides_are_typed():
