@@ -67,6 +67,9 @@ class LoaderConfig:
     seq_len: int = 16
     # Distance between window starts inside an episode (seq_len = no overlap).
     window_stride: int = 8
+    # Windows of labeled train episodes are listed this many times per epoch (1 = their natural
+    # share): with 10% labeled episodes, 9 makes about half of all windows carry actions.
+    labeled_repeat: int = 1
     shuffle: bool = True
     # grain worker processes; 0 reads in the main process.
     worker_count: int = 0
@@ -585,6 +588,7 @@ def validate(cfg: Config) -> None:
         (cfg.loader.batch_size >= 1, "loader.batch_size", "must be >= 1"),
         (cfg.loader.seq_len >= 1, "loader.seq_len", "must be >= 1"),
         (cfg.loader.window_stride >= 1, "loader.window_stride", "must be >= 1"),
+        (cfg.loader.labeled_repeat >= 1, "loader.labeled_repeat", "must be >= 1"),
         (cfg.loader.worker_count >= 0, "loader.worker_count", "must be >= 0"),
         (
             cfg.tokenizer.width % cfg.tokenizer.num_heads == 0,

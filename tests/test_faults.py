@@ -280,6 +280,7 @@ def test_disk_full_in_state_checkpoint_and_logs(small_disk):
         ("dynamics.context_prob=-0.1", "dynamics.context_prob"),
         ("dynamics.eval_transitions=0", "dynamics.eval_transitions"),
         ("loader.worker_buffer_size=0", "loader.worker_buffer_size"),
+        ("loader.labeled_repeat=0", "loader.labeled_repeat"),
     ],
 )
 def test_impossible_values_name_the_key(override, key):

@@ -88,3 +88,20 @@ def test_loader_errors(dataset, cfg, tmp_path):
         make_loader(root, make_test_config(["loader.batch_size=3"]), shard_index=0, shard_count=2)
     labeled = make_loader(root, cfg, labeled_only=True).source
     assert labeled.episodes and all(e.labeled for e in labeled.episodes)
+
+
+def test_labeled_repeat_lists_labeled_windows_again(dataset, cfg):
+    """loader.labeled_repeat=r: every window of a labeled episode r times, the others once."""
+    from collections import Counter
+
+    from conftest import make_test_config
+
+    root, _ = dataset
+    one = make_loader(root, cfg).source
+    three = make_loader(root, make_test_config(["loader.labeled_repeat=3"])).source
+    lab = [tuple(w) for w in one.windows if one.episodes[w[0]].labeled]
+    assert lab and len(lab) < len(one)  # the session dataset has both kinds
+    assert len(three) == len(one) + 2 * len(lab)
+    counts = Counter(tuple(w) for w in three.windows)
+    assert all(counts[tuple(w)] == (3 if one.episodes[w[0]].labeled else 1) for w in one.windows)
+    assert "labeled repeated x3" in three.describe()

@@ -52,9 +52,10 @@ class WindowSource(grain.RandomAccessDataSource):
         env_name: str | None = None,
         labeled_only: bool = False,
         seq_len_key: str = "loader.seq_len",
+        labeled_repeat: int = 1,
     ):
         self.ds = Dataset.open(root, env_name=env_name)
-        self.split, self.seq_len = split, seq_len
+        self.split, self.seq_len, self.labeled_repeat = split, seq_len, labeled_repeat
         eps = self.ds.split(split)
         if not eps:
             raise DatasetError(f"dataset {root} has no committed '{split}' episodes")
@@ -73,6 +74,8 @@ class WindowSource(grain.RandomAccessDataSource):
                 f"dataset {root}: no '{split}' episode is at least {seq_len_key}={seq_len} steps long "
                 f"(longest: {max(e.length for e in eps)}); lower config key '{seq_len_key}'"
             )
+        # Labeled episodes' windows listed labeled_repeat times: the epoch oversamples them.
+        windows += [w for w in windows if eps[w[0]].labeled] * (labeled_repeat - 1)
         self.windows = np.asarray(windows, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -113,7 +116,9 @@ class WindowSource(grain.RandomAccessDataSource):
         n_lab = sum(e.labeled for e in self.episodes)
         return (
             f"{self.split}: {len(self.episodes)} episodes ({n_lab} labeled), {len(self)} windows "
-            f"of {self.seq_len} steps; {len(self.skipped)} episodes shorter than that skipped"
+            f"of {self.seq_len} steps"
+            + (f" (labeled repeated x{self.labeled_repeat})" if self.labeled_repeat > 1 else "")
+            + f"; {len(self.skipped)} episodes shorter than that skipped"
         )
 
 
@@ -251,6 +256,7 @@ def make_loader(
         env_name=cfg.env.name,
         labeled_only=labeled_only,
         seq_len_key=seq_len_key,
+        labeled_repeat=lc.labeled_repeat,
     )
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
