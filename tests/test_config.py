@@ -19,6 +19,7 @@ def test_grounded_preset_builds_a_neighbourhood_dynamics_on_the_tile_grid():
     from dreamer4.runtime.loading import build_dynamics, build_tokenizer
 
     cfg = load_config(REPO / "configs" / "grounded.yaml")
+    assert cfg.collect.policy == "walk" and cfg.collect.mix == ""  # a mix would override the policy
     tok = build_tokenizer(cfg, (63, 63, 3))
     assert tok.latent_grid == (9, 9)  # one latent per 7x7 tile
     dyn = build_dynamics(cfg, cfg, 17, seed=0, latent_grid=tok.latent_grid)
