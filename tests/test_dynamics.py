@@ -193,6 +193,19 @@ def test_bad_spatial_tokens(dataset, trained_tokenizer, tmp_path):
         train_dynamics(dyn_config(["dynamics.spatial_tokens=3"]), root, run)
 
 
+def assert_cached_steps_equal_full_pass(m, z, tau, d, acts, mask):
+    """Step-by-step generation with the KV cache gives the full pass's outputs; returns the full pass."""
+    full = m(z, tau, d, acts, mask)
+    cache, steps = m.init_cache(B, T), []
+    for t in range(T):
+        y, cache = m.step(
+            z[:, t : t + 1], tau[:, t : t + 1], d[:, t : t + 1], acts[:, t : t + 1], mask[:, t : t + 1], cache, t
+        )
+        steps.append(y)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
+    return full
+
+
 def test_space_rope_positions_and_cached_steps():
     """dynamics.space_rope: the spatial tokens' (row, column // group) on the tokenizer's patch
     grid, the other tokens at (0, 0); frame-by-frame with the KV cache equals the full pass; and
@@ -212,14 +225,7 @@ def test_space_rope_positions_and_cached_steps():
     m = Dynamics(net, 12, N, A, latent_grid=(2, 6), rngs=nnx.Rngs(0))
     z = jax.random.normal(jax.random.PRNGKey(1), (B, T, 12, N))
     _, tau, d, acts, mask = _inputs()
-    full = m(z, tau, d, acts, mask)
-    cache, steps = m.init_cache(B, T), []
-    for t in range(T):
-        y, cache = m.step(
-            z[:, t : t + 1], tau[:, t : t + 1], d[:, t : t + 1], acts[:, t : t + 1], mask[:, t : t + 1], cache, t
-        )
-        steps.append(y)
-    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
+    full = assert_cached_steps_equal_full_pass(m, z, tau, d, acts, mask)
     # the rotation is really applied: moving the grid changes the output
     m2 = Dynamics(net, 12, N, A, latent_grid=(3, 4), rngs=nnx.Rngs(0))
     assert not np.allclose(m2(z, tau, d, acts, mask), full, atol=1e-4)
@@ -251,14 +257,7 @@ def test_time_neighbourhood_table_and_cached_steps():
             blk.select.kernel[...] = 0.3 * jax.random.normal(jax.random.PRNGKey(5), blk.select.kernel.shape)
     z = jax.random.normal(jax.random.PRNGKey(1), (B, T, 12, N))
     _, tau, d, acts, mask = _inputs()
-    full = m(z, tau, d, acts, mask)
-    cache, steps = m.init_cache(B, T), []
-    for t in range(T):
-        y, cache = m.step(
-            z[:, t : t + 1], tau[:, t : t + 1], d[:, t : t + 1], acts[:, t : t + 1], mask[:, t : t + 1], cache, t
-        )
-        steps.append(y)
-    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
+    assert_cached_steps_equal_full_pass(m, z, tau, d, acts, mask)
     with pytest.raises(ValueError, match="dynamics.time_neighbourhood.*latent_layout=patch"):
         Dynamics(net, 12, N, A, rngs=nnx.Rngs(0))
 
