@@ -177,6 +177,11 @@ def test_dream_writes_table_plot_and_videos(trained_dynamics):
     g = res["grounding"]
     assert g["n_transitions"] > 0 and g["identification_movement"]["chance"] == 0.2
     assert 0.0 <= metrics["grounding_identification_movement"] <= 1.0 or g["n_movement_changed"] == 0
+    # decoded pixels against copying, paired: the difference of means is the mean difference
+    pm = {k: g[f"pixel_mse_{k}"]["mean"] for k in ("generated", "copy_last_frame", "generated_minus_copy")}
+    assert pm["generated_minus_copy"] == pytest.approx(pm["generated"] - pm["copy_last_frame"], rel=1e-4, abs=1e-7)
+    assert g["psnr_of_mean_mse_copy_last_frame"] == pytest.approx(-10 * np.log10(pm["copy_last_frame"]), rel=1e-4)
+    assert metrics["grounding_pixel_mse_minus_copy"] == pytest.approx(pm["generated_minus_copy"])
     table = (out / "table.md").read_text()
     assert "copy last frame" in table and "movement identification" in table
 

@@ -83,6 +83,11 @@ def test_report_summary_states_grounding_and_agent_verdicts_with_their_intervals
             "latent_mse_generated": {**ci, "mean": 0.05},
             "latent_mse_copy_last": {**ci, "mean": 0.03},
             "latent_mse_generated_minus_copy": {"mean": 0.02, "ci95": [0.01, 0.03]},
+            "pixel_mse_generated": {**ci, "mean": 0.004},
+            "pixel_mse_copy_last_frame": {**ci, "mean": 0.006},
+            "pixel_mse_generated_minus_copy": {"mean": -0.002, "ci95": [-0.003, -0.001]},
+            "psnr_generated": {**ci, "mean": 24.0},
+            "psnr_copy_last_frame": {**ci, "mean": 31.0},
         }
     }
 
@@ -94,7 +99,12 @@ def test_report_summary_states_grounding_and_agent_verdicts_with_their_intervals
     lines = summary_lines(dream, ev)
     assert "NOT shown" in lines[0] and "21% of 100" in lines[0] and "chance 20%" in lines[0]
     assert lines[1].startswith("One-step prediction is worse than copying")
-    assert "beat behaviour cloning" in lines[2] and "+0.65 to +1.35" in lines[2]
+    # decoded pixels can disagree with latents: each verdict follows its own interval
+    assert lines[2].startswith("Decoded, it is better than copying") and "-0.00300 to -0.00100" in lines[2]
+    assert "beat behaviour cloning" in lines[3] and "+0.65 to +1.35" in lines[3]
     ev["policies"]["imagine"] = pol(1.2, 1.0)
-    assert "did not beat" in summary_lines(dream, ev)[2]
+    assert "did not beat" in summary_lines(dream, ev)[3]
+    # results written before the probe measured pixels: no pixel line
+    del dream["grounding"]["pixel_mse_generated_minus_copy"]
+    assert len(summary_lines(dream, ev)) == 3
     assert summary_lines({}, {}) == []

@@ -169,6 +169,9 @@ def dream(run_dir: str | Path, out_name: str = "dream", seed: int = 0) -> dict:
         "grounding_latent_mse_minus_copy": tuple(
             grounding["latent_mse_generated_minus_copy"][k] for k in ("mean", "ci95")
         ),
+        "grounding_pixel_mse_minus_copy": tuple(
+            grounding["pixel_mse_generated_minus_copy"][k] for k in ("mean", "ci95")
+        ),
     }.items():
         metrics.update({key: m, f"{key}_lo": lo, f"{key}_hi": hi})
     stage = StageDir(run_dir, out_name)

@@ -96,6 +96,16 @@ def summary_lines(dream: dict, ev: dict) -> list[str]:
             f"{g['latent_mse_generated']['mean']:.4f} vs copy {g['latent_mse_copy_last']['mean']:.4f} "
             f"(difference 95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})."
         )
+        d = g.get("pixel_mse_generated_minus_copy")
+        if d:  # absent in results written before the probe measured decoded pixels
+            better = "better" if d["ci95"][1] < 0 else ("worse" if d["ci95"][0] > 0 else "not distinguishable from")
+            out.append(
+                f"Decoded, it is {better} than copying the last frame in pixel MSE: "
+                f"{g['pixel_mse_generated']['mean']:.5f} vs {g['pixel_mse_copy_last_frame']['mean']:.5f} "
+                f"(difference 95% CI {d['ci95'][0]:+.5f} to {d['ci95'][1]:+.5f}; mean per-frame PSNR "
+                f"{g['psnr_generated']['mean']:.2f} vs {g['psnr_copy_last_frame']['mean']:.2f} dB, which favours "
+                f"copying on frames where little changed)."
+            )
     pols = ev.get("policies", {})
     if {"bc", "imagine"} <= set(pols):
         a, b = pols["imagine"], pols["bc"]
