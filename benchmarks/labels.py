@@ -125,13 +125,17 @@ def main():
                     "gap_db_ci95": r["psnr_gap_true_minus_other_db"]["ci95"],
                     "latent_minus_copy": r["latent_mse_generated_minus_copy"]["mean"],
                     "latent_minus_copy_ci95": r["latent_mse_generated_minus_copy"]["ci95"],
+                    "pixel_minus_copy": r["pixel_mse_generated_minus_copy"]["mean"],
+                    "pixel_minus_copy_ci95": r["pixel_mse_generated_minus_copy"]["ci95"],
                 }
             )
             x = rows[-1]
             print(
                 f"labeled {f:g} seed {seed}: movement identification {x['ident_movement']:.1%} "
                 f"[{x['ident_ci95'][0]:.1%}, {x['ident_ci95'][1]:.1%}] of {x['n_movement']}, gap {x['gap_db']:+.3f} dB "
-                f"[{x['gap_db_ci95'][0]:+.3f}, {x['gap_db_ci95'][1]:+.3f}], latent - copy {x['latent_minus_copy']:+.4f}",
+                f"[{x['gap_db_ci95'][0]:+.3f}, {x['gap_db_ci95'][1]:+.3f}], latent - copy {x['latent_minus_copy']:+.4f}, "
+                f"pixel MSE - copy {x['pixel_minus_copy']:+.5f} [{x['pixel_minus_copy_ci95'][0]:+.5f}, "
+                f"{x['pixel_minus_copy_ci95'][1]:+.5f}]",
                 flush=True,
             )
     summary = summarise(rows)
