@@ -51,6 +51,24 @@ def test_a_model_that_ignores_actions_scores_chance_exactly(world):
     all_ = s["identification_all"]
     assert all_["accuracy"] == pytest.approx(all_["chance"])
     assert s["psnr_gap_true_minus_other_db"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert s["nearest_share_movement"] == pytest.approx({a: 0.2 for a in MOVE_CANDIDATES})
+
+
+def test_a_model_biased_to_one_candidate_scores_below_chance_and_the_share_says_why(world):
+    # like untrained action inputs: every candidate's frame differs, but none under its own action
+    # is right; no grounding, yet no ties either
+    prev, nxt, true_a = world
+    biased = lambda p, a: p if a == 0 else _shift(p, 1 + (int(a) % 4))  # noqa: E731 - a move goes the wrong way
+    s = action_scores(_generated(prev, true_a, biased), nxt / 255.0, prev, nxt, true_a)
+    moves = np.isin(true_a, (1, 2, 3, 4))
+    assert s["identification_movement"]["accuracy"] == 0.0  # below the 20% chance
+    assert s["identification_movement"]["ci95"][1] < 0.2
+    # candidate a generates move 1 + (a % 4): it is exact, and wins, on the moves where that is the
+    # true one; noop (unshifted) never does
+    share = s["nearest_share_movement"]
+    assert share[0] == 0.0 and sum(share.values()) == pytest.approx(1.0)
+    for a in (1, 2, 3, 4):
+        assert share[a] == pytest.approx((true_a[moves] == 1 + (a % 4)).mean())
 
 
 def test_nearest_credit_splits_ties():

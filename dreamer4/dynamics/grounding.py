@@ -43,6 +43,7 @@ from dreamer4.runtime.images import psnr
 # Craftax (Classic and full) action ids: 0 noop, 1 left, 2 right, 3 up, 4 down.
 MOVE_CANDIDATES = (0, 1, 2, 3, 4)
 MOVES = (1, 2, 3, 4)
+MOVE_NAMES = {0: "noop", 1: "left", 2: "right", 3: "up", 4: "down"}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -195,6 +196,12 @@ def action_scores(
     sel = np.isin(true_a, MOVES) & view_shifted(prev_uint8_NHWC, next_uint8_NHWC)
     true_col = np.array([int(np.flatnonzero(cand == a)[0]) if a in cand else A for a in true_a], np.int64)
     ident_move = identification(px_err[sel][:, :A], true_col[sel])
+    # which candidate's frame is nearest on those moves, whatever the truth (ties split): a model
+    # whose actions were never trained still makes the candidates differ, and one of them (often
+    # noop) can win on most moves, which puts identification BELOW chance without any grounding
+    err_m = px_err[sel][:, :A]
+    is_min = err_m <= err_m.min(axis=1, keepdims=True)
+    share = (is_min / is_min.sum(axis=1, keepdims=True)).mean(axis=0) if sel.any() else np.full(A, np.nan)
     extra = np.where(true_col == A, px_err[:, A], np.inf)[:, None]
     err_all = np.concatenate([px_err[:, :A], extra], 1)
     n_cand = np.where(true_col == A, A + 1, A)
@@ -217,6 +224,7 @@ def action_scores(
         "identification_movement": ident_move,
         "identification_all": ident_all,
         "identification_per_action": per_action,
+        "nearest_share_movement": {int(a): float(v) for a, v in zip(cand, share)},
         "psnr_gap_true_minus_other_db": {"mean": m, "ci95": [lo, hi]},
         "psnr_gap_true_minus_other_db_movement": {"mean": m2, "ci95": [lo2, hi2]},
         "_sel": sel,
@@ -366,6 +374,8 @@ def summary_lines(r: dict, action_names=None) -> list[str]:
         f"chance {im['chance']:.0%})",
         f"all-action identification {ia['accuracy']:.1%} (95% CI {ia['ci95'][0]:.1%}-{ia['ci95'][1]:.1%}, "
         f"chance {ia['chance']:.1%})",
+        "on those moves, share where each candidate's frame is nearest: "
+        + ", ".join(f"{MOVE_NAMES.get(int(a), a)} {v:.0%}" for a, v in r.get("nearest_share_movement", {}).items()),
         f"paired PSNR gap true - other: {f(r['psnr_gap_true_minus_other_db'])} dB; on movement "
         f"{f(r['psnr_gap_true_minus_other_db_movement'])} dB",
         f"next-frame latent MSE: generated {f(r['latent_mse_generated'])}, copy-last {f(r['latent_mse_copy_last'])}, "
