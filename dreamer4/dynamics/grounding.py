@@ -38,7 +38,7 @@ import numpy as np
 
 from dreamer4.data.store import Dataset, DatasetError
 from dreamer4.dynamics.sampler import context_inputs, generate_step, prefill_context
-from dreamer4.runtime.images import psnr
+from dreamer4.runtime.images import psnr, psnr_from_mse
 
 # Craftax (Classic and full) action ids: 0 noop, 1 left, 2 right, 3 up, 4 down.
 MOVE_CANDIDATES = (0, 1, 2, 3, 4)
@@ -77,14 +77,18 @@ def bootstrap_ci(x_N, n_boot: int = 4000, seed: int = 0, level: float = 0.95) ->
     return (float(x.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a)))
 
 
-def nearest_credit(err_NA, true_col_N, atol: float = 0.0) -> np.ndarray:
-    """Credit per transition for the true candidate being nearest: 1/|ties| if it is among the
-    minimisers of err_NA[n] (within atol of the minimum), else 0. Shape (N,)."""
+def tie_credit(err_NA, atol: float = 0.0) -> np.ndarray:
+    """Credit of each candidate for being nearest: 1/|ties| for the minimisers of err_NA[n] (within
+    atol of the minimum), else 0; every row sums to 1. Shape (N, A)."""
     err = np.asarray(err_NA, np.float64)
-    best = err.min(axis=1, keepdims=True)
-    is_min = err <= best + atol
-    true_is_min = is_min[np.arange(err.shape[0]), np.asarray(true_col_N)]
-    return np.where(true_is_min, 1.0 / is_min.sum(axis=1), 0.0)
+    is_min = err <= err.min(axis=1, keepdims=True) + atol
+    return is_min / is_min.sum(axis=1, keepdims=True)
+
+
+def nearest_credit(err_NA, true_col_N, atol: float = 0.0) -> np.ndarray:
+    """Credit per transition for the true candidate being nearest (`tie_credit` of its column). Shape (N,)."""
+    credit = tie_credit(err_NA, atol)
+    return credit[np.arange(credit.shape[0]), np.asarray(true_col_N)]
 
 
 def identification(err_NA, true_col_N, chance_N=None) -> dict:
@@ -199,9 +203,7 @@ def action_scores(
     # which candidate's frame is nearest on those moves, whatever the truth (ties split): a model
     # whose actions were never trained still makes the candidates differ, and one of them (often
     # noop) can win on most moves, which puts identification BELOW chance without any grounding
-    err_m = px_err[sel][:, :A]
-    is_min = err_m <= err_m.min(axis=1, keepdims=True)
-    share = (is_min / is_min.sum(axis=1, keepdims=True)).mean(axis=0) if sel.any() else np.full(A, np.nan)
+    share = tie_credit(px_err[sel][:, :A]).mean(axis=0) if sel.any() else np.full(A, np.nan)
     extra = np.where(true_col == A, px_err[:, A], np.inf)[:, None]
     err_all = np.concatenate([px_err[:, :A], extra], 1)
     n_cand = np.where(true_col == A, A + 1, A)
@@ -214,7 +216,7 @@ def action_scores(
     others = np.ones((N, A), bool)
     inside = true_col < A
     others[np.flatnonzero(inside), true_col[inside]] = False
-    psnr_all = 10.0 * np.log10(1.0 / np.maximum(px_err, 1e-10))
+    psnr_all = np.asarray(psnr_from_mse(px_err))
     gap_N = psnr_all[np.arange(N), true_col] - (psnr_all[:, :A] * others).sum(1) / others.sum(1)
     m, lo, hi = bootstrap_ci(gap_N)
     m2, lo2, hi2 = bootstrap_ci(gap_N[sel])
@@ -230,6 +232,7 @@ def action_scores(
         "_sel": sel,
         "_true_col": true_col,
         "_others": others,
+        "_px_err": px_err,
     }
 
 
@@ -311,14 +314,14 @@ def probe(
 
     scores = action_scores(gen_px, real, trans.frames[:, C - 1], trans.frames[:, C], true_a, cand)
     sel, true_col, others = scores.pop("_sel"), scores.pop("_true_col"), scores.pop("_others")
-    psnr_gen = np.asarray(psnr(gen_px[:, A], real))
-    psnr_copy = np.asarray(psnr(last, real))
-    psnr_copy_tok = np.asarray(psnr(rec_last, real))
     # Pixel MSE per transition: its mean is what PSNR-of-the-mean (10 log10(1 / mean MSE)) reports.
     # The mean of per-frame PSNRs is dominated by near-exact copies (copy-last reaches 40-100 dB on
     # frames where little changed; any decoded frame is capped near the tokenizer's ceiling).
-    mse_gen = np.mean((gen_px[:, A] - real) ** 2, axis=(1, 2, 3))
+    mse_gen = scores.pop("_px_err")[:, A]  # the true action's column
     mse_copy = np.mean((last - real) ** 2, axis=(1, 2, 3))
+    psnr_gen = np.asarray(psnr_from_mse(mse_gen))
+    psnr_copy = np.asarray(psnr_from_mse(mse_copy))
+    psnr_copy_tok = np.asarray(psnr(rec_last, real))
     lat_gen = gen_err[:, A]
     lat_copy = np.mean((zl_all - zt_all) ** 2, axis=(1, 2))
     lat_mean = np.mean((zt_all - zt_all.mean(0, keepdims=True)) ** 2, axis=(1, 2))
@@ -355,8 +358,8 @@ def probe(
         "pixel_mse_generated_minus_copy": ci(mse_gen - mse_copy),
         "pixel_mse_generated_minus_copy_movement": ci(mse_gen[sel] - mse_copy[sel]),
         "pixel_mse_generated_minus_copy_still": ci(mse_gen[~sel] - mse_copy[~sel]),
-        "psnr_of_mean_mse_generated": float(10.0 * np.log10(1.0 / max(mse_gen.mean(), 1e-10))),
-        "psnr_of_mean_mse_copy_last_frame": float(10.0 * np.log10(1.0 / max(mse_copy.mean(), 1e-10))),
+        "psnr_of_mean_mse_generated": float(psnr_from_mse(mse_gen.mean())),
+        "psnr_of_mean_mse_copy_last_frame": float(psnr_from_mse(mse_copy.mean())),
     }
 
 

@@ -70,6 +70,11 @@ def _pct(lo_hi) -> str:
     return f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}"
 
 
+def _error_verdict(ci95) -> str:
+    """How an error difference (model - copy) with this 95% CI reads: lower error is better."""
+    return "better" if ci95[1] < 0 else ("worse" if ci95[0] > 0 else "not distinguishable from")
+
+
 def summary_lines(dream: dict, ev: dict) -> list[str]:
     """Plain-words verdicts at the top of the report: is the world model grounded in actions, does
     it predict the next frame better than copying the last one, and how the policies compare."""
@@ -90,17 +95,15 @@ def summary_lines(dream: dict, ev: dict) -> list[str]:
             f"chance {im['chance']:.0%})."
         )
         d = g["latent_mse_generated_minus_copy"]
-        better = "better" if d["ci95"][1] < 0 else ("worse" if d["ci95"][0] > 0 else "not distinguishable from")
         out.append(
-            f"One-step prediction is {better} than copying the last frame: generated-latent MSE "
+            f"One-step prediction is {_error_verdict(d['ci95'])} than copying the last frame: generated-latent MSE "
             f"{g['latent_mse_generated']['mean']:.4f} vs copy {g['latent_mse_copy_last']['mean']:.4f} "
             f"(difference 95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})."
         )
         d = g.get("pixel_mse_generated_minus_copy")
         if d:  # absent in results written before the probe measured decoded pixels
-            better = "better" if d["ci95"][1] < 0 else ("worse" if d["ci95"][0] > 0 else "not distinguishable from")
             out.append(
-                f"Decoded, it is {better} than copying the last frame in pixel MSE: "
+                f"Decoded, it is {_error_verdict(d['ci95'])} than copying the last frame in pixel MSE: "
                 f"{g['pixel_mse_generated']['mean']:.5f} vs {g['pixel_mse_copy_last_frame']['mean']:.5f} "
                 f"(difference 95% CI {d['ci95'][0]:+.5f} to {d['ci95'][1]:+.5f}; mean per-frame PSNR "
                 f"{g['psnr_generated']['mean']:.2f} vs {g['psnr_copy_last_frame']['mean']:.2f} dB, which favours "

@@ -10,10 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def psnr_from_mse(mse):
+    """PSNR = 10 log10(1 / MSE) for images in [0, 1]; an MSE under 1e-10 (an exact copy) counts as 1e-10.
+    NumPy in, NumPy out at its precision (the probe's statistics run in float64); jax otherwise."""
+    xp = np if isinstance(mse, (np.ndarray, np.floating, float)) else jnp
+    return 10.0 * xp.log10(1.0 / xp.maximum(mse, 1e-10))
+
+
 def psnr(x_HWC, y_HWC, axes=(-3, -2, -1)):
     """PSNR = 10 log10(1 / MSE) for images in [0, 1], per image (reduced over `axes`)."""
-    mse = jnp.mean((jnp.asarray(x_HWC, jnp.float32) - jnp.asarray(y_HWC, jnp.float32)) ** 2, axis=axes)
-    return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
+    return psnr_from_mse(jnp.mean((jnp.asarray(x_HWC, jnp.float32) - jnp.asarray(y_HWC, jnp.float32)) ** 2, axis=axes))
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5):

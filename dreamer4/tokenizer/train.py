@@ -17,7 +17,7 @@ import numpy as np
 from dreamer4.config import Config, TokenizerConfig
 from dreamer4.data.store import Dataset, DatasetError
 from dreamer4.runtime.distributed import log0
-from dreamer4.runtime.images import image_grid, psnr, ssim
+from dreamer4.runtime.images import image_grid, psnr, psnr_from_mse, ssim
 from dreamer4.runtime.loading import build_tokenizer
 from dreamer4.runtime.lock import stage_lock
 from dreamer4.runtime.stage import StageDir, open_dataset
@@ -39,7 +39,7 @@ def tokenizer_loss(model: Tokenizer, batch: dict, key: jax.Array, mask_prob_max:
     mask_BTP = sample_patch_mask(key, B, T, model.num_patches, mask_prob_max)
     recon_BTHWC = model(frames_BTHWC, mask_BTP)
     loss = mse_loss(recon_BTHWC, frames_BTHWC)
-    return loss, {"mse": loss, "psnr": 10.0 * jnp.log10(1.0 / jnp.maximum(loss, 1e-10)), "mask_frac": mask_BTP.mean()}
+    return loss, {"mse": loss, "psnr": psnr_from_mse(loss), "mask_frac": mask_BTP.mean()}
 
 
 def eval_frames(ds: Dataset, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
