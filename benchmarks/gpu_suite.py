@@ -1,6 +1,6 @@
 """One prepared benchmark suite for a 15-minute GPU lease (issue 17); `benchmarks/gpu_suite.sh` runs it.
 
-    python benchmarks/gpu_suite.py [--smoke] [--out DIR] [--parts a,b] [--total-s 330]
+    python benchmarks/gpu_suite.py [--smoke] [--out DIR] [--parts a,b] [--total-s 350]
 
 Parts, each in its own process with its own time budget (benchmarks/gpu_suite_parts.py):
   env              jax version, devices, device kind, dense bf16 peak, package versions
@@ -40,13 +40,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import profile_summary  # noqa: E402  (benchmarks/ is not a package; this module imports no JAX at the top)
+
 ORDER = ["env", "train_tokenizer", "train_dynamics", "imagine", "collect", "loader"]
 
 
 def full_plan(work: str, cache: str | None) -> dict:
     """Part -> (budget seconds, params) for one H100/H200 (classic preset, bf16).
 
-    Budgets fit a cold start (no compilation cache) in the default 330 s; the 2026 H100 run's
+    Budgets fit a cold start (no compilation cache) in the default 350 s; the 2026 H100 run's
     compile times: tokenizer step 26 s, dynamics step 69 s, collect's Craftax chunk ~57 s (1024
     envs). Within a part, further cases (a 2x batch, more imagination cases, 4096 envs) run only
     while the part's budget holds another one like the last; a part may also use what earlier
@@ -55,8 +58,10 @@ def full_plan(work: str, cache: str | None) -> dict:
     c = {"config": "configs/classic.yaml", "cache_dir": cache, "work": work}
     return {
         "env": (15, {**c, "require_gpu": True}),
-        "train_tokenizer": (45, {**c, "batches": [[64, 16], [128, 16]], "seconds": 2}),
-        "train_dynamics": (90, {**c, "batches": [[32, 64], [64, 64]], "seconds": 2}),
+        # after the preset batch is timed, 3 more steps run under the profiler (where the time goes,
+        # for the MFU goal: ~5-10 s), before the 2x batch is tried
+        "train_tokenizer": (55, {**c, "batches": [[64, 16], [128, 16]], "seconds": 2, "profile_steps": 3}),
+        "train_dynamics": (100, {**c, "batches": [[32, 64], [64, 64]], "seconds": 2, "profile_steps": 3}),
         "imagine": (
             55,
             {
@@ -121,8 +126,8 @@ def smoke_plan(work: str, cache: str | None) -> dict:
     }
     return {
         "env": (60, {**c}),
-        "train_tokenizer": (90, {**c, "batches": [[2, 2]], "seconds": 0.0}),
-        "train_dynamics": (90, {**c, "batches": [[2, 4]], "seconds": 0.0}),
+        "train_tokenizer": (90, {**c, "batches": [[2, 2]], "seconds": 0.0, "profile_steps": 2}),
+        "train_dynamics": (90, {**c, "batches": [[2, 4]], "seconds": 0.0, "profile_steps": 2}),
         "imagine": (90, {**c, "batches": [1], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 4, "seconds": 0.0}),
         "collect": (150, {**c, "num_envs": [4], "chunk_steps": 16, "device_seconds": 0.2, "collect_seconds": 0.5}),
         "loader": (
@@ -270,6 +275,33 @@ def markdown(res: dict) -> str:
                 f"{_f(r.get('mfu_model'), '{:.1%}')} | {_f(_gib(r.get('memory', {}).get('peak_bytes_in_use')), '{:.2f}')} |"
                 f"{tail} {'none' if str(r.get('host_transfers_in_step', '')).startswith('none') else 'YES'} |"
             )
+    profiled = [
+        (f"{name[6:]} {r['batch']}x{r['seq_len']}", r["profile"])
+        for name in ("train_tokenizer", "train_dynamics")
+        for r in parts.get(name, {}).get("results", {}).get("batches", [])
+        if "profile" in r
+    ]
+    if profiled:
+        lines += [
+            "",
+            "## Where a train step's time goes (`benchmarks/profile_summary.py`; share of kernel time by kind)",
+            "",
+        ]
+        ok = [(label, s) for label, s in profiled if "error" not in s]
+        if ok:
+            lines += profile_summary.markdown(ok)
+        for label, s in profiled:
+            if "error" in s:
+                lines.append(f"\n{label}: no profile ({s['error'][:160]})")
+                continue
+            top = "; ".join(f"{t['name'][:60]} ({t['kind']}) {t['share']:.0%}" for t in s["top"][:5])
+            lines.append(
+                f"\n{label}, top kernels: {top}" + (f"; trace: {s['trace_file']}" if s.get("trace_file") else "")
+            )
+            if s.get("by_scope"):
+                k_ms = s["kernel_ms_per_step"] or 1.0
+                scopes = "; ".join(f"{k} {v / k_ms:.0%}" for k, v in list(s["by_scope"].items())[:8])
+                lines.append(f"\n{label}, by named scope ({s['scope_coverage']:.0%} of kernel time matched): {scopes}")
     im = parts.get("imagine", {}).get("results", {})
     lines += [
         "",
@@ -330,7 +362,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="every part at tiny sizes (CPU, CI)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
     ap.add_argument("--parts", default=",".join(ORDER))
-    ap.add_argument("--total-s", type=float, default=None, help="time for all parts (default 330 s; smoke 300 s)")
+    ap.add_argument("--total-s", type=float, default=None, help="time for all parts (default 350 s; smoke 300 s)")
     ap.add_argument(
         "--compile-only",
         action="store_true",
@@ -348,7 +380,7 @@ def main():
     )
     args = ap.parse_args()
     t_start = time.perf_counter()
-    total = args.total_s or (300.0 if args.smoke else 330.0)
+    total = args.total_s or (300.0 if args.smoke else 350.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="d4suite-"))
@@ -358,6 +390,10 @@ def main():
     cache_entries = len(list(Path(cache).glob("*"))) if Path(cache).is_dir() else 0
     plan = (smoke_plan if args.smoke else full_plan)(str(work), None if cache.lower() == "off" else cache)
     wanted = [p for p in ORDER if p in args.parts.split(",")]
+    if not args.smoke:  # the train parts' profiler traces come back with the results (gzipped)
+        for name in ("train_tokenizer", "train_dynamics"):
+            budget, params = plan[name]
+            plan[name] = (budget, {**params, "keep_trace_dir": str(out)})
     if args.compile_only:
         for name in ("train_tokenizer", "train_dynamics"):
             budget, params = plan[name]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import importlib.util
 import json
 import os
@@ -52,6 +53,7 @@ def _bench_module(name: str):
 
 
 train_step_bench = _bench_module("train_step")  # tokenizer_case, dynamics_case, PEAK_BF16, FRAME_SHAPES
+profile_summary = _bench_module("profile_summary")  # profile_calls, read_events, summarize
 
 
 def _collection():
@@ -227,6 +229,38 @@ def _train_batch(p, rec: Recorder, row: dict, cfg, tc, stage: str, trainable) ->
             "metrics_finite": finite,
         }
     )
+    n_prof = p.get("profile_steps", 0)
+    if n_prof and _left(p) > n_prof * step_s + p.get("profile_overhead_s", 10.0):
+        try:
+            op_names = profile_summary.hlo_op_names(compiled.as_text())
+            row["profile"] = _profile(p, one, n_prof, step_s, model_flops, f"{stage}_b{row['batch']}", op_names)
+        except Exception as e:  # noqa: BLE001  (a profiler failure must not lose the timing above)
+            row["profile"] = {"error": _error(e)}
+    elif n_prof:
+        row["profile"] = {"error": f"skipped: {_left(p):.0f} s of the budget left"}
+
+
+def _profile(p, step_fn, n: int, step_s: float, model_flops: float, label: str, op_names=None) -> dict:
+    """Trace n more calls of step_fn (dispatched back to back, as timed) and summarise where the
+    device time goes (benchmarks/profile_summary.py); with keep_trace_dir, a gzipped copy of the
+    trace goes to the suite's output folder (open it in xprof / TensorBoard's profile plugin)."""
+    t0 = time.perf_counter()
+    trace_dir = Path(p["work"]) / f"trace_{label}"
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    xplane = profile_summary.profile_calls(step_fn, n, trace_dir)
+    events, source = profile_summary.read_events(xplane)
+    summary = profile_summary.summarize(events, n, step_s * 1e3, model_flops, top=10, source=source, op_names=op_names)
+    keep = p.get("keep_trace_dir")
+    if keep and xplane.stat().st_size < 60 * 2**20:
+        dest = Path(keep) / f"trace_{label}.xplane.pb.gz"
+        with open(xplane, "rb") as src, gzip.open(dest, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+        if dest.stat().st_size > 15 * 2**20:  # the device tool returns files up to 16 MiB
+            dest.unlink()
+        else:
+            summary["trace_file"] = dest.name
+    summary["profile_s"] = time.perf_counter() - t0
+    return summary
 
 
 def _train(p, rec: Recorder, stage: str):

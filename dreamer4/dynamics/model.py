@@ -162,7 +162,8 @@ class Dynamics(nnx.Module):
 
     def __call__(self, z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT):
         """x-prediction: the clean latents z1_BTLN for every step, from corrupted inputs."""
-        return self.readout(self.transformer(self.tokens(z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT)))
+        with jax.named_scope("dynamics"):  # scope names: profiles attribute kernel time to them
+            return self.readout(self.transformer(self.tokens(z_BTLN, tau_BT, d_BT, actions_BT, action_mask_BT)))
 
     # -- generation with a KV cache -----------------------------------------------------------
     def init_cache(self, batch: int, max_len: int):

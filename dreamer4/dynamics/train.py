@@ -40,7 +40,8 @@ def make_dynamics_loss(cfg: Config):
 
     def loss_fn(world: WorldModel, batch: dict, key):
         """Shortcut forcing on sequences, plus the single-image share (start frames)."""
-        z1 = world.latents(batch["frames"])
+        with jax.named_scope("frozen_encoder"):  # names its kernels in profiles
+            z1 = world.latents(batch["frames"])
         B, T = z1.shape[:2]
         n_img = int(round(B * dc.single_image_share)) if T > 1 else 0
         k_seq, k_img = jax.random.split(key)

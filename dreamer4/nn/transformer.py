@@ -151,7 +151,8 @@ class Block(nnx.Module):
         return self.attn.attend(q_NTKH, k_NMGH, v_NMGH, mask_NTM, bias_NTKM)
 
     def _mlp(self, x_BTSD):
-        return x_BTSD + self.mlp(self.mlp_norm(x_BTSD)).astype(x_BTSD.dtype)
+        with jax.named_scope("mlp"):  # scope names: profiles attribute kernel time to them
+            return x_BTSD + self.mlp(self.mlp_norm(x_BTSD)).astype(x_BTSD.dtype)
 
     def _space_attn(self, h_BTSD, vis_SS):
         B, T, S, _ = h_BTSD.shape
@@ -169,6 +170,15 @@ class Block(nnx.Module):
     def __call__(self, x_BTSD, vis_SS=None, *, return_kv: bool = False):
         """Full pass over all T steps; with return_kv, also (k_BSTGH, v_BSTGH) of a time layer."""
         B, T, S, _ = x_BTSD.shape
+        with jax.named_scope(f"{self.kind}_attention"):
+            y_BTSD, kv = self._attention(x_BTSD, vis_SS)
+        x_BTSD = self._mlp(x_BTSD + y_BTSD.astype(x_BTSD.dtype))
+        return (x_BTSD, kv) if return_kv else x_BTSD
+
+    def _attention(self, x_BTSD, vis_SS):
+        """(y_BTSD, kv): the attention sublayer's output (before the residual add) and, for a
+        time layer, its (k_BSTGH, v_BSTGH)."""
+        B, T = x_BTSD.shape[:2]
         h_BTSD = self.attn_norm(x_BTSD)
         kv = None
         if self.kind == SPACE:
@@ -181,8 +191,7 @@ class Block(nnx.Module):
             else:
                 y_NTD = self._neighbour_attend(h_BTSD, q_NTKH, *kv, causal_time_mask(T, self.time_window))
             y_BTSD = rearrange(y_NTD, "(b s) t d -> b t s d", b=B)
-        x_BTSD = self._mlp(x_BTSD + y_BTSD.astype(x_BTSD.dtype))
-        return (x_BTSD, kv) if return_kv else x_BTSD
+        return y_BTSD, kv
 
     def step(self, x_B1SD, vis_SS, cache, t):
         """One step at index t. `cache` = {"k": k_BSCGH, "v": v_BSCGH} for a time layer (None for a

@@ -165,11 +165,13 @@ class Tokenizer(nnx.Module):
     # -- whole clips ---------------------------------------------------------------------------
     def encode(self, frames_BTHWC, mask_BTP=None):
         """Frames in [0, 1] -> z_BTLN in (-1, 1)."""
-        return self._enc_out(self.encoder(self._enc_tokens(frames_BTHWC, mask_BTP)))
+        with jax.named_scope("encoder"):  # scope names: profiles attribute kernel time to them
+            return self._enc_out(self.encoder(self._enc_tokens(frames_BTHWC, mask_BTP)))
 
     def decode(self, z_BTLN):
         """z_BTLN -> frames_BTHWC (unclipped reconstruction)."""
-        return self._dec_out(self.decoder(self._dec_tokens(z_BTLN)))
+        with jax.named_scope("decoder"):
+            return self._dec_out(self.decoder(self._dec_tokens(z_BTLN)))
 
     def __call__(self, frames_BTHWC, mask_BTP=None):
         return self.decode(self.encode(frames_BTHWC, mask_BTP))
