@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dreamer4.config import load_config
+from dreamer4.nn.module_jit import module_jit
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 from dreamer4.runtime.loading import TRAINABLE, build_dynamics, build_tokenizer
 from dreamer4.runtime.mesh import global_batch, make_mesh
@@ -115,6 +116,12 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument(
+        "--encoder-share",
+        action="store_true",
+        help="dynamics: also time the frozen tokenizer's encoder forward alone on the same frames "
+        "(what precomputed latents would save)",
+    )
     ap.add_argument("--json", default="bench_out/train_step.json")
     args = ap.parse_args()
     enable_compilation_cache()
@@ -126,6 +133,16 @@ def main():
     trainable = nnx.Param
     if args.stage == "dynamics":
         trainable = TRAINABLE["dynamics"]
+    encoder_s = None
+    if args.encoder_share and args.stage == "dynamics":  # before the step donates the model's arrays
+        encode = module_jit(lambda world, f: world.latents(f))
+        frames_dev = jax.device_put(data["frames"])
+        jax.block_until_ready(encode(model, frames_dev))  # compile
+        t0 = time.time()
+        for _ in range(args.steps):
+            z = encode(model, frames_dev)
+        jax.block_until_ready(z)
+        encoder_s = (time.time() - t0) / args.steps
     mesh = make_mesh(cfg.runtime.fsdp)
     graphdef, state, shardings = place_train_state(model, tc, mesh, trainable)
     step = compile_train_step(graphdef, loss_fn, shardings, mesh, trainable)
@@ -165,6 +182,9 @@ def main():
         "mfu": (flops / dt / (peak * n_dev)) if peak else None,
         "date": time.strftime("%Y-%m-%d"),
     }
+    if encoder_s is not None:
+        res["frozen_encoder_forward_s"] = encoder_s
+        res["frozen_encoder_share_of_step"] = encoder_s / dt
     print(
         f"\n{'stage':12} {'device':22} {'params':>10} {'batch':>9} {'step ms':>9} {'frames/s':>10} "
         f"{'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6}"
@@ -175,6 +195,8 @@ def main():
         f"{dt * 1e3:>9.1f} {res['frames_per_s']:>10.0f} {res['tokens_per_s']:>11.0f} "
         f"{res['achieved_tflops']:>8.2f} {mfu:>6}"
     )
+    if encoder_s is not None:
+        print(f"frozen encoder forward alone: {encoder_s * 1e3:.1f} ms = {encoder_s / dt:.1%} of the step")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.json}")

@@ -94,6 +94,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # "bf16" = bf16 compute with fp32 parameters and optimizer state.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # dtype of the transformer's residual stream between layers: "fp32", or "compute" (= the
+    # precision above: with bf16, half the bytes of every residual add, norm and their gradients
+    # move through memory; BENCHMARKS.md, "GPU suite", says what it was measured to do)
+    residual: Literal["fp32", "compute"] = "fp32"
 
 
 def _part(cfg: Any, cls: type) -> Any:

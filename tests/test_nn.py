@@ -395,3 +395,33 @@ def test_remat_gives_the_same_gradients(x):
     grads = [nnx.jit(nnx.grad(loss))(make_model(depth=2, remat=r), x) for r in (False, True)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_residual_stream_dtype_follows_the_train_config(monkeypatch):
+    """`train.residual: compute` runs the stream between layers in the compute dtype (bf16 here);
+    the default keeps it float32 (the models add float32 position embeddings to their inputs)."""
+    from dreamer4.config import ConfigError, load_config
+    from dreamer4.nn.transformer import Block
+    from dreamer4.runtime.loading import build_tokenizer
+
+    seen = []
+    orig = Block.__call__
+
+    def recording(self, x, *a, **k):  # the dtype that reaches each layer
+        seen.append(x.dtype)
+        return orig(self, x, *a, **k)
+
+    monkeypatch.setattr(Block, "__call__", recording)
+    frames = jax.random.uniform(jax.random.PRNGKey(0), (1, 3, 63, 63, 3))
+    outs = {}
+    for residual, want in (("fp32", jnp.float32), ("compute", jnp.bfloat16)):
+        overrides = ["tokenizer.train.precision=bf16", f"tokenizer.train.residual={residual}"]
+        tok = build_tokenizer(load_config("configs/tiny.yaml", overrides), (63, 63, 3))
+        seen.clear()
+        outs[residual] = tok.encode(frames)
+        assert seen and set(seen) == {jnp.dtype(want)}, (residual, seen)
+    # the same weights (same seed): the bf16 stream changes the latents by bf16 rounding only
+    a, b = (np.asarray(outs[r], np.float32) for r in ("fp32", "compute"))
+    assert np.isfinite(b).all() and np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05
+    with pytest.raises(ConfigError, match=r"tokenizer.train.residual.*expected one of \['fp32', 'compute'\]"):
+        load_config("configs/tiny.yaml", ["tokenizer.train.residual=bf16"])

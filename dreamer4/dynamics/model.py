@@ -101,6 +101,7 @@ class Dynamics(nnx.Module):
         latent_grid: tuple[int, int] | None = None,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
+        stream_dtype=None,
     ):
         self.cfg = cfg
         self.L, self.N, self.A = num_latents, latent_dim, num_actions
@@ -132,6 +133,7 @@ class Dynamics(nnx.Module):
             logit_cap=cfg.logit_cap,
             rngs=rngs,
             dtype=dtype,
+            stream_dtype=stream_dtype,
         )
 
     def action_embedding(self, actions_BT, action_mask_BT):

@@ -251,6 +251,7 @@ class AxialTransformer(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        stream_dtype=None,
     ):
         kinds = tuple(kinds) if kinds is not None else layer_kinds(depth, time_every)
         if len(kinds) != depth:
@@ -291,6 +292,12 @@ class AxialTransformer(nnx.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = self.blocks[0].attn.head_dim if depth else width // num_heads
         self.time_window, self.remat, self.dtype = time_window, remat, dtype
+        # dtype of the residual stream between layers; None keeps the input's (float32 when the
+        # inputs add float32 position embeddings, as both models' do)
+        self.stream_dtype = stream_dtype
+
+    def _stream(self, x_BTSD):
+        return x_BTSD if self.stream_dtype is None else x_BTSD.astype(self.stream_dtype)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _vis(self, S: int, visibility=None):
@@ -314,6 +321,7 @@ class AxialTransformer(nnx.Module):
     def __call__(self, x_BTSD, visibility=None):
         """y_BTSD for all steps at once (block-causal over time)."""
         vis_SS = self._vis(x_BTSD.shape[2], visibility)
+        x_BTSD = self._stream(x_BTSD)
         for blk in self.blocks:
             if self.remat:
                 # Recompute the layer's activations in the backward pass instead of storing them.
@@ -343,6 +351,7 @@ class AxialTransformer(nnx.Module):
         if T > max_len:
             raise ValueError(f"a context of {T} steps does not fit a cache of {max_len}")
         vis_SS = self._vis(S, visibility)
+        x_BTSD = self._stream(x_BTSD)
         cache = list(self.init_cache(B, max_len, S))
         j = 0
         for blk in self.blocks:
@@ -369,6 +378,7 @@ class AxialTransformer(nnx.Module):
         if C is not None and not isinstance(t, jax.core.Tracer) and int(t) >= C:
             raise ValueError(f"step {int(t)} does not fit a KV cache of {C} steps")
         vis_SS = self._vis(x_B1SD.shape[2], visibility)
+        x_B1SD = self._stream(x_B1SD)
         new, j = [], 0
         for blk in self.blocks:
             if blk.kind == TIME:

@@ -49,6 +49,11 @@ def _dtype(tc: TrainConfig):
     return jnp.bfloat16 if tc.precision == "bf16" else jnp.float32
 
 
+def _stream_dtype(tc: TrainConfig):
+    """The residual stream's dtype: the compute dtype with `residual: compute`, else None (float32)."""
+    return _dtype(tc) if tc.residual == "compute" else None
+
+
 # ----------------------------------------------------------------------------- building
 def build_tokenizer(cfg: Config, frame_shape, seed: int | None = None) -> Tokenizer:
     return Tokenizer(
@@ -56,6 +61,7 @@ def build_tokenizer(cfg: Config, frame_shape, seed: int | None = None) -> Tokeni
         tuple(frame_shape),
         rngs=nnx.Rngs(cfg.seed if seed is None else seed),
         dtype=_dtype(cfg.tokenizer.train),
+        stream_dtype=_stream_dtype(cfg.tokenizer.train),
     )
 
 
@@ -78,6 +84,7 @@ def build_dynamics(
         latent_grid=latent_grid,
         rngs=nnx.Rngs(cfg.seed + 1 if seed is None else seed),
         dtype=_dtype(cfg.dynamics.train),
+        stream_dtype=_stream_dtype(cfg.dynamics.train),
     )
 
 

@@ -59,7 +59,15 @@ def decoder_visibility(P: int, L: int) -> np.ndarray:
 
 
 class Tokenizer(nnx.Module):
-    def __init__(self, cfg: TokenizerNet, frame_shape: tuple[int, int, int], *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(
+        self,
+        cfg: TokenizerNet,
+        frame_shape: tuple[int, int, int],
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        stream_dtype=None,
+    ):
         self.cfg = cfg
         self.frame_shape = tuple(frame_shape)
         H, W, C = frame_shape
@@ -104,6 +112,7 @@ class Tokenizer(nnx.Module):
             logit_cap=cfg.logit_cap,
             rngs=rngs,
             dtype=dtype,
+            stream_dtype=stream_dtype,
         )
         if self.patch_layout:  # one set of P tokens per side, full attention within a frame
             full = np.ones((P, P), bool)
