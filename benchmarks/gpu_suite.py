@@ -294,6 +294,8 @@ def markdown(res: dict) -> str:
             if "error" in s:
                 lines.append(f"\n{label}: no profile ({s['error'][:160]})")
                 continue
+            if s.get("warning"):
+                lines.append(f"\n{label}: WARNING {s['warning']}")
             top = "; ".join(f"{t['name'][:60]} ({t['kind']}) {t['share']:.0%}" for t in s["top"][:5])
             lines.append(
                 f"\n{label}, top kernels: {top}" + (f"; trace: {s['trace_file']}" if s.get("trace_file") else "")

@@ -250,6 +250,11 @@ def _profile(p, step_fn, n: int, step_s: float, model_flops: float, label: str, 
     xplane = profile_summary.profile_calls(step_fn, n, trace_dir)
     events, source = profile_summary.read_events(xplane)
     summary = profile_summary.summarize(events, n, step_s * 1e3, model_flops, top=10, source=source, op_names=op_names)
+    if source != "device" and _device().platform != "cpu":
+        summary["warning"] = (
+            "the trace holds no device kernels (CUPTI not loaded?): these are the host's XLA thunk "
+            "times (launches), not GPU kernel times"
+        )
     keep = p.get("keep_trace_dir")
     if keep and xplane.stat().st_size < 60 * 2**20:
         dest = Path(keep) / f"trace_{label}.xplane.pb.gz"

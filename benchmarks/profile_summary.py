@@ -1,6 +1,6 @@
 """Where a compiled step's device time goes, read from a JAX profiler trace (issue 17's MFU question).
 
-    python benchmarks/profile_summary.py TRACE.xplane.pb [--steps N] [--wall-ms W] [--model-flops F]
+    python benchmarks/profile_summary.py TRACE.xplane.pb[.gz] [--steps N] [--wall-ms W] [--model-flops F]
 
 A step's MFU says how far it is from the chip's peak, not why. This reads the `.xplane.pb` that
 `jax.profiler.trace` writes (parsed with `jax.profiler.ProfileData`, no TensorFlow or xprof
@@ -85,7 +85,12 @@ def read_events(path) -> tuple[list[dict], str]:
     host's threads, the events that carry an hlo_op stat)."""
     from jax.profiler import ProfileData
 
-    pd = ProfileData.from_file(str(path))
+    if str(path).endswith(".gz"):  # as the GPU suite returns its traces
+        import gzip
+
+        pd = ProfileData.from_serialized_xspace(gzip.decompress(Path(path).read_bytes()))
+    else:
+        pd = ProfileData.from_file(str(path))
     device, host = [], []
     for plane in pd.planes:
         on_device = re.match(r"^/device:(GPU|TPU)", plane.name) is not None
@@ -290,7 +295,9 @@ def markdown(rows: list[tuple[str, dict]]) -> list[str]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("trace", help="a .xplane.pb file (or a folder holding one) from jax.profiler.trace")
+    ap.add_argument(
+        "trace", help="a .xplane.pb (or .xplane.pb.gz) file, or a folder holding one, from jax.profiler.trace"
+    )
     ap.add_argument("--steps", type=int, default=1, help="how many calls of the step the trace holds")
     ap.add_argument("--wall-ms", type=float, default=None, help="measured wall time per step, for the idle share")
     ap.add_argument("--model-flops", type=float, default=None, help="model FLOPs per step")
@@ -299,7 +306,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     path = Path(a.trace)
     if path.is_dir():
-        found = sorted(glob.glob(str(path / "**" / "*.xplane.pb"), recursive=True))
+        found = sorted(glob.glob(str(path / "**" / "*.xplane.pb*"), recursive=True))
         if not found:
             raise SystemExit(f"{path}: no .xplane.pb file under this folder")
         path = Path(found[-1])

@@ -1,5 +1,6 @@
 """benchmarks/profile_summary.py: the breakdown of a step's device time that the GPU suite reports."""
 
+import gzip
 import importlib.util
 from pathlib import Path
 
@@ -77,6 +78,9 @@ def test_a_real_cpu_trace_counts_each_call_once(tmp_path):
     path = ps.profile_calls(lambda i: f(x + i), 4, tmp_path)
     events, source = ps.read_events(path)
     assert source == "host-xla"  # no device plane on CPU
+    gz = tmp_path / "t.xplane.pb.gz"  # the GPU suite returns its traces gzipped
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert ps.read_events(gz) == (events, source)
     s = ps.summarize(events, steps=4, wall_ms=1.0)
     assert s["kernels_per_step"] >= 2 and s["kernel_ms_per_step"] > 0
     assert not any(t["name"].startswith("while") for t in s["top"])  # the loop encloses its body: a parent

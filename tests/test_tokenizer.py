@@ -210,3 +210,36 @@ def test_patch_layout_one_latent_per_patch(frames):
     bad = tok_config(["tokenizer.latent_layout=patch"]).tokenizer.net  # 4 latents, 64 patches
     with pytest.raises(ValueError, match=r"tokenizer.num_latents.*\(4\).*number of patches \(64"):
         Tokenizer(bad, (63, 63, 3), rngs=nnx.Rngs(0))
+
+
+def test_tokenizer_ab_compares_runs_on_the_same_held_out_clips(trained_tokenizer, dataset, tmp_path):
+    """benchmarks/tokenizer_ab.py: per-frame PSNR as computed independently here; a run against
+    itself differs by exactly 0 (the pairing is by episode, on the same clips)."""
+    import importlib.util
+    from pathlib import Path
+
+    from dreamer4.runtime.loading import load_tokenizer
+    from dreamer4.runtime.stage import open_dataset
+
+    spec = importlib.util.spec_from_file_location(
+        "tokenizer_ab", Path(__file__).parent.parent / "benchmarks" / "tokenizer_ab.py"
+    )
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    run, root = trained_tokenizer[0], dataset[0]
+    out = tmp_path / "ab.json"
+    ab.main(["--data", str(root), "--runs", str(run), str(run), "--frames", "4", "--json", str(out)])
+    res = json.loads(out.read_text())
+    tok, cfg, _ = load_tokenizer(run)
+    ds = open_dataset(root, cfg)
+    eps = [e for e in ds.split("eval") if e.length >= 4]
+    assert res["episodes"] == len(eps) > 0
+    clips = np.stack([ds.read(e, (e.length - 4) // 2, (e.length - 4) // 2 + 4, ("frame",))["frame"] for e in eps])
+    x = clips.astype(np.float32) / 255.0
+    recon = np.clip(np.asarray(tok.decode(tok.encode(jnp.asarray(x))), np.float32), 0, 1)
+    mse_EF = ((recon.astype(np.float64) - x) ** 2).mean(axis=(2, 3, 4))
+    want = float(np.mean(10 * np.log10(1.0 / mse_EF)))
+    a, b = res["rows"]
+    assert abs(a["psnr_mean_per_frame"] - want) < 0.02, (a, want)
+    assert b["diff_vs_first_db"] == 0.0 and b["diff_ci95"] == [0.0, 0.0]
+    assert a["precision"] == cfg.tokenizer.train.precision and a["residual"] == "fp32"
