@@ -6,7 +6,9 @@ Parts, each in its own process with its own time budget (benchmarks/gpu_suite_pa
   env              jax version, devices, device kind, dense bf16 peak, package versions
   train_tokenizer  classic tokenizer train step (bf16) at the preset batch and 2x: step time,
                    tokens/s, XLA and analytic FLOPs, MFU, peak GPU memory, compiled memory analysis,
-                   compile time, and a check that a step makes no host transfer
+                   compile time, a check that a step makes no host transfer, and a profile of
+                   3 more steps of the preset batch (benchmarks/profile_summary.py: kernel time by
+                   kind and by named scope; the trace comes back gzipped)
   train_dynamics   the same for the dynamics (world model) train step
   imagine          frames/s for K = 4, 64 (then 1), single stream (batch 1) and batched, with and
                    without the tokenizer decoder; K=4 / K=64 ratio; compile time of each

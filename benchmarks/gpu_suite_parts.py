@@ -297,6 +297,8 @@ def _train(p, rec: Recorder, stage: str):
         try:
             _train_batch(p, rec, row, cfg, tc, stage, trainable)
             row["part_time_s"] = time.perf_counter() - t_row
+            if "profile" in row:  # one profile (and trace file) per stage: the preset batch's
+                p = {**p, "profile_steps": 0}
         except Exception as e:  # noqa: BLE001  (one batch failing, e.g. out of memory, keeps the others)
             row["error"] = _error(e)
             oom = any(x in str(e) for x in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory"))
