@@ -109,6 +109,7 @@ def read_events(path) -> tuple[list[dict], str]:
                         "dur_ns": float(e.duration_ns),
                         "hlo_op": stats.get("hlo_op"),
                         "module": stats.get("hlo_module"),
+                        "line": f"{plane.name} {line.name}",
                     }
                 )
             (device if on_device else host).extend(leaves(evs))
@@ -228,6 +229,12 @@ def summarize(
         ],
         "other_modules_ms_per_step": {str(m): t / steps / 1e6 for m, t in by_module.items() if m != module},
     }
+    # kernel time per timeline line (device: one per CUDA stream): shows where kernels ran, and
+    # would show a line that repeats another's kernels (then kernel_ms counts them twice)
+    by_line: dict = defaultdict(float)
+    for e in events:
+        by_line[e.get("line", "?")] += e["dur_ns"]
+    out["ms_per_step_by_line"] = {k: v / steps / 1e6 for k, v in sorted(by_line.items(), key=lambda kv: -kv[1])[:16]}
     if wall_ms:
         out["wall_ms_per_step"] = wall_ms
         out["idle_share"] = max(0.0, 1.0 - out["busy_ms_per_step"] / wall_ms)

@@ -85,6 +85,9 @@ def test_a_real_cpu_trace_counts_each_call_once(tmp_path):
     assert s["kernels_per_step"] >= 2 and s["kernel_ms_per_step"] > 0
     assert not any(t["name"].startswith("while") for t in s["top"])  # the loop encloses its body: a parent
     assert s["busy_ms_per_step"] <= s["kernel_ms_per_step"] + 1e-9
+    lines = s["ms_per_step_by_line"]  # the host threads that ran XLA's thunks
+    assert lines and all(k.startswith("/host:CPU ") for k in lines)
+    assert sum(lines.values()) == pytest.approx(s["kernel_ms_per_step"])
     assert all(t["calls_per_step"] in (1, 3) for t in s["top"])  # once per call, or once per loop trip
     assert "| " + path.name + " |" in "\n".join(ps.markdown([(path.name, s)]))
 
