@@ -169,7 +169,6 @@ class Block(nnx.Module):
 
     def __call__(self, x_BTSD, vis_SS=None, *, return_kv: bool = False):
         """Full pass over all T steps; with return_kv, also (k_BSTGH, v_BSTGH) of a time layer."""
-        B, T, S, _ = x_BTSD.shape
         with jax.named_scope(f"{self.kind}_attention"):
             y_BTSD, kv = self._attention(x_BTSD, vis_SS)
         x_BTSD = self._mlp(x_BTSD + y_BTSD.astype(x_BTSD.dtype))
