@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,13 +36,16 @@ def held_out_clips(ds, frames: int) -> np.ndarray:
     )
 
 
+# one compiled function for every run: runs of the same architecture share its compilation
+_encode_decode = module_jit(lambda m, x: jnp.clip(m.decode(m.encode(x)).astype(jnp.float32), 0.0, 1.0))
+
+
 def reconstruct(tok, clips_EFHWC: np.ndarray, batch: int = 8) -> np.ndarray:
     """Whole-clip encode -> decode, clipped to [0, 1], float32, in batches of clips."""
-    run = module_jit(lambda m, x: jnp.clip(m.decode(m.encode(x)).astype(jnp.float32), 0.0, 1.0))
     out = []
     for i in range(0, len(clips_EFHWC), batch):
         x = jnp.asarray(clips_EFHWC[i : i + batch], jnp.float32) / 255.0
-        out.append(np.asarray(run(tok, x)))
+        out.append(np.asarray(_encode_decode(tok, x)))
     return np.concatenate(out)
 
 
@@ -80,7 +82,6 @@ def main(argv=None):
                 "seconds": time.perf_counter() - t0,
             }
         )
-        jax.clear_caches()
     ref = a.runs[0]
     for r in rows:
         d, lo, hi = bootstrap_ci(per_episode[r["run"]] - per_episode[ref])
