@@ -24,17 +24,7 @@ from dreamer4.nn.module_jit import module_jit
 from dreamer4.runtime.images import psnr, psnr_from_mse
 from dreamer4.runtime.loading import load_tokenizer
 from dreamer4.runtime.stage import open_dataset
-
-
-def held_out_clips(ds, frames: int) -> np.ndarray:
-    """uint8 clips_EFHWC: F consecutive frames from the middle of each eval episode of >= F steps."""
-    eps = [e for e in ds.split("eval") if e.length >= frames]
-    if not eps:
-        raise SystemExit(f"dataset {ds.root}: no eval episode of >= {frames} steps (try a smaller --frames)")
-    return np.stack(
-        [ds.read(e, (e.length - frames) // 2, (e.length - frames) // 2 + frames, ("frame",))["frame"] for e in eps]
-    )
-
+from dreamer4.tokenizer.train import middle_clips
 
 # one compiled function for every run: runs of the same architecture share its compilation
 _encode_decode = module_jit(lambda m, x: jnp.clip(m.decode(m.encode(x)).astype(jnp.float32), 0.0, 1.0))
@@ -60,7 +50,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     _, cfg0, _ = load_tokenizer(a.runs[0])
     ds = open_dataset(a.data, cfg0)
-    clips = held_out_clips(ds, a.frames)
+    clips = middle_clips(ds, a.frames, key="--frames")
     x = clips.astype(np.float32) / 255.0
     rows, per_episode = [], {}
     for run in a.runs:

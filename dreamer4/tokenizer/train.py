@@ -42,6 +42,16 @@ def tokenizer_loss(model: Tokenizer, batch: dict, key: jax.Array, mask_prob_max:
     return loss, {"mse": loss, "psnr": psnr_from_mse(loss), "mask_frac": mask_BTP.mean()}
 
 
+def middle_clips(ds: Dataset, frames: int, max_episodes: int | None = None, key: str = "tokenizer.eval_frames"):
+    """uint8 clips_EFHWC: F consecutive frames from the middle of each eval episode of >= F steps
+    (the first `max_episodes` of them; all without it). `key` names F in the error when none is long enough."""
+    eps = [e for e in ds.split("eval") if e.length >= frames][:max_episodes]
+    if not eps:
+        raise DatasetError(f"dataset {ds.root} has no eval episode of >= {key}={frames} steps")
+    start = [(e.length - frames) // 2 for e in eps]
+    return np.stack([ds.read(e, s0, s0 + frames, ("frame",))["frame"] for e, s0 in zip(eps, start)])
+
+
 def eval_frames(ds: Dataset, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """Held-out clips and the train-set mean frame.
 
@@ -49,11 +59,7 @@ def eval_frames(ds: Dataset, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     mean_frame_HWC float in [0, 1] over middle frames of up to 64 train episodes). The mean frame
     is the trivial baseline: the best constant prediction that has not seen the eval data.
     """
-    F = cfg.tokenizer.eval_frames
-    eps = [e for e in ds.split("eval") if e.length >= F][: cfg.tokenizer.eval_episodes]
-    if not eps:
-        raise DatasetError(f"dataset {ds.root} has no eval episode of >= tokenizer.eval_frames={F} steps")
-    clips = np.stack([ds.read(e, (e.length - F) // 2, (e.length - F) // 2 + F, ("frame",))["frame"] for e in eps])
+    clips = middle_clips(ds, cfg.tokenizer.eval_frames, cfg.tokenizer.eval_episodes)
     train = ds.split("train")[:64]
     sample = np.concatenate(
         [ds.read(e, e.length // 2, min(e.length, e.length // 2 + 8), ("frame",))["frame"] for e in train]
