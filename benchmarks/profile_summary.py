@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import json
 import re
 from collections import defaultdict
@@ -86,8 +87,6 @@ def read_events(path) -> tuple[list[dict], str]:
     from jax.profiler import ProfileData
 
     if str(path).endswith(".gz"):  # as the GPU suite returns its traces
-        import gzip
-
         pd = ProfileData.from_serialized_xspace(gzip.decompress(Path(path).read_bytes()))
     else:
         pd = ProfileData.from_file(str(path))
@@ -112,15 +111,30 @@ def read_events(path) -> tuple[list[dict], str]:
                         "line": f"{plane.name} {line.name}",
                     }
                 )
-            (device if on_device else host).extend(leaves(evs))
+            # a device line's events are kernels, never containers: on Hopper the next kernel of a
+            # stream may start before the last one ends (programmatic dependent launch), and
+            # treating that overlap as nesting dropped two thirds of a step's kernels
+            (device if on_device else host).extend(evs if on_device else leaves(evs))
     return (device, "device") if device else (host, "host-xla")
 
 
 def leaves(events: list[dict]) -> list[dict]:
     """The events of one timeline line that contain no other event of it: a CPU thread's `while`
-    or `call` thunk encloses the thunks of its body, which would otherwise count twice."""
+    or `call` thunk encloses the thunks of its body, which would otherwise count twice. An event
+    that merely overlaps the next one (starts inside it, ends after it) is not a container."""
     evs = sorted(events, key=lambda e: (e["start_ns"], -e["dur_ns"]))
-    return [e for i, e in enumerate(evs) if i + 1 == len(evs) or evs[i + 1]["start_ns"] >= e["start_ns"] + e["dur_ns"]]
+    out = []
+    for i, e in enumerate(evs):
+        end = e["start_ns"] + e["dur_ns"]
+        j, contains = i + 1, False
+        while j < len(evs) and evs[j]["start_ns"] < end:
+            if evs[j]["start_ns"] + evs[j]["dur_ns"] <= end:
+                contains = True
+                break
+            j += 1
+        if not contains:
+            out.append(e)
+    return out
 
 
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?op_name="([^"]*)"')
@@ -241,6 +255,7 @@ def summarize(
     if op_names:
         normalised = {k.replace(".", "_"): v for k, v in op_names.items()}
         scope_ns: dict = defaultdict(float)
+        scope_kind_ns: dict = defaultdict(lambda: defaultdict(float))
         found_ns = 0.0
         for e in events:
             op = (
@@ -250,8 +265,14 @@ def summarize(
             )
             if op is not None:
                 found_ns += e["dur_ns"]
-            scope_ns[scope_of(op) if op is not None else "unmatched"] += e["dur_ns"]
+            scope = scope_of(op) if op is not None else "unmatched"
+            scope_ns[scope] += e["dur_ns"]
+            scope_kind_ns[scope][categorize(e["name"])] += e["dur_ns"]
         out["by_scope"] = {k: v / steps / 1e6 for k, v in sorted(scope_ns.items(), key=lambda kv: -kv[1])}
+        out["by_scope_kind"] = {
+            k: {kind: v / steps / 1e6 for kind, v in sorted(d.items(), key=lambda kv: -kv[1])}
+            for k, d in scope_kind_ns.items()
+        }
         out["scope_coverage"] = found_ns / total_ns if total_ns else 0.0
     matmul_s = kind_ns["matmul"] / steps / 1e9
     if model_flops and matmul_s > 0:
@@ -309,6 +330,11 @@ def main(argv=None):
     ap.add_argument("--wall-ms", type=float, default=None, help="measured wall time per step, for the idle share")
     ap.add_argument("--model-flops", type=float, default=None, help="model FLOPs per step")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument(
+        "--hlo",
+        default=None,
+        help="the step's compiled HLO text (.txt or .txt.gz, as the GPU suite returns it): adds the split by named scope",
+    )
     ap.add_argument("--json", default=None, help="also write the summary here")
     a = ap.parse_args(argv)
     path = Path(a.trace)
@@ -320,7 +346,11 @@ def main(argv=None):
     if not path.exists():
         raise SystemExit(f"{path}: no such trace file (expected a .xplane.pb from jax.profiler.trace)")
     events, source = read_events(path)
-    s = summarize(events, a.steps, a.wall_ms, a.model_flops, a.top, source)
+    op_names = None
+    if a.hlo:
+        raw = Path(a.hlo).read_bytes()
+        op_names = hlo_op_names((gzip.decompress(raw) if a.hlo.endswith(".gz") else raw).decode())
+    s = summarize(events, a.steps, a.wall_ms, a.model_flops, a.top, source, op_names)
     print("\n".join(markdown([(path.name, s)])))
     print()
     print("| kernel | kind | calls/step | ms/step | share |")
@@ -329,6 +359,13 @@ def main(argv=None):
         print(
             f"| {t['name'][:90]} | {t['kind']} | {t['calls_per_step']:.1f} | {t['ms_per_step']:.3f} | {t['share']:.1%} |"
         )
+    if "by_scope" in s:
+        print(f"\nby named scope ({s['scope_coverage']:.0%} of kernel time matched to an op)\n")
+        print("| scope | ms/step | by kind (ms/step) |")
+        print("|---|---|---|")
+        for scope, ms in s["by_scope"].items():
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in s["by_scope_kind"][scope].items() if v >= 0.05)
+            print(f"| {scope} | {ms:.2f} | {kinds} |")
     if a.json:
         Path(a.json).write_text(json.dumps(s, indent=1))
 

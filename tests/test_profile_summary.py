@@ -68,6 +68,18 @@ def test_leaves_drop_an_event_that_encloses_others():
     assert [e["name"] for e in ps.leaves([outer, *inner, _ev("copy.4", 12, 1)])] == ["dot.1", "add.2", "copy.4"]
 
 
+def test_leaves_keep_kernels_that_only_overlap():
+    # Hopper's programmatic dependent launch: each kernel starts 1 ns before the last one ends.
+    # None contains another, so all count (the first version dropped every one but the last).
+    chain = [_ev("nvjet_gemm", 0, 10), _ev("loop_add_fusion", 9, 5), _ev("nvjet_gemm", 13, 4)]
+    assert [e["start_ns"] for e in ps.leaves(chain)] == [0, 9, 13]
+    # a container that starts with its first child is still a container
+    assert [e["name"] for e in ps.leaves([_ev("while.1", 0, 10), _ev("dot.2", 0, 4), _ev("add.3", 4, 6)])] == [
+        "dot.2",
+        "add.3",
+    ]
+
+
 def test_a_real_cpu_trace_counts_each_call_once(tmp_path):
     def body(i, x):
         return jnp.tanh(x @ x) + i
