@@ -341,7 +341,7 @@ def markdown(res: dict) -> str:
             f"| {r['num_envs']} | {_f(r.get('collect_steady_steps_per_s'), '{:.0f}')} | "
             f"{_f(r.get('device_only_steps_per_s'), '{:.0f}')} | "
             f"{_f(r.get('ratio_collect_over_device_only'), '{:.2f}')} | {_f(r.get('compile_s'))} | "
-            f"{_f(r.get('collect_first_chunk_s_est'))} | {r.get('episodes', 'n/a')} / {r.get('shards', 'n/a')} | "
+            f"{_f(r.get('collect_first_chunk_s'))} | {r.get('episodes', 'n/a')} / {r.get('shards', 'n/a')} | "
             f"{_f(r.get('craftax_loop_steps_per_s'), '{:.0f}')} |" + (f" {r['error'][:80]}" if "error" in r else "")
         )
     lo = parts.get("loader", {}).get("results", {})
@@ -394,10 +394,11 @@ def main():
     cache_entries = len(list(Path(cache).glob("*"))) if Path(cache).is_dir() else 0
     plan = (smoke_plan if args.smoke else full_plan)(str(work), None if cache.lower() == "off" else cache)
     wanted = [p for p in ORDER if p in args.parts.split(",")]
-    if not args.smoke:  # the train parts' profiler traces come back with the results (gzipped)
-        for name in ("train_tokenizer", "train_dynamics"):
-            budget, params = plan[name]
-            plan[name] = (budget, {**params, "keep_trace_dir": str(out)})
+    # the train parts' profiler traces and compiled HLO come back with the results (gzipped; small
+    # in smoke mode, where the test reads them back)
+    for name in ("train_tokenizer", "train_dynamics"):
+        budget, params = plan[name]
+        plan[name] = (budget, {**params, "keep_trace_dir": str(out)})
     if args.compile_only:
         for name in ("train_tokenizer", "train_dynamics"):
             budget, params = plan[name]

@@ -29,8 +29,16 @@ echo "[suite.sh] setup took $(( $(date +%s) - t0 )) s"
 
 if [ "$SMOKE" = 0 ]; then
   # Craftax builds its texture cache (in its package folder) on first use: about a minute of one
-  # CPU core. Build it now, on the CPU backend (no GPU memory taken), while the train parts run.
-  JAX_PLATFORMS=cpu "$PY" -c 'import craftax.craftax_classic.constants' > "$OUT/craftax_textures.log" 2>&1 &
+  # CPU core. gpu_wheels.sh carries the cache; without it, build it now on the CPU backend (no GPU
+  # memory taken) while the train parts run. The parts that render wait for texture_cache.done.
+  TEX=$("$PY" -c 'import os, craftax.craftax_classic as m; print(os.path.join(os.path.dirname(m.__file__), "assets", "texture_cache_classic.pbz2"))' 2>/dev/null)
+  if [ -n "$TEX" ] && [ -f .whl/texture_cache_classic.pbz2 ]; then
+    cp .whl/texture_cache_classic.pbz2 "$TEX" && echo "[suite.sh] Craftax texture cache installed from .whl"
+  else
+    (JAX_PLATFORMS=cpu "$PY" -c 'from craftax.craftax_classic.constants import load_all_textures; load_all_textures()' \
+        > "$OUT/craftax_textures.log" 2>&1; touch "$OUT/texture_cache.done") &
+    export DREAMER4_TEXTURES_PENDING="$OUT/texture_cache.done"
+  fi
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if ! "$PY" -c 'import jax, sys; d = jax.devices(); print("[suite.sh] jax", jax.__version__, d); sys.exit(d[0].platform != "gpu")'; then
     echo "[suite.sh] jax.devices() shows no GPU; the suite goes on and its env part records the failure"

@@ -94,6 +94,18 @@ def _device():
     return jax.devices()[0]
 
 
+def _wait_for_textures(p, rec) -> None:
+    """Wait (within the part's budget) for the Craftax texture cache that gpu_suite.sh builds in
+    the background when it carried none: two processes building it at once would race on the file."""
+    marker = os.environ.get("DREAMER4_TEXTURES_PENDING")
+    if not marker:
+        return
+    t0 = time.time()
+    while not Path(marker).exists() and _left(p) > 0:
+        time.sleep(0.5)
+    rec["texture_wait_s"] = time.time() - t0
+
+
 def _peak_flops():
     kind = getattr(_device(), "device_kind", "")
     if _device().platform == "cpu":
@@ -232,18 +244,20 @@ def _train_batch(p, rec: Recorder, row: dict, cfg, tc, stage: str, trainable) ->
     n_prof = p.get("profile_steps", 0)
     if n_prof and _left(p) > n_prof * step_s + p.get("profile_overhead_s", 10.0):
         try:
-            op_names = profile_summary.hlo_op_names(compiled.as_text())
-            row["profile"] = _profile(p, one, n_prof, step_s, model_flops, f"{stage}_b{row['batch']}", op_names)
+            hlo_text = compiled.as_text()
+            row["profile"] = _profile(p, one, n_prof, step_s, model_flops, f"{stage}_b{row['batch']}", hlo_text)
         except Exception as e:  # noqa: BLE001  (a profiler failure must not lose the timing above)
             row["profile"] = {"error": _error(e)}
     elif n_prof:
         row["profile"] = {"error": f"skipped: {_left(p):.0f} s of the budget left"}
 
 
-def _profile(p, step_fn, n: int, step_s: float, model_flops: float, label: str, op_names=None) -> dict:
+def _profile(p, step_fn, n: int, step_s: float, model_flops: float, label: str, hlo_text=None) -> dict:
     """Trace n more calls of step_fn (dispatched back to back, as timed) and summarise where the
-    device time goes (benchmarks/profile_summary.py); with keep_trace_dir, a gzipped copy of the
-    trace goes to the suite's output folder (open it in xprof / TensorBoard's profile plugin)."""
+    device time goes (benchmarks/profile_summary.py); with keep_trace_dir, gzipped copies of the
+    trace (open it in xprof / TensorBoard's profile plugin) and of the compiled HLO text go to the
+    suite's output folder, so `profile_summary.py TRACE --hlo HLO` can redo the split offline."""
+    op_names = profile_summary.hlo_op_names(hlo_text) if hlo_text else None
     t0 = time.perf_counter()
     trace_dir = Path(p["work"]) / f"trace_{label}"
     shutil.rmtree(trace_dir, ignore_errors=True)
@@ -264,6 +278,10 @@ def _profile(p, step_fn, n: int, step_s: float, model_flops: float, label: str, 
             dest.unlink()
         else:
             summary["trace_file"] = dest.name
+    if keep and hlo_text:
+        dest = Path(keep) / f"hlo_{label}.txt.gz"
+        dest.write_bytes(gzip.compress(hlo_text.encode(), 6))
+        summary["hlo_file"] = dest.name
     summary["profile_s"] = time.perf_counter() - t0
     return summary
 
@@ -422,6 +440,7 @@ def _device_only_steps_per_s(stepper, cfg, seconds: float, info: dict) -> float:
 def part_collect(p, rec: Recorder):
     from dreamer4.data.collect import build_stepper
 
+    _wait_for_textures(p, rec)
     collect, data_bench = _collection()
     rows = []
     rec["rows"] = rows
@@ -475,7 +494,7 @@ def part_collect(p, rec: Recorder):
                     "collect_steps": summary.get("new_steps"),
                     "episodes": summary.get("episodes"),
                     "shards": summary.get("shards"),
-                    "collect_first_chunk_s_est": (wall - summary["new_steps"] / steady) if steady else None,
+                    "collect_first_chunk_s": summary.get("first_chunk_s"),
                     "ratio_collect_over_device_only": steady / row["device_only_steps_per_s"],
                 }
             )
@@ -535,6 +554,7 @@ def synthetic_dataset(cfg, root: Path, videos: int, frames: int, seed: int = 0) 
 
 
 def part_loader(p, rec: Recorder):
+    _wait_for_textures(p, rec)
     cfg = load_config(p["config"], p.get("overrides", []))
     work = Path(p["work"])
     root = None if p.get("synthetic") else _find_dataset(work)

@@ -74,5 +74,15 @@ mkdir -p "$DEST"
 "$PY" -m pip download -q --disable-pip-version-check --no-deps "${PLAT[@]}" -d "$DEST" $(cat "$tmp/need.txt") \
     2> >(grep -v "is ignored: it is neither" >&2)
 cp "$tmp/need.txt" "$DEST/REQUIREMENTS.txt"
+# 4. Craftax-Classic's texture cache (1.3 MB), built here if this machine's craftax lacks it: without
+#    it the first Craftax renderer on the device spends about a minute of the collect part's budget
+#    building it (the first two leases lost collect figures that way). Same craftax version both sides.
+"$PY" - "$DEST" <<'EOF' || echo "no texture cache carried (craftax not importable here); the device builds it"
+import shutil, sys
+from craftax.craftax_classic import constants as c
+c.load_all_textures()  # builds and saves the cache when it is missing
+shutil.copy(c.TEXTURE_CACHE_FILE, sys.argv[1])
+print("carried Craftax-Classic's texture cache")
+EOF
 n=$(ls "$DEST"/*.whl | wc -l)
 echo "$n wheels in $DEST: $(du -sh "$DEST" | cut -f1) (a device call carries at most 64 MiB with the tree)"

@@ -5,6 +5,7 @@ to fail (DREAMER4_SUITE_FAIL): the others must still report numbers, and collect
 collect part itself (Craftax compilation: a minute or more on a 2-core CPU) is left out of CI.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("profile_summary", REPO / "benchmarks" / "profile_summary.py")
+profile_summary = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(profile_summary)
 PARTS = ["env", "train_tokenizer", "train_dynamics", "imagine", "collect", "loader"]
 
 
@@ -63,6 +67,14 @@ def test_smoke_suite_reports_every_part_and_survives_a_failing_one(tmp_path):
         assert abs(sum(prof["share"].values()) - 1) < 1e-9 and prof["share"]["matmul"] > 0
         # kernel time by the code's named scopes (forward/backward x model part x sublayer)
         assert prof["scope_coverage"] > 0.5 and any(k.startswith("backward: ") for k in prof["by_scope"]), prof
+        # the returned trace and HLO text give the same split offline (profile_summary.py --hlo)
+        offline = tmp_path / f"{stage}_offline.json"
+        profile_summary.main(
+            [str(tmp_path / prof["trace_file"]), "--steps", "2", "--hlo", str(tmp_path / prof["hlo_file"])]
+            + ["--json", str(offline)]
+        )
+        again = json.loads(offline.read_text())
+        assert again["kernels_per_step"] == prof["kernels_per_step"] and again["by_scope"] == prof["by_scope"]
     cases = {(x["batch"], x["K"], x["decode"]): x for x in r["imagine"]["rows"]}
     assert {(1, 1, False), (1, 4, False), (1, 64, False), (1, 4, True)} <= set(cases)
     assert all(x["frames_per_s"] > 0 and x["compile_s"] > 0 for x in cases.values())
