@@ -1,8 +1,9 @@
 """Collector pieces that need no Craftax: split/label picking and episode assembly."""
 
 import numpy as np
+import pytest
 
-from dreamer4.data.collect import ROW_FIELDS, EpisodeAssembler, episodes_for_writer, stratified_pick
+from dreamer4.data.collect import ROW_FIELDS, EpisodeAssembler, episodes_for_writer, join_pieces, stratified_pick
 
 
 def test_stratified_pick_worked_values():
@@ -46,3 +47,82 @@ def test_assembler_joins_episodes_across_chunks_in_order():
     assert [list(e["frame"]) for e in out2] == [[0, 10, 20, 30, 40], [21, 31, 41, 51]]
     # env 0's next episode has begun at t=5 and stays pending; env 1 has nothing pending
     assert [list(p["frame"]) for p in asm.partial[0]] == [[50]] and asm.partial[1] == []
+
+
+def test_assembler_pieces_join_to_the_same_episodes():
+    # join=False (what collect uses: pieces joined once, on the commit thread) gives the pieces of
+    # exactly the episodes join=True gives, and leaves the same partial rows behind
+    chunks = [
+        _rows(3, 2, firsts=[(0, 0), (0, 1), (2, 1)], lasts=[(1, 1)], base=0),
+        _rows(3, 2, firsts=[(2, 0)], lasts=[(1, 0), (2, 1)], base=3),
+    ]
+    joined, pieces = EpisodeAssembler(num_envs=2), EpisodeAssembler(num_envs=2)
+    for rows, n_pieces in zip(chunks, ([1], [2, 2]), strict=True):  # chunk 2 ends two spanning episodes
+        a, b = joined.add(rows), pieces.add(rows, join=False)
+        assert [len(ep) for ep in b] == n_pieces
+        assert [{k: v.tolist() for k, v in ep.items()} for ep in a] == [
+            {k: v.tolist() for k, v in join_pieces(ep).items()} for ep in b
+        ]
+    assert [[p["frame"].tolist() for p in ps] for ps in joined.partial] == [
+        [p["frame"].tolist() for p in ps] for ps in pieces.partial
+    ]
+    with pytest.raises(AssertionError, match="does not start with is_first"):
+        EpisodeAssembler(num_envs=1).add(_rows(2, 1, firsts=[], lasts=[(1, 0)], base=0), join=False)
+
+
+def test_resume_state_compresses_each_piece_once_and_reads_every_format(tmp_path):
+    import pickle
+    import zlib
+
+    from dreamer4.data.collect import CollectorState
+
+    asm = EpisodeAssembler(num_envs=2)
+    asm.add(_rows(3, 2, firsts=[(0, 0), (0, 1)], lasts=[], base=0))  # both envs mid-episode
+    first = CollectorState.encode({"k": np.arange(3)}, asm)
+    blobs = {i: enc for i, (_, enc) in asm.encoded.items()}
+    asm.add(_rows(3, 2, firsts=[(2, 1)], lasts=[(1, 1)], base=3))  # env 1 ends and restarts
+    second = CollectorState.encode({"k": np.arange(3)}, asm)
+    # env 0's first piece is still partial: its compressed copy is reused, not redone; env 1's
+    # ended pieces are forgotten
+    p0 = id(asm.partial[0][0])
+    assert p0 in blobs and asm.encoded[p0][1] is blobs[p0]
+    assert set(asm.encoded) == {id(p) for ps in asm.partial for p in ps}
+    assert len(first) > 0
+    path = CollectorState.path(tmp_path, 0, 2)
+    assert path.name == "state-000002.pkl.zp"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(second)
+    carry, partial = CollectorState.load(tmp_path, 0, 2)
+    assert carry["k"].tolist() == [0, 1, 2]
+    assert [[p["frame"].tolist() for p in ps] for ps in partial] == [
+        [p["frame"].tolist() for p in ps] for ps in asm.partial
+    ]
+    # the whole-state zlib of earlier versions (.pkl.z) and the plain pickle (.pkl) still load
+    legacy = {"carry": {"k": np.arange(2)}, "partial": asm.partial}
+    d = tmp_path / "collector" / "w000"
+    (d / "state-000003.pkl.z").write_bytes(zlib.compress(pickle.dumps(legacy), 1))
+    (d / "state-000004.pkl").write_bytes(pickle.dumps(legacy))
+    for k in (3, 4):
+        carry, partial = CollectorState.load(tmp_path, 0, k)
+        assert carry["k"].tolist() == [0, 1] and len(partial) == 2
+    with pytest.raises(Exception, match="state-000005.pkl.zp is missing"):
+        CollectorState.load(tmp_path, 0, 5)
+
+
+def test_digest_of_a_large_array_is_a_parallel_tree_hash_and_old_digests_still_verify():
+    import hashlib
+
+    from dreamer4.data import store
+
+    small = np.arange(1000, dtype=np.int32)
+    assert store.digest(small) == hashlib.sha256(small.tobytes()).hexdigest()  # unchanged below 32 MiB
+    big = np.random.default_rng(0).integers(0, 256, store.DIGEST_BLOCK * 2 + 123, dtype=np.uint8)
+    raw = big.tobytes()
+    blocks = [raw[i : i + store.DIGEST_BLOCK] for i in range(0, len(raw), store.DIGEST_BLOCK)]
+    worked = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in blocks)).hexdigest()
+    assert len(blocks) == 3 and store.digest(big) == store.TREE_PREFIX + worked
+    assert store.digest_matches(big, store.TREE_PREFIX + worked)
+    assert store.digest_matches(big, hashlib.sha256(raw).hexdigest())  # what earlier versions recorded
+    big[store.DIGEST_BLOCK + 7] ^= 1
+    assert not store.digest_matches(big, store.TREE_PREFIX + worked)
+    assert not store.digest_matches(big, hashlib.sha256(raw).hexdigest())

@@ -149,32 +149,44 @@ class EpisodeAssembler:
 
     num_envs: int
     partial: list[list[dict]] = field(default_factory=list)
+    # CollectorState's compressed copy of each partial piece, by id(piece) (with the piece, so the
+    # id cannot be reused): a piece is compressed once, however many commits it stays partial for
+    encoded: dict[int, tuple[dict, dict]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not self.partial:
             self.partial = [[] for _ in range(self.num_envs)]
 
-    def add(self, rows_TN: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Feed a chunk of rows (T, N, ...); return finished episodes ordered by (end step, env)."""
+    def add(self, rows_TN: dict[str, np.ndarray], join: bool = True) -> list:
+        """Feed a chunk of rows (T, N, ...); return finished episodes ordered by (end step, env).
+
+        An episode is a dict of arrays (join=True) or, with join=False, the list of its pieces
+        (dicts of arrays, in order; `join_pieces` makes the dict): the collector joins them once,
+        straight into its shard's arrays, on its commit thread."""
         T = rows_TN["is_first"].shape[0]
         finished = []
         for n in range(self.num_envs):
             lasts = np.flatnonzero(rows_TN["is_last"][:, n])
             begin = 0
             for t in lasts:
-                self.partial[n].append({k: v[begin : t + 1, n] for k, v in rows_TN.items()})
-                ep = {k: np.concatenate([p[k] for p in self.partial[n]]) for k in rows_TN}
+                pieces = [*self.partial[n], {k: v[begin : t + 1, n] for k, v in rows_TN.items()}]
                 self.partial[n] = []
-                finished.append((int(t), n, ep))
+                first, last = pieces[0]["is_first"], pieces[-1]["is_last"]
+                assert first[0] and last[-1] and sum(int(p["is_first"].sum()) for p in pieces) == 1, (
+                    "collector produced an episode that does not start with is_first / end with is_last"
+                )
+                finished.append((int(t), n, join_pieces(pieces) if join else pieces))
                 begin = t + 1
             if begin < T:
                 self.partial[n].append({k: v[begin:, n].copy() for k, v in rows_TN.items()})
         finished.sort(key=lambda x: (x[0], x[1]))
-        for _, _, ep in finished:
-            assert ep["is_first"][0] and ep["is_last"][-1] and ep["is_first"].sum() == 1, (
-                "collector produced an episode that does not start with is_first / end with is_last"
-            )
         return [ep for _, _, ep in finished]
+
+
+def join_pieces(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One episode's pieces (consecutive rows, as `EpisodeAssembler.add(join=False)` gives them)
+    as one dict of arrays."""
+    return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,15 +301,21 @@ def precheck_dataset(cfg: Config, root: Path, num_writers: int) -> None:
 class CollectorState:
     """What a writer needs to continue exactly where its last committed shard left it.
 
-    `collector/wNNN/state-KKKKKK.pkl.z`: the carry (env states, policy state, frames, key) and
-    the rows of the episodes still running, pickled and zlib-compressed at level 1 (the rows are
-    mostly frames, which compress ~7x; level 6 or xz save another 20-45% at 2-6x the time, on the
-    host thread that must hide behind stepping; see BENCHMARKS.md for the sizes). Written to a
-    temp file, fsynced and renamed; a full disk removes the temp file and raises `DiskFullError`.
-    Older uncompressed `state-KKKKKK.pkl` files are still read.
+    `collector/wNNN/state-KKKKKK.pkl.zp`: a pickle of the carry (env states, policy state, frames,
+    key) and the rows of the episodes still running, each piece of rows (one env's rows from one
+    chunk) as its arrays zlib-compressed at level 1 (the rows are mostly frames, which compress
+    ~6-7x; level 6 or xz save another 20-45% at 2-6x the time; see BENCHMARKS.md for the sizes).
+    A piece stays partial over several commits while its episode runs: it is compressed once (the
+    assembler keeps the result) and new pieces are compressed in parallel threads, so a commit's
+    cost follows the rows added since the last one, not all rows of the running episodes (with
+    1,024 envs the whole-state zlib of earlier versions took 12 s per commit on 2 cores).
+    Written to a temp file, fsynced and renamed; a full disk removes the temp file and raises
+    `DiskFullError`. Earlier formats are still read: whole-state zlib `state-KKKKKK.pkl.z` and
+    uncompressed `state-KKKKKK.pkl`.
     """
 
-    SUFFIX = ".pkl.z"
+    SUFFIX = ".pkl.zp"
+    LEGACY_SUFFIXES = (".pkl.z", ".pkl")
 
     @staticmethod
     def lock_path(root: Path, writer: int) -> Path:
@@ -309,11 +327,34 @@ class CollectorState:
         return root / "collector" / f"w{writer:03d}" / f"state-{shards_done:06d}{CollectorState.SUFFIX}"
 
     @staticmethod
+    def _compress_piece(piece: dict) -> dict:
+        """{field: (dtype, shape, zlib level-1 bytes)}; zlib releases the GIL, so threads overlap."""
+        out = {}
+        for k, a in piece.items():
+            a = np.ascontiguousarray(a)
+            out[k] = (a.dtype.str, a.shape, zlib.compress(memoryview(a).cast("B"), 1))
+        return out
+
+    @staticmethod
+    def _decompress_piece(enc: dict) -> dict:
+        return {k: np.frombuffer(zlib.decompress(b), np.dtype(dt)).reshape(shape) for k, (dt, shape, b) in enc.items()}
+
+    @staticmethod
     def encode(carry, assembler: EpisodeAssembler) -> bytes:
-        raw = pickle.dumps(
-            {"carry": jax.device_get(carry), "partial": assembler.partial}, protocol=pickle.HIGHEST_PROTOCOL
+        pieces = [p for ps in assembler.partial for p in ps]
+        memo = assembler.encoded
+        live = {id(p) for p in pieces}
+        for key in [k for k in memo if k not in live]:  # pieces whose episodes have ended
+            del memo[key]
+        new = [p for p in pieces if id(p) not in memo]
+        if new:
+            with ThreadPoolExecutor(min(len(new), os.cpu_count() or 1, 16)) as pool:
+                for p, enc in zip(new, pool.map(CollectorState._compress_piece, new), strict=True):
+                    memo[id(p)] = (p, enc)
+        partial = [[memo[id(p)][1] for p in ps] for ps in assembler.partial]
+        return pickle.dumps(
+            {"format": 2, "carry": jax.device_get(carry), "partial": partial}, protocol=pickle.HIGHEST_PROTOCOL
         )
-        return zlib.compress(raw, 1)
 
     @staticmethod
     def save(
@@ -334,17 +375,20 @@ class CollectorState:
     @staticmethod
     def load(root: Path, writer: int, shards_done: int):
         p = CollectorState.path(root, writer, shards_done)
-        legacy = p.with_name(f"state-{shards_done:06d}.pkl")
-        if not p.exists() and legacy.exists():
-            s = pickle.loads(legacy.read_bytes())
-        elif p.exists():
-            s = pickle.loads(zlib.decompress(p.read_bytes()))
-        else:
-            raise store.DatasetError(
-                f"{p} is missing: writer {writer} has {shards_done} committed shards but no saved "
-                f"collector state to continue from deterministically"
-            )
-        return s["carry"], s["partial"]
+        if p.exists():
+            s = pickle.loads(p.read_bytes())
+            partial = [[CollectorState._decompress_piece(e) for e in ps] for ps in s["partial"]]
+            return s["carry"], partial
+        for suffix in CollectorState.LEGACY_SUFFIXES:
+            old = p.with_name(f"state-{shards_done:06d}{suffix}")
+            if old.exists():
+                raw = old.read_bytes()
+                s = pickle.loads(zlib.decompress(raw) if suffix.endswith(".z") else raw)
+                return s["carry"], s["partial"]
+        raise store.DatasetError(
+            f"{p} is missing: writer {writer} has {shards_done} committed shards but no saved "
+            f"collector state to continue from deterministically"
+        )
 
     @staticmethod
     def prune(root: Path, writer: int, keep_from: int) -> None:
@@ -503,27 +547,32 @@ def _collect(
     t0 = time.time()
     bar = Progress(total=target, initial=episodes_done, desc=f"collect w{writer}", unit="ep")
 
-    def commit(carry_after, final: bool) -> None:
-        nonlocal shards_done, episodes_done, train_done, pending, bytes_new, commits_now
+    def commit(carry_after, partial: list[list[dict]], episodes: list[dict], final: bool) -> None:
+        """Write `episodes` as the next shard, the resume state (carry_after, partial), then the
+        manifest entry: the commit. Runs on the committer thread, one commit at a time, in order."""
+        nonlocal shards_done, episodes_done, train_done, bytes_new, commits_now
         name = store.shard_name(writer, shards_done)
-        arrays = {k: np.concatenate([ep[k] for ep in pending]) for k in ROW_FIELDS}
+        # each episode is its list of pieces: one copy, straight into the shard's arrays
+        arrays = {k: np.concatenate([p[k] for ep in episodes for p in ep]) for k in ROW_FIELDS}
         eps, start = [], 0
-        for ep in pending:
+        for ep in episodes:
             n = episodes_done + len(eps)
             is_eval = stratified_pick(n, c.eval_fraction, eval_u)
             labeled = True if is_eval else stratified_pick(train_done, c.labeled_fraction, label_u)
             train_done += 0 if is_eval else 1
-            L = len(ep["frame"])
+            L = sum(len(p["frame"]) for p in ep)
+            ret = float(arrays["reward"][start + 1 : start + L].sum())  # reward_0 is the reset row's 0
+            got = arrays["achievements"][start : start + L].any(0)
             eps.append(
                 {
                     "id": f"w{writer:03d}-e{n:06d}",
                     "start": start,
                     "length": L,
-                    "return": float(ep["reward"][1:].sum()),
-                    "achievements": [spec.achievement_names[i] for i in np.flatnonzero(ep["achievements"].any(0))],
+                    "return": ret,
+                    "achievements": [spec.achievement_names[i] for i in np.flatnonzero(got)],
                     "labeled": bool(labeled),
                     "split": "eval" if is_eval else "train",
-                    "policy": members[int(ep["policy_id"][0])][0] if "policy_id" in ep else c.policy,
+                    "policy": members[int(ep[0]["policy_id"][0])][0] if "policy_id" in ep[0] else c.policy,
                 }
             )
             start += L
@@ -537,8 +586,10 @@ def _collect(
             "final": final,
         }
         # zlib and TensorStore's zstd both release the GIL: compress the resume state meanwhile.
+        # The state's view of the assembler shares its cache of compressed pieces.
+        state_view = EpisodeAssembler(c.num_envs, partial=partial, encoded=assembler.encoded)
         with ThreadPoolExecutor(1) as pool:
-            encoded = pool.submit(CollectorState.encode, carry_after, assembler)
+            encoded = pool.submit(CollectorState.encode, carry_after, state_view)
             digests = store.write_shard(
                 root,
                 name,
@@ -571,47 +622,80 @@ def _collect(
         episodes_done += len(eps)
         bytes_new += sum(a.nbytes for a in arrays.values())
         commits_now += 1
-        pending = []
+
+    # Commits run on one background thread, so the device steps and the host cuts rows into
+    # episodes while the last shard is compressed, hashed and written. At most one commit is in
+    # flight (the next waits for it): memory stays bounded and shards commit in order. A commit
+    # snapshots what it saves (the carry after chunk k and the partial rows as they were then), so
+    # the result is the same as committing inline.
+    committer = ThreadPoolExecutor(1, thread_name_prefix=f"collect-w{writer}-commit")
+    in_flight = None
+
+    def wait_commit() -> None:
+        nonlocal in_flight
+        if in_flight is not None:
+            f, in_flight = in_flight, None
+            f.result()  # a failed commit's error surfaces here, in the collecting thread
+
+    def submit_commit(carry_after, final: bool) -> None:
+        nonlocal pending, in_flight, commits_submitted
+        wait_commit()
+        snapshot = [list(ps) for ps in assembler.partial]  # pieces are never mutated, lists are
+        episodes, pending = pending, []
+        in_flight = committer.submit(commit, carry_after, snapshot, episodes, final)
+        commits_submitted += 1
 
     # Pipelining: the next chunk is dispatched (asynchronously) before the host cuts and writes
     # the one before it, so writing hides behind stepping.
-    out = chunk_fn(carry)
+    taken = episodes_done  # episodes handed to commits (committed or in flight) or pending
+    commits_submitted = 0
     finished = False
     t_first, steps_first = None, 0
-    while True:
-        carry_k, rows_k = out
-        out = chunk_fn(carry_k)
-        rows = jax.device_get(rows_k)
-        if t_first is None:  # steady-state rate excludes compilation and the first chunk
-            t_first, steps_first = time.time(), steps_new + rows["is_first"].size
-        if row_sink is not None:
-            row_sink(rows)
-        steps_new += rows["is_first"].size
-        new_eps = assembler.add(rows)
-        room = target - episodes_done - len(pending)
-        pending.extend(new_eps[:room])
-        bar.update(min(len(new_eps), room), steps_per_s=steps_new / max(time.time() - t0, 1e-9), MB=bytes_new / 1e6)
-        if episodes_done + len(pending) >= target:
-            commit(carry_k, final=True)
-            finished = True
-            break
-        if sum(len(ep["frame"]) for ep in pending) >= c.shard_frames:
-            commit(carry_k, final=False)
-            if stop_after_shards is not None and commits_now >= stop_after_shards:
+    try:
+        out = chunk_fn(carry)
+        while True:
+            carry_k, rows_k = out
+            out = chunk_fn(carry_k)
+            rows = jax.device_get(rows_k)
+            if t_first is None:  # steady-state rate excludes compilation and the first chunk
+                t_first, steps_first = time.time(), steps_new + rows["is_first"].size
+            if row_sink is not None:
+                row_sink(rows)
+            steps_new += rows["is_first"].size
+            new_eps = assembler.add(rows, join=False)
+            room = target - taken
+            pending.extend(new_eps[:room])
+            taken += min(len(new_eps), room)
+            bar.update(min(len(new_eps), room), steps_per_s=steps_new / max(time.time() - t0, 1e-9), MB=bytes_new / 1e6)
+            if taken >= target:
+                submit_commit(carry_k, final=True)
+                wait_commit()
+                finished = True
                 break
-        if stop_after_s is not None and time.time() - t_first >= stop_after_s:
-            if pending:
-                commit(carry_k, final=False)
-            break
-        signal_name = requested()  # writers are independent: no agreement between processes needed
-        if signal_name is not None:
-            if pending:  # commit the finished episodes (a shorter shard) with the state after chunk k
-                commit(carry_k, final=False)
-            bar.close()
-            log(f"writer {writer}: {episodes_done}/{target} episodes committed in {shards_done} shards")
-            raise Preempted(
-                f"collect w{writer}", signal_name, saved=f"{shards_done} shards of writer {writer} committed in {root}"
-            )
+            if sum(len(p["frame"]) for ep in pending for p in ep) >= c.shard_frames:
+                submit_commit(carry_k, final=False)
+                if stop_after_shards is not None and commits_submitted >= stop_after_shards:
+                    wait_commit()
+                    break
+            if stop_after_s is not None and time.time() - t_first >= stop_after_s:
+                if pending:
+                    submit_commit(carry_k, final=False)
+                wait_commit()
+                break
+            signal_name = requested()  # writers are independent: no agreement between processes needed
+            if signal_name is not None:
+                if pending:  # commit the finished episodes (a shorter shard) with the state after chunk k
+                    submit_commit(carry_k, final=False)
+                wait_commit()
+                bar.close()
+                log(f"writer {writer}: {episodes_done}/{target} episodes committed in {shards_done} shards")
+                raise Preempted(
+                    f"collect w{writer}",
+                    signal_name,
+                    saved=f"{shards_done} shards of writer {writer} committed in {root}",
+                )
+    finally:
+        committer.shutdown(wait=True)  # an exception here still lets the commit in flight finish
     bar.close()
     elapsed = time.time() - t0
     log(
@@ -626,5 +710,7 @@ def _collect(
         "new_steps": steps_new,
         "seconds": elapsed,
         "steady_steps_per_s": steady,
+        # from the call to the first chunk's rows on the host: compilation (if not done) + one chunk
+        "first_chunk_s": (t_first - t0) if t_first else None,
         "complete": finished,
     }
