@@ -77,7 +77,9 @@ cp "$tmp/need.txt" "$DEST/REQUIREMENTS.txt"
 # 4. Craftax-Classic's texture cache (1.3 MB), built here if this machine's craftax lacks it: without
 #    it the first Craftax renderer on the device spends about a minute of the collect part's budget
 #    building it (the first two leases lost collect figures that way). Same craftax version both sides.
-"$PY" - "$DEST" <<'EOF' || echo "no texture cache carried (craftax not importable here); the device builds it"
+TEXPY=$PY
+[ -x .venv/bin/python ] && TEXPY=.venv/bin/python  # the project's venv has craftax; python3 may not
+"$TEXPY" - "$DEST" <<'EOF' || echo "no texture cache carried (craftax not importable here); the device builds it"
 import shutil, sys
 from craftax.craftax_classic import constants as c
 c.load_all_textures()  # builds and saves the cache when it is missing
