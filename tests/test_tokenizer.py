@@ -242,4 +242,4 @@ def test_tokenizer_ab_compares_runs_on_the_same_held_out_clips(trained_tokenizer
     a, b = res["rows"]
     assert abs(a["psnr_mean_per_frame"] - want) < 0.02, (a, want)
     assert b["diff_vs_first_db"] == 0.0 and b["diff_ci95"] == [0.0, 0.0]
-    assert a["precision"] == cfg.tokenizer.train.precision and a["residual"] == "fp32"
+    assert a["precision"] == cfg.tokenizer.train.precision and a["residual"] == cfg.tokenizer.train.residual
