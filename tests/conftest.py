@@ -12,12 +12,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("WANDB_MODE", "disabled")
-# The tests compile far more than they run (tiny sizes): XLA's CPU backend at optimisation level 0
-# compiles them about 25% faster (two dynamics tests, cold cache: 128 -> 95 s) with the same
-# semantics. Set before JAX starts; subprocesses inherit it (they add their own flags after it).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 # One compilation cache for the session and its subprocesses.
 _CACHE = Path(os.environ.get("DREAMER4_TEST_JAX_CACHE", Path(__file__).parent.parent / ".pytest_cache" / "jax"))

@@ -77,7 +77,7 @@ def launch(commands, processes: int, devices: int, tag: str, log_dir: Path) -> l
         os.environ,
         PYTHONUNBUFFERED="1",
         WANDB_MODE="disabled",
-        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip(),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
     )  # loopback only

@@ -51,10 +51,7 @@ TOK_SETS = TOK_OVERRIDES + [
 # all 4 (JOB_ENV): the same compiled programs, so this job finds them in the compilation cache that
 # job filled (only process 0 of a job writes it; both read it).
 DYN_SETS = [kv for kv in MULTIHOST_SETS if kv != "--set" and not kv.startswith("collect.policy")]
-JOB_ENV = {
-    "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip(),
-    "FSDP": "4",
-}
+JOB_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "FSDP": "4"}
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
