@@ -543,14 +543,13 @@ def _collect(
     pending: list[dict] = []
     steps_new = 0
     bytes_new = 0
-    commits_now = 0
     t0 = time.time()
     bar = Progress(total=target, initial=episodes_done, desc=f"collect w{writer}", unit="ep")
 
     def commit(carry_after, partial: list[list[dict]], episodes: list[dict], final: bool) -> None:
         """Write `episodes` as the next shard, the resume state (carry_after, partial), then the
         manifest entry: the commit. Runs on the committer thread, one commit at a time, in order."""
-        nonlocal shards_done, episodes_done, train_done, bytes_new, commits_now
+        nonlocal shards_done, episodes_done, train_done, bytes_new
         name = store.shard_name(writer, shards_done)
         # each episode is its list of pieces: one copy, straight into the shard's arrays
         arrays = {k: np.concatenate([p[k] for ep in episodes for p in ep]) for k in ROW_FIELDS}
@@ -621,7 +620,6 @@ def _collect(
         shards_done += 1
         episodes_done += len(eps)
         bytes_new += sum(a.nbytes for a in arrays.values())
-        commits_now += 1
 
     # Commits run on one background thread, so the device steps and the host cuts rows into
     # episodes while the last shard is compressed, hashed and written. At most one commit is in

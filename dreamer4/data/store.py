@@ -203,7 +203,7 @@ def digest(array: np.ndarray) -> str:
     concatenated sha256 digests of the consecutive DIGEST_BLOCK-byte blocks (the last one shorter),
     computed in threads (hashlib releases the GIL). `digest_matches` also accepts a plain sha256
     recorded for a large array by earlier versions."""
-    buf = memoryview(np.ascontiguousarray(array)).cast("B")
+    buf = _bytes_of(array)
     if len(buf) <= DIGEST_BLOCK:
         return hashlib.sha256(buf).hexdigest()
     blocks = [buf[i : i + DIGEST_BLOCK] for i in range(0, len(buf), DIGEST_BLOCK)]
@@ -216,7 +216,12 @@ def digest_matches(array: np.ndarray, recorded: str) -> bool:
     """Whether `array` has the digest `recorded` (either form `digest` has written)."""
     if recorded.startswith(TREE_PREFIX):
         return digest(array) == recorded
-    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest() == recorded
+    return hashlib.sha256(_bytes_of(array)).hexdigest() == recorded
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """The array's bytes in C order, without a copy when it is contiguous already."""
+    return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
 def write_shard(
