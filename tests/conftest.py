@@ -24,6 +24,43 @@ enable_compilation_cache(str(_CACHE))
 import framehash_policy  # noqa: E402,F401  (registers the "framehash:" policy)
 
 REPO = Path(__file__).parent.parent
+
+# Parallel runs (`pytest -n 2`, pytest-xdist, as the README and .ci/run do): tests are handed to
+# the workers by group, one group per module, so a module's fixtures are built once, except the
+# modules that share the session's trained models (dataset -> tokenizer -> world model -> agent),
+# which form one group on one worker so that chain is trained once. The heaviest groups are queued
+# first, so the two workers start on the two longest and the short modules fill in at the end
+# (xdist hands out groups in collection order). PPO goes first on the second worker because it
+# needs no dataset: by the time that worker reaches a module that collects one, the first
+# worker's collection has put its compiled program in the shared compilation cache.
+# (A scheduler rather than xdist_group marks: with pytest 9, xdist 3.8's marks no longer reach
+# the node ids it schedules by, and every test was scheduled on its own.)
+WORLD_MODULES = ("test_agent", "test_play", "test_dynamics", "test_preempt", "test_tokenizer")
+FIRST = ("world", "test_behavior", "test_multihost", "test_slurm")
+
+
+def group_of(nodeid: str) -> str:
+    """The group a test runs in under xdist: "world" or its module's name."""
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return "world" if module in WORLD_MODULES else module
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {g: i for i, g in enumerate(FIRST)}
+    items.sort(key=lambda it: rank.get(group_of(it.nodeid), len(FIRST)))  # stable: file order otherwise
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return ByGroup(config, log)
+
+
 TEST_OVERRIDES = [
     "seed=7",
     "collect.policy=framehash:none",
