@@ -70,6 +70,36 @@ def test_assembler_pieces_join_to_the_same_episodes():
         EpisodeAssembler(num_envs=1).add(_rows(2, 1, firsts=[], lasts=[(1, 0)], base=0), join=False)
 
 
+def test_assembler_with_many_envs_copies_running_episodes_in_threads(monkeypatch):
+    # 96 envs (the threaded copy starts at 64 running episodes), random episode ends over three
+    # chunks, against a plain per-env reference: each env's stream cut after every is_last
+    from dreamer4.data import collect as collect_mod
+
+    monkeypatch.setattr(collect_mod.os, "cpu_count", lambda: 4)  # threads even on a 1-core runner
+    rng = np.random.default_rng(0)
+    T, N, chunks = 5, 96, 3
+    lasts_LN = rng.random((T * chunks, N)) < 0.15
+    firsts_LN = np.zeros_like(lasts_LN)
+    firsts_LN[0] = True
+    firsts_LN[1:] = lasts_LN[:-1]
+    asm, got = EpisodeAssembler(num_envs=N), []
+    for c in range(chunks):
+        sl = slice(c * T, (c + 1) * T)
+        rows = _rows(T, N, firsts=np.argwhere(firsts_LN[sl]), lasts=np.argwhere(lasts_LN[sl]), base=c * T)
+        got += [join_pieces(ep)["frame"].tolist() for ep in asm.add(rows, join=False)]
+        # rows of running episodes are copies, not views of the chunk (which may then be freed)
+        assert not any(np.shares_memory(p["frame"], rows["frame"]) for ps in asm.partial for p in ps)
+    want, left = [], []
+    for n in range(N):
+        frames, start = (np.arange(T * chunks) * 10 + n).tolist(), 0
+        for t in np.flatnonzero(lasts_LN[:, n]):
+            want.append((t, n, frames[start : t + 1]))
+            start = t + 1
+        left.append(frames[start:])
+    assert got == [f for _, _, f in sorted(want)]  # ordered by (end step, env)
+    assert [sum((p["frame"].tolist() for p in ps), []) for ps in asm.partial] == left
+
+
 def test_resume_state_compresses_each_piece_once_and_reads_every_format(tmp_path):
     import pickle
     import zlib

@@ -164,7 +164,7 @@ class EpisodeAssembler:
         (dicts of arrays, in order; `join_pieces` makes the dict): the collector joins them once,
         straight into its shard's arrays, on its commit thread."""
         T = rows_TN["is_first"].shape[0]
-        finished = []
+        finished, tails = [], []
         for n in range(self.num_envs):
             lasts = np.flatnonzero(rows_TN["is_last"][:, n])
             begin = 0
@@ -178,9 +178,36 @@ class EpisodeAssembler:
                 finished.append((int(t), n, join_pieces(pieces) if join else pieces))
                 begin = t + 1
             if begin < T:
-                self.partial[n].append({k: v[begin:, n].copy() for k, v in rows_TN.items()})
+                tails.append((n, begin))
+        # The rows of episodes still running are copied out of the chunk (a finished episode's
+        # pieces are views, written with the next shard, so the chunk's memory goes then): with
+        # episodes longer than a chunk that is most of its bytes. numpy's copies release the GIL,
+        # so threads copy different envs' rows at once.
+        for (n, _), piece in zip(tails, _copy_tails(rows_TN, tails), strict=True):
+            self.partial[n].append(piece)
         finished.sort(key=lambda x: (x[0], x[1]))
         return [ep for _, _, ep in finished]
+
+
+_TAIL_POOL: ThreadPoolExecutor | None = None
+
+
+def _copy_tails(rows_TN: dict[str, np.ndarray], tails: list[tuple[int, int]]) -> list[dict]:
+    """[{field: rows_TN[field][begin:, n] as a new array} for (n, begin) in tails], in order; in
+    parallel threads (one pool per process) when there are many."""
+    global _TAIL_POOL
+
+    def copy(batch):
+        return [{k: v[b:, n].copy() for k, v in rows_TN.items()} for n, b in batch]
+
+    workers = min(os.cpu_count() or 1, 16)
+    if workers < 2 or len(tails) < 64:
+        return copy(tails)
+    if _TAIL_POOL is None:
+        _TAIL_POOL = ThreadPoolExecutor(workers, thread_name_prefix="collect-tails")
+    size = -(-len(tails) // (4 * workers))
+    batches = [tails[i : i + size] for i in range(0, len(tails), size)]
+    return [piece for out in _TAIL_POOL.map(copy, batches) for piece in out]
 
 
 def join_pieces(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
