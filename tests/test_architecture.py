@@ -170,3 +170,19 @@ def test_no_import_cycles():
 
 def test_no_module_named_utils():
     assert not [m for m in MODULES if m.rpartition(".")[2] in ("utils", "util")]
+
+
+def test_modules_sharing_the_trained_models_run_in_one_xdist_group():
+    """Every test module that uses the session's trained tokenizer / world model / agent is in
+    conftest's "world" group, so `pytest -n 2` trains that chain on one worker only (a module
+    left out would train it again on the other: minutes of CI)."""
+    from conftest import WORLD_MODULES, group_of
+
+    chain = ("trained_tokenizer", "world_run", "trained_agent")
+    users = set()
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any(a.arg in chain for a in node.args.args):
+                users.add(path.stem)
+    assert users and users <= set(WORLD_MODULES), sorted(users - set(WORLD_MODULES))
+    assert group_of("tests/test_play.py::test_x[1]") == "world" and group_of("tests/test_nn.py::t") == "test_nn"
