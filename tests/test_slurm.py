@@ -49,7 +49,8 @@ TOK_SETS = TOK_OVERRIDES + [
 ]
 # The dynamics of tests/test_multihost.py's 2-process job, on the same 2 x 2 devices with fsdp over
 # all 4 (JOB_ENV): the same compiled programs, so this job finds them in the compilation cache that
-# job filled (only process 0 of a job writes it; both read it).
+# job filled (only process 0 of a job writes it; both read it) when that module has finished first
+# (conftest queues it first; under `pytest -n 2` the two may overlap, and then this job compiles).
 DYN_SETS = [kv for kv in MULTIHOST_SETS if kv != "--set" and not kv.startswith("collect.policy")]
 JOB_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "FSDP": "4"}
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
