@@ -189,13 +189,9 @@ class EpisodeAssembler:
         return [ep for _, _, ep in finished]
 
 
-_TAIL_POOL: ThreadPoolExecutor | None = None
-
-
 def _copy_tails(rows_TN: dict[str, np.ndarray], tails: list[tuple[int, int]]) -> list[dict]:
     """[{field: rows_TN[field][begin:, n] as a new array} for (n, begin) in tails], in order; in
-    parallel threads (one pool per process) when there are many."""
-    global _TAIL_POOL
+    parallel threads when there are many."""
 
     def copy(batch):
         return [{k: v[b:, n].copy() for k, v in rows_TN.items()} for n, b in batch]
@@ -203,11 +199,10 @@ def _copy_tails(rows_TN: dict[str, np.ndarray], tails: list[tuple[int, int]]) ->
     workers = min(os.cpu_count() or 1, 16)
     if workers < 2 or len(tails) < 64:
         return copy(tails)
-    if _TAIL_POOL is None:
-        _TAIL_POOL = ThreadPoolExecutor(workers, thread_name_prefix="collect-tails")
     size = -(-len(tails) // (4 * workers))
     batches = [tails[i : i + size] for i in range(0, len(tails), size)]
-    return [piece for out in _TAIL_POOL.map(copy, batches) for piece in out]
+    with ThreadPoolExecutor(workers, thread_name_prefix="collect-tails") as pool:
+        return [piece for out in pool.map(copy, batches) for piece in out]
 
 
 def join_pieces(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
