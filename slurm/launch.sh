@@ -72,12 +72,19 @@ EXIT_PREEMPTED=75          # a stage stopped by a signal after saving everything
 _D4_SIGNAL=""              # the first signal this shell received
 _D4_STEP_PID=""            # the srun step running now
 
+_D4_FORWARDED=""          # whether the signal has reached the running step
+
+# Pass the received signal on to the running step (SIGINT as SIGTERM), once.
+_d4_forward() {
+  [ -n "$_D4_STEP_PID" ] && [ -z "$_D4_FORWARDED" ] || return 0
+  _D4_FORWARDED=1
+  kill -s "$([ "$_D4_SIGNAL" = INT ] && echo TERM || echo "$_D4_SIGNAL")" "$_D4_STEP_PID" 2>/dev/null || true
+}
+
 _d4_on_signal() {
   [ -n "$_D4_SIGNAL" ] || _D4_SIGNAL="$1"
   echo "launch.sh: SIG$1 received at $(date '+%F %T'); the running stage checkpoints and stops" >&2
-  if [ -n "$_D4_STEP_PID" ]; then
-    kill -s "$([ "$1" = INT ] && echo TERM || echo "$1")" "$_D4_STEP_PID" 2>/dev/null || true
-  fi
+  _d4_forward
 }
 trap '_d4_on_signal USR1' USR1
 trap '_d4_on_signal TERM' TERM
@@ -102,6 +109,9 @@ _d4_step() {
   [ -z "$_D4_SIGNAL" ] || _d4_stop 0   # a signal came between steps: do not start another stage
   "$@" &
   _D4_STEP_PID=$!
+  # A signal handled between the fork and the line above found no step to pass it to (the step
+  # may already be running: a heavily loaded node showed this); pass it on now.
+  [ -z "$_D4_SIGNAL" ] || _d4_forward
   local rc=0
   while :; do
     wait "$_D4_STEP_PID" && rc=0 || rc=$?

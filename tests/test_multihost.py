@@ -390,8 +390,8 @@ def _fake_slurm_bin(tmp_path: Path) -> tuple[Path, Path]:
     bindir.mkdir(exist_ok=True)
     (bindir / "srun").write_text(
         "#!/bin/bash\n"
+        "trap 'exit 75' USR1 TERM\n"  # before the record: the test signals once it sees it
         f'echo "srun ${{@: -5}}" >> {record}\n'
-        "trap 'exit 75' USR1 TERM\n"
         "for i in $(seq 1 600); do sleep 0.05; done\n"
     )
     (bindir / "scontrol").write_text(f'#!/bin/bash\necho "scontrol $*" >> {record}\n')
