@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DEST=.whl
 # What must travel (versions = the ones this project tests with on CPU).
-WANT=${WANT:-"craftax==1.6.1 grain==0.2.18 wandb==0.31.0 imageio-ffmpeg==0.6.0"}
+WANT=${WANT:-"craftax==1.6.1 grain==0.2.18 wandb==0.31.0 imageio-ffmpeg==0.6.0 zstandard==0.25.0"}
 # Left behind by default: nothing the suite imports needs them, and with them the folder is 70 MiB,
 # over a call's 64 MiB limit. pygame (14 MiB) serves only craftax's interactive play window;
 # imageio-ffmpeg (29 MiB, an ffmpeg binary) only `dataset import-video`. SKIP="" takes them too

@@ -100,6 +100,11 @@ def test_assembler_with_many_envs_copies_running_episodes_in_threads(monkeypatch
     assert [sum((p["frame"].tolist() for p in ps), []) for ps in asm.partial] == left
 
 
+def _raw(piece: dict) -> dict:
+    """{field: (dtype, shape, contiguous array)} of one piece of rows."""
+    return {k: (np.asarray(a).dtype.str, np.shape(a), np.ascontiguousarray(a)) for k, a in piece.items()}
+
+
 def test_resume_state_compresses_each_piece_once_and_reads_every_format(tmp_path):
     import pickle
     import zlib
@@ -124,6 +129,21 @@ def test_resume_state_compresses_each_piece_once_and_reads_every_format(tmp_path
     path.write_bytes(second)
     carry, partial = CollectorState.load(tmp_path, 0, 2)
     assert carry["k"].tolist() == [0, 1, 2]
+    assert [[p["frame"].tolist() for p in ps] for ps in partial] == [
+        [p["frame"].tolist() for p in ps] for ps in asm.partial
+    ]
+    # pieces are zstd frames (format 3): the file holds no zlib stream
+    state = pickle.loads(second)
+    blob = state["partial"][0][0]["frame"][2]
+    assert state["format"] == 3 and blob[:4] == b"\x28\xb5\x2f\xfd"  # zstd's magic number
+    # format 2 (the same file name, zlib pieces) still loads
+    state["format"] = 2
+    state["partial"] = [
+        [{k: (dt, sh, zlib.compress(a.tobytes(), 1)) for k, (dt, sh, a) in _raw(p).items()} for p in ps]
+        for ps in asm.partial
+    ]
+    path.write_bytes(pickle.dumps(state))
+    carry, partial = CollectorState.load(tmp_path, 0, 2)
     assert [[p["frame"].tolist() for p in ps] for ps in partial] == [
         [p["frame"].tolist() for p in ps] for ps in asm.partial
     ]
@@ -156,3 +176,31 @@ def test_digest_of_a_large_array_is_a_parallel_tree_hash_and_old_digests_still_v
     big[store.DIGEST_BLOCK + 7] ^= 1
     assert not store.digest_matches(big, store.TREE_PREFIX + worked)
     assert not store.digest_matches(big, hashlib.sha256(raw).hexdigest())
+
+
+def test_shard_inner_chunks_frames_by_read_chunk_step_fields_by_512_rows(tmp_path):
+    """Frames are stored in inner chunks of read_chunk rows (the loader's read unit); the small
+    per-step fields in chunks of STEP_FIELD_ROWS rows, so a shard is not mostly per-chunk overhead;
+    any window reads back exactly, across chunk boundaries."""
+    from dreamer4.data import store
+
+    n = 1100
+    rng = np.random.default_rng(0)
+    arrays = {
+        "frame": rng.integers(0, 256, (n, 5, 4, 3), dtype=np.uint8),
+        "action": rng.integers(0, 17, n).astype(np.int32),
+        "reward": rng.normal(size=n).astype(np.float32),
+        "is_first": rng.random(n) < 0.1,
+        "is_last": rng.random(n) < 0.1,
+        "is_terminal": rng.random(n) < 0.05,
+        "achievements": rng.random((n, 22)) < 0.3,
+    }
+    digests = store.write_shard(tmp_path, "w000-s000000", arrays, read_chunk=4, zstd_level=3)
+    assert store.STEP_FIELD_ROWS == 512
+    for field, a in arrays.items():
+        arr = store.open_shard_array(tmp_path, "w000-s000000", field)
+        want = 4 if field == "frame" else 512
+        assert tuple(arr.chunk_layout.read_chunk.shape) == (want, *a.shape[1:]), field
+        for start, stop in ((0, n), (510, 515), (1020, 1100), (3, 9)):
+            np.testing.assert_array_equal(store.read_shard_array(arr, "s", field, start, stop), a[start:stop])
+        assert store.digest_matches(a, digests[field])

@@ -38,6 +38,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import zstandard
 
 from dreamer4.config import Config, ConfigError, save_config, to_dict
 from dreamer4.data import store
@@ -325,16 +326,20 @@ class CollectorState:
 
     `collector/wNNN/state-KKKKKK.pkl.zp`: a pickle of the carry (env states, policy state, frames,
     key) and the rows of the episodes still running, each piece of rows (one env's rows from one
-    chunk) as its arrays zlib-compressed at level 1 (the rows are mostly frames, which compress
-    ~6-7x; level 6 or xz save another 20-45% at 2-6x the time; see BENCHMARKS.md for the sizes).
+    chunk) as its arrays zstd-compressed at level 1 (format 3). The rows are mostly frames: on
+    Craftax-Classic frames zstd-1 compresses 7.4x at ~700 MB/s per core, where zlib-1 (format 2,
+    before) did 7.0x at ~140 MB/s (BENCHMARKS.md, "Collection on a GPU host"); every row of a
+    long episode passes through here once, so this was a third of the host's work per chunk.
     A piece stays partial over several commits while its episode runs: it is compressed once (the
     assembler keeps the result) and new pieces are compressed in parallel threads, so a commit's
     cost follows the rows added since the last one, not all rows of the running episodes (with
     1,024 envs the whole-state zlib of earlier versions took 12 s per commit on 2 cores).
     Written to a temp file, fsynced and renamed; a full disk removes the temp file and raises
-    `DiskFullError`. Earlier formats are still read: whole-state zlib `state-KKKKKK.pkl.z` and
-    uncompressed `state-KKKKKK.pkl`.
+    `DiskFullError`. Earlier formats are still read: zlib pieces (format 2, same file name),
+    whole-state zlib `state-KKKKKK.pkl.z` and uncompressed `state-KKKKKK.pkl`.
     """
+
+    FORMAT = 3  # pieces compressed with zstd; 2: with zlib
 
     SUFFIX = ".pkl.zp"
     LEGACY_SUFFIXES = (".pkl.z", ".pkl")
@@ -350,16 +355,18 @@ class CollectorState:
 
     @staticmethod
     def _compress_piece(piece: dict) -> dict:
-        """{field: (dtype, shape, zlib level-1 bytes)}; zlib releases the GIL, so threads overlap."""
+        """{field: (dtype, shape, zstd level-1 bytes)}; zstd releases the GIL, so threads overlap."""
+        zc = zstandard.ZstdCompressor(level=1)  # one per call: a compressor is not thread-safe
         out = {}
         for k, a in piece.items():
             a = np.ascontiguousarray(a)
-            out[k] = (a.dtype.str, a.shape, zlib.compress(memoryview(a).cast("B"), 1))
+            out[k] = (a.dtype.str, a.shape, zc.compress(memoryview(a).cast("B")))
         return out
 
     @staticmethod
-    def _decompress_piece(enc: dict) -> dict:
-        return {k: np.frombuffer(zlib.decompress(b), np.dtype(dt)).reshape(shape) for k, (dt, shape, b) in enc.items()}
+    def _decompress_piece(enc: dict, fmt: int) -> dict:
+        unpack = zstandard.ZstdDecompressor().decompress if fmt >= 3 else zlib.decompress
+        return {k: np.frombuffer(unpack(b), np.dtype(dt)).reshape(shape) for k, (dt, shape, b) in enc.items()}
 
     @staticmethod
     def encode(carry, assembler: EpisodeAssembler) -> bytes:
@@ -375,7 +382,8 @@ class CollectorState:
                     memo[id(p)] = (p, enc)
         partial = [[memo[id(p)][1] for p in ps] for ps in assembler.partial]
         return pickle.dumps(
-            {"format": 2, "carry": jax.device_get(carry), "partial": partial}, protocol=pickle.HIGHEST_PROTOCOL
+            {"format": CollectorState.FORMAT, "carry": jax.device_get(carry), "partial": partial},
+            protocol=pickle.HIGHEST_PROTOCOL,
         )
 
     @staticmethod
@@ -399,7 +407,7 @@ class CollectorState:
         p = CollectorState.path(root, writer, shards_done)
         if p.exists():
             s = pickle.loads(p.read_bytes())
-            partial = [[CollectorState._decompress_piece(e) for e in ps] for ps in s["partial"]]
+            partial = [[CollectorState._decompress_piece(e, s["format"]) for e in ps] for ps in s["partial"]]
             return s["carry"], partial
         for suffix in CollectorState.LEGACY_SUFFIXES:
             old = p.with_name(f"state-{shards_done:06d}{suffix}")
@@ -606,7 +614,7 @@ def _collect(
             "target_episodes": target,
             "final": final,
         }
-        # zlib and TensorStore's zstd both release the GIL: compress the resume state meanwhile.
+        # The state's zstd and TensorStore's both release the GIL: compress the resume state meanwhile.
         # The state's view of the assembler shares its cache of compressed pieces.
         state_view = EpisodeAssembler(c.num_envs, partial=partial, encoded=assembler.encoded)
         with ThreadPoolExecutor(1) as pool:

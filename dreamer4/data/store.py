@@ -11,8 +11,9 @@
       collector/w000/           resume state of writer 0 (see collect.py)
 
 Each array has one `sharding_indexed` chunk covering the whole shard (the write unit), inner
-chunks of `read_chunk_frames` rows (the read unit), zstd, and crc32c on both the inner chunks and
-the shard index, so a flipped or truncated byte fails loudly on read. The manifest also stores a
+chunks (the read unit) of `read_chunk_frames` rows for frames and of at least STEP_FIELD_ROWS rows
+for the small per-step fields, zstd, and crc32c on both the inner chunks and the shard index, so a
+flipped or truncated byte fails loudly on read. The manifest also stores a
 sha256 of every array (a block-wise tree sha256 above 32 MiB, see `digest`), which `verify`
 re-computes.
 
@@ -58,6 +59,10 @@ FIELD_DTYPES = {
     "achievements": np.bool_,
 }
 _ZARR_DTYPE = {np.uint8: "uint8", np.int32: "int32", np.float32: "float32", np.bool_: "bool"}
+# Inner-chunk rows of every field but frames. A row of them is 1-22 bytes: in chunks of 4 rows
+# their zstd + crc32c per chunk cost as much CPU as the frames' (a 131,072-row shard: ~3 of 12
+# CPU-seconds), and a reader decoding 512 rows of them (<= 11 KB) for a window is still cheap.
+STEP_FIELD_ROWS = 512
 
 
 class DatasetError(ValueError):
@@ -259,7 +264,8 @@ def write_shard(
             for field, dtype in FIELD_DTYPES.items():
                 a = typed[field]
                 assert a.shape[0] == n, (field, a.shape, n)
-                store = ts.open(_array_spec(d / field, a.shape, dtype, read_chunk, zstd_level)).result()
+                rows = read_chunk if field == "frame" else max(read_chunk, STEP_FIELD_ROWS)
+                store = ts.open(_array_spec(d / field, a.shape, dtype, rows, zstd_level)).result()
                 futures.append(store.with_transaction(txn).write(a))
             for f in futures:
                 f.result()
