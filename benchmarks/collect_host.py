@@ -95,7 +95,7 @@ def make_rows(N: int, T: int, chunks: int, spec, mean_len: float, frames: np.nda
     return [jax.device_put({k: v[c * T : (c + 1) * T] for k, v in rows.items()}) for c in range(chunks)]
 
 
-def _cpu_s() -> float:
+def cpu_s() -> float:
     """CPU seconds of this process so far, all threads (user + system)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -128,6 +128,16 @@ class Timers:
             setattr(owner, attr, fn)
 
 
+def wrap_collect_components(timers: Timers) -> Timers:
+    """Time the host components `collect` calls (also used by the GPU suite's collect part)."""
+    timers.wrap(collect_mod.jax, "device_get", "device_get (copy to host)")
+    timers.wrap(collect_mod.EpisodeAssembler, "add", "assembler.add (rows -> episodes)")
+    timers.wrap(collect_mod.store, "write_shard", "store.write_shard (zstd + files + sha256)")
+    timers.wrap(collect_mod.CollectorState, "encode", "CollectorState.encode (resume state)")
+    timers.wrap(collect_mod.CollectorState, "save", "CollectorState.save (write state file)")
+    return timers
+
+
 def run(cfg, seconds: float, mean_len: float, frames_from: str | None, chunks: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     stepper = collect_mod.build_stepper(cfg, 0)  # env, spec and policy mixture; its jit is never called
@@ -145,17 +155,12 @@ def run(cfg, seconds: float, mean_len: float, frames_from: str | None, chunks: i
         return {"i": carry["i"] + 1, "key": carry["key"]}, chunk_rows[i % chunks]
 
     fake = replace(stepper, init_fn=init_fn, chunk_fn=chunk_fn)
-    timers = Timers()
-    timers.wrap(collect_mod.jax, "device_get", "device_get (copy to host)")
-    timers.wrap(collect_mod.EpisodeAssembler, "add", "assembler.add (rows -> episodes)")
-    timers.wrap(collect_mod.store, "write_shard", "store.write_shard (zstd + files + sha256)")
-    timers.wrap(collect_mod.CollectorState, "encode", "CollectorState.encode (resume state)")
-    timers.wrap(collect_mod.CollectorState, "save", "CollectorState.save (write state file)")
+    timers = wrap_collect_components(Timers())
     out = Path(tempfile.mkdtemp(prefix="d4collect-host-"))
     try:
-        t0, cpu0 = time.perf_counter(), _cpu_s()
+        t0, cpu0 = time.perf_counter(), cpu_s()
         summary = collect_mod.collect(cfg, out, log=lambda *a: None, stop_after_s=seconds, stepper=fake)
-        wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+        wall, cpu = time.perf_counter() - t0, cpu_s() - cpu0
         disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     finally:
         timers.restore()

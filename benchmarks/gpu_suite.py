@@ -344,6 +344,16 @@ def markdown(res: dict) -> str:
             f"{_f(r.get('collect_first_chunk_s'))} | {r.get('episodes', 'n/a')} / {r.get('shards', 'n/a')} | "
             f"{_f(r.get('craftax_loop_steps_per_s'), '{:.0f}')} |" + (f" {r['error'][:80]}" if "error" in r else "")
         )
+    host = [r for r in co.get("rows", []) if "host_cpu_s_per_chunk" in r]
+    if host:  # is the host CPU-bound (all cores busy) or bound by one thread?
+        lines += ["", "| envs | host CPU s per chunk | host cores busy (of) | ms per chunk in each host component |"]
+        lines.append("|---|---|---|---|")
+        for r in host:
+            parts_ms = "; ".join(f"{k.split(' (')[0]} {v:.0f}" for k, v in r["host_ms_per_chunk"].items())
+            lines.append(
+                f"| {r['num_envs']} | {r['host_cpu_s_per_chunk']:.1f} | {r['host_cores_busy']:.1f} "
+                f"({r['host_cpus']}) | {parts_ms} |"
+            )
     lo = parts.get("loader", {}).get("results", {})
     lines += [
         "",

@@ -481,12 +481,28 @@ def part_collect(p, rec: Recorder):
             rec.flush()
             out = work / f"collect_ds_{n_envs}"
             shutil.rmtree(out, ignore_errors=True)
-            t0 = time.perf_counter()
-            summary = collect(
-                cfg, out, log=lambda *a: None, stop_after_s=p.get("collect_seconds", 8.0), stepper=stepper
-            )
-            wall = time.perf_counter() - t0
+            # where the host's time goes (what benchmarks/collect_host.py measures without a GPU):
+            # the process's CPU seconds, all threads, and the wall time inside each host component
+            host = _bench_module("collect_host")
+            timers = host.wrap_collect_components(host.Timers())
+            t0, cpu0 = time.perf_counter(), host.cpu_s()
+            try:
+                summary = collect(
+                    cfg, out, log=lambda *a: None, stop_after_s=p.get("collect_seconds", 8.0), stepper=stepper
+                )
+            finally:
+                timers.restore()
+            wall, cpu = time.perf_counter() - t0, host.cpu_s() - cpu0
             steady = summary.get("steady_steps_per_s") or 0.0
+            n_chunks = max(summary.get("new_steps") or 0, 1) / (n_envs * cfg.collect.chunk_steps)
+            row.update(
+                {
+                    "host_cpus": os.cpu_count(),
+                    "host_cpu_s_per_chunk": cpu / n_chunks,
+                    "host_cores_busy": cpu / wall,
+                    "host_ms_per_chunk": {k: 1e3 * v / n_chunks for k, v in timers.s.items()},
+                }
+            )
             row.update(
                 {
                     "collect_steady_steps_per_s": steady,
