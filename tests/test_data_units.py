@@ -204,3 +204,20 @@ def test_shard_inner_chunks_frames_by_read_chunk_step_fields_by_512_rows(tmp_pat
         for start, stop in ((0, n), (510, 515), (1020, 1100), (3, 9)):
             np.testing.assert_array_equal(store.read_shard_array(arr, "s", field, start, stop), a[start:stop])
         assert store.digest_matches(a, digests[field])
+
+
+def test_concat_rows_in_threads_equals_numpy_concatenate():
+    from dreamer4.data.collect import concat_rows
+
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 256, (int(n), 3, 2), dtype=np.uint8) for n in rng.integers(0, 9, 300)]
+    want = np.concatenate(parts)
+    got = concat_rows(parts, min_bytes=0)  # the threaded path at any size
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(concat_rows(parts), want)  # small: numpy's own
+    # parts of another dtype or row shape are numpy's business (it promotes or refuses)
+    mixed = [np.zeros((2, 2), np.int32), np.ones((3, 2), np.float32)]
+    np.testing.assert_array_equal(concat_rows(mixed, min_bytes=0), np.concatenate(mixed))
+    with pytest.raises(ValueError):
+        concat_rows([np.zeros((2, 2)), np.zeros((2, 3))], min_bytes=0)
