@@ -62,6 +62,7 @@ AGENT_SETS = [
     for a in ("--set", kv)
 ]
 CONFIG = ["--config", str(REPO / "configs" / "tiny.yaml")]
+AGENT_CRITIC_WARMUP = int(next(kv.split("=")[1] for kv in AGENT_OVERRIDES if kv.startswith("agent.critic_warmup=")))
 
 
 def free_port() -> int:
@@ -138,9 +139,10 @@ def train_cmds(data, run, steps=None):
     return [tok] if steps is not None else [tok, dyn, agent]
 
 
-def losses(stage_dir: Path) -> dict[int, float]:
+def losses(stage_dir: Path, name: str = "loss") -> dict[int, float]:
+    """{step: the logged metric `name`} of a stage's training rows."""
     rows = [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[name] for r in rows if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +189,23 @@ def test_two_processes_equal_one_process(jobs, stage):
     ref, mp = losses(base / "ref" / stage), losses(base / "mp" / stage)
     first = list(range(1, STEPS + 1))  # (the tokenizers were continued afterwards: steps 5, 6)
     assert sorted(ref)[:STEPS] == first and sorted(mp)[:STEPS] == first
-    np.testing.assert_allclose([mp[s] for s in first], [ref[s] for s in first], rtol=2e-5)
     assert len({round(ref[s], 6) for s in first}) == STEPS  # the losses move: equality is not trivial
+    if stage == "agent":
+        # PMPO reads only sign(A - mean A). Here the imagined returns are ~1e-4 after the critic
+        # warm-up's value-only updates, so the collectives' float rounding (1e-7; it depends on
+        # the process layout) decides the sign of some centred advantages, and from the first
+        # policy update on the loss differs by design (a CI run: pmpo_pos_frac 0.50 vs 0.42 at
+        # step 3, value loss equal to 1e-7). Compared: the loss of the warm-up steps, then at the
+        # first policy step what is computed before the sign split (value loss, policy entropy).
+        warm = [s for s in first if s <= AGENT_CRITIC_WARMUP]
+        assert warm and len(warm) < STEPS
+        np.testing.assert_allclose([mp[s] for s in warm], [ref[s] for s in warm], rtol=2e-5)
+        s = AGENT_CRITIC_WARMUP + 1
+        for name in ("value", "entropy"):
+            a, b = losses(base / "mp" / stage, name)[s], losses(base / "ref" / stage, name)[s]
+            np.testing.assert_allclose(a, b, rtol=2e-5, err_msg=f"{name} at step {s}")
+        return
+    np.testing.assert_allclose([mp[s] for s in first], [ref[s] for s in first], rtol=2e-5)
     if stage in ("tokenizer", "dynamics"):
         assert (base / "mp" / stage / "eval.json").exists()
 
