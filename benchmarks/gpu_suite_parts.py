@@ -442,6 +442,7 @@ def part_collect(p, rec: Recorder):
 
     _wait_for_textures(p, rec)
     collect, data_bench = _collection()
+    host = _bench_module("collect_host")  # its timers of collect's host components
     rows = []
     rec["rows"] = rows
     rec["note"] = (
@@ -483,7 +484,6 @@ def part_collect(p, rec: Recorder):
             shutil.rmtree(out, ignore_errors=True)
             # where the host's time goes (what benchmarks/collect_host.py measures without a GPU):
             # the process's CPU seconds, all threads, and the wall time inside each host component
-            host = _bench_module("collect_host")
             timers = host.wrap_collect_components(host.Timers())
             t0, cpu0 = time.perf_counter(), host.cpu_s()
             try:
@@ -501,10 +501,6 @@ def part_collect(p, rec: Recorder):
                     "host_cpu_s_per_chunk": cpu / n_chunks,
                     "host_cores_busy": cpu / wall,
                     "host_ms_per_chunk": {k: 1e3 * v / n_chunks for k, v in timers.s.items()},
-                }
-            )
-            row.update(
-                {
                     "collect_steady_steps_per_s": steady,
                     "collect_wall_s": wall,
                     "collect_steps": summary.get("new_steps"),

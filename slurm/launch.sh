@@ -71,8 +71,7 @@ echo "dreamer4 on $NODES node(s) x $GPUS_PER_NODE GPU(s), one process per $PROCE
 EXIT_PREEMPTED=75          # a stage stopped by a signal after saving everything (runtime/preempt.py)
 _D4_SIGNAL=""              # the first signal this shell received
 _D4_STEP_PID=""            # the srun step running now
-
-_D4_FORWARDED=""          # whether the signal has reached the running step
+_D4_FORWARDED=""           # whether the signal has reached the running step
 
 # Pass the received signal on to the running step (SIGINT as SIGTERM), once.
 _d4_forward() {

@@ -100,11 +100,6 @@ def test_assembler_with_many_envs_copies_running_episodes_in_threads(monkeypatch
     assert [sum((p["frame"].tolist() for p in ps), []) for ps in asm.partial] == left
 
 
-def _raw(piece: dict) -> dict:
-    """{field: (dtype, shape, contiguous array)} of one piece of rows."""
-    return {k: (np.asarray(a).dtype.str, np.shape(a), np.ascontiguousarray(a)) for k, a in piece.items()}
-
-
 def test_resume_state_compresses_each_piece_once_and_reads_every_format(tmp_path):
     import pickle
     import zlib
@@ -139,7 +134,10 @@ def test_resume_state_compresses_each_piece_once_and_reads_every_format(tmp_path
     # format 2 (the same file name, zlib pieces) still loads
     state["format"] = 2
     state["partial"] = [
-        [{k: (dt, sh, zlib.compress(a.tobytes(), 1)) for k, (dt, sh, a) in _raw(p).items()} for p in ps]
+        [
+            {k: (a.dtype.str, a.shape, zlib.compress(np.ascontiguousarray(a).tobytes(), 1)) for k, a in p.items()}
+            for p in ps
+        ]
         for ps in asm.partial
     ]
     path.write_bytes(pickle.dumps(state))

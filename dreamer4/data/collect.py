@@ -197,13 +197,23 @@ def _copy_tails(rows_TN: dict[str, np.ndarray], tails: list[tuple[int, int]]) ->
     def copy(batch):
         return [{k: v[b:, n].copy() for k, v in rows_TN.items()} for n, b in batch]
 
-    workers = min(os.cpu_count() or 1, 16)
+    workers = _copy_threads()
     if workers < 2 or len(tails) < 64:
         return copy(tails)
-    size = -(-len(tails) // (4 * workers))
-    batches = [tails[i : i + size] for i in range(0, len(tails), size)]
-    with ThreadPoolExecutor(workers, thread_name_prefix="collect-tails") as pool:
-        return [piece for out in pool.map(copy, batches) for piece in out]
+    return [piece for out in _in_thread_batches(copy, tails, workers, "collect-tails") for piece in out]
+
+
+def _copy_threads() -> int:
+    """Threads for the host's large copies (numpy releases the GIL while copying)."""
+    return min(os.cpu_count() or 1, 16)
+
+
+def _in_thread_batches(fn, items, workers: int, name: str) -> list:
+    """[fn(batch) for each batch], the batches consecutive slices of `items` (about 4 per thread),
+    run in `workers` threads; results in order."""
+    size = -(-len(items) // (4 * workers))
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        return list(pool.map(fn, [items[i : i + size] for i in range(0, len(items), size)]))
 
 
 def concat_rows(parts: list[np.ndarray], min_bytes: int = 64 * 2**20) -> np.ndarray:
@@ -211,7 +221,7 @@ def concat_rows(parts: list[np.ndarray], min_bytes: int = 64 * 2**20) -> np.ndar
     in parallel threads (numpy releases the GIL while copying): a 1,024-env shard's frames are
     1.6 GB, and on the commit thread one core copying them (page faults included) took 0.6-2.7 s
     per chunk, as long as a GPU takes to step 100,000+ env steps."""
-    workers = min(os.cpu_count() or 1, 16)
+    workers = _copy_threads()
     shape, dtype = parts[0].shape[1:], parts[0].dtype
     if (
         workers < 2
@@ -222,14 +232,12 @@ def concat_rows(parts: list[np.ndarray], min_bytes: int = 64 * 2**20) -> np.ndar
         return np.concatenate(parts)
     ends = np.cumsum([len(p) for p in parts])
     out = np.empty((int(ends[-1]), *shape), dtype)
-    size = -(-len(parts) // (4 * workers))
 
-    def copy(first: int) -> None:
-        for i in range(first, min(first + size, len(parts))):
+    def copy(batch: range) -> None:
+        for i in batch:
             out[ends[i] - len(parts[i]) : ends[i]] = parts[i]
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="collect-join") as pool:
-        list(pool.map(copy, range(0, len(parts), size)))
+    _in_thread_batches(copy, range(len(parts)), workers, "collect-join")
     return out
 
 
