@@ -13,6 +13,19 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+# XLA's CPU backend at LLVM -O0: compiling dominates the suite's time (the programs are tiny, run a
+# few steps, and each compiles once per process); -O0 compiles about 2x faster and runs
+# tiny steps about 2x slower. It changes how XLA's kernels are generated, not the HLO program.
+# Subprocesses inherit it; set DREAMER4_TEST_XLA_OPT=2 to test at XLA's default level instead.
+TEST_XLA_FLAGS = f"--xla_backend_optimization_level={os.environ.get('DREAMER4_TEST_XLA_OPT', '0')}"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test subprocess with `devices` fake CPU devices (and the suite's flags)."""
+    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+
+
 # One compilation cache for the session and its subprocesses.
 _CACHE = Path(os.environ.get("DREAMER4_TEST_JAX_CACHE", Path(__file__).parent.parent / ".pytest_cache" / "jax"))
 os.environ["DREAMER4_JAX_CACHE"] = str(_CACHE)

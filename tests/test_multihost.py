@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES
+from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, xla_flags
 from test_agent import AGENT_OVERRIDES
 from test_dynamics import DYN_OVERRIDES
 
@@ -78,7 +78,7 @@ def launch(commands, processes: int, devices: int, tag: str, log_dir: Path) -> l
         os.environ,
         PYTHONUNBUFFERED="1",
         WANDB_MODE="disabled",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
     )  # loopback only

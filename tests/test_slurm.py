@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
+from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, make_test_config, xla_flags
 from slurm_cluster import SlurmCluster, SlurmUnavailable, why_unavailable
 from test_multihost import SETS as MULTIHOST_SETS
 
@@ -52,7 +52,7 @@ TOK_SETS = TOK_OVERRIDES + [
 # job filled (only process 0 of a job writes it; both read it) when that module has finished first
 # (conftest queues it first; under `pytest -n 2` the two may overlap, and then this job compiles).
 DYN_SETS = [kv for kv in MULTIHOST_SETS if kv != "--set" and not kv.startswith("collect.policy")]
-JOB_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "FSDP": "4"}
+JOB_ENV = {"XLA_FLAGS": xla_flags(2), "FSDP": "4"}
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
