@@ -13,11 +13,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-# XLA's CPU backend at LLVM -O0: compiling dominates the suite's time (the programs are tiny, run a
-# few steps, and each compiles once per process); -O0 compiles about 2x faster and runs
-# tiny steps about 2x slower. It changes how XLA's kernels are generated, not the HLO program.
-# Subprocesses inherit it; set DREAMER4_TEST_XLA_OPT=2 to test at XLA's default level instead.
-TEST_XLA_FLAGS = f"--xla_backend_optimization_level={os.environ.get('DREAMER4_TEST_XLA_OPT', '0')}"
+# XLA's CPU backend at LLVM optimisation level 1 rather than 2: the suite's time is mostly XLA
+# compiling small programs that then run a few steps. Level 1 compiled the tiny tokenizer's stage
+# ~15% faster and ran PPO's rollouts about as fast; level 0 compiled faster still but ran PPO ~20x
+# slower (BENCHMARKS.md "Test suite time"). It changes the generated machine code, not the HLO.
+# Subprocesses inherit it; DREAMER4_TEST_XLA_OPT=2 tests at XLA's default level instead.
+TEST_XLA_FLAGS = f"--xla_backend_optimization_level={os.environ.get('DREAMER4_TEST_XLA_OPT', '1')}"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 
