@@ -111,11 +111,17 @@ _d4_step() {
   # A signal handled between the fork and the line above found no step to pass it to (the step
   # may already be running: a heavily loaded node showed this); pass it on now.
   [ -z "$_D4_SIGNAL" ] || _d4_forward
-  local rc=0
+  local rc=0 again
   while :; do
     wait "$_D4_STEP_PID" && rc=0 || rc=$?
     kill -0 "$_D4_STEP_PID" 2>/dev/null || break
   done
+  # A trap that interrupted `wait` (rc 128 + signal) may have let the step end, and this shell reap
+  # it, before `kill -0` looked: its own status (75 after a checkpoint) is then still uncollected.
+  # (127: `wait` above had collected it, rc is the step's.)
+  if [ -n "$_D4_SIGNAL" ] && [ "$rc" -gt 128 ]; then
+    wait "$_D4_STEP_PID" 2>/dev/null && rc=0 || { again=$?; [ "$again" = 127 ] || rc="$again"; }
+  fi
   _D4_STEP_PID=""
   # (a step that finished despite the signal returns 0: a next stage, if any, is not started)
   [ -z "$_D4_SIGNAL" ] || [ "$rc" = 0 ] || _d4_stop "$rc"

@@ -417,24 +417,29 @@ def _fake_slurm_bin(tmp_path: Path) -> tuple[Path, Path]:
     return bindir, record
 
 
+def _start_with_fake_slurm(tmp_path: Path, script: Path) -> tuple[Path, subprocess.Popen]:
+    """Start `bash SCRIPT` with the fake srun/scontrol first on PATH; returns once srun runs."""
+    import time
+
+    bindir, record = _fake_slurm_bin(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "DREAMER4_"))}
+    env.update(PATH=f"{bindir}:{env['PATH']}", SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="777", HOME=str(tmp_path))
+    p = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while not (record.exists() and "srun" in record.read_text()):
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.05)
+    return record, p
+
+
 @pytest.mark.parametrize("sig", ["USR1", "TERM"])
 def test_launch_forwards_signals_and_requeues_before_the_time_limit(tmp_path, sig):
     """slurm/launch.sh without Slurm: a signal to the batch shell reaches the running step; after
     SIGUSR1 (the time-limit warning) the job requeues itself, after SIGTERM it does not; either way
     no later stage starts and the script exits 75. (tests/test_slurm.py does this on a real Slurm.)"""
     import signal
-    import time
 
-    bindir, record = _fake_slurm_bin(tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "DREAMER4_"))}
-    env.update(PATH=f"{bindir}:{env['PATH']}", SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="777", HOME=str(tmp_path))
-    p = subprocess.Popen(
-        ["bash", str(SLURM / "pipeline.sbatch")], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 20
-    while not (record.exists() and "srun" in record.read_text()):
-        assert time.time() < deadline and p.poll() is None
-        time.sleep(0.05)
+    record, p = _start_with_fake_slurm(tmp_path, SLURM / "pipeline.sbatch")
     p.send_signal(getattr(signal, f"SIG{sig}"))
     err = p.communicate(timeout=20)[1]
     assert p.returncode == 75, err
@@ -445,6 +450,27 @@ def test_launch_forwards_signals_and_requeues_before_the_time_limit(tmp_path, si
         assert calls[-1] == "scontrol requeue 777" and "requeueing job 777" in err
     else:
         assert not [c for c in calls if c.startswith("scontrol")]
+
+
+def test_launch_keeps_the_steps_exit_code_when_the_step_ends_before_it_is_checked(tmp_path):
+    """A CI run saw launch.sh exit 143 after SIGTERM, not 75: the batch shell passed the signal on,
+    was descheduled, and the step checkpointed, exited and was reaped before the shell checked
+    whether it still ran; the interrupted `wait`'s 143 was taken for the step's code. Made certain
+    here: the forwarding sleeps after signalling the step."""
+    import signal
+
+    script = tmp_path / "slow_forward.sh"
+    script.write_text(
+        f"source {SLURM / 'launch.sh'}\n"
+        "eval \"$(declare -f _d4_forward | sed '1s/_d4_forward/_d4_forward_now/')\"\n"
+        "_d4_forward() { _d4_forward_now; sleep 0.5; }\n"
+        "_d4_step srun stage\n"
+        "echo 'not reached' >&2\n"
+    )
+    _, p = _start_with_fake_slurm(tmp_path, script)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=20)[1]
+    assert p.returncode == 75 and "not reached" not in err, (p.returncode, err)
 
 
 def test_sbatch_scripts_ask_for_a_warning_and_requeue():
