@@ -42,15 +42,29 @@ REPO = Path(__file__).parent.parent
 # Parallel runs (`pytest -n 2`, pytest-xdist, as the README and .ci/run do): tests are handed to
 # the workers by group, one group per module, so a module's fixtures are built once, except the
 # modules that share the session's trained models (dataset -> tokenizer -> world model -> agent),
-# which form one group on one worker so that chain is trained once. The heaviest groups are queued
-# first, so the two workers start on the two longest and the short modules fill in at the end
-# (xdist hands out groups in collection order). PPO goes first on the second worker because it
-# needs no dataset: by the time that worker reaches a module that collects one, the first
-# worker's collection has put its compiled program in the shared compilation cache.
+# which form one group on one worker so that chain is trained once. Groups are queued longest
+# first (FIRST, by their time in a clean-clone run; BENCHMARKS.md "Test suite time"), so the two
+# workers start on the two longest and the short modules fill in at the end; xdist would
+# otherwise sort groups by their number of tests (its --loadscope-reorder, on by default), which
+# left the 4-minute real-Slurm test, one test, for last. PPO goes first on the second worker
+# because it needs no dataset: by the time that worker reaches a module that collects one, the
+# first worker's collection has put its compiled program in the shared compilation cache.
 # (A scheduler rather than xdist_group marks: with pytest 9, xdist 3.8's marks no longer reach
 # the node ids it schedules by, and every test was scheduled on its own.)
 WORLD_MODULES = ("test_agent", "test_play", "test_dynamics", "test_preempt", "test_tokenizer")
-FIRST = ("world", "test_behavior", "test_multihost", "test_slurm")
+FIRST = (
+    "world",
+    "test_behavior",
+    "test_multihost",
+    "test_slurm",
+    "test_faults",
+    "test_nn",
+    "test_policy",
+    "test_data_collect",
+    "test_gpu_suite",
+    "test_sampler_fused",
+    "test_video_import",
+)  # then every other module (each under ~20 s) in file order
 
 
 def group_of(nodeid: str) -> str:
@@ -72,6 +86,7 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return group_of(nodeid)
 
+    config.option.loadscopereorder = False  # hand groups out in collection order (FIRST)
     return ByGroup(config, log)
 
 
