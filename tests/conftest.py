@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 # XLA's CPU backend at LLVM optimisation level 1 rather than 2: the suite's time is mostly XLA
-# compiling small programs that then run a few steps. Level 1 compiled the tiny tokenizer's stage
-# ~15% faster and ran PPO's rollouts about as fast; level 0 compiled faster still but ran PPO ~20x
-# slower (BENCHMARKS.md "Test suite time"). It changes the generated machine code, not the HLO.
+# compiling small programs that then run a few steps. Level 1 ran the test tokenizer's stage in
+# ~15% less CPU time and PPO's rollouts about as fast; level 0 compiled faster still but ran PPO
+# over 10x slower (BENCHMARKS.md "Test suite time"). It changes the machine code, not the HLO.
 # Subprocesses inherit it; DREAMER4_TEST_XLA_OPT=2 tests at XLA's default level instead.
 TEST_XLA_FLAGS = f"--xla_backend_optimization_level={os.environ.get('DREAMER4_TEST_XLA_OPT', '1')}"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
