@@ -24,6 +24,7 @@ from dreamer4.nn import (
     space_mask,
 )
 from dreamer4.nn import attention as attention_module
+from dreamer4.nn.layers import broadcast_param
 
 B, T, S, D = 2, 6, 5, 32
 # Token S-1 is an "agent" token: it reads every token of its step, no other token reads it.
@@ -183,6 +184,45 @@ def test_attention_matches_numpy_reference(kv_heads, rope, cap):
     positions = np.arange(L) + 3
     got = att(x_NLD, mask_LL, positions=positions)
     np.testing.assert_allclose(got, reference_attention(att, x_NLD, mask_LL, positions), rtol=1e-4, atol=1e-4)
+
+
+def test_attention_bias_and_mask_match_numpy():
+    """Grouped heads (K=4 over G=2), an (N, Q, M) mask, a per-query-head bias added after the cap:
+    the einsum kernel against plain numpy loops over heads."""
+    N, Q, M, K, G, H, cap = 2, 3, 5, 4, 2, 8, 2.0
+    q, k, v = (np.asarray(rand(i, s), np.float64) for i, s in ((1, (N, Q, K, H)), (2, (N, M, G, H)), (3, (N, M, G, H))))
+    q, k = 2 * q, 2 * k
+    bias = np.asarray(rand(4, (N, Q, K, M)), np.float64)
+    mask = np.array(jax.random.bernoulli(jax.random.PRNGKey(5), 0.6, (N, Q, M)))
+    mask[:, :, 0] = True
+    want = np.zeros((N, Q, K, H))
+    for h in range(K):
+        g = h // (K // G)
+        logits = cap * np.tanh(np.einsum("nqe,nme->nqm", q[:, :, h], k[:, :, g]) / np.sqrt(H) / cap)
+        logits = np.where(mask, logits + bias[:, :, h], -np.inf)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        want[:, :, h] = np.einsum("nqm,nme->nqe", p / p.sum(-1, keepdims=True), v[:, :, g])
+    f32 = (jnp.asarray(a, jnp.float32) for a in (q, k, v))
+    got = dot_product_attention(*f32, mask, logit_cap=cap, bias_NQKM=jnp.asarray(bias, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_broadcast_param_tiles_forward_and_sums_gradients():
+    """y[b, t] = p; dL/dp = sum_bt dL/dy[b, t] (worked in numpy), in p's dtype."""
+    p = rand(1, (3, 4))
+    w = np.asarray(rand(2, (2, 5, 3, 4)), np.float64)
+    y = broadcast_param(p, (2, 5))
+    assert y.shape == (2, 5, 3, 4)
+    np.testing.assert_array_equal(y, np.broadcast_to(np.asarray(p), (2, 5, 3, 4)))
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(broadcast_param(p, (2, 5)) * jnp.asarray(w, jnp.float32))))(p)
+    assert grad.dtype == p.dtype
+    np.testing.assert_allclose(grad, w.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
+    # a bf16 parameter gets a bf16 gradient of the same sum (1000 rows of 1/3)
+    g16 = jax.grad(lambda p: jnp.sum(broadcast_param(p, (1000,)).astype(jnp.float32) / 3))(
+        jnp.zeros((1,), jnp.bfloat16)
+    )
+    assert g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g16, np.float32), [1000 / 3], rtol=1e-2)
 
 
 @pytest.mark.parametrize("G", [4, 2, 1])

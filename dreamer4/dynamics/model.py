@@ -37,6 +37,7 @@ from flax import nnx
 
 from dreamer4.config import ConfigError, DynamicsNet
 from dreamer4.nn import AxialTransformer
+from dreamer4.nn.layers import broadcast_param
 from dreamer4.tokenizer.model import Tokenizer
 
 
@@ -151,10 +152,10 @@ class Dynamics(nnx.Module):
         k = self.cfg.k_max
         sig = jnp.concatenate([self.tau_embed(tau_index(tau_BT, k)), self.d_embed(d_index(d_BT, k))], -1)
         z = rearrange(z_BTLN, "b t (z g) n -> b t z (g n)", g=self.group)
-        spatial = self.z_in(z.astype(self.dtype)).astype(jnp.float32) + self.spatial_pos[...]
+        spatial = self.z_in(z.astype(self.dtype)).astype(jnp.float32) + broadcast_param(self.spatial_pos[...], (B, T))
         if self.cfg.action_broadcast:
             spatial = spatial + self.action_embedding(actions_BT, action_mask_BT)[:, :, None, :]
-        regs = jnp.broadcast_to(self.registers[...], (B, T, self.R, self.registers.shape[-1]))
+        regs = broadcast_param(self.registers[...], (B, T))
         parts = [self.action_tokens(actions_BT, action_mask_BT), sig[:, :, None, :], regs, spatial]
         return jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=2)
 

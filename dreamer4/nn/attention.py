@@ -132,20 +132,25 @@ def _jax_nn_attention(q_NQKH, k_NMGH, v_NMGH, mask, implementation: str):
 
 
 def einsum_attention(q_NQKH, k_NMGH, v_NMGH, mask=None, logit_cap: float = 0.0, bias_NQKM=None):
-    """The reference kernel of `dot_product_attention` (grouped einsums, float32 logits and softmax)."""
+    """The reference kernel of `dot_product_attention` (grouped einsums, float32 logits and softmax).
+
+    Logits are laid out n g q r m: the order a batched matmul over (n, g) produces from q's
+    n q (g r) h, so XLA need not transpose them (with n g r q m every logits-sized tensor of the
+    forward and backward passes was transposed on the GPU).
+    """
     K, H = q_NQKH.shape[-2:]
     G = k_NMGH.shape[-2]
     q_NQGRH = rearrange(q_NQKH, "n q (g r) h -> n q g r h", g=G)
-    logits_NGRQM = jnp.einsum("nqgrh,nmgh->ngrqm", q_NQGRH, k_NMGH, preferred_element_type=jnp.float32)
-    logits_NGRQM = soft_cap(logits_NGRQM.astype(jnp.float32) / np.float32(np.sqrt(H)), logit_cap)
+    logits_NGQRM = jnp.einsum("nqgrh,nmgh->ngqrm", q_NQGRH, k_NMGH, preferred_element_type=jnp.float32)
+    logits_NGQRM = soft_cap(logits_NGQRM.astype(jnp.float32) / np.float32(np.sqrt(H)), logit_cap)
     if bias_NQKM is not None:
-        logits_NGRQM = logits_NGRQM + rearrange(bias_NQKM.astype(jnp.float32), "n q (g r) m -> n g r q m", g=G)
+        logits_NGQRM = logits_NGQRM + rearrange(bias_NQKM.astype(jnp.float32), "n q (g r) m -> n g q r m", g=G)
     if mask is not None:
         mask = jnp.asarray(mask, bool)
-        mask_N11QM = (mask[None] if mask.ndim == 2 else mask)[:, None, None]
-        logits_NGRQM = jnp.where(mask_N11QM, logits_NGRQM, _MASKED)
-    probs_NGRQM = jax.nn.softmax(logits_NGRQM, axis=-1)
-    out_NQGRH = jnp.einsum("ngrqm,nmgh->nqgrh", probs_NGRQM.astype(v_NMGH.dtype), v_NMGH)
+        mask_N1Q1M = (mask[None] if mask.ndim == 2 else mask)[:, None, :, None]
+        logits_NGQRM = jnp.where(mask_N1Q1M, logits_NGQRM, _MASKED)
+    probs_NGQRM = jax.nn.softmax(logits_NGQRM, axis=-1)
+    out_NQGRH = jnp.einsum("ngqrm,nmgh->nqgrh", probs_NGQRM.astype(v_NMGH.dtype), v_NMGH)
     return rearrange(out_NQGRH, "n q g r h -> n q (g r) h")
 
 

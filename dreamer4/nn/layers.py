@@ -14,6 +14,8 @@ matmuls run in `dtype` (the compute dtype).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -118,3 +120,40 @@ def apply_rope_2d(x_NH, rows, cols, base: float = 10000.0):
     return jnp.concatenate(
         [apply_rope(x_NH[..., : H // 2], rows, base), apply_rope(x_NH[..., H // 2 :], cols, base)], -1
     )
+
+
+# -- parameters broadcast over batch and time ---------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tile(p, n: int):
+    return jnp.broadcast_to(p, (n,) + p.shape)
+
+
+def _tile_fwd(p, n):
+    return _tile(p, n), p  # the residual is the parameter itself: alive anyway, no extra memory
+
+
+def _tile_bwd(n, p, g_N):
+    g_NK = g_N.reshape(n, -1)
+    dp_1K = jnp.dot(jnp.ones((1, n), g_NK.dtype), g_NK, preferred_element_type=jnp.float32)
+    return (dp_1K.reshape(p.shape).astype(p.dtype),)
+
+
+_tile.defvjp(_tile_fwd, _tile_bwd)
+
+
+def broadcast_param(p, lead: tuple[int, ...]):
+    """p broadcast to lead + p.shape (e.g. a position table p_SD to x_BTSD's (B, T)).
+
+    Forward: y[i..., :] = p for every lead index. Backward: dL/dp = sum over the lead dims of g,
+    computed as the product ones_(1 x n) @ g_(n x p.size) (n = prod(lead)), accumulated in float32.
+    Why a product and not `sum`: as a reduction over the leading dims of a stream-sized gradient,
+    XLA's GPU layout assignment made those dims minor-most and carried that layout through the
+    whole residual stream, so every layer transposed it (classic tokenizer step: 26 GB of extra
+    memory traffic per step, BENCHMARKS.md "The residual stream's layout"); a matmul operand keeps
+    the natural row-major layout.
+    """
+    lead = tuple(int(d) for d in lead)
+    n = 1
+    for d in lead:
+        n *= d
+    return _tile(p, n).reshape(lead + p.shape)

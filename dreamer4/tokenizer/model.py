@@ -34,6 +34,7 @@ from flax import nnx
 
 from dreamer4.config import ConfigError, TokenizerNet
 from dreamer4.nn import AxialTransformer
+from dreamer4.nn.layers import broadcast_param
 
 
 def sample_patch_mask(key, B: int, T: int, P: int, p_max: float):
@@ -146,13 +147,14 @@ class Tokenizer(nnx.Module):
 
     # -- encoder / decoder token assembly ------------------------------------------------------
     def _enc_tokens(self, frames_BTHWC, mask_BTP):
-        x_BTPD = self.patch_in(self.patchify(frames_BTHWC.astype(self.dtype))) + self.patch_pos[...]
+        x_BTPD = self.patch_in(self.patchify(frames_BTHWC.astype(self.dtype)))
+        x_BTPD = x_BTPD + broadcast_param(self.patch_pos[...], x_BTPD.shape[:2])
         if mask_BTP is not None:
             x_BTPD = jnp.where(mask_BTP[..., None], self.mask_token[...].astype(x_BTPD.dtype), x_BTPD)
         if self.patch_layout:
             return x_BTPD
         B, T = x_BTPD.shape[:2]
-        lat_BTLD = jnp.broadcast_to(self.latent_tokens[...], (B, T) + self.latent_tokens[...].shape)
+        lat_BTLD = broadcast_param(self.latent_tokens[...], (B, T))
         return jnp.concatenate([x_BTPD, lat_BTLD.astype(x_BTPD.dtype)], axis=2)
 
     def _enc_out(self, y_BTSD):
@@ -160,11 +162,12 @@ class Tokenizer(nnx.Module):
         return jnp.tanh(self.to_bottleneck(lat_BTLD).astype(jnp.float32))
 
     def _dec_tokens(self, z_BTLN):
-        lat_BTLD = self.from_bottleneck(z_BTLN.astype(self.dtype)) + self.latent_pos[...]
+        lat_BTLD = self.from_bottleneck(z_BTLN.astype(self.dtype))
+        lat_BTLD = lat_BTLD + broadcast_param(self.latent_pos[...], lat_BTLD.shape[:2])
         if self.patch_layout:  # the latents are the patch queries
             return lat_BTLD
         B, T = z_BTLN.shape[:2]
-        q_BTPD = jnp.broadcast_to(self.patch_queries[...], (B, T) + self.patch_queries[...].shape)
+        q_BTPD = broadcast_param(self.patch_queries[...], (B, T))
         return jnp.concatenate([q_BTPD.astype(lat_BTLD.dtype), lat_BTLD], axis=2)
 
     def _dec_out(self, y_BTSD):

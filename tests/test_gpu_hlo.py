@@ -1,0 +1,59 @@
+"""benchmarks/gpu_hlo.py: the memory traffic per kernel of an optimized module (read offline)."""
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("gpu_hlo", REPO / "benchmarks" / "gpu_hlo.py")
+gh = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gh)
+
+# A hand-written module in XLA:GPU's printed form: a transpose fusion (its body is not a kernel),
+# a free bitcast, and a cuBLAS GEMM.
+MODULE = """HloModule m, entry_computation_layout={(bf16[4,8]{1,0}, f32[8,16]{1,0})->f32[4,16]{1,0}}
+
+%fused_transpose (p0: bf16[4,8]) -> bf16[8,4] {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  ROOT %t = bf16[8,4]{1,0} transpose(%p0), dimensions={1,0}
+}
+
+ENTRY %main (a: bf16[4,8], b: f32[8,16]) -> f32[4,16] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %b = f32[8,16]{1,0} parameter(1)
+  %loop_transpose_fusion.3 = bf16[8,4]{1,0} fusion(%a), kind=kLoop, calls=%fused_transpose, metadata={op_name="jit(f)/attn/transpose"}
+  %bc = bf16[32]{0} bitcast(%loop_transpose_fusion.3)
+  ROOT %gemm.1 = f32[4,16]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/dot_general"}
+}
+"""
+
+
+def test_counts_operand_and_output_bytes_of_each_kernel():
+    ks = {k["name"]: k for k in gh.kernels(MODULE)}
+    assert set(ks) == {"loop_transpose_fusion.3", "gemm.1"}  # parameters, bitcast, fusion body: no kernels
+    # transpose: reads a (4*8 bf16 = 64 B), writes 8*4 bf16 (64 B)
+    assert ks["loop_transpose_fusion.3"]["bytes"] == 128 and ks["loop_transpose_fusion.3"]["kind"] == "copy"
+    # GEMM: reads a (64 B) and b (8*16 f32 = 512 B), writes 4*16 f32 (256 B)
+    assert ks["gemm.1"]["bytes"] == 832 and ks["gemm.1"]["kind"] == "matmul"
+    s = gh.summarize(list(ks.values()))
+    assert s["bytes"] == 960 and s["non_matmul_bytes"] == 128
+    assert s["top_copy_scopes"] == {"attn/transpose": {"kernels": 1, "bytes": 128}}
+    assert gh.shape_bytes("(f32[2,3]{1,0}, pred[5]{0})") == 29
+
+
+def test_reads_a_real_compiled_module_and_writes_json(tmp_path):
+    """The parser keeps up with the printed form of this jax's XLA (a CPU module here) and the
+    --from-hlo path writes the summary."""
+    text = jax.jit(lambda x, w: jnp.tanh(x @ w).T).lower(jnp.ones((8, 16)), jnp.ones((16, 4))).compile().as_text()
+    ks = gh.kernels(text)
+    assert ks and all(k["bytes"] > 0 for k in ks)
+    assert sum(k["bytes"] for k in ks) >= 4 * (8 * 16 + 16 * 4 + 8 * 4)  # at least reads both inputs, writes the output
+    f = tmp_path / "hlo.txt.gz"
+    f.write_bytes(gzip.compress(MODULE.encode()))
+    out = tmp_path / "s.json"
+    gh.main(["--from-hlo", str(f), "--out", str(out)])
+    assert json.loads(out.read_text())["results"]["hlo.txt.gz"]["bytes"] == 960
