@@ -90,9 +90,16 @@ def shape_bytes(shape: str) -> int:
     return total
 
 
+def _kind(label: str, opcode: str) -> str:
+    """The trace's kernel kind of an instruction: from its name (fusion names say what they do),
+    else from its opcode (a bare `reduce`, `transpose` ...)."""
+    kind = profile_summary.categorize(re.sub(r"[.\d]+$", "", label))
+    return profile_summary.categorize(opcode) if kind == "other" else kind
+
+
 def kernels(hlo_text: str) -> list[dict]:
     """The kernels of an optimized module: one dict per instruction that runs as a kernel
-    (outside fusion bodies; views and control flow left out) with its name, HLO opcode, kind
+    (outside fusion bodies and reducers; views and control flow left out) with its name, HLO opcode, kind
     (`profile_summary.categorize` of its name, or of the custom call's target), op_name and the
     bytes of its operands and outputs."""
     comps: dict[str, list[str]] = {}
@@ -105,12 +112,14 @@ def kernels(hlo_text: str) -> list[dict]:
                 comps[cur] = []
         elif cur is not None and _LINE.match(line):
             comps[cur].append(line)
-    fused = {
+    # fusion bodies and reducers (to_apply=) run inside the kernel that calls them
+    inner = {c for lines in comps.values() for ln in lines for c in re.findall(r"to_apply=%?([\w.\-]+)", ln)}
+    inner |= {
         c for lines in comps.values() for ln in lines if " fusion(" in ln for c in re.findall(r"calls=%?([\w.\-]+)", ln)
     }
     out = []
     for comp, lines in comps.items():
-        if comp in fused:
+        if comp in inner:
             continue
         parsed = [_LINE.match(ln).groups() for ln in lines]
         shapes = {name: shape for name, shape, *_ in parsed}
@@ -127,7 +136,7 @@ def kernels(hlo_text: str) -> list[dict]:
                 {
                     "name": name,
                     "opcode": opcode,
-                    "kind": profile_summary.categorize(re.sub(r"[.\d]+$", "", label)),
+                    "kind": _kind(label, opcode),
                     "op_name": meta.group(1) if meta else "",
                     "bytes": nbytes,
                 }

@@ -14,7 +14,7 @@ gh = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gh)
 
 # A hand-written module in XLA:GPU's printed form: a transpose fusion (its body is not a kernel),
-# a free bitcast, and a cuBLAS GEMM.
+# a free bitcast, a reduction (its reducer is not a kernel either) and a cuBLAS GEMM.
 MODULE = """HloModule m, entry_computation_layout={(bf16[4,8]{1,0}, f32[8,16]{1,0})->f32[4,16]{1,0}}
 
 %fused_transpose (p0: bf16[4,8]) -> bf16[8,4] {
@@ -22,11 +22,19 @@ MODULE = """HloModule m, entry_computation_layout={(bf16[4,8]{1,0}, f32[8,16]{1,
   ROOT %t = bf16[8,4]{1,0} transpose(%p0), dimensions={1,0}
 }
 
+%add_reducer (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
 ENTRY %main (a: bf16[4,8], b: f32[8,16]) -> f32[4,16] {
   %a = bf16[4,8]{1,0} parameter(0)
   %b = f32[8,16]{1,0} parameter(1)
   %loop_transpose_fusion.3 = bf16[8,4]{1,0} fusion(%a), kind=kLoop, calls=%fused_transpose, metadata={op_name="jit(f)/attn/transpose"}
   %bc = bf16[32]{0} bitcast(%loop_transpose_fusion.3)
+  %zero = f32[] constant(0)
+  %colsum = f32[16]{0} reduce(%b, %zero), dimensions={0}, to_apply=%add_reducer, metadata={op_name="jit(f)/reduce_sum"}
   ROOT %gemm.1 = f32[4,16]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/dot_general"}
 }
 """
@@ -34,13 +42,16 @@ ENTRY %main (a: bf16[4,8], b: f32[8,16]) -> f32[4,16] {
 
 def test_counts_operand_and_output_bytes_of_each_kernel():
     ks = {k["name"]: k for k in gh.kernels(MODULE)}
-    assert set(ks) == {"loop_transpose_fusion.3", "gemm.1"}  # parameters, bitcast, fusion body: no kernels
+    # parameters, constant, bitcast, fusion body and reducer: no kernels
+    assert set(ks) == {"loop_transpose_fusion.3", "colsum", "gemm.1"}
     # transpose: reads a (4*8 bf16 = 64 B), writes 8*4 bf16 (64 B)
     assert ks["loop_transpose_fusion.3"]["bytes"] == 128 and ks["loop_transpose_fusion.3"]["kind"] == "copy"
     # GEMM: reads a (64 B) and b (8*16 f32 = 512 B), writes 4*16 f32 (256 B)
     assert ks["gemm.1"]["bytes"] == 832 and ks["gemm.1"]["kind"] == "matmul"
+    # reduction: reads b (512 B) and the scalar init (4 B), writes 16 f32 (64 B)
+    assert ks["colsum"]["bytes"] == 580 and ks["colsum"]["kind"] == "reduction"
     s = gh.summarize(list(ks.values()))
-    assert s["bytes"] == 960 and s["non_matmul_bytes"] == 128
+    assert s["bytes"] == 1540 and s["non_matmul_bytes"] == 708
     assert s["top_copy_scopes"] == {"attn/transpose": {"kernels": 1, "bytes": 128}}
     assert gh.shape_bytes("(f32[2,3]{1,0}, pred[5]{0})") == 29
 
@@ -56,4 +67,4 @@ def test_reads_a_real_compiled_module_and_writes_json(tmp_path):
     f.write_bytes(gzip.compress(MODULE.encode()))
     out = tmp_path / "s.json"
     gh.main(["--from-hlo", str(f), "--out", str(out)])
-    assert json.loads(out.read_text())["results"]["hlo.txt.gz"]["bytes"] == 960
+    assert json.loads(out.read_text())["results"]["hlo.txt.gz"]["bytes"] == 1540
