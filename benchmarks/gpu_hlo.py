@@ -128,10 +128,12 @@ def kernels(hlo_text: str) -> list[dict]:
                 continue
             nbytes = shape_bytes(shape) + sum(shape_bytes(shapes.get(a, "")) for a in re.findall(r"%([\w.\-]+)", args))
             label = name
+            meta = re.search(r'op_name="([^"]*)"', rest)
             if opcode == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', rest)
                 label = target.group(1) if target else name
-            meta = re.search(r'op_name="([^"]*)"', rest)
+                if "triton" in label and meta:  # a Pallas kernel: its op_name says what it computes
+                    label = meta.group(1) + " " + label
             out.append(
                 {
                     "name": name,
@@ -241,7 +243,7 @@ def main(argv=None):
         for f in args.from_hlo:
             raw = Path(f).read_bytes()
             text = (gzip.decompress(raw) if f.endswith(".gz") else raw).decode()
-            results[Path(f).name] = {"source": f, **summarize(kernels(text), args.top)}
+            results[f] = {"source": f, **summarize(kernels(text), args.top)}
     else:
         import os
 

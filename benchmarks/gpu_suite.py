@@ -128,7 +128,19 @@ def smoke_plan(work: str, cache: str | None) -> dict:
     }
     return {
         "env": (60, {**c}),
-        "train_tokenizer": (90, {**c, "batches": [[2, 2]], "seconds": 0.0, "profile_steps": 2}),
+        # the fused (Pallas) attention kernels' on-device check, at a small shape (on the CPU the
+        # kernels are interpreted; the step itself keeps the default kernel: an interpreted kernel
+        # would swamp the CPU profile with the interpreter's thousands of small ops)
+        "train_tokenizer": (
+            90,
+            {
+                **c,
+                "batches": [[2, 2]],
+                "seconds": 0.0,
+                "profile_steps": 2,
+                "attention_check_shapes": [[2, 5, 4, 2, 16, False]],
+            },
+        ),
         "train_dynamics": (90, {**c, "batches": [[2, 4]], "seconds": 0.0, "profile_steps": 2}),
         "imagine": (90, {**c, "batches": [1], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 4, "seconds": 0.0}),
         "collect": (150, {**c, "num_envs": [4], "chunk_steps": 16, "device_seconds": 0.2, "collect_seconds": 0.5}),
@@ -277,6 +289,18 @@ def markdown(res: dict) -> str:
                 f"{_f(r.get('mfu_model'), '{:.1%}')} | {_f(_gib(r.get('memory', {}).get('peak_bytes_in_use')), '{:.2f}')} |"
                 f"{tail} {'none' if str(r.get('host_transfers_in_step', '')).startswith('none') else 'YES'} |"
             )
+    kernels = {parts.get(n, {}).get("results", {}).get("attention") for n in ("train_tokenizer", "train_dynamics")}
+    lines.append(
+        f"\nattention implementation (DREAMER4_ATTENTION): {', '.join(sorted(k for k in kernels if k)) or '?'}"
+    )
+    for name in ("train_tokenizer", "train_dynamics"):
+        check = parts.get(name, {}).get("results", {}).get("fused_attention_check")
+        for label, c in (check or {}).items():
+            if "error" in c:
+                lines.append(f"\nfused attention check ({name[6:]}), {label}: ERROR {c['error'][:200]}")
+            else:
+                diffs = "; ".join(f"{k} {v['max_abs_diff']:.3g} (of {v['max_abs_ref']:.3g})" for k, v in c.items())
+                lines.append(f"\nfused attention vs einsum on this device ({name[6:]}), {label}: max abs diff {diffs}")
     profiled = [
         (f"{name[6:]} {r['batch']}x{r['seq_len']}", r["profile"])
         for name in ("train_tokenizer", "train_dynamics")

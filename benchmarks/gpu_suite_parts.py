@@ -35,6 +35,7 @@ import numpy as np
 from dreamer4.config import load_config
 from dreamer4.data.loader import make_loader
 from dreamer4.dynamics.sampler import generate_step
+from dreamer4.nn import attention
 from dreamer4.nn.module_jit import module_jit
 from dreamer4.runtime.jax_setup import enable_compilation_cache
 from dreamer4.runtime.loading import TRAINABLE, build_dynamics, build_tokenizer
@@ -286,8 +287,54 @@ def _profile(p, step_fn, n: int, step_s: float, model_flops: float, label: str, 
     return summary
 
 
+def _attention_and_grads(impl, q, k, v, w, mask, cap):
+    """[out, dq, dk, dv] (float32 numpy) of sum(w * attention(q, k, v)) with the given kernel."""
+    from dreamer4.nn.attention import dot_product_attention
+
+    def loss(q, k, v):
+        y = dot_product_attention(q, k, v, mask, cap, implementation=impl)
+        return jnp.sum(y.astype(jnp.float32) * w), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return [np.asarray(a, np.float32) for a in (y, *grads)]
+
+
+def fused_attention_check(shapes=((8, 80, 8, 4, 64, False), (64, 16, 8, 4, 64, True)), cap: float = 50.0) -> dict:
+    """The fused kernels (attention implementation "pallas") against the einsum reference on this
+    device: bf16 inputs like the classic steps', forward and the gradients of q, k, v. Returns the
+    largest absolute difference of each and the largest reference value, per shape (N, Q, K, G, H,
+    causal); an error names what failed. A CPU runs Pallas' interpreter: the check of the kernel's
+    code; a GPU runs Triton's compilation of it, which the CPU tests cannot see."""
+    from dreamer4.nn.attention import causal_time_mask
+
+    out = {}
+    for N, Q, K, G, H, causal in shapes:
+        label = f"N{N} Q{Q} K{K} G{G} H{H}" + (" causal" if causal else "")
+        try:
+            keys = jax.random.split(jax.random.PRNGKey(0), 4)
+            q = jax.random.normal(keys[0], (N, Q, K, H), jnp.bfloat16)
+            k = jax.random.normal(keys[1], (N, Q, G, H), jnp.bfloat16)
+            v = jax.random.normal(keys[2], (N, Q, G, H), jnp.bfloat16)
+            w = jax.random.normal(keys[3], (N, Q, K, H), jnp.float32)
+            mask = causal_time_mask(Q) if causal else None
+            got, ref = (_attention_and_grads(impl, q, k, v, w, mask, cap) for impl in ("pallas", "einsum"))
+            out[label] = {
+                name: {"max_abs_diff": float(np.abs(a - b).max()), "max_abs_ref": float(np.abs(b).max())}
+                for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref)
+            }
+        except Exception as e:  # noqa: BLE001  (a kernel that does not compile must not lose the timings)
+            out[label] = {"error": _error(e)}
+    return out
+
+
 def _train(p, rec: Recorder, stage: str):
     cfg = load_config(p["config"], p.get("overrides", []))
+    rec["attention"] = attention.IMPLEMENTATION
+    shapes = p.get("attention_check_shapes")
+    if attention.IMPLEMENTATION == "pallas" or shapes:
+        rec["fused_attention_check"] = (
+            fused_attention_check(tuple(map(tuple, shapes))) if shapes else fused_attention_check()
+        )
     tc = cfg.tokenizer.train if stage == "tokenizer" else cfg.dynamics.train
     trainable = TRAINABLE[stage]
     rec["precision"] = tc.precision

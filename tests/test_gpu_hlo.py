@@ -14,7 +14,8 @@ gh = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gh)
 
 # A hand-written module in XLA:GPU's printed form: a transpose fusion (its body is not a kernel),
-# a free bitcast, a reduction (its reducer is not a kernel either) and a cuBLAS GEMM.
+# a free bitcast, a reduction (its reducer is not a kernel either), a Pallas (Triton) kernel and a
+# cuBLAS GEMM (in an attention scope: still a matmul).
 MODULE = """HloModule m, entry_computation_layout={(bf16[4,8]{1,0}, f32[8,16]{1,0})->f32[4,16]{1,0}}
 
 %fused_transpose (p0: bf16[4,8]) -> bf16[8,4] {
@@ -35,7 +36,8 @@ ENTRY %main (a: bf16[4,8], b: f32[8,16]) -> f32[4,16] {
   %bc = bf16[32]{0} bitcast(%loop_transpose_fusion.3)
   %zero = f32[] constant(0)
   %colsum = f32[16]{0} reduce(%b, %zero), dimensions={0}, to_apply=%add_reducer, metadata={op_name="jit(f)/reduce_sum"}
-  ROOT %gemm.1 = f32[4,16]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/dot_general"}
+  %pallas_call.2 = bf16[4,8]{1,0} custom-call(%a), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/space_attention/capped_attention_fwd/pallas_call"}
+  ROOT %gemm.1 = f32[4,16]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/space_attention/dot_general"}
 }
 """
 
@@ -43,7 +45,8 @@ ENTRY %main (a: bf16[4,8], b: f32[8,16]) -> f32[4,16] {
 def test_counts_operand_and_output_bytes_of_each_kernel():
     ks = {k["name"]: k for k in gh.kernels(MODULE)}
     # parameters, constant, bitcast, fusion body and reducer: no kernels
-    assert set(ks) == {"loop_transpose_fusion.3", "colsum", "gemm.1"}
+    assert set(ks) == {"loop_transpose_fusion.3", "colsum", "pallas_call.2", "gemm.1"}
+    assert ks["pallas_call.2"]["kind"] == "attention" and ks["pallas_call.2"]["bytes"] == 128
     # transpose: reads a (4*8 bf16 = 64 B), writes 8*4 bf16 (64 B)
     assert ks["loop_transpose_fusion.3"]["bytes"] == 128 and ks["loop_transpose_fusion.3"]["kind"] == "copy"
     # GEMM: reads a (64 B) and b (8*16 f32 = 512 B), writes 4*16 f32 (256 B)
@@ -51,7 +54,7 @@ def test_counts_operand_and_output_bytes_of_each_kernel():
     # reduction: reads b (512 B) and the scalar init (4 B), writes 16 f32 (64 B)
     assert ks["colsum"]["bytes"] == 580 and ks["colsum"]["kind"] == "reduction"
     s = gh.summarize(list(ks.values()))
-    assert s["bytes"] == 1540 and s["non_matmul_bytes"] == 708
+    assert s["bytes"] == 1668 and s["non_matmul_bytes"] == 836
     assert s["top_copy_scopes"] == {"attn/transpose": {"kernels": 1, "bytes": 128}}
     assert gh.shape_bytes("(f32[2,3]{1,0}, pred[5]{0})") == 29
 
@@ -67,4 +70,4 @@ def test_reads_a_real_compiled_module_and_writes_json(tmp_path):
     f.write_bytes(gzip.compress(MODULE.encode()))
     out = tmp_path / "s.json"
     gh.main(["--from-hlo", str(f), "--out", str(out)])
-    assert json.loads(out.read_text())["results"]["hlo.txt.gz"]["bytes"] == 1540
+    assert json.loads(out.read_text())["results"][str(f)]["bytes"] == 1668

@@ -53,6 +53,12 @@ def test_smoke_suite_reports_every_part_and_survives_a_failing_one(tmp_path):
         assert part["status"] == "ok", (name, part.get("reason"), part.get("log_tail"))
     r = {k: v["results"] for k, v in res["parts"].items()}
     assert r["env"]["platform"] == "cpu" and r["env"]["peak_bf16_flops"] is None
+    # the fused attention kernels' check ran (on a CPU: interpreted) beside the default kernel's step
+    assert r["train_tokenizer"]["attention"] == r["train_dynamics"]["attention"] == "auto"
+    ((label, check),) = r["train_tokenizer"]["fused_attention_check"].items()
+    assert set(check) == {"out", "dq", "dk", "dv"}, check  # no "error"
+    assert all(c["max_abs_diff"] <= 0.02 * c["max_abs_ref"] for c in check.values()), check  # bf16 rounding
+    assert f"fused attention vs einsum on this device (tokenizer), {label}" in md
     for stage in ("train_tokenizer", "train_dynamics"):
         (row,) = r[stage]["batches"]
         assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["compile_s"] > 0

@@ -24,6 +24,7 @@ from dreamer4.nn import (
     space_mask,
 )
 from dreamer4.nn import attention as attention_module
+from dreamer4.nn import fused_attention as fused_module
 from dreamer4.nn.layers import broadcast_param
 
 B, T, S, D = 2, 6, 5, 32
@@ -280,6 +281,77 @@ def test_transformer_with_jax_nn_attention_equals_einsum(x, monkeypatch):
         assert bool(calls) == (impl == "xla")
     for a, b in zip(outs["einsum"], outs["xla"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# -- fused (Pallas) attention, through Pallas' interpreter on the CPU ---------------------------------
+@pytest.mark.parametrize(
+    "N, Q, M, K, G, cap, mask_kind",
+    [
+        (3, 5, 5, 4, 2, 2.0, "causal"),  # GQA, soft-cap, one (Q, M) mask for all
+        (2, 7, 7, 4, 4, 0.0, None),  # no cap, no mask
+        (2, 6, 6, 6, 2, 3.0, "per_batch"),  # R = 3 query heads per kv head, an (N, Q, M) mask
+        (2, 1, 9, 4, 1, 50.0, "cache"),  # one query against a cache of 9 slots (a cached step)
+        (1, 20, 20, 2, 1, 50.0, "causal"),  # longer than one 16-row block
+    ],
+)
+def test_fused_attention_equals_the_einsum_reference(N, Q, M, K, G, cap, mask_kind):
+    """Forward and the gradients of q, k and v, in float32, against `einsum_attention`."""
+    H = 16
+    q, k, v = rand(1, (N, Q, K, H)) * 2, rand(2, (N, M, G, H)) * 2, rand(3, (N, M, G, H))
+    mask = {
+        None: None,
+        "causal": causal_time_mask(Q),
+        "cache": cached_time_mask(5, M, window=4),
+        "per_batch": np.array(jax.random.bernoulli(jax.random.PRNGKey(4), 0.5, (N, Q, M))) | (np.arange(M) == 0),
+    }[mask_kind]
+    w = rand(5, (N, Q, K, H))
+
+    def run(fn):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v) * w)  # noqa: E731
+        return [fn(q, k, v), *jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)]
+
+    got = run(lambda q, k, v: fused_module.fused_attention(q, k, v, mask, cap))
+    ref = run(lambda q, k, v: attention_module.einsum_attention(q, k, v, mask, cap))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_pallas_attention_falls_back_where_the_kernels_do_not_apply():
+    """implementation="pallas" runs the reference for a logit bias and for shapes the kernels do
+    not take (head width 8); fused_attention itself refuses them by name."""
+    q, k = rand(1, (2, 4, 4, 8)), rand(2, (2, 4, 2, 8))
+    ref = dot_product_attention(q, k, k, None, 3.0, implementation="einsum")
+    np.testing.assert_array_equal(dot_product_attention(q, k, k, None, 3.0, implementation="pallas"), ref)
+    with pytest.raises(ValueError, match="head width"):
+        fused_module.fused_attention(q, k, k)
+    q, k = rand(1, (2, 4, 4, 16)), rand(2, (2, 4, 2, 16))
+    bias = rand(3, (2, 4, 4, 4))
+    np.testing.assert_array_equal(
+        dot_product_attention(q, k, k, None, 3.0, implementation="pallas", bias_NQKM=bias),
+        dot_product_attention(q, k, k, None, 3.0, implementation="einsum", bias_NQKM=bias),
+    )
+    with pytest.raises(ValueError, match="mask shape"):
+        fused_module.fused_attention(q, k, k, np.ones((3, 4), bool))
+
+
+def test_transformer_with_pallas_attention_equals_einsum(monkeypatch):
+    """DREAMER4_ATTENTION=pallas switches every layer (space with the agent-token mask, causal time,
+    the cached step) to the fused kernels: same outputs and gradients as the reference."""
+    m = make_model(width=64, logit_cap=20.0)  # head width 16: the kernels' smallest
+    x = rand(1, (B, T, S, 64))
+    calls = []
+    kernel = fused_module.fused_attention
+    monkeypatch.setattr(fused_module, "fused_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    outs = {}
+    for impl in ("einsum", "pallas"):
+        monkeypatch.setattr(attention_module, "IMPLEMENTATION", impl)
+        y, grads = nnx.jit(lambda m, x: nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))(m))(m, x)
+        _, cache = nnx.jit(lambda m, x: m.prefill(x, max_len=8))(m, x[:, :3])
+        y3, _ = nnx.jit(lambda m, x_t, c, t: m.step(x_t, c, t))(m, x[:, 3:4], cache, jnp.int32(3))
+        outs[impl] = (y, y3, *jax.tree.leaves(grads))
+        assert bool(calls) == (impl == "pallas")
+    for a, b in zip(outs["einsum"], outs["pallas"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 # -- masks -----------------------------------------------------------------------------------------

@@ -23,8 +23,11 @@ Attention kernels (`dot_product_attention(..., implementation=)`; default: the m
   "xla"     jax.nn.dot_product_attention(implementation="xla"): XLA's own attention graph;
   "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"): cuDNN's fused flash attention
             (GPU, bf16/fp16, head width a multiple of 8 up to 128; raises otherwise);
+  "pallas"  `fused_attention`: soft-capped GQA as one Pallas (Triton) kernel per sequence and head,
+            forward and backward (GPU; elsewhere Pallas' interpreter, for tests); sequences up to
+            256, no bias: other calls run "einsum". Opt-in until a GPU run has timed it;
   "auto"    "cudnn" on a GPU backend for bf16/fp16 inputs whose shapes it takes, else "einsum".
-jax.nn's kernels cannot soft-cap logits: with logit_cap > 0 every choice runs "einsum".
+jax.nn's kernels cannot soft-cap logits: with logit_cap > 0 every choice but "pallas" runs "einsum".
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
+from dreamer4.nn import fused_attention as fused
 from dreamer4.nn.layers import RMSNorm, apply_rope, apply_rope_2d, soft_cap
 
 # Masked logits get this instead of -inf, so a fully masked row gives a uniform (finite) softmax
 # rather than NaN; masks built here never leave a row empty.
 _MASKED = float(np.finfo(np.float32).min)
 
-IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "pallas")
 # The process-wide default kernel (see the module doc); set it, or pass implementation= per call.
 IMPLEMENTATION = os.environ.get("DREAMER4_ATTENTION", "auto")
 if IMPLEMENTATION not in IMPLEMENTATIONS:
@@ -166,8 +170,9 @@ def dot_product_attention(
     ties and overflow easily); the weighted sum of values runs in v's dtype. `mask` (True = may
     attend) is (Q, M) or (N, Q, M), or None for no mask. `bias_NQKM` (float, per query head) is
     added after the cap, or None. Returns out_NQKH in v's dtype.
-    `implementation` ("auto" | "einsum" | "xla" | "cudnn", None = the module's IMPLEMENTATION)
-    picks the kernel (module doc); with a soft-cap or a bias the einsum reference always runs.
+    `implementation` ("auto" | "einsum" | "xla" | "cudnn" | "pallas", None = the module's
+    IMPLEMENTATION) picks the kernel (module doc); with a bias the einsum reference always runs,
+    and with a soft-cap it does unless "pallas" takes the shapes.
     """
     K = q_NQKH.shape[-2]
     G = k_NMGH.shape[-2]
@@ -176,6 +181,10 @@ def dot_product_attention(
     impl = IMPLEMENTATION if implementation is None else implementation
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r}: expected one of {IMPLEMENTATIONS}")
+    if impl == "pallas":
+        if bias_NQKM is None and fused.supported(q_NQKH, k_NMGH):
+            return fused.fused_attention(q_NQKH, k_NMGH, v_NMGH, mask, logit_cap)
+        impl = "einsum"
     if (logit_cap and logit_cap > 0) or bias_NQKM is not None:
         impl = "einsum"
     if impl == "auto":
