@@ -148,9 +148,9 @@ def broadcast_param(p, lead: tuple[int, ...]):
     computed as the product ones_(1 x n) @ g_(n x p.size) (n = prod(lead)), accumulated in float32.
     Why a product and not `sum`: as a reduction over the leading dims of a stream-sized gradient,
     XLA's GPU layout assignment made those dims minor-most and carried that layout through the
-    whole residual stream, so every layer transposed it (classic tokenizer step: 26 GB of extra
-    memory traffic per step, BENCHMARKS.md "The residual stream's layout"); a matmul operand keeps
-    the natural row-major layout.
+    whole residual stream, so every layer transposed it (classic tokenizer step: 25 GB of extra
+    memory traffic per step; BENCHMARKS.md, "The classic steps compiled for an H100 on a CPU"); a
+    matmul operand keeps the natural row-major layout.
     """
     lead = tuple(int(d) for d in lead)
     n = 1
