@@ -29,7 +29,9 @@ Numerics match `einsum_attention`: float32 logits, soft-cap, mask and softmax; t
 Triton; for any other platform they run through Pallas' interpreter (the CPU tests use it), and
 `interpret=True` forces the interpreter everywhere.
 Sequences up to 256 positions (one block); longer ones, and attention with a logit bias, stay on
-the einsum path (`attention.dot_product_attention` decides).
+the einsum path (`attention.dot_product_attention` decides). The kernels carry no SPMD
+partitioning rule: on a multi-device mesh XLA would gather their inputs to every device, so they
+are for one-device runs until they get a shard_map wrapper.
 """
 
 from __future__ import annotations
