@@ -30,8 +30,8 @@ Triton; for any other platform they run through Pallas' interpreter (the CPU tes
 `interpret=True` forces the interpreter everywhere.
 Sequences up to 256 positions (one block); longer ones, and attention with a logit bias, stay on
 the einsum path (`attention.dot_product_attention` decides). The kernels carry no SPMD
-partitioning rule: on a multi-device mesh XLA would gather their inputs to every device, so they
-are for one-device runs until they get a shard_map wrapper.
+partitioning rule and no shard_map wrapper yet: they are meant for one-device runs (untested on a
+multi-device mesh).
 """
 
 from __future__ import annotations
