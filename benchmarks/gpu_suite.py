@@ -289,6 +289,15 @@ def markdown(res: dict) -> str:
                 f"{_f(r.get('mfu_model'), '{:.1%}')} | {_f(_gib(r.get('memory', {}).get('peak_bytes_in_use')), '{:.2f}')} |"
                 f"{tail} {'none' if str(r.get('host_transfers_in_step', '')).startswith('none') else 'YES'} |"
             )
+    for name in ("train_tokenizer", "train_dynamics"):
+        for r in parts.get(name, {}).get("results", {}).get("batches", []):
+            t = r.get("hlo_traffic")
+            if t and "error" not in t:
+                kinds = ", ".join(f"{k} {v['bytes'] / 1e9:.1f}" for k, v in t["by_kind"].items())
+                lines.append(
+                    f"\nstatic traffic of the compiled {name[6:]} {r['batch']}x{r['seq_len']} step "
+                    f"(`benchmarks/gpu_hlo.py`): {t['kernels']} kernels, {t['bytes'] / 1e9:.1f} GB ({kinds} GB)"
+                )
     kernels = {parts.get(n, {}).get("results", {}).get("attention") for n in ("train_tokenizer", "train_dynamics")}
     lines.append(
         f"\nattention implementation (DREAMER4_ATTENTION): {', '.join(sorted(k for k in kernels if k)) or '?'}"

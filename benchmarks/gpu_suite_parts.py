@@ -55,6 +55,7 @@ def _bench_module(name: str):
 
 train_step_bench = _bench_module("train_step")  # tokenizer_case, dynamics_case, PEAK_BF16, FRAME_SHAPES
 profile_summary = _bench_module("profile_summary")  # profile_calls, read_events, summarize
+gpu_hlo = _bench_module("gpu_hlo")  # kernels, summarize: static traffic of a compiled module
 
 
 def _collection():
@@ -202,6 +203,12 @@ def _train_batch(p, rec: Recorder, row: dict, cfg, tc, stage: str, trainable) ->
     row["compile_s"] = time.perf_counter() - t0
     row["cost_analysis"] = _cost(compiled)
     row["memory_analysis"] = _memory_analysis(compiled)
+    hlo_text = compiled.as_text()
+    try:  # bytes each kernel of the module this device compiled reads and writes (benchmarks/gpu_hlo.py)
+        traffic = gpu_hlo.summarize(gpu_hlo.kernels(hlo_text), top=5)
+        row["hlo_traffic"] = {k: traffic[k] for k in ("kernels", "bytes", "non_matmul_bytes", "by_kind")}
+    except Exception as e:  # noqa: BLE001  (a parser surprise must not lose the timings)
+        row["hlo_traffic"] = {"error": _error(e)}
     rec.flush()
     if p.get("compile_only"):  # FLOPs and memory of the compiled step, without running it
         return
@@ -245,7 +252,6 @@ def _train_batch(p, rec: Recorder, row: dict, cfg, tc, stage: str, trainable) ->
     n_prof = p.get("profile_steps", 0)
     if n_prof and _left(p) > n_prof * step_s + p.get("profile_overhead_s", 10.0):
         try:
-            hlo_text = compiled.as_text()
             row["profile"] = _profile(p, one, n_prof, step_s, model_flops, f"{stage}_b{row['batch']}", hlo_text)
         except Exception as e:  # noqa: BLE001  (a profiler failure must not lose the timing above)
             row["profile"] = {"error": _error(e)}

@@ -67,6 +67,9 @@ def test_smoke_suite_reports_every_part_and_survives_a_failing_one(tmp_path):
         assert row["memory_analysis"].get("temp_size_in_bytes", 0) >= 0
         assert row["host_transfers_in_step"].startswith("none"), row["host_transfers_in_step"]
         assert row["metrics_finite"]
+        # the compiled module's static traffic (benchmarks/gpu_hlo.py), for the table
+        assert row["hlo_traffic"]["kernels"] > 10 and row["hlo_traffic"]["bytes"] > 0, row["hlo_traffic"]
+        assert f"static traffic of the compiled {stage[6:]} " in md
         prof = row["profile"]  # 2 steps under jax.profiler.trace, summarised (CPU: the host's XLA thunks)
         assert prof["source"] == "host-xla" and prof["steps"] == 2, prof
         assert prof["kernels_per_step"] > 10 and 0 < prof["busy_ms_per_step"] <= prof["kernel_ms_per_step"]
