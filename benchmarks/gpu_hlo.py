@@ -190,15 +190,13 @@ def compile_for_h100(stage: str, batch: int, seq_len: int, overrides: list[str],
     import jax
     import numpy as np
     import train_step as bench
-    from flax import nnx
     from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from dreamer4.config import load_config
     from dreamer4.runtime.loading import TRAINABLE
-    from dreamer4.runtime.mesh import batch_sharding, state_shardings
-    from dreamer4.runtime.optim import make_optimizer
-    from dreamer4.runtime.train_loop import compile_train_step
+    from dreamer4.runtime.mesh import batch_sharding
+    from dreamer4.runtime.train_loop import compile_train_step, train_state
 
     try:
         topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET, topology="1x1x1")
@@ -212,8 +210,7 @@ def compile_for_h100(stage: str, batch: int, seq_len: int, overrides: list[str],
     case = bench.tokenizer_case if stage == "tokenizer" else bench.dynamics_case
     model, loss_fn, data, *_ = case(cfg, batch, seq_len)
     mesh = Mesh(np.array(topo.devices).reshape(1, 1), ("data", "fsdp"))
-    graphdef, state = nnx.split((model, nnx.Optimizer(model, make_optimizer(tc), wrt=TRAINABLE[stage])))
-    shardings = state_shardings(mesh, state)
+    graphdef, state, shardings = train_state(model, tc, mesh, TRAINABLE[stage])  # on the CPU; shapes only
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     bs = batch_sharding(mesh)
     batch_abs = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=bs) for k, v in data.items()}

@@ -295,10 +295,9 @@ def _profile(p, step_fn, n: int, step_s: float, model_flops: float, label: str, 
 
 def _attention_and_grads(impl, q, k, v, w, mask, cap):
     """[out, dq, dk, dv] (float32 numpy) of sum(w * attention(q, k, v)) with the given kernel."""
-    from dreamer4.nn.attention import dot_product_attention
 
     def loss(q, k, v):
-        y = dot_product_attention(q, k, v, mask, cap, implementation=impl)
+        y = attention.dot_product_attention(q, k, v, mask, cap, implementation=impl)
         return jnp.sum(y.astype(jnp.float32) * w), y
 
     (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -311,8 +310,6 @@ def fused_attention_check(shapes=((8, 80, 8, 4, 64, False), (64, 16, 8, 4, 64, T
     largest absolute difference of each and the largest reference value, per shape (N, Q, K, G, H,
     causal); an error names what failed. A CPU runs Pallas' interpreter: the check of the kernel's
     code; a GPU runs Triton's compilation of it, which the CPU tests cannot see."""
-    from dreamer4.nn.attention import causal_time_mask
-
     out = {}
     for N, Q, K, G, H, causal in shapes:
         label = f"N{N} Q{Q} K{K} G{G} H{H}" + (" causal" if causal else "")
@@ -322,7 +319,7 @@ def fused_attention_check(shapes=((8, 80, 8, 4, 64, False), (64, 16, 8, 4, 64, T
             k = jax.random.normal(keys[1], (N, Q, G, H), jnp.bfloat16)
             v = jax.random.normal(keys[2], (N, Q, G, H), jnp.bfloat16)
             w = jax.random.normal(keys[3], (N, Q, K, H), jnp.float32)
-            mask = causal_time_mask(Q) if causal else None
+            mask = attention.causal_time_mask(Q) if causal else None
             got, ref = (_attention_and_grads(impl, q, k, v, w, mask, cap) for impl in ("pallas", "einsum"))
             out[label] = {
                 name: {"max_abs_diff": float(np.abs(a - b).max()), "max_abs_ref": float(np.abs(b).max())}

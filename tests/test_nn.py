@@ -160,17 +160,26 @@ def reference_attention(att, x_NLD, mask_LL, positions_L):
             return np.concatenate([z.real, z.imag], -1)
 
         q, k = rope(q), rope(k)
+    out = numpy_attention(q, k, v, mask_LL, att.logit_cap)
+    return out.reshape(*x.shape[:2], K * H) @ w["wo"]
+
+
+def numpy_attention(q, k, v, mask, cap, bias=None):
+    """out_NQKH of grouped-query attention in numpy (float64), one query head at a time: query head
+    h reads kv head h // R; logits capped, then bias[:, :, h] added, masked keys at -inf."""
+    K, G, H = q.shape[2], k.shape[2], q.shape[3]
     out = np.zeros(q.shape)
     for h in range(K):
-        g = h // (K // G)  # query head h reads kv head h // R
+        g = h // (K // G)
         logits = np.einsum("nqe,nme->nqm", q[:, :, h], k[:, :, g]) / np.sqrt(H)
-        if att.logit_cap > 0:
-            logits = att.logit_cap * np.tanh(logits / att.logit_cap)
-        logits = np.where(mask_LL, logits, -np.inf)
+        if cap > 0:
+            logits = cap * np.tanh(logits / cap)
+        if bias is not None:
+            logits = logits + bias[:, :, h]
+        logits = np.where(mask, logits, -np.inf)
         p = np.exp(logits - logits.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        out[:, :, h] = np.einsum("nqm,nme->nqe", p, v[:, :, g])
-    return out.reshape(*x.shape[:2], K * H) @ w["wo"]
+        out[:, :, h] = np.einsum("nqm,nme->nqe", p / p.sum(-1, keepdims=True), v[:, :, g])
+    return out
 
 
 @pytest.mark.parametrize("kv_heads,rope,cap", [(4, False, 0.0), (4, True, 3.0), (2, True, 0.0), (1, False, 3.0)])
@@ -196,13 +205,7 @@ def test_attention_bias_and_mask_match_numpy():
     bias = np.asarray(rand(4, (N, Q, K, M)), np.float64)
     mask = np.array(jax.random.bernoulli(jax.random.PRNGKey(5), 0.6, (N, Q, M)))
     mask[:, :, 0] = True
-    want = np.zeros((N, Q, K, H))
-    for h in range(K):
-        g = h // (K // G)
-        logits = cap * np.tanh(np.einsum("nqe,nme->nqm", q[:, :, h], k[:, :, g]) / np.sqrt(H) / cap)
-        logits = np.where(mask, logits + bias[:, :, h], -np.inf)
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        want[:, :, h] = np.einsum("nqm,nme->nqe", p / p.sum(-1, keepdims=True), v[:, :, g])
+    want = numpy_attention(q, k, v, mask, cap, bias)
     f32 = (jnp.asarray(a, jnp.float32) for a in (q, k, v))
     got = dot_product_attention(*f32, mask, logit_cap=cap, bias_NQKM=jnp.asarray(bias, jnp.float32))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

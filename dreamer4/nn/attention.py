@@ -42,11 +42,7 @@ from einops import rearrange
 from flax import nnx
 
 from dreamer4.nn import fused_attention as fused
-from dreamer4.nn.layers import RMSNorm, apply_rope, apply_rope_2d, soft_cap
-
-# Masked logits get this instead of -inf, so a fully masked row gives a uniform (finite) softmax
-# rather than NaN; masks built here never leave a row empty.
-_MASKED = float(np.finfo(np.float32).min)
+from dreamer4.nn.layers import MASKED_LOGIT, RMSNorm, apply_rope, apply_rope_2d, soft_cap
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "pallas")
 # The process-wide default kernel (see the module doc); set it, or pass implementation= per call.
@@ -152,7 +148,7 @@ def einsum_attention(q_NQKH, k_NMGH, v_NMGH, mask=None, logit_cap: float = 0.0, 
     if mask is not None:
         mask = jnp.asarray(mask, bool)
         mask_N1Q1M = (mask[None] if mask.ndim == 2 else mask)[:, None, :, None]
-        logits_NGQRM = jnp.where(mask_N1Q1M, logits_NGQRM, _MASKED)
+        logits_NGQRM = jnp.where(mask_N1Q1M, logits_NGQRM, MASKED_LOGIT)
     probs_NGQRM = jax.nn.softmax(logits_NGQRM, axis=-1)
     out_NQGRH = jnp.einsum("ngqrm,nmgh->nqgrh", probs_NGQRM.astype(v_NMGH.dtype), v_NMGH)
     return rearrange(out_NQGRH, "n q g r h -> n q (g r) h")

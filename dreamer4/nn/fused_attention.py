@@ -44,8 +44,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dreamer4.nn.layers import MASKED_LOGIT
+
 MAX_LEN = 256  # one block per sequence: q, k, v and Qp x Mp float32 logits in one program
-_MASKED = float(np.finfo(np.float32).min)
 
 
 def supported(q_NQKH, k_NMGH) -> bool:
@@ -61,7 +62,7 @@ def _logits(q, k, qk_valid, cap: float, scale: float):
     if cap > 0:
         t = jnp.tanh(s / cap)
         s = cap * t
-    return jnp.where(qk_valid, s, _MASKED), t
+    return jnp.where(qk_valid, s, MASKED_LOGIT), t
 
 
 def _valid(mask_ref, Q: int, M: int):

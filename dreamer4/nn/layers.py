@@ -15,9 +15,11 @@ matmuls run in `dtype` (the compute dtype).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -59,6 +61,11 @@ class SwiGLU(nnx.Module):
     def __call__(self, x_ND):
         h_NF = jax.nn.silu(self.w_gate(x_ND)) * self.w_up(x_ND)
         return self.w_down(h_NF)
+
+
+# Masked attention logits get this instead of -inf, so a fully masked row gives a uniform (finite)
+# softmax rather than NaN (masks built in nn/attention.py never leave a row empty).
+MASKED_LOGIT = float(np.finfo(np.float32).min)
 
 
 def soft_cap(logits, cap: float):
@@ -153,7 +160,4 @@ def broadcast_param(p, lead: tuple[int, ...]):
     matmul operand keeps the natural row-major layout.
     """
     lead = tuple(int(d) for d in lead)
-    n = 1
-    for d in lead:
-        n *= d
-    return _tile(p, n).reshape(lead + p.shape)
+    return _tile(p, math.prod(lead)).reshape(lead + p.shape)

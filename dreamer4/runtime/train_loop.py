@@ -99,11 +99,17 @@ def loader_factory(
     )
 
 
-def place_train_state(model: nnx.Module, tc: TrainConfig, mesh, trainable=nnx.Param):
-    """(graphdef, state, shardings) of model + optimizer, the state FSDP-sharded on `mesh`."""
+def train_state(model: nnx.Module, tc: TrainConfig, mesh, trainable=nnx.Param):
+    """(graphdef, state, shardings) of model + optimizer: the state where it was built, and the
+    FSDP shardings it takes on `mesh` (`place_train_state` puts it there)."""
     optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=trainable)
     graphdef, state = nnx.split((model, optimizer))
-    shardings = state_shardings(mesh, state)
+    return graphdef, state, state_shardings(mesh, state)
+
+
+def place_train_state(model: nnx.Module, tc: TrainConfig, mesh, trainable=nnx.Param):
+    """(graphdef, state, shardings) of model + optimizer, the state FSDP-sharded on `mesh`."""
+    graphdef, state, shardings = train_state(model, tc, mesh, trainable)
     return graphdef, jax.device_put(state, shardings), shardings
 
 
