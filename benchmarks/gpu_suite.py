@@ -298,6 +298,16 @@ def markdown(res: dict) -> str:
                     f"\nstatic traffic of the compiled {name[6:]} {r['batch']}x{r['seq_len']} step "
                     f"(`benchmarks/gpu_hlo.py`): {t['kernels']} kernels, {t['bytes'] / 1e9:.1f} GB ({kinds} GB)"
                 )
+    cached = parts.get("train_dynamics", {}).get("results", {}).get("latent_cache")
+    if cached is not None:
+        lines.append(
+            "\ndynamics step: "
+            + (
+                "cached latents (no encoder in the step)"
+                if cached
+                else "encodes its frames (dynamics.latent_cache=false)"
+            )
+        )
     kernels = {parts.get(n, {}).get("results", {}).get("attention") for n in ("train_tokenizer", "train_dynamics")}
     lines.append(
         f"\nattention implementation (DREAMER4_ATTENTION): {', '.join(sorted(k for k in kernels if k)) or '?'}"

@@ -342,10 +342,13 @@ def _train(p, rec: Recorder, stage: str):
     trainable = TRAINABLE[stage]
     rec["precision"] = tc.precision
     rec["config"] = p["config"]
+    if stage == "dynamics":  # True: the step reads cached latents, as training does (no encoder in it)
+        rec["latent_cache"] = cfg.dynamics.latent_cache
     rec["mfu_flops_note"] = (
         "mfu_xla: FLOPs of the whole compiled step from XLA's cost_analysis (forward, backward and "
         "optimizer update, as compiled); mfu_model: the analytic model FLOPs of benchmarks/train_step.py "
-        "(6N per token trained + attention, dynamics: + bootstrap half-step forwards + frozen encoder)"
+        "(6N per token trained + attention, dynamics: + bootstrap half-step forwards, + the frozen "
+        "encoder's forward only with dynamics.latent_cache=false)"
     )
     rows = []
     rec["batches"] = rows

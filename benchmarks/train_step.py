@@ -3,7 +3,8 @@
     python benchmarks/train_step.py --stage tokenizer|dynamics [--config configs/classic.yaml] [--batch 64] [--seq-len 16]
 
 Dynamics FLOPs count the trained forward+backward (6N per token), the two half-step forwards of
-the bootstrap target (4N) and the frozen tokenizer's encoder forward (2N).
+the bootstrap target (4N) and, with `dynamics.latent_cache: false` only, the frozen tokenizer's
+encoder forward (2N); with the cache (the default) the step is fed latents, as in training.
 
 Uses the real compiled train step of the shared runtime (runtime/train_loop.py) on random uint8
 frames of the preset's frame size. FLOPs per step = 6 x (matmul parameters x the tokens that pass
@@ -78,7 +79,7 @@ def tokenizer_case(cfg, batch, seq_len):
 
 
 def dynamics_case(cfg, batch, seq_len):
-    from dreamer4.dynamics.model import WorldModel
+    from dreamer4.dynamics.model import WorldModel, encode_frames
     from dreamer4.dynamics.train import make_dynamics_loss
 
     shape = FRAME_SHAPES[cfg.env.name]
@@ -95,12 +96,16 @@ def dynamics_case(cfg, batch, seq_len):
     attn_seq = _attention_flops(dyn.transformer, batch - n_img, seq_len, S, dc.width)
     attn_img = _attention_flops(dyn.transformer, n_img * seq_len, 1, S, dc.width)
     attn = (attn_seq + attn_img) * 10.0 / 6.0
-    # frozen tokenizer encoder forward on the frames
-    P = tok.num_patches
-    dense += 2.0 * _matmul_params(tok.encoder) * B_T * (P + tc.num_latents)
     rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (batch, seq_len) + shape, dtype=np.uint8)
+    if dc.latent_cache:  # the step reads cached latents (dynamics/latent_cache.py): no encoder in it
+        z = jax.eval_shape(lambda f: encode_frames(tok, f), jax.ShapeDtypeStruct(frames.shape, np.uint8))
+        seen = {"latents": rng.uniform(-1, 1, z.shape).astype(z.dtype)}
+    else:  # the frozen tokenizer's encoder forward on the frames, inside the step
+        dense += 2.0 * _matmul_params(tok.encoder) * B_T * (tok.num_patches + tc.num_latents)
+        seen = {"frames": frames}
     data = {
-        "frames": rng.integers(0, 256, (batch, seq_len) + shape, dtype=np.uint8),
+        **seen,
         "actions": rng.integers(0, 17, (batch, seq_len)).astype(np.int32),
         "action_mask": rng.random((batch, seq_len)) < 0.1,
     }
@@ -134,6 +139,8 @@ def main():
     if args.stage == "dynamics":
         trainable = TRAINABLE["dynamics"]
     encoder_s = None
+    if args.encoder_share and args.stage == "dynamics" and "frames" not in data:
+        ap.error("--encoder-share times the encoder the step runs: add --set dynamics.latent_cache=false")
     if args.encoder_share and args.stage == "dynamics":  # before the step donates the model's arrays
         encode = module_jit(lambda world, f: world.latents(f))
         frames_dev = jax.device_put(data["frames"])
@@ -182,6 +189,8 @@ def main():
         "mfu": (flops / dt / (peak * n_dev)) if peak else None,
         "date": time.strftime("%Y-%m-%d"),
     }
+    if args.stage == "dynamics":
+        res["latent_cache"] = cfg.dynamics.latent_cache
     if encoder_s is not None:
         res["frozen_encoder_forward_s"] = encoder_s
         res["frozen_encoder_share_of_step"] = encoder_s / dt

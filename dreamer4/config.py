@@ -213,6 +213,10 @@ class DynamicsTraining:
     flow_share: float = 0.0  # > 0: share of entries with d = d_min (flow targets), else d uniform
     context_prob: float = 0.0  # share of entries drawn as near-clean history (tau >= context_tau)
     ramp_weight: bool = True  # w(tau) = 0.9 tau + 0.1 on every entry's loss
+    # Encode every training window once with the frozen tokenizer (RUN_DIR/latents, data/latents.py)
+    # and train on those latents, instead of encoding each batch's frames in every step. Same
+    # latents; the step no longer runs the encoder (a quarter of the classic step's FLOPs).
+    latent_cache: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

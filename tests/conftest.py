@@ -51,7 +51,7 @@ REPO = Path(__file__).parent.parent
 # first worker's collection has put its compiled program in the shared compilation cache.
 # (A scheduler rather than xdist_group marks: with pytest 9, xdist 3.8's marks no longer reach
 # the node ids it schedules by, and every test was scheduled on its own.)
-WORLD_MODULES = ("test_agent", "test_play", "test_dynamics", "test_preempt", "test_tokenizer")
+WORLD_MODULES = ("test_agent", "test_play", "test_dynamics", "test_latent_cache", "test_preempt", "test_tokenizer")
 FIRST = (
     "world",
     "test_behavior",

@@ -59,6 +59,8 @@ def test_smoke_suite_reports_every_part_and_survives_a_failing_one(tmp_path):
     assert set(check) == {"out", "dq", "dk", "dv"}, check  # no "error"
     assert all(c["max_abs_diff"] <= 0.02 * c["max_abs_ref"] for c in check.values()), check  # bf16 rounding
     assert f"fused attention vs einsum on this device (tokenizer), {label}" in md
+    # the dynamics step is timed as training runs it: on cached latents (no encoder in the step)
+    assert r["train_dynamics"]["latent_cache"] is True and "dynamics step: cached latents" in md
     for stage in ("train_tokenizer", "train_dynamics"):
         (row,) = r[stage]["batches"]
         assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["compile_s"] > 0

@@ -206,6 +206,9 @@ def test_two_processes_equal_one_process(jobs, stage):
             np.testing.assert_allclose(a, b, rtol=2e-5, err_msg=f"{name} at step {s}")
         return
     np.testing.assert_allclose([mp[s] for s in first], [ref[s] for s in first], rtol=2e-5)
+    if stage == "dynamics":  # both trained on a latent cache; the 2-process one built by both processes
+        assert "[latents] building" in out["mp"][0] and "[latents] building" in out["ref"][0]
+        assert len(list((base / "mp" / "latents").iterdir())) == 2  # dynamics' windows, then agent_bc's
     if stage in ("tokenizer", "dynamics"):
         assert (base / "mp" / stage / "eval.json").exists()
 

@@ -4,7 +4,8 @@ A record is one window of `seq_len` consecutive rows of one episode (windows nev
 episode boundary). Episodes shorter than `seq_len` are skipped, not padded: the count of skipped
 episodes is reported by `WindowSource.describe()`. Batches are dicts of numpy arrays:
 
-    frames_BTHWC   uint8    the stored frames
+    frames_BTHWC   uint8    the stored frames (latents_BTLN instead, the frozen tokenizer's latents
+                            of the window, where the source reads a latent cache: data/latents.py)
     actions_BT     int32    action_t (led into frame_t); -1 where not delivered
     action_mask_BT bool     True where actions_BT is a real, labeled action
     rewards_BT     float32  reward_t (received on arriving at frame_t)
@@ -26,6 +27,7 @@ position whatever the process count that saved it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 from pathlib import Path
@@ -53,9 +55,10 @@ class WindowSource(grain.RandomAccessDataSource):
         labeled_only: bool = False,
         seq_len_key: str = "loader.seq_len",
         labeled_repeat: int = 1,
+        latents: str | Path | None = None,
     ):
         self.ds = Dataset.open(root, env_name=env_name)
-        self.split, self.seq_len, self.labeled_repeat = split, seq_len, labeled_repeat
+        self.split, self.seq_len, self.stride, self.labeled_repeat = split, seq_len, stride, labeled_repeat
         eps = self.ds.split(split)
         if not eps:
             raise DatasetError(f"dataset {root} has no committed '{split}' episodes")
@@ -75,8 +78,32 @@ class WindowSource(grain.RandomAccessDataSource):
                 f"(longest: {max(e.length for e in eps)}); lower config key '{seq_len_key}'"
             )
         # Labeled episodes' windows listed labeled_repeat times: the epoch oversamples them.
-        windows += [w for w in windows if eps[w[0]].labeled] * (labeled_repeat - 1)
-        self.windows = np.asarray(windows, dtype=np.int64)
+        # base_index: each record's window in the list without repeats (the latent cache's rows).
+        self.base_windows = np.asarray(windows, dtype=np.int64)
+        repeats = [i for i, w in enumerate(windows) if eps[w[0]].labeled] * (labeled_repeat - 1)
+        self.base_index = np.concatenate([np.arange(len(windows)), np.asarray(repeats, np.int64)]).astype(np.int64)
+        self.windows = self.base_windows[self.base_index]
+        # latents: a LatentCache of these windows (data/latents.py); records then carry "latents"
+        # (the frozen tokenizer's, computed once) instead of "frames".
+        self.latents = None
+        if latents is not None:
+            from dreamer4.data.latents import LatentCache
+
+            self.latents = LatentCache(latents)
+            self.latents.check_readable(self.identity())
+
+    def identity(self) -> dict:
+        """What a latent cache of these windows must have been built from (less the tokenizer)."""
+        h = hashlib.sha256()
+        for e in self.episodes:
+            h.update(f"{e.id}:{e.shard}:{e.start}:{e.length};".encode())
+        h.update(self.base_windows.tobytes())
+        return {"split": self.split, "seq_len": self.seq_len, "stride": self.stride, "windows": h.hexdigest()}
+
+    def read_frames(self, base: int) -> np.ndarray:
+        """frames_THWC of base window `base` (the order of `base_windows`)."""
+        ei, start = self.base_windows[base]
+        return self.ds.read(self.episodes[int(ei)], int(start), int(start) + self.seq_len, ("frame",))["frame"]
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -85,7 +112,8 @@ class WindowSource(grain.RandomAccessDataSource):
         ei, start = self.windows[int(index)]
         ep = self.episodes[int(ei)]
         T = self.seq_len
-        rows = self.ds.read(ep, int(start), int(start) + T, _ROW_FIELDS)
+        fields = _ROW_FIELDS[1:] if self.latents is not None else _ROW_FIELDS
+        rows = self.ds.read(ep, int(start), int(start) + T, fields)
         if ep.labeled:
             actions = self.ds.read(ep, int(start), int(start) + T, ("action",))["action"]
             mask = ~rows["is_first"]
@@ -93,8 +121,13 @@ class WindowSource(grain.RandomAccessDataSource):
         else:
             actions = np.full((T,), -1, np.int32)
             mask = np.zeros((T,), bool)
+        seen = (
+            {"latents": self.latents.read(int(self.base_index[int(index)]))}
+            if self.latents is not None
+            else {"frames": rows["frame"]}
+        )
         return {
-            "frames": rows["frame"],
+            **seen,
             "actions": actions,
             "action_mask": mask,
             "rewards": rows["reward"],
@@ -223,6 +256,31 @@ def saved_process_count(state: bytes) -> int | None:
         return None
 
 
+def window_source(
+    root: str | Path,
+    cfg: Config,
+    split: str,
+    seq_len: int,
+    *,
+    labeled_only: bool = False,
+    seq_len_key: str = "loader.seq_len",
+    latents: str | Path | None = None,
+) -> WindowSource:
+    """The windows a loader of `seq_len` steps reads (stride `loader.window_stride`, at most seq_len)."""
+    lc = cfg.loader
+    return WindowSource(
+        root,
+        split,
+        seq_len,
+        min(lc.window_stride, seq_len),
+        env_name=cfg.env.name,
+        labeled_only=labeled_only,
+        seq_len_key=seq_len_key,
+        labeled_repeat=lc.labeled_repeat,
+        latents=latents,
+    )
+
+
 def make_loader(
     root: str | Path,
     cfg: Config,
@@ -237,26 +295,21 @@ def make_loader(
     seq_len: int | None = None,
     batch_key: str = "loader.batch_size",
     seq_len_key: str = "loader.seq_len",
+    latents: str | Path | None = None,
 ):
     """A loader of this process's share of every global batch; iterate it, save `iter.get_state()`.
 
     The global batch `loader.batch_size` is split evenly over JAX processes (`shard_index` of
     `shard_count`, default this process of all); each process reads only its rows. `batch_size` /
     `seq_len` default to the loader config; a training stage passes its own, and the config keys
-    they come from (`batch_key`, `seq_len_key`) for error messages.
+    they come from (`batch_key`, `seq_len_key`) for error messages. `latents`: a latent cache of
+    these windows to read instead of frames.
     """
     lc = cfg.loader
     batch_size = lc.batch_size if batch_size is None else batch_size
     seq_len = lc.seq_len if seq_len is None else seq_len
-    source = WindowSource(
-        root,
-        split,
-        seq_len,
-        min(lc.window_stride, seq_len),
-        env_name=cfg.env.name,
-        labeled_only=labeled_only,
-        seq_len_key=seq_len_key,
-        labeled_repeat=lc.labeled_repeat,
+    source = window_source(
+        root, cfg, split, seq_len, labeled_only=labeled_only, seq_len_key=seq_len_key, latents=latents
     )
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count

@@ -178,6 +178,11 @@ class Dynamics(nnx.Module):
         return self.readout(y), cache
 
 
+def encode_frames(tokenizer: Tokenizer, frames_BTHWC_uint8):
+    """Clean tokenizer latents z1_BTLN of uint8 frames, with no gradient into the tokenizer."""
+    return jax.lax.stop_gradient(tokenizer.encode(frames_BTHWC_uint8.astype(jnp.float32) / 255.0))
+
+
 class WorldModel(nnx.Module):
     """The world model: the (frozen) tokenizer and the dynamics, as one module (one state, one checkpoint).
 
@@ -191,7 +196,7 @@ class WorldModel(nnx.Module):
 
     def latents(self, frames_BTHWC_uint8):
         """Clean tokenizer latents z1 of uint8 frames, with no gradient into the tokenizer."""
-        return jax.lax.stop_gradient(self.tokenizer.encode(frames_BTHWC_uint8.astype(jnp.float32) / 255.0))
+        return encode_frames(self.tokenizer, frames_BTHWC_uint8)
 
     def decode(self, z_BTLN):
         """Tokenizer latents -> frames in [0, 1] (clipped)."""

@@ -5,7 +5,8 @@
 The tokenizer is loaded from RUN_DIR/tokenizer with its own saved config and frozen: it lives in
 the `WorldModel` next to the dynamics so that its weights are placed, sharded and checkpointed
 with the run like any state, but the optimizer only trains variables under `dynamics`. Latents are
-computed on the fly from uint8 frames inside the compiled step.
+encoded once per training window before the first step (RUN_DIR/latents: dynamics/latent_cache.py)
+or, with `dynamics.latent_cache: false`, from uint8 frames inside every compiled step.
 
 Writes RUN_DIR/dynamics/: config.yaml, checkpoints/, metrics.jsonl, images/, eval.json.
 """
@@ -17,7 +18,9 @@ from pathlib import Path
 import jax
 
 from dreamer4.config import Config
+from dreamer4.data.loader import window_source
 from dreamer4.dynamics.evaluate import open_loop_eval_hook
+from dreamer4.dynamics.latent_cache import build_latent_cache
 from dreamer4.dynamics.model import WorldModel
 from dreamer4.dynamics.shortcut import shortcut_forcing_loss
 from dreamer4.runtime.distributed import log0
@@ -40,8 +43,11 @@ def make_dynamics_loss(cfg: Config):
 
     def loss_fn(world: WorldModel, batch: dict, key):
         """Shortcut forcing on sequences, plus the single-image share (start frames)."""
-        with jax.named_scope("frozen_encoder"):  # names its kernels in profiles
-            z1 = world.latents(batch["frames"])
+        if "latents" in batch:  # from the latent cache (dynamics.latent_cache)
+            z1 = batch["latents"]
+        else:
+            with jax.named_scope("frozen_encoder"):  # names its kernels in profiles
+                z1 = world.latents(batch["frames"])
         B, T = z1.shape[:2]
         n_img = int(round(B * dc.single_image_share)) if T > 1 else 0
         k_seq, k_img = jax.random.split(key)
@@ -76,7 +82,8 @@ def make_prepare(cfg: Config):
     dc = cfg.dynamics
 
     def prepare(batch: dict, step: int) -> dict:
-        out = {"frames": batch["frames"], "actions": batch["actions"], "action_mask": batch["action_mask"]}
+        seen = "latents" if "latents" in batch else "frames"
+        out = {seen: batch[seen], "actions": batch["actions"], "action_mask": batch["action_mask"]}
         if dc.short_seq_len and step % 2 == 0:  # alternate short and long batches
             out = {k: v[:, : dc.short_seq_len] for k, v in out.items()}
         return out
@@ -93,6 +100,10 @@ def train_dynamics(cfg: Config, data_dir: str | Path, run_dir: str | Path, evalu
         StageDir(run_dir, "tokenizer").check_dataset(ds, {"frame_shape": frame_shape}, data_dir)
         world = WorldModel(tokenizer, build_dynamics(cfg, tok_cfg, ds.num_actions, latent_grid=tokenizer.latent_grid))
         tc = cfg.dynamics.train
+        latents = None
+        if cfg.dynamics.latent_cache:
+            source = window_source(data_dir, cfg, "train", tc.seq_len, seq_len_key="dynamics.train.seq_len")
+            latents = build_latent_cache(tokenizer, source, Path(run_dir) / "latents", tc.batch_size, log=log0)
         train(
             Stage(
                 name=STAGE,
@@ -108,6 +119,7 @@ def train_dynamics(cfg: Config, data_dir: str | Path, run_dir: str | Path, evalu
                     tc.seq_len,
                     batch_key="dynamics.train.batch_size",
                     seq_len_key="dynamics.train.seq_len",
+                    latents=latents,
                 ),
                 prepare=make_prepare(cfg),
                 evaluate=open_loop_eval_hook(cfg, ds) if evaluate else None,

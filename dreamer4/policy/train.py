@@ -11,7 +11,8 @@ Phase bc  (RUN_DIR/agent_bc/): the world model of RUN_DIR/dynamics gets agent to
   estimate of its RMS (agent.loss_norm, nn/loss_norm.py) so that the video loss keeps its weight.
   The policy and reward heads read a second pass whose frames are all at dynamics.context_tau, the
   level the agent acts at (agent.head_signal = "context"; "train" reads the shortcut-forcing pass
-  at random noise levels as the paper does).
+  at random noise levels as the paper does). With dynamics.latent_cache it trains on the cached
+  latents of RUN_DIR/latents (the dynamics stage's cache when the windows are the same).
 Phase imagine  (RUN_DIR/agent/): starts from the BC weights; the policy head is copied into a
   frozen prior; only the policy and value heads train. Each batch element is one dataset
   context of agent.context_len steps, from which ONE rollout of agent.horizon steps is imagined
@@ -26,12 +27,16 @@ Both phases run through the shared runtime (runtime/train_loop.py), so each is r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dreamer4.config import Config, DynamicsConfig, DynamicsSampling
+from dreamer4.data.loader import window_source
+from dreamer4.dynamics.latent_cache import build_latent_cache
 from dreamer4.dynamics.sampler import context_inputs
 from dreamer4.dynamics.shortcut import shortcut_forcing_loss
 from dreamer4.policy.heads import Agent, freeze_prior
@@ -63,7 +68,8 @@ def make_bc_loss(cfg: Config, world_dc: DynamicsConfig):
     k_max = world_dc.k_max
 
     def loss_fn(agent: Agent, batch: dict, key):
-        z1 = agent.world.latents(batch["frames"])
+        # cached latents (dynamics.latent_cache: the dynamics stage's cache of the same windows)
+        z1 = batch["latents"] if "latents" in batch else agent.world.latents(batch["frames"])
         a, m = batch["actions"], batch["action_mask"]
         task = jnp.zeros(a.shape, jnp.int32)
         main = {}
@@ -200,9 +206,14 @@ def train_bc(cfg: Config, data_dir, run_dir) -> dict:
         agent, wcfg, facts = fresh_agent(cfg, run_dir)
         _checked_dataset(stage, data_dir, cfg, facts)
         tc = cfg.agent.bc
+        latents = None
+        if cfg.dynamics.latent_cache:  # with dynamics' seq_len and stride: the cache it built, reused
+            source = window_source(data_dir, cfg, "train", tc.seq_len, seq_len_key="agent.bc.seq_len")
+            latents = build_latent_cache(agent.world.tokenizer, source, Path(run_dir) / "latents", tc.batch_size, log0)
 
         def prepare(batch, step):
-            return {k: batch[k] for k in ("frames", "actions", "action_mask", "rewards", "is_first", "is_terminal")}
+            seen = "latents" if "latents" in batch else "frames"
+            return {k: batch[k] for k in (seen, "actions", "action_mask", "rewards", "is_first", "is_terminal")}
 
         train(
             Stage(
@@ -219,6 +230,7 @@ def train_bc(cfg: Config, data_dir, run_dir) -> dict:
                     tc.seq_len,
                     batch_key="agent.bc.batch_size",
                     seq_len_key="agent.bc.seq_len",
+                    latents=latents,
                 ),
                 prepare=prepare,
                 trainable=TRAINABLE[STAGE_BC],

@@ -89,12 +89,21 @@ def loader_factory(
     *,
     batch_key: str = "loader.batch_size",
     seq_len_key: str = "loader.seq_len",
+    latents=None,
 ) -> Callable[[], Iterator]:
     """A Stage's `make_iterator`: a fresh iterator over this process's rows of the train split
-    (`batch_key` / `seq_len_key`: the config keys the sizes come from, for error messages)."""
+    (`batch_key` / `seq_len_key`: the config keys the sizes come from, for error messages;
+    `latents`: a latent cache to read instead of frames)."""
     return lambda: iter(
         make_loader(
-            data_dir, cfg, "train", batch_size=batch_size, seq_len=seq_len, batch_key=batch_key, seq_len_key=seq_len_key
+            data_dir,
+            cfg,
+            "train",
+            batch_size=batch_size,
+            seq_len=seq_len,
+            batch_key=batch_key,
+            seq_len_key=seq_len_key,
+            latents=latents,
         )
     )
 

@@ -1,0 +1,126 @@
+"""Build the latent cache (data/latents.py): every training window encoded once by the frozen tokenizer.
+
+Without it the dynamics step encodes its batch's frames in every step: on the classic preset the
+frozen encoder's forward is about a quarter of the step's FLOPs and a third of its memory traffic
+(BENCHMARKS.md), repeated for every epoch over the data. With it, the step starts from latents.
+The cached latents equal the on-the-fly ones (same windows, same encoder: tests/test_latent_cache.py).
+
+Work is split in blocks of windows; block b belongs to process b % P of a multi-process job, which
+encodes it on its local devices with its own copy of the tokenizer (the tokenizer is loaded whole
+in every process) and writes it as one file. Blocks already written by an earlier, killed build
+are kept. All processes meet at a barrier before anyone reads the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from dreamer4.data.latents import LatentCache, cache_name
+from dreamer4.data.loader import WindowSource
+from dreamer4.dynamics.model import encode_frames
+from dreamer4.runtime.distributed import barrier
+from dreamer4.runtime.progress import Progress
+
+
+def _local(x):
+    """A copy of x this process can compute with alone (a restored multi-process run's variables
+    can be global arrays spanning other processes' devices)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return x
+    if x.is_fully_replicated:
+        return x.addressable_data(0)
+    return multihost_utils.process_allgather(x, tiled=True)  # every process calls this, in order
+
+
+def _local_state(tokenizer: nnx.Module):
+    graphdef, state = nnx.split(tokenizer)
+    return graphdef, jax.tree.map(_local, state)
+
+
+def _digest(state) -> str:
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        a = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer: nnx.Module) -> str:
+    """sha256 of the tokenizer's variables (paths, shapes, dtypes and bytes): a cache built by other
+    weights is never read."""
+    return _digest(_local_state(tokenizer)[1])
+
+
+def _encoder(graphdef, state, block: int):
+    """jit(frames_BTHWC uint8 -> latents) on this process's devices, the batch split over them
+    when it divides (the tokenizer's variables replicated there)."""
+    devices = jax.local_devices()
+    if len(devices) > 1 and block % len(devices) == 0:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("b",))
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("b"))
+    else:
+        rep = data = jax.sharding.SingleDeviceSharding(devices[0])
+    state = jax.device_put(state, rep)
+    fn = jax.jit(lambda s, f: encode_frames(nnx.merge(graphdef, s), f), in_shardings=(rep, data))
+    # (put explicitly: jit refuses numpy inputs with a non-trivial sharding in a multi-process job)
+    return lambda frames: np.asarray(fn(state, jax.device_put(frames, data)))
+
+
+def build_latent_cache(
+    tokenizer: nnx.Module, source: WindowSource, latents_dir: str | Path, block: int, log=print
+) -> Path:
+    """Make sure `latents_dir/<split>-T<T>-s<stride>` holds the latents of every window of `source`;
+    encode what is missing (this process's blocks). Returns the cache's path. Call from every process."""
+    cache = LatentCache(Path(latents_dir) / cache_name(source.split, source.seq_len, source.stride))
+    graphdef, state = _local_state(tokenizer)
+    identity = {**source.identity(), "tokenizer": _digest(state)}
+    W, T = len(source.base_windows), source.seq_len
+    out = jax.eval_shape(
+        lambda f: encode_frames(nnx.merge(graphdef, state), f),
+        jax.ShapeDtypeStruct((1, T, *source.ds.frame_shape), jnp.uint8),
+    )
+    shape, dtype = (W, *out.shape[1:]), out.dtype
+    if jax.process_index() == 0:
+        if cache.matches(identity, shape, dtype, block):
+            done = cache.num_blocks - len(cache.missing())
+            log(f"[latents] {cache.path}: {done} of {cache.num_blocks} blocks present, continuing")
+        else:
+            why = "another tokenizer or other windows" if cache.meta is not None else "none yet"
+            log(f"[latents] building {cache.path} ({W} windows x {T} steps, blocks of {block}; was: {why})")
+            cache.create(identity, shape, dtype, block)
+    barrier("latent cache created")
+    cache = LatentCache(cache.path)  # re-read the metadata process 0 may have written
+    P, p = jax.process_count(), jax.process_index()
+    mine = [b for b in cache.missing() if b % P == p]
+    if mine:
+        encode = _encoder(graphdef, state, block)
+
+        def frames_of(b):  # one block's frames, padded to a whole block (one compiled shape)
+            lo, hi = cache.block_range(b)
+            f = np.stack([source.read_frames(w) for w in range(lo, hi)])
+            return np.concatenate([f, np.repeat(f[-1:], block - len(f), 0)]) if len(f) < block else f
+
+        bar = Progress(len(mine) * P, "latents", unit="blocks")
+        with ThreadPoolExecutor(1) as pool:  # read the next block while this one encodes
+            nxt = pool.submit(frames_of, mine[0])
+            for i, b in enumerate(mine):
+                frames = nxt.result()
+                if i + 1 < len(mine):
+                    nxt = pool.submit(frames_of, mine[i + 1])
+                lo, hi = cache.block_range(b)
+                cache.write_block(b, encode(frames)[: hi - lo])
+                bar.update(P)
+        bar.close()
+    barrier("latent cache written")
+    cache.check_readable(identity)
+    return cache.path

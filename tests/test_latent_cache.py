@@ -1,0 +1,179 @@
+"""The latent cache (data/latents.py, dynamics/latent_cache.py): the frozen tokenizer's latents of
+every training window, encoded once. They must equal what the dynamics step computes on the fly,
+survive an interrupted build, and never be read for another tokenizer or other windows."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import TOK_OVERRIDES, make_test_config
+from flax import nnx
+from test_dynamics import DYN_OVERRIDES
+
+from dreamer4.data.latents import LatentCache, cache_name
+from dreamer4.data.loader import make_loader, window_source
+from dreamer4.data.store import DatasetError
+from dreamer4.dynamics.latent_cache import build_latent_cache, tokenizer_digest
+from dreamer4.dynamics.model import encode_frames
+from dreamer4.runtime.loading import load_tokenizer
+from dreamer4.runtime.logging import read_metrics
+
+# labeled_repeat > 1: records of labeled windows are listed twice and must read their original's row
+CFG = ["loader.labeled_repeat=2", "loader.window_stride=2"]
+T = 4  # dynamics.train.seq_len of DYN_OVERRIDES
+
+
+def config(extra=()):
+    return make_test_config(TOK_OVERRIDES + DYN_OVERRIDES + CFG + list(extra))
+
+
+@pytest.fixture(scope="module")
+def built(dataset, trained_tokenizer, tmp_path_factory):
+    """(tokenizer, source, cache path, build log) of a cache built in blocks of 3 windows."""
+    root, _ = dataset
+    tok, _, _ = load_tokenizer(trained_tokenizer[0])
+    source = window_source(root, config(), "train", T)
+    out = tmp_path_factory.mktemp("latents")
+    log = []
+    path = build_latent_cache(tok, source, out, block=3, log=log.append)
+    return tok, source, path, log
+
+
+def test_cached_latents_equal_the_online_encoding(built):
+    tok, source, path, log = built
+    assert path.name == cache_name("train", T, source.stride) and "building" in log[0]
+    cache = LatentCache(path)
+    W = len(source.base_windows)
+    assert W > 6 and cache.num_blocks == -(-W // 3) and not cache.missing()
+    for w in (0, 4, W - 1):  # the last window sits in the padded last block
+        online = np.asarray(encode_frames(tok, source.read_frames(w)[None]))[0]
+        np.testing.assert_allclose(cache.read(w), online, rtol=0, atol=1e-5)
+        assert cache.read(w).dtype == online.dtype
+    # a window's latents depend on its start (causal encoder): overlapping windows' shared frames
+    # are encoded in different contexts, so they are stored per window, not per frame
+    assert source.stride < T
+
+
+def test_loader_reads_latents_in_the_same_order_as_frames(built, dataset):
+    tok, source, path, _ = built
+    root, _ = dataset
+    kw = dict(batch_size=4, seq_len=T, seed=3)
+    frames = make_loader(root, config(), **kw)
+    latents = make_loader(root, config(), latents=path, **kw)
+    assert len(latents.source) > len(latents.source.base_windows)  # labeled windows repeated
+    assert frames.stream_id == latents.stream_id  # same windows, same order: resumable either way
+    for a, b in zip(iter(frames), list(zip(range(6), iter(latents)))):
+        b = b[1]
+        assert "frames" not in b and b["latents"].shape[:2] == (4, T)
+        np.testing.assert_allclose(b["latents"], np.asarray(encode_frames(tok, a["frames"])), rtol=0, atol=1e-5)
+        for k in ("actions", "action_mask", "rewards", "is_first"):
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+KILLED_BUILD = """
+import sys, time
+from conftest import TOK_OVERRIDES, make_test_config
+from test_dynamics import DYN_OVERRIDES
+from dreamer4.data.latents import LatentCache
+from dreamer4.data.loader import window_source
+from dreamer4.dynamics.latent_cache import build_latent_cache
+from dreamer4.runtime.loading import load_tokenizer
+
+data, tok_run, out, sets = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+real = LatentCache.write_block
+
+def write_and_say(self, b, x):  # slow enough for the parent to kill between blocks
+    real(self, b, x)
+    print("wrote", b, flush=True)
+    time.sleep(0.5)
+
+LatentCache.write_block = write_and_say
+source = window_source(data, make_test_config(TOK_OVERRIDES + DYN_OVERRIDES + sets), "train", 4)
+build_latent_cache(load_tokenizer(tok_run)[0], source, out, block=3, log=print)
+"""
+
+
+def test_build_killed_by_sigkill_keeps_its_blocks(built, dataset, trained_tokenizer, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tok, source, path, _ = built
+    out = tmp_path / "latents"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    args = [str(dataset[0]), str(trained_tokenizer[0]), str(out), *CFG]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILD, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("wrote") and sum(l.startswith("wrote") for l in seen) == 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    partial = LatentCache(out / path.name)
+    written = partial.present_blocks()
+    assert 2 <= len(written) < partial.num_blocks, (written, "".join(seen))
+    with pytest.raises(DatasetError, match="incomplete: .* blocks missing"):
+        partial.check_readable(source.identity())
+    kept = {b: (partial.path / "c" / str(b) / "0" / "0" / "0").stat().st_mtime_ns for b in written}
+    log = []
+    build_latent_cache(tok, source, out, block=3, log=log.append)
+    assert f"{len(written)} of {partial.num_blocks} blocks present, continuing" in log[0]
+    for b, t in kept.items():  # not encoded again
+        assert (partial.path / "c" / str(b) / "0" / "0" / "0").stat().st_mtime_ns == t
+    done = LatentCache(out / path.name)
+    for w in range(len(source.base_windows)):
+        np.testing.assert_array_equal(done.read(w), LatentCache(path).read(w))
+
+
+def test_another_tokenizer_or_other_windows_rebuild_or_refuse(built, dataset, tmp_path):
+    tok, source, path, _ = built
+    root, _ = dataset
+    out = tmp_path / "latents"
+    shutil.copytree(path, out / path.name)
+    log = []
+    build_latent_cache(tok, source, out, block=3, log=log.append)
+    assert "continuing" in log[0]  # same tokenizer, same windows: reused
+    # other weights: another digest, rebuilt
+    other = nnx.clone(tok)
+    leaf = nnx.state(other, nnx.Param)
+    nnx.update(other, jax.tree.map(lambda a: a + 1e-3, leaf))
+    assert tokenizer_digest(other) != tokenizer_digest(tok)
+    log = []
+    build_latent_cache(other, source, out, block=3, log=log.append)
+    assert "building" in log[0] and "another tokenizer or other windows" in log[0]
+    assert not np.array_equal(LatentCache(out / path.name).read(0), LatentCache(path).read(0))
+    # the loader refuses a cache of other windows (another seq_len's cache put in this one's place)
+    with pytest.raises(DatasetError, match="built for other windows or another tokenizer"):
+        make_loader(root, config(), batch_size=4, seq_len=T + 1, latents=path)
+
+
+def test_dynamics_trains_the_same_with_and_without_the_cache(dataset, trained_tokenizer, tmp_path):
+    from dreamer4.dynamics.train import train_dynamics
+
+    root, _ = dataset
+    losses = {}
+    for on in (True, False):
+        run = tmp_path / f"cache_{on}"
+        shutil.copytree(trained_tokenizer[0] / "tokenizer", run / "tokenizer")
+        extra = [f"dynamics.latent_cache={str(on).lower()}", "dynamics.train.steps=4", "dynamics.train.log_every=1"]
+        train_dynamics(config(extra), root, run, evaluate=False)
+        losses[on] = [r["loss"] for r in read_metrics(run / "dynamics") if "loss" in r]
+        assert (run / "latents").exists() == on
+    assert len(losses[True]) == 4 and len(set(losses[True])) == 4
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    meta = json.loads((tmp_path / "cache_True" / "latents" / cache_name("train", T, 2) / "zarr.json").read_text())
+    assert meta["attributes"]["dreamer4_latents"]["identity"]["tokenizer"] == tokenizer_digest(
+        load_tokenizer(trained_tokenizer[0])[0]
+    )
