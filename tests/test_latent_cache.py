@@ -8,7 +8,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import TOK_OVERRIDES, make_test_config
+from conftest import TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
 from flax import nnx
 from test_dynamics import DYN_OVERRIDES
 
@@ -23,6 +23,7 @@ from dreamer4.runtime.logging import read_metrics
 # labeled_repeat > 1: records of labeled windows are listed twice and must read their original's row
 CFG = ["loader.labeled_repeat=2", "loader.window_stride=2"]
 T = 4  # dynamics.train.seq_len of DYN_OVERRIDES
+TEST_SETS = TEST_OVERRIDES + TOK_OVERRIDES + DYN_OVERRIDES
 
 
 def config(extra=()):
@@ -74,7 +75,7 @@ def test_loader_reads_latents_in_the_same_order_as_frames(built, dataset):
 
 KILLED_BUILD = """
 import sys, time
-from conftest import TOK_OVERRIDES, make_test_config
+from conftest import TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
 from test_dynamics import DYN_OVERRIDES
 from dreamer4.data.latents import LatentCache
 from dreamer4.data.loader import window_source
@@ -177,3 +178,24 @@ def test_dynamics_trains_the_same_with_and_without_the_cache(dataset, trained_to
     assert meta["attributes"]["dreamer4_latents"]["identity"]["tokenizer"] == tokenizer_digest(
         load_tokenizer(trained_tokenizer[0])[0]
     )
+
+
+def test_benchmark_script_reports_build_and_loader(dataset, tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("latent_bench", REPO / "benchmarks" / "latent_cache.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sets = [a for kv in TEST_SETS + CFG for a in ("--set", kv)]
+    out = tmp_path / "b.json"
+    res = bench.main(
+        ["--data", str(dataset[0]), "--config", str(REPO / "configs" / "tiny.yaml"), *sets]
+        + ["--workers", "0", "--batches", "3", "--step-ms", "100", "--json", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert res["windows"] > 6 and res["build"]["windows_per_s"] > 0 and res["build"]["bytes"] > 0
+    for kind in ("frames", "latents"):
+        r = res["loader"][f"{kind}_workers0"]
+        assert r["windows_per_s"] > 0 and r["ratio_over_train_step"] == pytest.approx(r["windows_per_s"] / 40)

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from dreamer4.config import Config, ConfigError
+from dreamer4.data.latents import LatentCache
 from dreamer4.data.store import Dataset, DatasetError, Episode
 
 _ROW_FIELDS = ("frame", "reward", "is_first", "is_last", "is_terminal")
@@ -87,8 +88,6 @@ class WindowSource(grain.RandomAccessDataSource):
         # (the frozen tokenizer's, computed once) instead of "frames".
         self.latents = None
         if latents is not None:
-            from dreamer4.data.latents import LatentCache
-
             self.latents = LatentCache(latents)
             self.latents.check_readable(self.identity())
 
