@@ -199,3 +199,22 @@ def test_benchmark_script_reports_build_and_loader(dataset, tmp_path):
     for kind in ("frames", "latents"):
         r = res["loader"][f"{kind}_workers0"]
         assert r["windows_per_s"] > 0 and r["ratio_over_train_step"] == pytest.approx(r["windows_per_s"] / 40)
+
+
+def test_a_signal_stops_the_build_after_a_block_with_it_kept(built, tmp_path):
+    import os
+    import signal
+
+    from dreamer4.runtime import preempt
+
+    tok, source, path, _ = built
+    out = tmp_path / "latents"
+    with preempt.handling():
+        os.kill(os.getpid(), signal.SIGUSR1)  # as Slurm's warning before the time limit
+        with pytest.raises(preempt.Preempted, match=r"stopped by SIGUSR1; 1 of \d+ blocks kept in .*exit code 75"):
+            build_latent_cache(tok, source, out, block=3, log=lambda m: None)
+    assert len(LatentCache(out / path.name).present_blocks()) == 1
+    log = []
+    build_latent_cache(tok, source, out, block=3, log=log.append)  # the rerun continues
+    assert "1 of" in log[0] and "continuing" in log[0]
+    assert not LatentCache(out / path.name).missing()

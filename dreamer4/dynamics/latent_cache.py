@@ -27,6 +27,7 @@ from dreamer4.data.latents import LatentCache, cache_name
 from dreamer4.data.loader import WindowSource
 from dreamer4.dynamics.model import encode_frames
 from dreamer4.runtime.distributed import barrier
+from dreamer4.runtime.preempt import Preempted, agreed_stop
 from dreamer4.runtime.progress import Progress
 
 
@@ -101,25 +102,37 @@ def build_latent_cache(
     barrier("latent cache created")
     cache = LatentCache(cache.path)  # re-read the metadata process 0 may have written
     P, p = jax.process_count(), jax.process_index()
-    mine = [b for b in cache.missing() if b % P == p]
-    if mine:
-        encode = _encoder(graphdef, state, block)
+    missing = set(cache.missing())  # the same set in every process
+    # Round r: process p encodes block r * P + p if missing. Every process walks the same rounds
+    # (those with any block missing) and asks agreed_stop() after each: a signal stops all of
+    # them at the same round, with the blocks written so far kept (runtime/preempt.py).
+    rounds = sorted({b // P for b in missing})
+    mine = [r * P + p for r in rounds if r * P + p in missing]
+    if rounds:
+        encode = _encoder(graphdef, state, block) if mine else None
 
         def frames_of(b):  # one block's frames, padded to a whole block (one compiled shape)
             lo, hi = cache.block_range(b)
             f = np.stack([source.read_frames(w) for w in range(lo, hi)])
             return np.concatenate([f, np.repeat(f[-1:], block - len(f), 0)]) if len(f) < block else f
 
-        bar = Progress(len(mine) * P, "latents", unit="blocks")
+        bar = Progress(cache.num_blocks, "latents", unit="blocks", initial=cache.num_blocks - len(missing))
         with ThreadPoolExecutor(1) as pool:  # read the next block while this one encodes
-            nxt = pool.submit(frames_of, mine[0])
-            for i, b in enumerate(mine):
-                frames = nxt.result()
-                if i + 1 < len(mine):
-                    nxt = pool.submit(frames_of, mine[i + 1])
-                lo, hi = cache.block_range(b)
-                cache.write_block(b, encode(frames)[: hi - lo])
-                bar.update(P)
+            i, ahead = 0, pool.submit(frames_of, mine[0]) if mine else None
+            for r in rounds:
+                b = r * P + p
+                if i < len(mine) and b == mine[i]:
+                    frames = ahead.result()
+                    i += 1
+                    if i < len(mine):
+                        ahead = pool.submit(frames_of, mine[i])
+                    lo, hi = cache.block_range(b)
+                    cache.write_block(b, encode(frames)[: hi - lo])
+                bar.update(sum(1 for q in range(P) if r * P + q in missing))
+                stop = agreed_stop()
+                if stop:
+                    done = cache.num_blocks - len(cache.missing())
+                    raise Preempted("latents", stop, saved=f"{done} of {cache.num_blocks} blocks kept in {cache.path}")
         bar.close()
     barrier("latent cache written")
     cache.check_readable(identity)
