@@ -238,6 +238,7 @@ def _train(stage: Stage, stage_dir: Path) -> nnx.Module:
     logger.truncate_after(step)
 
     train_step = compile_train_step(graphdef, stage.loss_fn, shardings, mesh, stage.trainable)
+    compiled: dict = {}  # batch shapes -> the step compiled for them
     base_key = jax.random.PRNGKey(cfg.seed)
     last_batch: dict | None = None
 
@@ -303,7 +304,15 @@ def _train(stage: Stage, stage_dir: Path) -> nnx.Module:
             local = stage.prepare(next(it), step)
             last_batch = local
             batch = global_batch(mesh, local)
-            state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
+            key = jax.random.fold_in(base_key, step)
+            shape = tuple(sorted((k, v.shape) for k, v in batch.items()))
+            if shape not in compiled:
+                # Compile each batch shape ahead and meet before its first run: the step's first
+                # cross-process collective must not wait out gloo's 30 s connect window while
+                # another process is still compiling (a real-Slurm CI run under load did).
+                compiled[shape] = train_step.lower(state, batch, key).compile()
+                barrier(f"{stage.name}-compiled-{len(compiled)}")
+            state, metrics = compiled[shape](state, batch, key)
             step += 1
             loop.record(step, metrics)
             if stage.evaluate is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
