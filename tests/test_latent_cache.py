@@ -40,8 +40,10 @@ def built(dataset, trained_tokenizer, tmp_path_factory):
     source = window_source(root, config(), "train", T)
     out = tmp_path_factory.mktemp("latents")
     log = []
-    path = build_latent_cache(tok, source, out, block=3, log=log.append)
-    return tok, source, path, log, tok_cfg
+    cached = build_latent_cache(tok, source, out, block=3, log=log.append)
+    assert cached.latents is not None and source.latents is None  # a copy of the source, reading the cache
+    assert len(cached) == len(source) and "latents" in cached[0] and "frames" not in cached[0]
+    return tok, source, cached.latents.path, log, tok_cfg
 
 
 def test_cached_latents_equal_the_online_encoding(built):

@@ -27,6 +27,7 @@ position whatever the process count that saved it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import signal
@@ -84,20 +85,32 @@ class WindowSource(grain.RandomAccessDataSource):
         repeats = [i for i, w in enumerate(windows) if eps[w[0]].labeled] * (labeled_repeat - 1)
         self.base_index = np.concatenate([np.arange(len(windows)), np.asarray(repeats, np.int64)]).astype(np.int64)
         self.windows = self.base_windows[self.base_index]
+        self._identity = None
         # latents: a LatentCache of these windows (data/latents.py); records then carry "latents"
         # (the frozen tokenizer's, computed once) instead of "frames".
         self.latents = None
         if latents is not None:
-            self.latents = LatentCache(latents)
-            self.latents.check_readable(self.identity())
+            self.latents = self.with_latents(latents).latents
+
+    def with_latents(self, path: str | Path, **expect) -> WindowSource:
+        """This source reading the latent cache at `path` instead of frames; DatasetError unless
+        the cache is complete and was built for these windows (and for `expect`, e.g. tokenizer=)."""
+        cache = LatentCache(path)
+        cache.check_readable({**self.identity(), **expect})
+        out = copy.copy(self)
+        out.latents = cache
+        return out
 
     def identity(self) -> dict:
         """What a latent cache of these windows must have been built from (less the tokenizer)."""
-        h = hashlib.sha256()
-        for e in self.episodes:
-            h.update(f"{e.id}:{e.shard}:{e.start}:{e.length};".encode())
-        h.update(self.base_windows.tobytes())
-        return {"split": self.split, "seq_len": self.seq_len, "stride": self.stride, "windows": h.hexdigest()}
+        if self._identity is None:
+            h = hashlib.sha256()
+            for e in self.episodes:
+                h.update(f"{e.id}:{e.shard}:{e.start}:{e.length};".encode())
+            h.update(self.base_windows.tobytes())
+            w = h.hexdigest()
+            self._identity = {"split": self.split, "seq_len": self.seq_len, "stride": self.stride, "windows": w}
+        return dict(self._identity)
 
     def read_frames(self, base: int) -> np.ndarray:
         """frames_THWC of base window `base` (the order of `base_windows`)."""
@@ -295,21 +308,48 @@ def make_loader(
     batch_key: str = "loader.batch_size",
     seq_len_key: str = "loader.seq_len",
     latents: str | Path | None = None,
-):
+) -> WindowLoader:
     """A loader of this process's share of every global batch; iterate it, save `iter.get_state()`.
 
-    The global batch `loader.batch_size` is split evenly over JAX processes (`shard_index` of
-    `shard_count`, default this process of all); each process reads only its rows. `batch_size` /
-    `seq_len` default to the loader config; a training stage passes its own, and the config keys
-    they come from (`batch_key`, `seq_len_key`) for error messages. `latents`: a latent cache of
-    these windows to read instead of frames.
+    `batch_size` / `seq_len` default to the loader config; a training stage passes its own, and the
+    config keys they come from (`batch_key`, `seq_len_key`) for error messages. `latents`: a latent
+    cache of these windows to read instead of frames. (`source_loader`: the same from a source.)
     """
-    lc = cfg.loader
-    batch_size = lc.batch_size if batch_size is None else batch_size
-    seq_len = lc.seq_len if seq_len is None else seq_len
+    seq_len = cfg.loader.seq_len if seq_len is None else seq_len
     source = window_source(
         root, cfg, split, seq_len, labeled_only=labeled_only, seq_len_key=seq_len_key, latents=latents
     )
+    return source_loader(
+        source,
+        cfg,
+        seed=seed,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        batch_size=batch_size,
+        batch_key=batch_key,
+    )
+
+
+def source_loader(
+    source: WindowSource,
+    cfg: Config,
+    *,
+    seed: int | None = None,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    batch_size: int | None = None,
+    batch_key: str = "loader.batch_size",
+) -> WindowLoader:
+    """A loader of `source`'s windows: this process's share of every global batch.
+
+    The global batch (`batch_size`, default `loader.batch_size`, from config key `batch_key`) is
+    split evenly over JAX processes (`shard_index` of `shard_count`, default this process of all);
+    each process reads only its rows.
+    """
+    lc = cfg.loader
+    batch_size = lc.batch_size if batch_size is None else batch_size
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if batch_size % shard_count:

@@ -79,9 +79,10 @@ def _encoder(graphdef, state, block: int):
 
 def build_latent_cache(
     tokenizer: nnx.Module, source: WindowSource, latents_dir: str | Path, block: int, log=print
-) -> Path:
+) -> WindowSource:
     """Make sure `latents_dir/<split>-T<T>-s<stride>` holds the latents of every window of `source`;
-    encode what is missing (this process's blocks). Returns the cache's path. Call from every process."""
+    encode what is missing (this process's blocks). Returns `source` reading that cache (its records
+    carry "latents" instead of "frames"). Call from every process."""
     cache = LatentCache(Path(latents_dir) / cache_name(source.split, source.seq_len, source.stride))
     graphdef, state = _local_state(tokenizer)
     identity = {**source.identity(), "tokenizer": _digest(state)}
@@ -135,5 +136,4 @@ def build_latent_cache(
                     raise Preempted("latents", stop, saved=f"{done} of {cache.num_blocks} blocks kept in {cache.path}")
         bar.close()
     barrier("latent cache written")
-    cache.check_readable(identity)
-    return cache.path
+    return source.with_latents(cache.path, tokenizer=identity["tokenizer"])

@@ -183,6 +183,21 @@ def encode_frames(tokenizer: Tokenizer, frames_BTHWC_uint8):
     return jax.lax.stop_gradient(tokenizer.encode(frames_BTHWC_uint8.astype(jnp.float32) / 255.0))
 
 
+def observed(batch: dict) -> dict:
+    """What a loader batch observes: {"latents": z1_BTLN} where it read a latent cache, else
+    {"frames": frames_BTHWC} (data/loader.py)."""
+    key = "latents" if "latents" in batch else "frames"
+    return {key: batch[key]}
+
+
+def batch_latents(world: WorldModel, batch: dict):
+    """Clean latents z1_BTLN of a batch: the cached ones, or its frames encoded by the frozen tokenizer."""
+    if "latents" in batch:
+        return batch["latents"]
+    with jax.named_scope("frozen_encoder"):  # names its kernels in profiles
+        return world.latents(batch["frames"])
+
+
 class WorldModel(nnx.Module):
     """The world model: the (frozen) tokenizer and the dynamics, as one module (one state, one checkpoint).
 

@@ -21,7 +21,7 @@ from dreamer4.config import Config
 from dreamer4.data.loader import window_source
 from dreamer4.dynamics.evaluate import open_loop_eval_hook
 from dreamer4.dynamics.latent_cache import build_latent_cache
-from dreamer4.dynamics.model import WorldModel
+from dreamer4.dynamics.model import WorldModel, batch_latents, observed
 from dreamer4.dynamics.shortcut import shortcut_forcing_loss
 from dreamer4.runtime.distributed import log0
 from dreamer4.runtime.loading import TRAINABLE, build_dynamics, load_tokenizer
@@ -43,11 +43,7 @@ def make_dynamics_loss(cfg: Config):
 
     def loss_fn(world: WorldModel, batch: dict, key):
         """Shortcut forcing on sequences, plus the single-image share (start frames)."""
-        if "latents" in batch:  # from the latent cache (dynamics.latent_cache)
-            z1 = batch["latents"]
-        else:
-            with jax.named_scope("frozen_encoder"):  # names its kernels in profiles
-                z1 = world.latents(batch["frames"])
+        z1 = batch_latents(world, batch)  # from the latent cache (dynamics.latent_cache) or encoded here
         B, T = z1.shape[:2]
         n_img = int(round(B * dc.single_image_share)) if T > 1 else 0
         k_seq, k_img = jax.random.split(key)
@@ -82,8 +78,7 @@ def make_prepare(cfg: Config):
     dc = cfg.dynamics
 
     def prepare(batch: dict, step: int) -> dict:
-        seen = "latents" if "latents" in batch else "frames"
-        out = {seen: batch[seen], "actions": batch["actions"], "action_mask": batch["action_mask"]}
+        out = {**observed(batch), "actions": batch["actions"], "action_mask": batch["action_mask"]}
         if dc.short_seq_len and step % 2 == 0:  # alternate short and long batches
             out = {k: v[:, : dc.short_seq_len] for k, v in out.items()}
         return out
@@ -100,10 +95,9 @@ def train_dynamics(cfg: Config, data_dir: str | Path, run_dir: str | Path, evalu
         StageDir(run_dir, "tokenizer").check_dataset(ds, {"frame_shape": frame_shape}, data_dir)
         world = WorldModel(tokenizer, build_dynamics(cfg, tok_cfg, ds.num_actions, latent_grid=tokenizer.latent_grid))
         tc = cfg.dynamics.train
-        latents = None
+        source = window_source(data_dir, cfg, "train", tc.seq_len, seq_len_key="dynamics.train.seq_len")
         if cfg.dynamics.latent_cache:
-            source = window_source(data_dir, cfg, "train", tc.seq_len, seq_len_key="dynamics.train.seq_len")
-            latents = build_latent_cache(tokenizer, source, Path(run_dir) / "latents", tc.batch_size, log=log0)
+            source = build_latent_cache(tokenizer, source, Path(run_dir) / "latents", tc.batch_size, log=log0)
         train(
             Stage(
                 name=STAGE,
@@ -112,15 +106,7 @@ def train_dynamics(cfg: Config, data_dir: str | Path, run_dir: str | Path, evalu
                 train=tc,
                 model=world,
                 loss_fn=make_dynamics_loss(cfg),
-                make_iterator=loader_factory(
-                    data_dir,
-                    cfg,
-                    tc.batch_size,
-                    tc.seq_len,
-                    batch_key="dynamics.train.batch_size",
-                    seq_len_key="dynamics.train.seq_len",
-                    latents=latents,
-                ),
+                make_iterator=loader_factory(source, cfg, tc.batch_size, batch_key="dynamics.train.batch_size"),
                 prepare=make_prepare(cfg),
                 evaluate=open_loop_eval_hook(cfg, ds) if evaluate else None,
                 trainable=TRAINABLE[STAGE],

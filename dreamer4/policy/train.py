@@ -37,6 +37,7 @@ from flax import nnx
 from dreamer4.config import Config, DynamicsConfig, DynamicsSampling
 from dreamer4.data.loader import window_source
 from dreamer4.dynamics.latent_cache import build_latent_cache
+from dreamer4.dynamics.model import batch_latents, observed
 from dreamer4.dynamics.sampler import context_inputs
 from dreamer4.dynamics.shortcut import shortcut_forcing_loss
 from dreamer4.policy.heads import Agent, freeze_prior
@@ -69,7 +70,7 @@ def make_bc_loss(cfg: Config, world_dc: DynamicsConfig):
 
     def loss_fn(agent: Agent, batch: dict, key):
         # cached latents (dynamics.latent_cache: the dynamics stage's cache of the same windows)
-        z1 = batch["latents"] if "latents" in batch else agent.world.latents(batch["frames"])
+        z1 = batch_latents(agent.world, batch)
         a, m = batch["actions"], batch["action_mask"]
         task = jnp.zeros(a.shape, jnp.int32)
         main = {}
@@ -206,14 +207,15 @@ def train_bc(cfg: Config, data_dir, run_dir) -> dict:
         agent, wcfg, facts = fresh_agent(cfg, run_dir)
         _checked_dataset(stage, data_dir, cfg, facts)
         tc = cfg.agent.bc
-        latents = None
+        source = window_source(data_dir, cfg, "train", tc.seq_len, seq_len_key="agent.bc.seq_len")
         if cfg.dynamics.latent_cache:  # with dynamics' seq_len and stride: the cache it built, reused
-            source = window_source(data_dir, cfg, "train", tc.seq_len, seq_len_key="agent.bc.seq_len")
-            latents = build_latent_cache(agent.world.tokenizer, source, Path(run_dir) / "latents", tc.batch_size, log0)
+            source = build_latent_cache(agent.world.tokenizer, source, Path(run_dir) / "latents", tc.batch_size, log0)
 
         def prepare(batch, step):
-            seen = "latents" if "latents" in batch else "frames"
-            return {k: batch[k] for k in (seen, "actions", "action_mask", "rewards", "is_first", "is_terminal")}
+            return {
+                **observed(batch),
+                **{k: batch[k] for k in ("actions", "action_mask", "rewards", "is_first", "is_terminal")},
+            }
 
         train(
             Stage(
@@ -223,15 +225,7 @@ def train_bc(cfg: Config, data_dir, run_dir) -> dict:
                 train=tc,
                 model=agent,
                 loss_fn=make_bc_loss(cfg, wcfg.dynamics),
-                make_iterator=loader_factory(
-                    data_dir,
-                    cfg,
-                    tc.batch_size,
-                    tc.seq_len,
-                    batch_key="agent.bc.batch_size",
-                    seq_len_key="agent.bc.seq_len",
-                    latents=latents,
-                ),
+                make_iterator=loader_factory(source, cfg, tc.batch_size, batch_key="agent.bc.batch_size"),
                 prepare=prepare,
                 trainable=TRAINABLE[STAGE_BC],
                 meta={"phase": "bc", **facts, "data": str(data_dir)},
@@ -266,12 +260,10 @@ def train_imagine(cfg: Config, data_dir, run_dir) -> dict:
                 model=agent,
                 loss_fn=make_imagine_loss(cfg, wcfg.dynamics.sampling),
                 make_iterator=loader_factory(
-                    data_dir,
+                    window_source(data_dir, cfg, "train", C, seq_len_key="agent.context_len"),
                     cfg,
                     tc.batch_size,
-                    C,
                     batch_key="agent.imagine.batch_size",
-                    seq_len_key="agent.context_len",
                 ),
                 prepare=prepare,
                 trainable=TRAINABLE[STAGE_IMAGINE],

@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 
 from dreamer4.config import Config, ConfigError, TrainConfig, save_config, to_dict
-from dreamer4.data.loader import make_loader, saved_process_count
+from dreamer4.data.loader import WindowSource, saved_process_count, source_loader
 from dreamer4.runtime.checkpoint import Checkpointer, abstract_like
 from dreamer4.runtime.distributed import barrier, is_main_process, log0
 from dreamer4.runtime.host_loop import HostLoop, mean_metrics
@@ -82,30 +82,11 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def loader_factory(
-    data_dir,
-    cfg: Config,
-    batch_size: int,
-    seq_len: int,
-    *,
-    batch_key: str = "loader.batch_size",
-    seq_len_key: str = "loader.seq_len",
-    latents=None,
+    source: WindowSource, cfg: Config, batch_size: int, *, batch_key: str = "loader.batch_size"
 ) -> Callable[[], Iterator]:
-    """A Stage's `make_iterator`: a fresh iterator over this process's rows of the train split
-    (`batch_key` / `seq_len_key`: the config keys the sizes come from, for error messages;
-    `latents`: a latent cache to read instead of frames)."""
-    return lambda: iter(
-        make_loader(
-            data_dir,
-            cfg,
-            "train",
-            batch_size=batch_size,
-            seq_len=seq_len,
-            batch_key=batch_key,
-            seq_len_key=seq_len_key,
-            latents=latents,
-        )
-    )
+    """A Stage's `make_iterator`: a fresh iterator over this process's rows of `source`'s batches
+    (`batch_key`: the config key the batch size comes from, for error messages)."""
+    return lambda: iter(source_loader(source, cfg, batch_size=batch_size, batch_key=batch_key))
 
 
 def train_state(model: nnx.Module, tc: TrainConfig, mesh, trainable=nnx.Param):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamer4.config import Config, TokenizerConfig
+from dreamer4.data.loader import window_source
 from dreamer4.data.store import Dataset, DatasetError
 from dreamer4.runtime.distributed import log0
 from dreamer4.runtime.images import image_grid, psnr, psnr_from_mse, ssim
@@ -122,12 +123,10 @@ def train_tokenizer(cfg: Config, data_dir: str | Path, run_dir: str | Path) -> d
                 model=model,
                 loss_fn=partial(tokenizer_loss, mask_prob_max=cfg.tokenizer.mask_prob_max),
                 make_iterator=loader_factory(
-                    data_dir,
+                    window_source(data_dir, cfg, "train", tc.seq_len, seq_len_key="tokenizer.train.seq_len"),
                     cfg,
                     tc.batch_size,
-                    tc.seq_len,
                     batch_key="tokenizer.train.batch_size",
-                    seq_len_key="tokenizer.train.seq_len",
                 ),
                 prepare=lambda b, step: {"frames": b["frames"]},
                 evaluate=evaluate,
