@@ -121,6 +121,30 @@ def test_mix_parsing_and_env_assignment():
 BEHAVIOR_OVERRIDES = ["runtime.wandb=disabled", "behavior.eval_envs=64"]
 
 
+def test_update_returns_the_runner_types_init_gives():
+    """PPO's jitted update compiles once: the runner it returns has the shapes, dtypes and weak types
+    of the one init builds. (A reset Craftax state holds weak-typed arrays and a stepped one does
+    not: before init made them strong, the second update compiled the whole update again.)"""
+    import jax
+
+    from dreamer4.behavior.train import PPO
+    from dreamer4.data.env import make_env
+
+    cfg = make_test_config(BEHAVIOR_OVERRIDES)
+    env, params, spec = make_env(cfg.env.name)
+    fns = PPO(cfg, env, params, spec)
+    key = jax.random.PRNGKey(0)
+    reset = jax.eval_shape(lambda k: fns.reset_v(jax.random.split(k, 2), params)[1], key)
+    assert any(x.weak_type for x in jax.tree.leaves(reset))  # what init has to undo
+
+    def types(tree):
+        return [(x.shape, x.dtype, x.weak_type) for x in jax.tree.leaves(tree)]
+
+    runner = jax.eval_shape(fns.init, key)
+    out, _ = jax.eval_shape(fns._update, runner)
+    assert jax.tree.structure(out) == jax.tree.structure(runner) and types(out) == types(runner)
+
+
 @pytest.fixture(scope="module")
 def trained_ppo(tmp_path_factory):
     """(run dir, the Preempted of the first call, final result, log): a SIGUSR1 at update 12 stops

@@ -225,6 +225,8 @@ def test_stop_after_seconds_with_a_prebuilt_stepper(dataset, cfg, tmp_path):
         {k: v for k, v in e.items() if k != "start"} for s in store.read_manifest(r)["shards"] for e in s["episodes"]
     ]  # noqa: E731
     assert strip(root) == strip(out)
+    # chunk ran from init's carry, then from its own: one compilation (init returns strong types)
+    assert stepper.chunk_fn._cache_size() == 1
 
 
 def test_resume_after_sigkill_is_byte_identical(dataset, tmp_path):

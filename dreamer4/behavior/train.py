@@ -33,7 +33,7 @@ from flax import nnx
 from dreamer4.behavior import ppo
 from dreamer4.behavior.model import ActorCritic, push_frame
 from dreamer4.config import BehaviorConfig, Config, save_config, to_dict
-from dreamer4.data.env import EnvSpec, make_env, to_uint8
+from dreamer4.data.env import EnvSpec, make_env, strong_types, to_uint8
 from dreamer4.runtime.checkpoint import Checkpointer
 from dreamer4.runtime.distributed import is_main_process
 from dreamer4.runtime.host_loop import HostLoop
@@ -97,7 +97,7 @@ class PPO:
             jnp.zeros(frame.shape[:3] + (frame.shape[3] * self.b.frame_stack,), jnp.uint8), frame, jnp.ones((N,), bool)
         )
         params = jax.tree.map(jnp.copy, self.params0)  # the update donates its input buffers
-        return dict(
+        runner = dict(
             params=params,
             opt_state=self.tx.init(params),
             env_state=env_state,
@@ -107,6 +107,7 @@ class PPO:
             ep_length=jnp.zeros((N,), jnp.int32),
             update=jnp.zeros((), jnp.int32),
         )
+        return strong_types(runner)  # the types update returns: one compilation of update, not two
 
     def _env_step(self, params, env_state, stack, key):
         """Sample actions from the policy, step every env, reset those that finished."""
@@ -345,6 +346,10 @@ def _train_behavior(cfg: Config, stage: StageDir, log) -> dict:
         runner = _from_saved(saved, like)
         logger.truncate_after(int(meta["step"]))  # drop lines the killed run logged after this checkpoint
         log(f"[{STAGE}] resumed from update {int(meta['step'])} ({meta['env_steps']} env steps) in {ckpt.directory}")
+    # One placement for a fresh and a restored runner (a restore returns arrays committed to a
+    # device, init does not): the update compiles to the same program either way, so a resumed run
+    # finds it in the compilation cache instead of compiling it again.
+    runner = jax.device_put(runner, jax.local_devices()[0])
     update = int(runner["update"])
     steps_per_update = b.num_envs * b.num_steps
 

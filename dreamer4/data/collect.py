@@ -43,7 +43,7 @@ import zstandard
 from dreamer4.config import Config, ConfigError, save_config, to_dict
 from dreamer4.data import store
 from dreamer4.data.behavior import BehaviorPolicy, assign_envs, mixture_policy, parse_mix
-from dreamer4.data.env import EnvSpec, make_env, to_uint8
+from dreamer4.data.env import EnvSpec, make_env, strong_types, to_uint8
 from dreamer4.data.policies import make_policy
 from dreamer4.runtime.faults import disk_guard
 from dreamer4.runtime.lock import stage_lock
@@ -73,7 +73,7 @@ def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: 
     def init(key):
         k_env, key = jax.random.split(key)
         obs, env_state = reset_v(jax.random.split(k_env, N), params)
-        return dict(
+        carry = dict(
             env_state=env_state,
             policy_state=policy.init(N),
             frame=to_uint8(obs),
@@ -81,6 +81,7 @@ def make_chunk_fn(env, params, spec: EnvSpec, policy: BehaviorPolicy, num_envs: 
             done=jnp.ones((N,), bool),  # every env starts by resetting in the first iteration
             key=key,
         )
+        return strong_types(carry)  # the types chunk returns: one compilation of chunk, not two
 
     def select(mask_N, a, b):
         return jax.tree.map(lambda x, y: jnp.where(mask_N.reshape((N,) + (1,) * (x.ndim - 1)), x, y), a, b)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import metadata
 
+import jax
 import jax.numpy as jnp
 
 ENV_IDS = {
@@ -62,3 +63,14 @@ def make_env(name: str):
 def to_uint8(obs_float):
     """Craftax float pixels in [0, 1] -> uint8, exactly round(x * 255)."""
     return jnp.round(jnp.clip(obs_float, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def strong_types(tree):
+    """`tree` with every weak-typed array made strong, dtypes unchanged.
+
+    Craftax builds parts of a reset state from Python scalars, so a fresh state holds weak-typed
+    int32 / float32 arrays, while the state a jitted step returns holds strong ones. A jitted loop
+    fed first the one and then the other compiles twice (the collector's chunk and PPO's update each
+    did: ~15-20 s more per run on a CPU). Loops therefore start from `strong_types(reset state)`.
+    """
+    return jax.tree.map(lambda x: x.astype(x.dtype) if jax.typeof(x).weak_type else x, tree)

@@ -51,7 +51,7 @@ import numpy as np
 from flax import nnx
 
 from dreamer4.config import Config, ConfigError
-from dreamer4.data.env import make_env, to_uint8
+from dreamer4.data.env import make_env, strong_types, to_uint8
 from dreamer4.data.store import Dataset, DatasetError
 from dreamer4.dynamics.sampler import context_inputs, generate_frame
 from dreamer4.play.keys import key_bindings
@@ -193,7 +193,7 @@ def env_functions(env, params, device=None):
 
     def reset(key):
         obs, state = env.reset_env(key, params)
-        return to_uint8(obs), state
+        return to_uint8(obs), strong_types(state)  # the types step returns: step compiles once
 
     def step(state, action, key):
         obs, nxt, reward, done, _ = env.step_env(key, state, action, params)
