@@ -476,8 +476,8 @@ def _device_only_steps_per_s(stepper, cfg, seconds: float, info: dict) -> float:
     N, T = cfg.collect.num_envs, cfg.collect.chunk_steps
     t0 = time.perf_counter()
     carry = stepper.init_fn(jax.random.PRNGKey(cfg.seed))
-    # two warm-up chunks: the carry from init and the one from chunk may differ in weak types, a
-    # second compilation that must not land in the timing (and that collect then finds compiled)
+    # two warm-up chunks: init's carry and chunk's have the same types (data.env.strong_types), so
+    # the second is a guard against a second compilation landing in the timing
     for _ in range(2):
         carry, rows = stepper.chunk_fn(carry)
         jax.block_until_ready(rows)
