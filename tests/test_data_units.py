@@ -219,3 +219,23 @@ def test_concat_rows_in_threads_equals_numpy_concatenate():
     np.testing.assert_array_equal(concat_rows(mixed, min_bytes=0), np.concatenate(mixed))
     with pytest.raises(ValueError):
         concat_rows([np.zeros((2, 2)), np.zeros((2, 3))], min_bytes=0)
+
+
+def test_strong_types_keeps_dtypes_and_drops_weak_types():
+    import jax
+    import jax.numpy as jnp
+
+    from dreamer4.data.env import strong_types
+
+    tree = {"py_int": 3, "weak": jnp.full((2,), 1.5), "strong": jnp.zeros((2,), jnp.uint8), "weak_int": jnp.asarray(7)}
+    assert jax.typeof(tree["weak"]).weak_type and jax.typeof(tree["weak_int"]).weak_type
+    for out in (strong_types(tree), jax.jit(strong_types)(tree)):
+        types = {k: (jax.typeof(v).dtype, jax.typeof(v).weak_type) for k, v in out.items()}
+        assert types == {
+            "py_int": (jnp.int32, False),
+            "weak": (jnp.float32, False),
+            "strong": (jnp.uint8, False),
+            "weak_int": (jnp.int32, False),
+        }
+        np.testing.assert_array_equal(out["weak"], [1.5, 1.5])
+        assert int(out["py_int"]) == 3

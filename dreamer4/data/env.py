@@ -73,4 +73,9 @@ def strong_types(tree):
     fed first the one and then the other compiles twice (the collector's chunk and PPO's update each
     did: ~15-20 s more per run on a CPU). Loops therefore start from `strong_types(reset state)`.
     """
-    return jax.tree.map(lambda x: x.astype(x.dtype) if jax.typeof(x).weak_type else x, tree)
+
+    def strong(x):
+        x = jnp.asarray(x)  # Python scalars too (a state's plain int field)
+        return x.astype(x.dtype) if jax.typeof(x).weak_type else x
+
+    return jax.tree.map(strong, tree)
