@@ -122,6 +122,10 @@ class TokenizerNet:
     num_kv_heads: int = 2
     mlp_ratio: float = 4.0
     time_every: int = 4  # a time-attention layer every this many layers
+    # Context length (the paper's): time attention sees the last time_window frames; 0 = all.
+    # <= train.seq_len leaves training as it is and keeps longer inference (the latent cache's
+    # windows, the agent's episodes) inside what the model was trained on; KV caches become rings.
+    time_window: int = 0
     num_latents: int = 16  # latent tokens per frame
     latent_dim: int = 16  # bottleneck width per latent token
     # "learned": L learned latent tokens read the patches (the paper's design; latents are not
@@ -171,6 +175,9 @@ class DynamicsNet:
     num_kv_heads: int = 2
     mlp_ratio: float = 4.0
     time_every: int = 4  # a time-attention layer every this many layers
+    # Context length, as the tokenizer's: the paper trains on batches longer than the context
+    # ("to prevent ... always seeing a start frame": its "Sequence length" paragraph); 0 = all past frames.
+    time_window: int = 0
     logit_cap: float = 50.0  # attention logit soft-cap; 0 = off (then GPU attention may run cuDNN's fused kernel)
     # Tokenizer latents (L per frame) are grouped into S_z spatial tokens (L % S_z == 0).
     spatial_tokens: int = 8
@@ -706,6 +713,9 @@ def range_checks(cfg: Config) -> list[tuple[bool, str, str]]:
             checks.append((_pos(v), f"{prefix}.{name}", f"must be >= 1 (got {v})"))
         checks.append((net.mlp_ratio > 0, f"{prefix}.mlp_ratio", f"must be > 0 (got {net.mlp_ratio})"))
         checks.append((net.logit_cap >= 0, f"{prefix}.logit_cap", f"must be >= 0, 0 = off (got {net.logit_cap})"))
+        checks.append(
+            (net.time_window >= 0, f"{prefix}.time_window", f"must be >= 0, 0 = all frames (got {net.time_window})")
+        )
     for name in ("patch_size", "num_latents", "latent_dim", "eval_episodes", "eval_frames"):
         v = getattr(tk, name)
         checks.append((_pos(v), f"tokenizer.{name}", f"must be >= 1 (got {v})"))

@@ -365,6 +365,12 @@ def test_masks():
     for t in range(5):  # the cache mask is the full mask's row t (padded to the cache length)
         np.testing.assert_array_equal(cached_time_mask(t, 7, 2)[0, :5], w[t])
         assert not np.asarray(cached_time_mask(t, 7, 2)[0, 5:]).any()
+    # A ring of C = 3 slots (step u in slot u mod 3), worked by hand: at t = 1 slots 0, 1 hold
+    # steps 0, 1 and slot 2 nothing yet; at t = 5 slots 0, 1, 2 hold steps 3, 4, 5, of which a
+    # window of 2 reads steps 4 and 5.
+    assert np.asarray(cached_time_mask(1, 3, 3)[0]).tolist() == [True, True, False]
+    assert np.asarray(cached_time_mask(jnp.int32(5), 3, 3)[0]).tolist() == [True, True, True]
+    assert np.asarray(cached_time_mask(5, 3, 2)[0]).tolist() == [False, True, True]
     # Agent token (last): sees everything; nothing else sees it.
     assert AGENT_VIS[-1].all() and not AGENT_VIS[:-1, -1].any() and AGENT_VIS[:-1, :-1].all()
     vis = space_mask(["p", "p", "lat"], {"p": ["p"], "lat": ["p", "lat"]})
@@ -451,9 +457,34 @@ def test_sliding_window_cache_equals_full_pass(x):
     assert np.abs(np.asarray(y_full - forward(make_model(), x)))[:, 3:].max() > 1e-4  # the window matters
     step = nnx.jit(lambda m, x_t, c, t: m.step(x_t, c, t))
     cache = m.init_cache(B, max_len=T)
+    # A window of 3 needs 3 slots whatever the length: a ring buffer (step u in slot u mod 3).
+    assert cache[0]["k"].shape[2] == 3 and m.is_ring(3) and not m.is_ring(2)
     for t in range(T):
+        if t == 4:  # a denoising pass at the same t (slot 1, which held step 1): overwritten next
+            _, cache = step(m, x[:, t : t + 1] + 1.0, cache, jnp.int32(t))
         y_t, cache = step(m, x[:, t : t + 1], cache, jnp.int32(t))
         np.testing.assert_allclose(y_t[:, 0], y_full[:, t], atol=1e-5)
+    # Prefill a context longer than the ring (its last 3 steps kept), then continue: same outputs.
+    y_ctx, cache = nnx.jit(lambda m, x: m.prefill(x, max_len=100))(m, x[:, :5])
+    assert cache[0]["k"].shape[2] == 3
+    np.testing.assert_allclose(y_ctx, y_full[:, :5], atol=1e-5)
+    for t in range(5, T):
+        y_t, cache = step(m, x[:, t : t + 1], cache, jnp.int32(t))
+        np.testing.assert_allclose(y_t[:, 0], y_full[:, t], atol=1e-5)
+    # Past any max_len: a ring takes every t (no NaN guard), and step t still equals the full
+    # pass of a sequence whose last 3 steps are those the ring holds.
+    x_long = jnp.concatenate([x, x[:, ::-1]], 1)
+    y_long = forward(m, x_long)
+    cache = m.init_cache(B, max_len=4)
+    for t in range(2 * T):
+        y_t, cache = step(m, x_long[:, t : t + 1], cache, jnp.int32(t))
+        np.testing.assert_allclose(y_t[:, 0], y_long[:, t], atol=1e-5)
+    # A cache shorter than the window is not a ring: it holds steps 0 .. C - 1 only.
+    short = m.init_cache(B, max_len=2)
+    with pytest.raises(ValueError, match="does not fit a KV cache of 2 steps"):
+        m.step(x[:, :1], short, 2)
+    with pytest.raises(ValueError, match="a context of 3 steps does not fit a cache of 2"):
+        m.prefill(x[:, :3], max_len=2)
 
 
 def test_time_neighbourhood_reads_only_grid_neighbours(x):

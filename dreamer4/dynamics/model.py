@@ -128,6 +128,7 @@ class Dynamics(nnx.Module):
             num_kv_heads=cfg.num_kv_heads,
             mlp_ratio=cfg.mlp_ratio,
             time_every=cfg.time_every,
+            time_window=cfg.time_window,
             time_neighbours=time_neighbour_table(cfg, num_latents, latent_grid, cfg.time_neighbourhood)
             if cfg.time_neighbourhood
             else None,

@@ -93,13 +93,16 @@ def causal_time_mask(T: int, window: int = 0) -> np.ndarray:
     return mask_TT
 
 
-def cached_time_mask(t, max_len: int, window: int = 0):
-    """mask_1C[0, u] = u <= t (and t - u < window when window > 0): which cache slots step t reads.
+def cached_time_mask(t, cache_len: int, window: int = 0):
+    """mask_1C[0, j]: whether step t reads cache slot j, with step u kept in slot u mod C (C = cache_len).
 
-    `t` may be a traced integer (jit); slots > t hold stale or empty entries and stay masked.
+    Slot j holds step u_j = t - ((t - j) mod C), the latest step <= t written there; it is read when
+    u_j >= 0 (and t - u_j < window when window > 0). While t < C this is slot u = step u: u <= t.
+    A cache of C >= window slots is thereby a ring buffer that holds the whole window at any t.
+    `t` may be a traced integer (jit); slots of steps < 0 (never written) stay masked.
     """
-    u_C = jnp.arange(max_len)
-    mask_C = u_C <= t
+    u_C = t - jnp.mod(t - jnp.arange(cache_len), cache_len)
+    mask_C = u_C >= 0
     if window and window > 0:
         mask_C &= (t - u_C) < window
     return mask_C[None, :]

@@ -31,9 +31,15 @@ depend on inputs at steps > t.
 
 Generation: `step` runs ONE new step at index t against a KV cache that holds, for every time
 layer, the keys/values of steps < t (space layers need no cache). It writes step t's keys/values
-into slot t (calling it again at the same t overwrites that slot, which is what multi-step
+into slot t mod C (calling it again at the same t overwrites that slot, which is what multi-step
 denoising of one frame needs) and returns the same output as the full forward pass. `prefill`
 runs the full pass on a context and returns the cache filled with it.
+
+Context length (`time_window` W > 0, the paper's "context length", shorter than or equal to the
+training sequence): a time layer attends to the last W steps only. Its KV cache then needs only
+C = W slots, used as a ring buffer (step u in slot u mod W), so generation runs for any number of
+steps at a cost per step that does not grow with t; without a window the cache holds C = max_len
+steps and t < C.
 
 Residual dtype: the residual stream keeps the dtype of the input x (pass float32 tokens for a
 float32 residual with bf16 matmuls); every sub-layer output is cast to it before the add.
@@ -194,14 +200,15 @@ class Block(nnx.Module):
 
     def step(self, x_B1SD, vis_SS, cache, t):
         """One step at index t. `cache` = {"k": k_BSCGH, "v": v_BSCGH} for a time layer (None for a
-        space layer); slot t is overwritten with this step's keys/values and slots <= t are read."""
+        space layer); slot t mod C is overwritten with this step's keys/values, and the slots
+        `cached_time_mask` gives are read."""
         if self.kind == SPACE:
             return self(x_B1SD, vis_SS), cache
         B = x_B1SD.shape[0]
         C = cache["k"].shape[2]
         h_B1SD = self.attn_norm(x_B1SD)
         q_N1KH, k_N1GH, v_N1GH = self._time_qkv(h_B1SD, t0=t)
-        start = (0, 0, jnp.asarray(t, jnp.int32), 0, 0)
+        start = (0, 0, jnp.mod(jnp.asarray(t, jnp.int32), C), 0, 0)
         new = {}
         for name, a_N1GH in (("k", k_N1GH), ("v", v_N1GH)):
             a_BS1GH = rearrange(a_N1GH, "(b s) 1 g h -> b s 1 g h", b=B).astype(cache[name].dtype)
@@ -330,8 +337,18 @@ class AxialTransformer(nnx.Module):
         return self.out_norm(x_BTSD)
 
     # -- KV cache ----------------------------------------------------------------------------------
+    def cache_slots(self, max_len: int) -> int:
+        """C, the slots a cache for `max_len` steps needs: min(max_len, time_window) with a window."""
+        return min(max_len, self.time_window) if self.time_window > 0 else max_len
+
+    def is_ring(self, cache_len: int) -> bool:
+        """Whether a cache of `cache_len` slots holds the whole window at every step (a ring buffer:
+        any t); otherwise it holds steps 0 .. cache_len - 1 only."""
+        return 0 < self.time_window <= cache_len
+
     def init_cache(self, batch: int, max_len: int, num_tokens: int | None = None, dtype=None):
-        """Empty cache for up to `max_len` steps: a tuple with one {"k", "v"} (k_BSCGH) per time layer.
+        """Empty cache for `max_len` steps: a tuple with one {"k", "v"} (k_BSCGH) per time layer, of
+        C = `cache_slots(max_len)` slots (fewer than max_len with a shorter time window: a ring).
 
         `num_tokens` (S) defaults to the size of the constructor's visibility matrix; `dtype` to
         the compute dtype.
@@ -340,40 +357,48 @@ class AxialTransformer(nnx.Module):
             if self.visibility is None:
                 raise ValueError("init_cache needs num_tokens (no visibility matrix fixes S)")
             num_tokens = len(self.visibility)
-        shape = (batch, num_tokens, max_len, self.num_kv_heads, self.head_dim)
+        shape = (batch, num_tokens, self.cache_slots(max_len), self.num_kv_heads, self.head_dim)
         dt = self.dtype if dtype is None else dtype
         return tuple({"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in self.time_layers)
 
     def prefill(self, x_BTSD, max_len: int, visibility=None):
-        """Full pass over a context of T <= max_len steps; returns (y_BTSD, cache holding steps < T)."""
+        """Full pass over a context of T steps (T <= max_len, or any T with a ring cache); returns
+        (y_BTSD, cache holding steps < T: the last C of them in a ring)."""
         B, T, S, _ = x_BTSD.shape
-        if T > max_len:
+        C = self.cache_slots(max_len)
+        if T > max_len and not self.is_ring(C):
             raise ValueError(f"a context of {T} steps does not fit a cache of {max_len}")
         vis_SS = self._vis(S, visibility)
         x_BTSD = self._stream(x_BTSD)
         cache = list(self.init_cache(B, max_len, S))
+
+        def fill(empty_BSCGH, a_BSTGH):
+            a_BSTGH = a_BSTGH.astype(empty_BSCGH.dtype)
+            if T <= C:  # steps 0 .. T - 1 in slots 0 .. T - 1
+                return jax.lax.dynamic_update_slice(empty_BSCGH, a_BSTGH, (0,) * 5)
+            # a ring: the last C steps, step u in slot u mod C
+            return jnp.roll(a_BSTGH[:, :, T - C :], (T - C) % C, axis=2)
+
         j = 0
         for blk in self.blocks:
             x_BTSD, kv = blk(x_BTSD, vis_SS, return_kv=True)
             if kv is not None:
-                cache[j] = {
-                    n: jax.lax.dynamic_update_slice(cache[j][n], a.astype(cache[j][n].dtype), (0,) * 5)
-                    for n, a in zip(("k", "v"), kv)
-                }
+                cache[j] = {n: fill(cache[j][n], a) for n, a in zip(("k", "v"), kv)}
                 j += 1
         return self.out_norm(x_BTSD), tuple(cache)
 
     def step(self, x_B1SD, cache, t, visibility=None):
         """Process step t (x_B1SD) given the cache of steps < t; returns (y_B1SD, updated cache).
 
-        Equals the full pass at step t. `t` may be a traced integer under jit. The cache holds
-        max_len steps: a concrete t >= max_len raises ValueError; a traced one cannot raise, so the
-        outputs are NaN instead (never a silent overwrite of another step's slot).
+        Equals the full pass at step t. `t` may be a traced integer under jit. A ring cache
+        (`is_ring`) takes any t >= 0. Otherwise the cache holds C steps: a concrete t >= C raises
+        ValueError; a traced one cannot raise, so the outputs are NaN instead (never a silent
+        overwrite of another step's slot).
         """
         cache = tuple(cache)
         if len(cache) != len(self.time_layers):
             raise ValueError(f"the cache has {len(cache)} entries; this model has {len(self.time_layers)} time layers")
-        C = cache[0]["k"].shape[2] if cache else None
+        C = cache[0]["k"].shape[2] if cache and not self.is_ring(cache[0]["k"].shape[2]) else None
         if C is not None and not isinstance(t, jax.core.Tracer) and int(t) >= C:
             raise ValueError(f"step {int(t)} does not fit a KV cache of {C} steps")
         vis_SS = self._vis(x_B1SD.shape[2], visibility)

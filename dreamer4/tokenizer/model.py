@@ -110,6 +110,7 @@ class Tokenizer(nnx.Module):
             num_kv_heads=cfg.num_kv_heads,
             mlp_ratio=cfg.mlp_ratio,
             time_every=cfg.time_every,
+            time_window=cfg.time_window,
             logit_cap=cfg.logit_cap,
             rngs=rngs,
             dtype=dtype,
