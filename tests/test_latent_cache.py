@@ -2,6 +2,7 @@
 every training window, encoded once. They must equal what the dynamics step computes on the fly,
 survive an interrupted build, and never be read for another tokenizer or other windows."""
 
+import dataclasses
 import json
 import shutil
 
@@ -18,6 +19,7 @@ from dreamer4.data.store import DatasetError
 from dreamer4.dynamics.latent_cache import build_latent_cache, tokenizer_digest
 from dreamer4.dynamics.model import encode_frames
 from dreamer4.runtime.loading import load_tokenizer
+from dreamer4.tokenizer.model import Tokenizer
 
 # labeled_repeat > 1: records of labeled windows are listed twice and must read their original's row
 CFG = ["loader.labeled_repeat=2", "loader.window_stride=2"]
@@ -155,6 +157,11 @@ def test_another_tokenizer_or_other_windows_rebuild_or_refuse(built, dataset, tm
     leaf = nnx.state(other, nnx.Param)
     nnx.update(other, jax.tree.map(lambda a: a + 1e-3, leaf))
     assert tokenizer_digest(other) != tokenizer_digest(tok)
+    # the same weights with another context length encode otherwise: another digest too
+    narrow = Tokenizer(dataclasses.replace(tok.cfg, time_window=1), tok.frame_shape, rngs=nnx.Rngs(1))
+    nnx.update(narrow, nnx.state(tok))
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, nnx.state(narrow), nnx.state(tok))))
+    assert tokenizer_digest(narrow) != tokenizer_digest(tok)
     log = []
     build_latent_cache(other, source, out, block=3, log=log.append)
     assert "building" in log[0] and "another tokenizer or other windows" in log[0]
