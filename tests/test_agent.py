@@ -180,6 +180,35 @@ def test_evaluate_real_episodes_and_report(trained_agent):
     assert "paired over the same starting worlds" in page
 
 
+@pytest.mark.slow
+def test_one_player_acts_as_the_agent_or_as_random(trained_agent):
+    """evaluate's single player: with use_random it draws exactly random_act's actions (so the
+    paired random baseline is unchanged), without it it is agent_act; one compilation for both."""
+    from dreamer4.policy.evaluate import agent_act, agent_or_random_act, random_act
+    from dreamer4.runtime.loading import load_agent
+
+    agent, wcfg, facts = load_agent(trained_agent, "agent")
+    graphdef, weights = nnx.split(agent)
+    N, A, tau = 4, facts["num_actions"], wcfg.dynamics.context_tau
+    init, act = agent_or_random_act(graphdef, 8, tau, A)
+    pstate = init((weights, jnp.asarray(False)), N)
+    frame = jax.random.randint(jax.random.PRNGKey(1), (N, *facts["frame_shape"]), 0, 256).astype(jnp.uint8)
+    prev, key = jnp.zeros((N,), jnp.int32), jax.random.PRNGKey(7)
+    act_j = jax.jit(act)
+    refs = {
+        True: random_act(A)[1](None, pstate, key, frame, prev, 0),
+        False: agent_act(graphdef, 8, tau)[1](weights, pstate, key, frame, prev, 0),
+    }
+    for use_random, (a_ref, p_ref) in refs.items():
+        a, p = act_j((weights, jnp.asarray(use_random)), pstate, key, frame, prev, jnp.int32(0))
+        np.testing.assert_array_equal(a, a_ref)
+        for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
+            np.testing.assert_allclose(x, y, atol=1e-5)
+    # the agent wrote this step into its KV caches; the random branch left them as they were
+    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(refs[False][1]))
+    assert act_j._cache_size() == 1
+
+
 CHROMIUM = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 

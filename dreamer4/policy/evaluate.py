@@ -115,6 +115,27 @@ def random_act(num_actions: int):
     return init, act
 
 
+def agent_or_random_act(graphdef, max_steps: int, context_tau: float, num_actions: int):
+    """agent_act and random_act as one policy whose state is (agent weights, use_random): the
+    traced flag picks the branch (`lax.cond`), so one compiled player serves the agents and the
+    random baseline. The random branch draws from the same key as random_act: the same actions."""
+    init_agent, agent = agent_act(graphdef, max_steps, context_tau)
+    _, uniform = random_act(num_actions)
+
+    def init(state, N):
+        return init_agent(state[0], N)
+
+    def act(state, pstate, key, frame_NHWC, prev_N, t):
+        weights, use_random = state
+        return jax.lax.cond(
+            use_random,
+            lambda: uniform(None, pstate, key, frame_NHWC, prev_N, t),
+            lambda: agent(weights, pstate, key, frame_NHWC, prev_N, t),
+        )
+
+    return init, act
+
+
 def make_player(env, params, policy, N: int, max_steps: int, context: int = 1):
     """jit(play(state, key)) -> per-env return, achievements (N, A), length, rewards (T, N), frames of env 0,
     and the first `context` frames of every env (C, N, H, W, 3) with the actions into them (C, N)
@@ -261,23 +282,23 @@ def evaluate(run_dir, episodes: int | None = None, seed: int = 0, out_name: str 
     out.mkdir(parents=True, exist_ok=True)
 
     results: dict = {"episodes": E, "max_steps": ac.eval_max_steps, "max_return": max_return, "policies": {}}
-    # One compiled player for both agents (same graph, weights passed as an argument).
+    # One compiled player for both agents and the random baseline (same graph, weights and the
+    # use-random flag passed as arguments).
     C, H = ac.context_len, ac.horizon
-    agent_play = make_player(
+    play = make_player(
         env,
         params,
-        agent_act(nnx.graphdef(agents["imagine"][0]), ac.eval_max_steps, wcfg.dynamics.context_tau),
+        agent_or_random_act(
+            nnx.graphdef(agents["imagine"][0]), ac.eval_max_steps, wcfg.dynamics.context_tau, spec.num_actions
+        ),
         N,
         ac.eval_max_steps,
         context=C,
     )
-    random_play = make_player(env, params, random_act(spec.num_actions), N, ac.eval_max_steps, context=C)
     played = {}
     for name in ("bc", "imagine", "random"):
-        if name == "random":
-            play, state = random_play, None
-        else:
-            play, state = agent_play, nnx.state(agents[name][0])
+        weights = nnx.state(agents["imagine" if name == "random" else name][0])
+        state = (weights, jnp.asarray(name == "random"))
         print(f"[evaluate] {name}: {E} episodes in the real game ({N} at a time, cut at {ac.eval_max_steps} steps)")
         p = play_episodes(play, state, E, N, seed)
         played[name] = p
