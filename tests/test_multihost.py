@@ -189,7 +189,11 @@ def test_two_processes_equal_one_process(jobs, stage):
     ref, mp = losses(base / "ref" / stage), losses(base / "mp" / stage)
     first = list(range(1, STEPS + 1))  # (the tokenizers were continued afterwards: steps 5, 6)
     assert sorted(ref)[:STEPS] == first and sorted(mp)[:STEPS] == first
-    assert len({round(ref[s], 6) for s in first}) == STEPS  # the losses move: equality is not trivial
+    # the losses move, so equality is not trivial; the agent's first two losses are both its value
+    # loss at ~ln(num_bins) (the value head starts at zero logits and its first, warm-up update
+    # moves them by ~1e-7), so they may round alike
+    distinct = len({round(ref[s], 6) for s in first})
+    assert distinct == STEPS or (stage == "agent" and distinct == STEPS - 1), sorted(ref.items())
     if stage == "agent":
         # PMPO reads only sign(A - mean A). Here the imagined returns are ~1e-4 after the critic
         # warm-up's value-only updates, so the collectives' float rounding (1e-7; it depends on
