@@ -2,7 +2,8 @@
 
 Real game: `agent.eval_episodes` episodes per policy, `agent.eval_envs` of them at a time in
 vmapped environments, each a jitted `lax.scan` over at most `agent.eval_max_steps` steps (an
-episode still running then is cut: the KV caches hold that many steps). The agent acts from real
+episode still running then is cut; the KV caches hold that many steps, or the models' time
+window as a ring). The agent acts from real
 frames only: at step t the tokenizer encodes frame t with its KV cache (`encode_step`), the
 latents, corrupted to `dynamics.context_tau` as in imagination, and the previous action (the
 action that led into frame t; none at the reset frame) enter the transformer with its KV cache,
