@@ -46,10 +46,9 @@ def _local_state(tokenizer: nnx.Module):
     return graphdef, jax.tree.map(_local, state)
 
 
-def _digest(state, net=None) -> str:
+def _digest(net, state) -> str:
     h = hashlib.sha256()
-    if net is not None:  # the architecture: the same weights with another context encode otherwise
-        h.update(repr(net).encode())
+    h.update(repr(net).encode())  # the architecture: the same weights with another context encode otherwise
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         a = np.ascontiguousarray(jax.device_get(leaf))
         h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype};".encode())
@@ -60,7 +59,7 @@ def _digest(state, net=None) -> str:
 def tokenizer_digest(tokenizer: nnx.Module) -> str:
     """sha256 of the tokenizer's network config (e.g. its time window) and variables (paths,
     shapes, dtypes and bytes): a cache built by another tokenizer is never read."""
-    return _digest(_local_state(tokenizer)[1], tokenizer.cfg)
+    return _digest(tokenizer.cfg, _local_state(tokenizer)[1])
 
 
 def _encoder(graphdef, state, block: int):
@@ -87,7 +86,7 @@ def build_latent_cache(
     carry "latents" instead of "frames"). Call from every process."""
     cache = LatentCache(Path(latents_dir) / cache_name(source.split, source.seq_len, source.stride))
     graphdef, state = _local_state(tokenizer)
-    identity = {**source.identity(), "tokenizer": _digest(state, tokenizer.cfg)}
+    identity = {**source.identity(), "tokenizer": _digest(tokenizer.cfg, state)}
     W, T = len(source.base_windows), source.seq_len
     out = jax.eval_shape(
         lambda f: encode_frames(nnx.merge(graphdef, state), f),
