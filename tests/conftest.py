@@ -13,12 +13,20 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-# XLA's CPU backend at LLVM optimisation level 1 rather than 2: the suite's time is mostly XLA
-# compiling small programs that then run a few steps. Level 1 ran the test tokenizer's stage in
-# ~15% less CPU time and PPO's rollouts about as fast; level 0 compiled faster still but ran PPO
-# over 10x slower (BENCHMARKS.md "Test suite time"). It changes the machine code, not the HLO.
-# Subprocesses inherit it; DREAMER4_TEST_XLA_OPT=2 tests at XLA's default level instead.
-TEST_XLA_FLAGS = f"--xla_backend_optimization_level={os.environ.get('DREAMER4_TEST_XLA_OPT', '1')}"
+# XLA's CPU backend tuned for compile time: the suite's time is mostly XLA compiling small
+# programs that then run a few steps.
+# * LLVM optimisation level 1 rather than 2: the test tokenizer's stage in ~15% less CPU time and
+#   PPO's rollouts about as fast; level 0 compiled faster still but ran PPO over 10x slower.
+# * The classic (LLVM IR) emitters rather than the MLIR fusion emitters: every fusion otherwise
+#   goes through an MLIR pipeline of its own, and a 1-process job of the multi-host test's four
+#   stages took ~30% less CPU time (126 vs 179 s, BENCHMARKS.md "Test suite time").
+# They change the machine code, not the HLO; float results may differ in the last bits.
+# Subprocesses inherit them; DREAMER4_TEST_XLA_OPT=2 tests at XLA's default level instead, and
+# DREAMER4_TEST_XLA_FUSION_EMITTERS=1 with XLA's default emitters.
+TEST_XLA_FLAGS = (
+    f"--xla_backend_optimization_level={os.environ.get('DREAMER4_TEST_XLA_OPT', '1')}"
+    f" --xla_cpu_use_fusion_emitters={'true' if os.environ.get('DREAMER4_TEST_XLA_FUSION_EMITTERS') == '1' else 'false'}"
+)
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 
