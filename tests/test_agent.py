@@ -97,16 +97,16 @@ def test_imagination_rollout_shapes(trained_agent, dataset):
 
     agent, wcfg, info = load_agent(trained_agent)
     batch = next(iter(make_loader(dataset[0], agent_config(), "train", batch_size=2, seq_len=2)))
-    z = agent.world.latents(jnp.asarray(batch["frames"]))
-    roll = imagine_rollout(
+    # compiled, as training runs them (eagerly, every op would compile on its own)
+    z = nnx.jit(lambda m, f: m.world.latents(f))(agent, jnp.asarray(batch["frames"]))
+    sampling = dataclasses.replace(wcfg.dynamics.sampling, sample_steps=2)
+    roll = nnx.jit(lambda m, *a: imagine_rollout(m, *a, horizon=3, sampling=sampling))(
         agent,
         z,
         jnp.asarray(batch["actions"]),
         jnp.asarray(batch["action_mask"]),
         jnp.zeros((2,), jnp.int32),
         jax.random.PRNGKey(0),
-        horizon=3,
-        sampling=dataclasses.replace(wcfg.dynamics.sampling, sample_steps=2),
     )
     D, L, N = agent.dynamics.cfg.width, agent.dynamics.L, agent.dynamics.N
     assert roll["h"].shape == (2, 4, D) and roll["z"].shape == (2, 3, L, N) and roll["actions"].shape == (2, 3)
@@ -119,10 +119,11 @@ def test_imagination_rollout_shapes(trained_agent, dataset):
     from dreamer4.policy.train import imagine_terms
 
     cfg = agent_config()
-    r, c = imagined_reward_cont(agent, roll, z[:, -1], cfg)
+    r, c = nnx.jit(lambda m, roll, z: imagined_reward_cont(m, roll, z, cfg))(agent, roll, z[:, -1])
     assert r.shape == c.shape == (2, 4) and float(c[:, 0].min()) == 1.0 and bool(((c >= 0) & (c <= 1)).all())
+    grad = nnx.jit(nnx.grad(lambda m, on: imagine_terms(m, roll, r, c, on, cfg)[0]))  # `on` traced: one compilation
     for on in (0.0, 1.0):
-        g = nnx.grad(lambda m, on=on: imagine_terms(m, roll, r, c, on, cfg)[0])(agent)
+        g = grad(agent, jnp.float32(on))
         pol = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(nnx.state(g.policy)))
         val = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(nnx.state(g.value)))
         assert (pol > 0) == bool(on) and val > 0

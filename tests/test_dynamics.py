@@ -199,13 +199,14 @@ def test_bad_spatial_tokens(dataset, trained_tokenizer, tmp_path):
 
 
 def assert_cached_steps_equal_full_pass(m, z, tau, d, acts, mask):
-    """Step-by-step generation with the KV cache gives the full pass's outputs; returns the full pass."""
-    full = m(z, tau, d, acts, mask)
+    """Step-by-step generation with the KV cache gives the full pass's outputs; returns the full pass.
+    (Both compiled, t traced, as the sampler runs them: eagerly, every op compiles on its own.)"""
+    full = nnx.jit(lambda m, *a: m(*a))(m, z, tau, d, acts, mask)
+    step = nnx.jit(lambda m, *a: m.step(*a))
     cache, steps = m.init_cache(B, T), []
     for t in range(T):
-        y, cache = m.step(
-            z[:, t : t + 1], tau[:, t : t + 1], d[:, t : t + 1], acts[:, t : t + 1], mask[:, t : t + 1], cache, t
-        )
+        s = slice(t, t + 1)
+        y, cache = step(m, z[:, s], tau[:, s], d[:, s], acts[:, s], mask[:, s], cache, jnp.int32(t))
         steps.append(y)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
     return full
@@ -233,7 +234,7 @@ def test_space_rope_positions_and_cached_steps():
     full = assert_cached_steps_equal_full_pass(m, z, tau, d, acts, mask)
     # the rotation is really applied: moving the grid changes the output
     m2 = Dynamics(net, 12, N, A, latent_grid=(3, 4), rngs=nnx.Rngs(0))
-    assert not np.allclose(m2(z, tau, d, acts, mask), full, atol=1e-4)
+    assert not np.allclose(nnx.jit(lambda m, *a: m(*a))(m2, z, tau, d, acts, mask), full, atol=1e-4)
     with pytest.raises(ValueError, match="dynamics.space_rope.*latent_layout=patch"):
         Dynamics(net, 12, N, A, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"dynamics.spatial_tokens' \(6\).*4x3"):

@@ -173,23 +173,24 @@ def test_agent_tokens_leave_the_world_model_unchanged(agent):
 
     z, tau, d, acts, mask = _inputs(4)
     task0 = jnp.zeros(acts.shape, jnp.int32)
-    z_hat, h0 = agent(z, tau, d, acts, mask, task0)
-    np.testing.assert_allclose(z_hat, agent.dynamics(z, tau, d, acts, mask), atol=1e-5)
-    z_hat1, h1 = agent(z, tau, d, acts, mask, jnp.ones_like(task0))
+    fwd = nnx.jit(lambda m, *a: m(*a))  # one compilation for every pass below (eagerly, each op compiles)
+    z_hat, h0 = fwd(agent, z, tau, d, acts, mask, task0)
+    np.testing.assert_allclose(z_hat, fwd(agent.dynamics, z, tau, d, acts, mask), atol=1e-5)
+    z_hat1, h1 = fwd(agent, z, tau, d, acts, mask, jnp.ones_like(task0))
     np.testing.assert_array_equal(z_hat, z_hat1)  # the task never reaches the world model
     assert not np.allclose(h0, h1, atol=1e-4)  # but it does reach the agent token
     # the agent token reads past agent tokens (time layers): a task change at step 0 alone moves h_2
-    _, h2 = agent(z, tau, d, acts, mask, task0.at[:, 0].set(1))
+    _, h2 = fwd(agent, z, tau, d, acts, mask, task0.at[:, 0].set(1))
     assert not np.allclose(h2[:, 2], h0[:, 2], atol=1e-5)
     # ... and never the future: steps <= 1 are unchanged by a change at step 2
-    _, h3 = agent(z, tau, d, acts, mask, task0.at[:, 2].set(1))
+    _, h3 = fwd(agent, z, tau, d, acts, mask, task0.at[:, 2].set(1))
     np.testing.assert_allclose(h3[:, :2], h0[:, :2], atol=1e-6)
     # the agent token reads the frame: changing z_1 moves h_1
-    _, h4 = agent(z.at[:, 1].add(1.0), tau, d, acts, mask, task0)
+    _, h4 = fwd(agent, z.at[:, 1].add(1.0), tau, d, acts, mask, task0)
     assert not np.allclose(h4[:, 1], h0[:, 1], atol=1e-4)
 
     # no gradient flows from the world model's prediction into the task embedding
-    g = nnx.grad(lambda m: jnp.sum(m(z, tau, d, acts, mask, task0)[0] ** 2))(agent)
+    g = nnx.jit(nnx.grad(lambda m: jnp.sum(m(z, tau, d, acts, mask, task0)[0] ** 2)))(agent)
     assert float(jnp.abs(g.task_embed.embedding[...]).max()) == 0.0
 
 
@@ -198,12 +199,17 @@ def test_agent_kv_cache_equals_full_pass(agent):
 
     z, tau, d, acts, mask = _inputs(5)
     task = jnp.zeros(acts.shape, jnp.int32)
-    z_full, h_full = agent(z, tau, d, acts, mask, task)
-    (z_pre, h_pre), cache = agent.prefill(z[:, :2], tau[:, :2], d[:, :2], acts[:, :2], mask[:, :2], task[:, :2], T)
+    # compiled, t traced, as imagination runs them (eagerly, every op would compile on its own)
+    z_full, h_full = nnx.jit(lambda m, *a: m(*a))(agent, z, tau, d, acts, mask, task)
+    prefill = nnx.jit(lambda m, *a: m.prefill(*a, T))
+    (z_pre, h_pre), cache = prefill(agent, z[:, :2], tau[:, :2], d[:, :2], acts[:, :2], mask[:, :2], task[:, :2])
     np.testing.assert_allclose(h_pre, h_full[:, :2], atol=2e-5)
+    step = nnx.jit(lambda m, *a: m.step(*a))
     for t in range(2, T):
         s = slice(t, t + 1)
-        (z_t, h_t), cache = agent.step(z[:, s], tau[:, s], d[:, s], acts[:, s], mask[:, s], task[:, s], cache, t)
+        (z_t, h_t), cache = step(
+            agent, z[:, s], tau[:, s], d[:, s], acts[:, s], mask[:, s], task[:, s], cache, jnp.int32(t)
+        )
         np.testing.assert_allclose(h_t[:, 0], h_full[:, t], atol=2e-5)
         np.testing.assert_allclose(z_t[:, 0], z_full[:, t], atol=2e-5)
 
