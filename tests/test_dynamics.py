@@ -47,6 +47,12 @@ def dyn():
     return Dynamics(dyn_config().dynamics.net, L, N, A, rngs=nnx.Rngs(0))
 
 
+# A model's full pass and its KV-cached step, compiled (t traced), as the sampler and imagination
+# run them: eagerly, every op would compile on its own. Shared with tests/test_policy.py.
+jit_call = nnx.jit(lambda m, *a: m(*a))
+jit_step = nnx.jit(lambda m, *a: m.step(*a))
+
+
 def _inputs(seed=0):
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
     z = jax.random.normal(k[0], (B, T, L, N))
@@ -83,9 +89,8 @@ def test_kv_cache_equals_full_forward(dyn):
     z, tau, d, acts, mask = _inputs(1)
     full = dyn(z, tau, d, acts, mask)
     cache = dyn.init_cache(B, T)
-    step = nnx.jit(lambda m, *a: m.step(*a))
     for t in range(T):
-        out, cache = step(
+        out, cache = jit_step(
             dyn, z[:, t : t + 1], tau[:, t : t + 1], d[:, t : t + 1], acts[:, t : t + 1], mask[:, t : t + 1], cache, t
         )
         np.testing.assert_allclose(out[:, 0], full[:, t], atol=2e-5)
@@ -199,14 +204,13 @@ def test_bad_spatial_tokens(dataset, trained_tokenizer, tmp_path):
 
 
 def assert_cached_steps_equal_full_pass(m, z, tau, d, acts, mask):
-    """Step-by-step generation with the KV cache gives the full pass's outputs; returns the full pass.
-    (Both compiled, t traced, as the sampler runs them: eagerly, every op compiles on its own.)"""
-    full = nnx.jit(lambda m, *a: m(*a))(m, z, tau, d, acts, mask)
-    step = nnx.jit(lambda m, *a: m.step(*a))
+    """Step-by-step generation with the KV cache gives the full pass's outputs (both compiled);
+    returns the full pass."""
+    full = jit_call(m, z, tau, d, acts, mask)
     cache, steps = m.init_cache(B, T), []
     for t in range(T):
         s = slice(t, t + 1)
-        y, cache = step(m, z[:, s], tau[:, s], d[:, s], acts[:, s], mask[:, s], cache, jnp.int32(t))
+        y, cache = jit_step(m, z[:, s], tau[:, s], d[:, s], acts[:, s], mask[:, s], cache, jnp.int32(t))
         steps.append(y)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
     return full
@@ -234,7 +238,7 @@ def test_space_rope_positions_and_cached_steps():
     full = assert_cached_steps_equal_full_pass(m, z, tau, d, acts, mask)
     # the rotation is really applied: moving the grid changes the output
     m2 = Dynamics(net, 12, N, A, latent_grid=(3, 4), rngs=nnx.Rngs(0))
-    assert not np.allclose(nnx.jit(lambda m, *a: m(*a))(m2, z, tau, d, acts, mask), full, atol=1e-4)
+    assert not np.allclose(jit_call(m2, z, tau, d, acts, mask), full, atol=1e-4)
     with pytest.raises(ValueError, match="dynamics.space_rope.*latent_layout=patch"):
         Dynamics(net, 12, N, A, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"dynamics.spatial_tokens' \(6\).*4x3"):

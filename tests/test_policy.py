@@ -170,10 +170,10 @@ def test_agent_visibility():
 
 def test_agent_tokens_leave_the_world_model_unchanged(agent):
     from test_dynamics import _inputs
+    from test_dynamics import jit_call as fwd  # one compilation for every agent pass below
 
     z, tau, d, acts, mask = _inputs(4)
     task0 = jnp.zeros(acts.shape, jnp.int32)
-    fwd = nnx.jit(lambda m, *a: m(*a))  # one compilation for every pass below (eagerly, each op compiles)
     z_hat, h0 = fwd(agent, z, tau, d, acts, mask, task0)
     np.testing.assert_allclose(z_hat, fwd(agent.dynamics, z, tau, d, acts, mask), atol=1e-5)
     z_hat1, h1 = fwd(agent, z, tau, d, acts, mask, jnp.ones_like(task0))
@@ -195,19 +195,17 @@ def test_agent_tokens_leave_the_world_model_unchanged(agent):
 
 
 def test_agent_kv_cache_equals_full_pass(agent):
-    from test_dynamics import T, _inputs
+    from test_dynamics import T, _inputs, jit_call, jit_step
 
     z, tau, d, acts, mask = _inputs(5)
     task = jnp.zeros(acts.shape, jnp.int32)
-    # compiled, t traced, as imagination runs them (eagerly, every op would compile on its own)
-    z_full, h_full = nnx.jit(lambda m, *a: m(*a))(agent, z, tau, d, acts, mask, task)
+    z_full, h_full = jit_call(agent, z, tau, d, acts, mask, task)
     prefill = nnx.jit(lambda m, *a: m.prefill(*a, T))
     (z_pre, h_pre), cache = prefill(agent, z[:, :2], tau[:, :2], d[:, :2], acts[:, :2], mask[:, :2], task[:, :2])
     np.testing.assert_allclose(h_pre, h_full[:, :2], atol=2e-5)
-    step = nnx.jit(lambda m, *a: m.step(*a))
     for t in range(2, T):
         s = slice(t, t + 1)
-        (z_t, h_t), cache = step(
+        (z_t, h_t), cache = jit_step(
             agent, z[:, s], tau[:, s], d[:, s], acts[:, s], mask[:, s], task[:, s], cache, jnp.int32(t)
         )
         np.testing.assert_allclose(h_t[:, 0], h_full[:, t], atol=2e-5)
