@@ -96,6 +96,37 @@ def test_swiglu_matches_formula():
     np.testing.assert_allclose(mlp(jnp.asarray(x_np)), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_swiglu_gradients_match_numpy():
+    """The activation is recomputed in the backward pass (`jax.checkpoint`): every gradient of
+    L = sum(y * w) still equals the chain rule worked in float64 numpy,
+        a = x G, b = x U, s = sigmoid(a), h = a s b, y = h D;
+        dh = w D^T, dD = h^T w, db = dh a s, da = dh b (s + a s (1 - s)),
+        dG = x^T da, dU = x^T db, dx = da G^T + db U^T."""
+    mlp = SwiGLU(8, 12, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 3, 8))
+    G, U, D = (np.asarray(m.kernel[...], np.float64) for m in (mlp.w_gate, mlp.w_up, mlp.w_down))
+    a, b = x @ G, x @ U
+    s = 1 / (1 + np.exp(-a))
+    h = a * s * b
+    dh = w @ D.T
+    db, da = dh * a * s, dh * b * (s + a * s * (1 - s))
+    want = {
+        "x": da @ G.T + db @ U.T,
+        "w_gate": np.einsum("ntd,ntf->df", x, da),
+        "w_up": np.einsum("ntd,ntf->df", x, db),
+        "w_down": np.einsum("ntf,ntd->fd", h, w),
+    }
+
+    def loss(mlp, x):
+        return jnp.sum(mlp(x) * jnp.asarray(w, jnp.float32))
+
+    g_mlp, g_x = jax.jit(nnx.grad(loss, argnums=(0, 1)))(mlp, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(g_x, want["x"], rtol=1e-4, atol=1e-5)
+    for name in ("w_gate", "w_up", "w_down"):
+        np.testing.assert_allclose(getattr(g_mlp, name).kernel[...], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def test_rope_dot_depends_only_on_offset():
     H = 16
     q, k = rand(2, (H,)), rand(3, (H,))
