@@ -94,9 +94,18 @@ def full_plan(work: str, cache: str | None) -> dict:
             },
         ),
         # the loader needs no GPU: on CPU its grain workers cannot grab GPU memory either. 8 workers
-        # fed 9.6x the dynamics step on the first H100 lease (goal 10x); 14 is the last case, so a
-        # part killed at its budget keeps the 0 and 8 rows (each row is flushed as it ends).
-        "loader": (30, {**c, "workers": [0, 8, 14], "seconds": 3, "_env": {"JAX_PLATFORMS": "cpu"}}),
+        # fed 9.6x the dynamics step on the first H100 lease (goal 10x), reading frames; the dynamics
+        # now reads cached latents, its own case. 14 frame workers last, so a part killed at its
+        # budget keeps the rows before (each row is flushed as it ends).
+        "loader": (
+            30,
+            {
+                **c,
+                "cases": [["frames", 0], ["frames", 8], ["latents", 8], ["frames", 14]],
+                "seconds": 3,
+                "_env": {"JAX_PLATFORMS": "cpu"},
+            },
+        ),
     }
 
 
@@ -146,7 +155,15 @@ def smoke_plan(work: str, cache: str | None) -> dict:
         "collect": (150, {**c, "num_envs": [4], "chunk_steps": 16, "device_seconds": 0.2, "collect_seconds": 0.5}),
         "loader": (
             90,
-            {**c, "workers": [0, 1], "batch": [2, 4], "seconds": 0.0, "synthetic": True, "synthetic_size": [4, 16]},
+            {
+                **c,
+                "cases": [["frames", 0], ["frames", 1], ["latents", 0]],
+                "batch": [2, 4],
+                "latent_batch": [2, 4],
+                "seconds": 0.0,
+                "synthetic": True,
+                "synthetic_size": [4, 16],
+            },
         ),
     }
 
@@ -400,15 +417,17 @@ def markdown(res: dict) -> str:
     lo = parts.get("loader", {}).get("results", {})
     lines += [
         "",
-        f"## Loader (batch {lo.get('batch')}; train steps consume {lo.get('train_consumes_frames_per_s')} frames/s)",
+        f"## Loader (train steps consume {lo.get('train_consumes_frames_per_s')} frames/s; frames at batch "
+        f"{lo.get('batch')}, latents at {lo.get('latent_batch')})",
         "",
-        "| workers | frames/s | MB/s | x train step | start-up s |",
-        "|---|---|---|---|---|",
+        "| reads | workers | frames/s | MB/s | x train step (which) | start-up s |",
+        "|---|---|---|---|---|---|",
     ]
     for r in lo.get("rows", []):
+        over = f" ({r['ratio_over'].removeprefix('train_')})" if "ratio_over" in r else ""
         lines.append(
-            f"| {r['worker_count']} | {_f(r.get('frames_per_s'), '{:.0f}')} | {_f(r.get('MB_per_s'))} | "
-            f"{_f(r.get('ratio_over_train_step'), '{:.2f}')} | {_f(r.get('startup_s'))} |"
+            f"| {r.get('reads', 'frames')} | {r['worker_count']} | {_f(r.get('frames_per_s'), '{:.0f}')} | "
+            f"{_f(r.get('MB_per_s'))} | {_f(r.get('ratio_over_train_step'), '{:.2f}')}{over} | {_f(r.get('startup_s'))} |"
             + (f" {r['error'][:80]}" if "error" in r else "")
         )
     return "\n".join(lines) + "\n"
@@ -492,6 +511,9 @@ def main():
                 if ok:
                     consumed[tr] = max(r["frames_per_s"] for r in ok)
             params = {**params, "consumed_frames_per_s": consumed}
+            cached = res["parts"].get("train_dynamics", {}).get("results", {}).get("latent_cache")
+            if cached is not None:  # what the dynamics part's step read, so the loader compares alike
+                params["dynamics_latent_cache"] = cached
         left = total - (time.perf_counter() - t_start)
         budget = budget_now(base[name], left, sum(base[n] for n in wanted[i + 1 :]))
         if left < 10:

@@ -618,7 +618,31 @@ def synthetic_dataset(cfg, root: Path, videos: int, frames: int, seed: int = 0) 
     return root
 
 
+def synthetic_latent_cache(cfg, root: Path, path: Path, seq_len: int, seed: int = 0) -> Path:
+    """A latent cache of the dataset's training windows of `seq_len` steps, filled with random
+    float32 latents of the preset's shape (T x num_latents x latent_dim per window): what the
+    dynamics' loader reads when `dynamics.latent_cache` is on, without a trained tokenizer (the
+    loader checks only that the cache matches its windows)."""
+    from dreamer4.data.latents import LatentCache
+    from dreamer4.data.loader import window_source
+
+    source = window_source(root, cfg, "train", seq_len, seq_len_key="dynamics.train.seq_len")
+    tc = cfg.tokenizer
+    shape, block = (len(source.base_windows), seq_len, tc.num_latents, tc.latent_dim), 64
+    cache = LatentCache(path)
+    cache.create({**source.identity(), "tokenizer": "synthetic"}, shape, np.float32, block)
+    rng = np.random.default_rng(seed)
+    for b in range(cache.num_blocks):
+        lo, hi = cache.block_range(b)
+        cache.write_block(b, rng.standard_normal((hi - lo, *shape[1:]), dtype=np.float32))
+    return path
+
+
 def part_loader(p, rec: Recorder):
+    """Batches per second of the grain loader, per case [reads, worker_count]: "frames" at the
+    loader's batch (what the tokenizer reads, and the dynamics with dynamics.latent_cache=false),
+    "latents" at the dynamics' train batch from a latent cache of the same windows (what the
+    dynamics reads by default). Each row's ratio is over the train step that reads that way."""
     _wait_for_textures(p, rec)
     cfg = load_config(p["config"], p.get("overrides", []))
     work = Path(p["work"])
@@ -632,19 +656,36 @@ def part_loader(p, rec: Recorder):
             "as asked" if p.get("synthetic") else "the collect part committed no episodes"
         )
     rec["dataset"] = str(root.name)
-    B, T = p.get("batch") or (cfg.loader.batch_size, cfg.loader.seq_len)
-    rec["batch"] = [B, T]
+    shapes = {
+        "frames": tuple(p.get("batch") or (cfg.loader.batch_size, cfg.loader.seq_len)),
+        "latents": tuple(p.get("latent_batch") or (cfg.dynamics.train.batch_size, cfg.dynamics.train.seq_len)),
+    }
+    rec["batch"], rec["latent_batch"] = list(shapes["frames"]), list(shapes["latents"])
     consumed = p.get("consumed_frames_per_s") or {}
     rec["train_consumes_frames_per_s"] = consumed
+    # which train step reads what: the tokenizer frames; the dynamics latents unless its part ran
+    # with dynamics.latent_cache=false
+    dyn_reads = "latents" if p.get("dynamics_latent_cache", cfg.dynamics.latent_cache) else "frames"
+    readers = {"frames": ["train_tokenizer"] + (["train_dynamics"] if dyn_reads == "frames" else []), "latents": []}
+    readers[dyn_reads] = sorted(set(readers[dyn_reads]) | {"train_dynamics"})
     rows = []
     rec["rows"] = rows
-    for workers in p["workers"]:
-        row = {"worker_count": workers}
+    latents_path = None
+    for reads, workers in p["cases"]:
+        row = {"reads": reads, "worker_count": workers}
         rows.append(row)
         try:
+            B, T = shapes[reads]
+            kw = {}
+            if reads == "latents":
+                if latents_path is None:
+                    t0 = time.perf_counter()
+                    latents_path = synthetic_latent_cache(cfg, root, work / "synthetic_latents", T)
+                    rec["latent_cache_note"] = f"random latents, {time.perf_counter() - t0:.1f} s to write"
+                kw["latents"] = latents_path
             c = replace(cfg, loader=replace(cfg.loader, worker_count=workers))
             t0 = time.perf_counter()
-            it = iter(make_loader(root, c, batch_size=B, seq_len=T))
+            it = iter(make_loader(root, c, batch_size=B, seq_len=T, **kw))
             next(it)
             row["startup_s"] = time.perf_counter() - t0
             n, nbytes, t0 = 0, 0, time.perf_counter()
@@ -653,9 +694,11 @@ def part_loader(p, rec: Recorder):
                 nbytes += sum(v.nbytes for v in b.values())
                 n += 1
             dt = time.perf_counter() - t0
-            row.update({"batches": n, "frames_per_s": n * B * T / dt, "MB_per_s": nbytes / dt / 1e6})
-            if consumed:
-                row["ratio_over_train_step"] = row["frames_per_s"] / max(consumed.values())
+            row.update({"batch": [B, T], "batches": n, "frames_per_s": n * B * T / dt, "MB_per_s": nbytes / dt / 1e6})
+            fed = {k: v for k, v in consumed.items() if k in readers[reads]}
+            if fed:
+                row["ratio_over_train_step"] = row["frames_per_s"] / max(fed.values())
+                row["ratio_over"] = max(fed, key=fed.get)
             del it
         except Exception as e:  # noqa: BLE001
             row["error"] = _error(e)
