@@ -185,8 +185,13 @@ def table(label: str, s: dict) -> list[str]:
     return lines
 
 
-def compile_for_h100(stage: str, batch: int, seq_len: int, overrides: list[str], config: str) -> tuple[str, float]:
-    """(optimized HLO text, compile seconds) of the real train step, compiled for an H100 here."""
+def compile_for_h100(
+    stage: str, batch: int, seq_len: int, overrides: list[str], config: str
+) -> tuple[str, float, dict]:
+    """(optimized HLO text, compile seconds, XLA's buffer sizes in bytes) of the real train step,
+    compiled for an H100 here. The buffer sizes (`memory_analysis`: arguments, outputs, aliased,
+    temporaries) are XLA's own plan for the device; their sum less the aliased bytes approximates
+    the step's peak device memory."""
     import jax
     import numpy as np
     import train_step as bench
@@ -217,8 +222,12 @@ def compile_for_h100(stage: str, batch: int, seq_len: int, overrides: list[str],
     key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
     step = compile_train_step(graphdef, loss_fn, shardings, mesh, TRAINABLE[stage])
     t0 = time.perf_counter()
-    text = step.lower(abstract, batch_abs, key).compile().as_text()
-    return text, time.perf_counter() - t0
+    compiled = step.lower(abstract, batch_abs, key).compile()
+    secs = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    fields = ("argument", "output", "alias", "temp")
+    mem = {f: int(getattr(ma, f"{f}_size_in_bytes", 0)) for f in fields} if ma is not None else {}
+    return compiled.as_text(), secs, mem
 
 
 def main(argv=None):
@@ -253,7 +262,7 @@ def main(argv=None):
             tc = cfg.tokenizer.train if stage == "tokenizer" else cfg.dynamics.train
             b, t = args.batch or tc.batch_size, args.seq_len or tc.seq_len
             print(f"compiling the {stage} step (batch {b} x {t}) for an H100 ...", flush=True)
-            text, secs = compile_for_h100(stage, b, t, args.overrides, args.config)
+            text, secs, mem = compile_for_h100(stage, b, t, args.overrides, args.config)
             if args.hlo_dir:
                 Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
                 (Path(args.hlo_dir) / f"hlo_{stage}_b{b}.txt.gz").write_bytes(gzip.compress(text.encode(), 6))
@@ -263,8 +272,15 @@ def main(argv=None):
                 "batch": b,
                 "seq_len": t,
                 "compile_s": secs,
+                "buffers_bytes": mem,
                 **summarize(kernels(text), args.top),
             }
+            if mem:
+                peak = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+                print(
+                    f"XLA's buffers: temporaries {mem['temp'] / 2**30:.2f} GiB, arguments {mem['argument'] / 2**30:.2f} "
+                    f"GiB (peak about {peak / 2**30:.2f} GiB)"
+                )
     for label, s in results.items():
         print("\n".join(table(label, s)) + "\n")
     Path(args.out).write_text(json.dumps({"overrides": args.overrides, "results": results}, indent=1))
