@@ -639,7 +639,7 @@ def synthetic_latent_cache(cfg, root: Path, path: Path, seq_len: int, seed: int 
 
 
 def part_loader(p, rec: Recorder):
-    """Batches per second of the grain loader, per case [reads, worker_count]: "frames" at the
+    """Frames per second of the grain loader, per case [reads, worker_count]: "frames" at the
     loader's batch (what the tokenizer reads, and the dynamics with dynamics.latent_cache=false),
     "latents" at the dynamics' train batch from a latent cache of the same windows (what the
     dynamics reads by default). Each row's ratio is over the train step that reads that way."""
@@ -665,9 +665,8 @@ def part_loader(p, rec: Recorder):
     rec["train_consumes_frames_per_s"] = consumed
     # which train step reads what: the tokenizer frames; the dynamics latents unless its part ran
     # with dynamics.latent_cache=false
-    dyn_reads = "latents" if p.get("dynamics_latent_cache", cfg.dynamics.latent_cache) else "frames"
-    readers = {"frames": ["train_tokenizer"] + (["train_dynamics"] if dyn_reads == "frames" else []), "latents": []}
-    readers[dyn_reads] = sorted(set(readers[dyn_reads]) | {"train_dynamics"})
+    readers = {"frames": {"train_tokenizer"}, "latents": set()}
+    readers["latents" if p.get("dynamics_latent_cache", cfg.dynamics.latent_cache) else "frames"].add("train_dynamics")
     rows = []
     rec["rows"] = rows
     latents_path = None
