@@ -368,6 +368,36 @@ def test_pallas_attention_falls_back_where_the_kernels_do_not_apply():
         fused_module.fused_attention(q, k, k, np.ones((3, 4), bool))
 
 
+def test_auto_attention_runs_the_fused_kernels_for_capped_gpu_shapes(monkeypatch):
+    """On one GPU with bf16 inputs, "auto" sends soft-capped attention of >= 16 queries to the fused
+    kernels (the shapes timed on a device) and keeps the einsum reference for a single cached
+    query, a bias, uncapped logits (cuDNN's turn), float32 and a multi-device job. On this CPU it
+    never picks them."""
+    q, k = rand(1, (2, 16, 4, 16), jnp.bfloat16), rand(2, (2, 16, 2, 16), jnp.bfloat16)
+    assert not attention_module._gpu_half(q, k, k)  # CPU backend: "auto" stays off the kernels here
+    monkeypatch.setattr(attention_module, "_gpu_half", lambda q, k, v: q.dtype == jnp.bfloat16)
+    calls = []
+    kernel = fused_module.fused_attention
+    monkeypatch.setattr(fused_module, "fused_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    mask = causal_time_mask(16)
+
+    def auto(q, k, cap=5.0, mask=mask, bias=None):
+        calls.clear()
+        out = dot_product_attention(q, k, k, mask, cap, implementation="auto", bias_NQKM=bias)
+        return np.asarray(out, np.float32), len(calls)
+
+    out, n = auto(q, k)
+    assert n == 1
+    ref = dot_product_attention(q, k, k, mask, 5.0, implementation="einsum")
+    np.testing.assert_allclose(out, np.asarray(ref, np.float32), atol=2e-2)
+    assert auto(q[:, :1], k, mask=cached_time_mask(3, 16))[1] == 0  # one cached query
+    assert auto(q, k, bias=rand(3, (2, 16, 4, 16)))[1] == 0
+    assert auto(q, k, cap=0.0)[1] == 0  # uncapped: cuDNN is tried (refused on CPU), then einsum
+    assert auto(q.astype(jnp.float32), k.astype(jnp.float32))[1] == 0
+    monkeypatch.setattr(attention_module, "_one_device", lambda: False)  # no SPMD rule for the kernels
+    assert auto(q, k)[1] == 0
+
+
 def test_transformer_with_pallas_attention_equals_einsum(monkeypatch):
     """DREAMER4_ATTENTION=pallas switches every layer (space with the agent-token mask, causal time,
     the cached step) to the fused kernels: same outputs and gradients as the reference."""

@@ -25,9 +25,15 @@ Attention kernels (`dot_product_attention(..., implementation=)`; default: the m
             (GPU, bf16/fp16, head width a multiple of 8 up to 128; raises otherwise);
   "pallas"  `fused_attention`: soft-capped GQA as one Pallas (Triton) kernel per sequence and head,
             forward and backward (GPU; elsewhere Pallas' interpreter, for tests); sequences up to
-            256, no bias: other calls run "einsum". Opt-in until a GPU run has timed it;
-  "auto"    "cudnn" on a GPU backend for bf16/fp16 inputs whose shapes it takes, else "einsum".
-jax.nn's kernels cannot soft-cap logits: with logit_cap > 0 every choice but "pallas" runs "einsum".
+            256, no bias: other calls run "einsum";
+  "auto"    on a GPU backend with bf16/fp16 inputs: soft-capped logits run "pallas" in a
+            one-device job where the kernels take the shapes and there are at least 16 queries
+            (one block of rows), other logits "cudnn" where it takes them; all else "einsum".
+jax.nn's kernels cannot soft-cap logits: with logit_cap > 0 every choice but "pallas" and "auto"
+(as above) runs "einsum". Why "auto" picks "pallas" for capped training shapes: on an H200 (third
+lease, BENCHMARKS.md) it took 6-8% off the classic tokenizer and dynamics steps and 16% off the
+tokenizer's peak memory, and matched the einsum reference at bf16 resolution. Single-query
+cached steps keep "einsum": the kernels were not timed there.
 """
 
 from __future__ import annotations
@@ -109,16 +115,35 @@ def cached_time_mask(t, cache_len: int, window: int = 0):
 
 
 # -- attention -------------------------------------------------------------------------------------
-def _cudnn_takes(q_NQKH, k_NMGH, v_NMGH) -> bool:
-    """Whether cuDNN flash attention (through jax.nn) is worth trying: a GPU backend, half-precision
-    inputs of one dtype and a head width it supports."""
-    H = q_NQKH.shape[-1]
+def _gpu_half(q_NQKH, k_NMGH, v_NMGH) -> bool:
+    """A GPU backend and half-precision inputs of one dtype: where "auto" tries a fused kernel."""
     return (
         jax.default_backend() in ("gpu", "cuda")
         and q_NQKH.dtype == k_NMGH.dtype == v_NMGH.dtype
         and q_NQKH.dtype in (jnp.bfloat16, jnp.float16)
-        and H % 8 == 0
-        and H <= 128
+    )
+
+
+def _cudnn_takes(q_NQKH, k_NMGH, v_NMGH) -> bool:
+    """Whether cuDNN flash attention (through jax.nn) is worth trying: `_gpu_half` and a head width
+    it supports."""
+    H = q_NQKH.shape[-1]
+    return _gpu_half(q_NQKH, k_NMGH, v_NMGH) and H % 8 == 0 and H <= 128
+
+
+def _one_device() -> bool:
+    """A one-device job: a Pallas call has no SPMD partitioning rule (nor a shard_map wrapper yet)."""
+    return jax.device_count() == 1
+
+
+def _pallas_takes(q_NQKH, k_NMGH, v_NMGH) -> bool:
+    """Whether "auto" runs the fused soft-capped kernels: `_gpu_half`, a one-device job, shapes they
+    take, and at least one full block of 16 queries (the shapes timed on a device; module doc)."""
+    return (
+        _gpu_half(q_NQKH, k_NMGH, v_NMGH)
+        and _one_device()
+        and q_NQKH.shape[1] >= 16
+        and fused.supported(q_NQKH, k_NMGH)
     )
 
 
@@ -171,7 +196,7 @@ def dot_product_attention(
     added after the cap, or None. Returns out_NQKH in v's dtype.
     `implementation` ("auto" | "einsum" | "xla" | "cudnn" | "pallas", None = the module's
     IMPLEMENTATION) picks the kernel (module doc); with a bias the einsum reference always runs,
-    and with a soft-cap it does unless "pallas" takes the shapes.
+    and with a soft-cap it does unless "pallas" (or "auto" on a GPU) takes the shapes.
     """
     K = q_NQKH.shape[-2]
     G = k_NMGH.shape[-2]
@@ -180,11 +205,14 @@ def dot_product_attention(
     impl = IMPLEMENTATION if implementation is None else implementation
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r}: expected one of {IMPLEMENTATIONS}")
+    capped = bool(logit_cap and logit_cap > 0)
+    if impl == "auto" and capped and bias_NQKM is None and _pallas_takes(q_NQKH, k_NMGH, v_NMGH):
+        impl = "pallas"
     if impl == "pallas":
         if bias_NQKM is None and fused.supported(q_NQKH, k_NMGH):
             return fused.fused_attention(q_NQKH, k_NMGH, v_NMGH, mask, logit_cap)
         impl = "einsum"
-    if (logit_cap and logit_cap > 0) or bias_NQKM is not None:
+    if capped or bias_NQKM is not None:
         impl = "einsum"
     if impl == "auto":
         if _cudnn_takes(q_NQKH, k_NMGH, v_NMGH):
