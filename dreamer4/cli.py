@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -337,7 +338,20 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:  # every process of a training job stops at the same step: one says so
         if is_main_process() or e.what.startswith("collect"):
             print(str(e), file=sys.stderr, flush=True)
+        _mark_preempted(os.environ.get("DREAMER4_PREEMPT_MARK"), e)
         return EXIT_PREEMPTED
+
+
+def _mark_preempted(path: str | None, e: Preempted) -> None:
+    """Tell slurm/launch.sh that this task stopped with everything saved (it sets the path). srun
+    kills a job step's other tasks once one exits 75, so their exit codes cannot say it."""
+    if not path:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(f"{e}\n")
+    except OSError as err:  # the exit code still says 75; only a multi-task requeue may be missed
+        print(f"warning: could not write the preemption mark {path}: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

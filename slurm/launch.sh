@@ -28,7 +28,9 @@
 # forwarded to the step (srun passes it to every task; SIGINT as SIGTERM). The dreamer4 processes
 # agree on a step, checkpoint it and exit with 75 (runtime/preempt.py). Then:
 #   * after SIGUSR1 (the time limit is near) the job requeues itself (`scontrol requeue`) unless the
-#     step failed, and the rerun (same job id, SLURM_RESTART_COUNT + 1) resumes from the checkpoint;
+#     step failed, and the rerun (same job id, SLURM_RESTART_COUNT + 1) resumes from the checkpoint
+#     (a task that saved writes $RUN/.preempted-job<id>: srun kills the other tasks once one exits
+#     75, so the step's own status may be theirs; the mark makes it count as 75);
 #     a later stage of the script is not started (a step that finished anyway returns normally, and
 #     the requeue happens where the next stage would have started);
 #   * after SIGTERM or SIGINT (scancel, preemption) the script stops with 75 and does not requeue
@@ -69,6 +71,11 @@ echo "dreamer4 on $NODES node(s) x $GPUS_PER_NODE GPU(s), one process per $PROCE
      "($(( NODES * TASKS_PER_NODE )) processes), fsdp=$FSDP, run $RUN"
 
 EXIT_PREEMPTED=75          # a stage stopped by a signal after saving everything (runtime/preempt.py)
+# A task that stopped on a signal with everything saved writes this file (dreamer4/cli.py) before it
+# exits 75. srun's --kill-on-bad-exit then kills the other tasks, which may not have exited 75 yet,
+# so the step's status alone does not tell whether the checkpoint was saved. On the shared run dir.
+export DREAMER4_PREEMPT_MARK
+DREAMER4_PREEMPT_MARK="$(case "$RUN" in /*) echo "$RUN" ;; *) echo "$PWD/$RUN" ;; esac)/.preempted-job${SLURM_JOB_ID:-none}"
 _D4_SIGNAL=""              # the first signal this shell received
 _D4_STEP_PID=""            # the srun step running now
 _D4_FORWARDED=""           # whether the signal has reached the running step
@@ -90,9 +97,15 @@ trap '_d4_on_signal TERM' TERM
 trap '_d4_on_signal INT' INT
 
 # After a signal: requeue (SIGUSR1, the time limit is near) and end the script with 75. $1: the
-# step's exit code (0: no step was running, or it had finished).
+# step's exit code (0: no step was running, or it had finished). A step whose status is neither 0
+# nor 75 counts as stopped with everything saved when a task wrote the mark (above).
 _d4_stop() {
   local rc="$1"
+  if [ "$rc" != 0 ] && [ "$rc" != "$EXIT_PREEMPTED" ] && [ -e "$DREAMER4_PREEMPT_MARK" ]; then
+    echo "launch.sh: the step ended with status $rc after a task reported its checkpoint saved" \
+         "(srun stops the other tasks once one exits 75); taken as stopped with everything saved" >&2
+    rc="$EXIT_PREEMPTED"
+  fi
   if [ "$_D4_SIGNAL" = USR1 ] && { [ "$rc" = 0 ] || [ "$rc" = "$EXIT_PREEMPTED" ]; } && [ -n "${SLURM_JOB_ID:-}" ]; then
     echo "launch.sh: requeueing job $SLURM_JOB_ID before its time limit; the rerun resumes from the checkpoint" >&2
     scontrol requeue "$SLURM_JOB_ID" \
@@ -106,6 +119,7 @@ _d4_stop() {
 # is then resumed); the step's exit code is returned, or the script stops after a signal.
 _d4_step() {
   [ -z "$_D4_SIGNAL" ] || _d4_stop 0   # a signal came between steps: do not start another stage
+  rm -f "$DREAMER4_PREEMPT_MARK"       # an earlier step's (or run's) mark says nothing about this one
   "$@" &
   _D4_STEP_PID=$!
   # A signal handled between the fork and the line above found no step to pass it to (the step

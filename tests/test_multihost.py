@@ -424,13 +424,18 @@ def _fake_slurm_bin(tmp_path: Path) -> tuple[Path, Path]:
     return bindir, record
 
 
-def _start_with_fake_slurm(tmp_path: Path, script: Path) -> tuple[Path, subprocess.Popen]:
-    """Start `bash SCRIPT` with the fake srun/scontrol first on PATH; returns once srun runs."""
+def _start_with_fake_slurm(tmp_path: Path, script: Path, srun_on_signal: str = "") -> tuple[Path, subprocess.Popen]:
+    """Start `bash SCRIPT` with the fake srun/scontrol first on PATH; returns once srun runs.
+    `srun_on_signal`: shell code the fake srun runs on a signal instead of `exit 75`."""
     import time
 
     bindir, record = _fake_slurm_bin(tmp_path)
+    if srun_on_signal:
+        srun = bindir / "srun"
+        srun.write_text(srun.read_text().replace("trap 'exit 75' USR1 TERM", f"trap '{srun_on_signal}' USR1 TERM"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "DREAMER4_"))}
     env.update(PATH=f"{bindir}:{env['PATH']}", SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="777", HOME=str(tmp_path))
+    env["RUN"] = str(tmp_path / "run")  # where launch.sh's preemption mark goes (not the repository)
     p = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20
     while not (record.exists() and "srun" in record.read_text()):
@@ -478,6 +483,57 @@ def test_launch_keeps_the_steps_exit_code_when_the_step_ends_before_it_is_checke
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=20)[1]
     assert p.returncode == 75 and "not reached" not in err, (p.returncode, err)
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_launch_requeues_when_a_task_saved_though_srun_killed_the_others(tmp_path, saved):
+    """A real-Slurm run (tests/test_slurm.py) failed once: after SIGUSR1 both tasks saved their
+    checkpoint, task 1 exited 75, and srun's --kill-on-bad-exit killed task 0 before it exited 75,
+    so the step's status was neither 0 nor 75 and launch.sh did not requeue. A task that saved now
+    writes launch.sh's mark (dreamer4/cli.py), which counts as the step's 75. Without the mark a
+    status of 143 is still a failed step: no requeue, the status passed on."""
+    import signal
+
+    mark_then = (
+        'mkdir -p "$(dirname "$DREAMER4_PREEMPT_MARK")"; echo saved > "$DREAMER4_PREEMPT_MARK"; ' if saved else ""
+    )
+    record, p = _start_with_fake_slurm(tmp_path, SLURM / "pipeline.sbatch", f"{mark_then}exit 143")
+    p.send_signal(signal.SIGUSR1)
+    err = p.communicate(timeout=20)[1]
+    calls = record.read_text().splitlines()
+    assert len([c for c in calls if c.startswith("srun")]) == 1
+    if saved:
+        assert p.returncode == 75, err
+        assert "ended with status 143 after a task reported its checkpoint saved" in err
+        assert calls[-1] == "scontrol requeue 777" and "requeueing job 777" in err
+        assert (tmp_path / "run" / ".preempted-job777").read_text() == "saved\n"
+    else:
+        assert p.returncode == 143, err
+        assert not [c for c in calls if c.startswith("scontrol")]
+
+
+def test_a_preempted_command_writes_the_launchers_mark(tmp_path, monkeypatch):
+    """`dreamer4 ...` stopped by a signal with everything saved exits 75 and, where slurm/launch.sh
+    set DREAMER4_PREEMPT_MARK, writes that file first (its directory created); other exits do not."""
+    from dreamer4 import cli
+    from dreamer4.runtime.preempt import Preempted
+
+    def stop(args):
+        raise Preempted("tokenizer", "SIGUSR1", step=4, saved="checkpoint 4 saved")
+
+    commands = (
+        cli.Command("stops", "raises Preempted", lambda p: None, stop, preemptible=True),
+        cli.Command("fails", "exits 2", lambda p: None, lambda a: 2, preemptible=True),
+    )
+    monkeypatch.setattr(cli, "COMMANDS", commands)
+    mark = tmp_path / "run" / ".preempted-job1"
+    monkeypatch.setenv("DREAMER4_PREEMPT_MARK", str(mark))
+    assert cli.main(["fails"]) == 2 and not mark.exists()
+    assert cli.main(["stops"]) == 75
+    assert "[tokenizer] stopped by SIGUSR1 at step 4; checkpoint 4 saved" in mark.read_text()
+    monkeypatch.delenv("DREAMER4_PREEMPT_MARK")
+    mark.unlink()
+    assert cli.main(["stops"]) == 75 and not mark.exists()  # outside launch.sh: no file
 
 
 def test_sbatch_scripts_ask_for_a_warning_and_requeue():
