@@ -135,6 +135,7 @@ def wrap_collect_components(timers: Timers) -> Timers:
     timers.wrap(collect_mod.store, "write_shard", "store.write_shard (zstd + files + sha256)")
     timers.wrap(collect_mod.CollectorState, "encode", "CollectorState.encode (resume state)")
     timers.wrap(collect_mod.CollectorState, "save", "CollectorState.save (write state file)")
+    timers.wrap(collect_mod, "concat_rows", "concat_rows (join a shard's pieces)")
     return timers
 
 
@@ -182,7 +183,10 @@ def run(cfg, seconds: float, mean_len: float, frames_from: str | None, chunks: i
         "steps_per_cpu_s": n_chunks * N * T / cpu,
         "steady_steps_per_s": summary["steady_steps_per_s"],
         "share_of_h100_device_only": summary["steady_steps_per_s"] / H100_DEVICE_ONLY_STEPS_PER_S,
-        "ms_per_chunk": {k: 1e3 * v / n_chunks for k, v in timers.s.items()},
+        "ms_per_chunk": {
+            **{k: 1e3 * v / n_chunks for k, v in timers.s.items()},
+            **{f"collect.{k}": 1e3 * v / n_chunks for k, v in summary.get("host_s", {}).items()},
+        },
         "calls": dict(timers.n),
         "bytes_on_disk": disk,
     }

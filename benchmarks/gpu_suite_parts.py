@@ -555,7 +555,11 @@ def part_collect(p, rec: Recorder):
                     "host_cpus": os.cpu_count(),
                     "host_cpu_s_per_chunk": cpu / n_chunks,
                     "host_cores_busy": cpu / wall,
-                    "host_ms_per_chunk": {k: 1e3 * v / n_chunks for k, v in timers.s.items()},
+                    "host_ms_per_chunk": {
+                        **{k: 1e3 * v / n_chunks for k, v in timers.s.items()},
+                        # collect's own account: which thread waits for which (data/collect.py)
+                        **{f"collect.{k}": 1e3 * v / n_chunks for k, v in (summary.get("host_s") or {}).items()},
+                    },
                     "collect_steady_steps_per_s": steady,
                     "collect_wall_s": wall,
                     "collect_steps": summary.get("new_steps"),

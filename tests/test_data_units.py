@@ -221,6 +221,41 @@ def test_concat_rows_in_threads_equals_numpy_concatenate():
         concat_rows([np.zeros((2, 2)), np.zeros((2, 3))], min_bytes=0)
 
 
+def test_row_buffers_reuse_one_array_per_field():
+    """A commit joins each field's pieces into that field's reused array: equal to numpy's
+    concatenate, the same memory at the next commit of no more rows, a larger array for more,
+    never another field's array (bool flags share a row shape and dtype)."""
+    from dreamer4.data.collect import RowBuffers, concat_rows
+
+    rng = np.random.default_rng(2)
+    bufs = RowBuffers()
+
+    def parts(n_parts, dtype=np.uint8):
+        return [rng.integers(0, 2, (int(n), 3, 2)).astype(dtype) for n in rng.integers(1, 9, n_parts)]
+
+    p1, q1 = parts(40), parts(40, bool)
+    a1, f1 = bufs.join("frame", p1), bufs.join("is_first", q1)
+    np.testing.assert_array_equal(a1, np.concatenate(p1))
+    np.testing.assert_array_equal(f1, np.concatenate(q1))
+    first_rows = len(a1)
+    g1 = bufs.join("is_last", q1[:5])
+    assert not np.shares_memory(g1, f1)  # same row shape and dtype, another field
+    p2 = [x for x in p1 if len(x) < 5]  # fewer rows: the same memory again
+    a2 = bufs.join("frame", p2)
+    assert len(a2) < first_rows and np.shares_memory(a2, a1)
+    np.testing.assert_array_equal(a2, np.concatenate(p2))
+    p3 = p1 + p1  # more rows than the capacity (1.25x the first): a new array
+    a3 = bufs.join("frame", p3)
+    assert not np.shares_memory(a3, a1)
+    np.testing.assert_array_equal(a3, np.concatenate(p3))
+    # the threaded path into a given array, and a wrong one refused by name
+    out = np.empty((sum(len(x) for x in p1), 3, 2), np.uint8)
+    assert concat_rows(p1, min_bytes=0, out=out) is out
+    np.testing.assert_array_equal(out, np.concatenate(p1))
+    with pytest.raises(ValueError, match="concat_rows: out is"):
+        concat_rows(p1, min_bytes=0, out=out[1:])
+
+
 def test_strong_types_keeps_dtypes_and_drops_weak_types():
     import jax
     import jax.numpy as jnp

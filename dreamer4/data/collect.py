@@ -204,6 +204,14 @@ def _copy_tails(rows_TN: dict[str, np.ndarray], tails: list[tuple[int, int]]) ->
     return [piece for out in _in_thread_batches(copy, tails, workers, "collect-tails") for piece in out]
 
 
+def _with_host_copy(out):
+    """`out` (a chunk's (carry, rows)), its rows' copy to the host started (no-op where there is none)."""
+    for leaf in jax.tree.leaves(out[1]):
+        if hasattr(leaf, "copy_to_host_async"):
+            leaf.copy_to_host_async()
+    return out
+
+
 def _copy_threads() -> int:
     """Threads for the host's large copies (numpy releases the GIL while copying)."""
     return min(os.cpu_count() or 1, 16)
@@ -217,11 +225,12 @@ def _in_thread_batches(fn, items, workers: int, name: str) -> list:
         return list(pool.map(fn, [items[i : i + size] for i in range(0, len(items), size)]))
 
 
-def concat_rows(parts: list[np.ndarray], min_bytes: int = 64 * 2**20) -> np.ndarray:
+def concat_rows(parts: list[np.ndarray], min_bytes: int = 64 * 2**20, out: np.ndarray | None = None) -> np.ndarray:
     """np.concatenate(parts) along rows. From `min_bytes` on, the parts are copied into the result
     in parallel threads (numpy releases the GIL while copying): a 1,024-env shard's frames are
     1.6 GB, and on the commit thread one core copying them (page faults included) took 0.6-2.7 s
-    per chunk, as long as a GPU takes to step 100,000+ env steps."""
+    per chunk, as long as a GPU takes to step 100,000+ env steps. `out`: the result's array (all
+    the rows, the parts' row shape and dtype), e.g. a reused one (`RowBuffers`)."""
     workers = _copy_threads()
     shape, dtype = parts[0].shape[1:], parts[0].dtype
     if (
@@ -230,9 +239,12 @@ def concat_rows(parts: list[np.ndarray], min_bytes: int = 64 * 2**20) -> np.ndar
         or sum(p.nbytes for p in parts) < min_bytes
         or any(p.shape[1:] != shape or p.dtype != dtype for p in parts)
     ):
-        return np.concatenate(parts)
+        return np.concatenate(parts, out=out)
     ends = np.cumsum([len(p) for p in parts])
-    out = np.empty((int(ends[-1]), *shape), dtype)
+    if out is None:
+        out = np.empty((int(ends[-1]), *shape), dtype)
+    elif out.shape != (int(ends[-1]), *shape) or out.dtype != dtype:
+        raise ValueError(f"concat_rows: out is {out.dtype}{out.shape}, the parts need {dtype}{(int(ends[-1]), *shape)}")
 
     def copy(batch: range) -> None:
         for i in batch:
@@ -240,6 +252,24 @@ def concat_rows(parts: list[np.ndarray], min_bytes: int = 64 * 2**20) -> np.ndar
 
     _in_thread_batches(copy, range(len(parts)), workers, "collect-join")
     return out
+
+
+class RowBuffers:
+    """One reused array per field that a commit joins the shard's pieces into (`concat_rows(out=)`).
+    A fresh 1.6 GB array per 1,024-env shard pays its page faults at every commit: joining the
+    same pieces into a fresh array took 0.13-1.7 s on a 2-core VM, into a reused one 0.07-0.10 s
+    (BENCHMARKS.md, "Collection on a GPU host"). A view stays valid until the next `join` of its
+    field; capacity grows to a quarter beyond the largest request."""
+
+    def __init__(self):
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def join(self, field: str, parts: list[np.ndarray]) -> np.ndarray:
+        rows, shape, dtype = sum(len(p) for p in parts), parts[0].shape[1:], parts[0].dtype
+        a = self._arrays.get(field)
+        if a is None or len(a) < rows or a.shape[1:] != shape or a.dtype != dtype:
+            a = self._arrays[field] = np.empty((rows + rows // 4, *shape), dtype)
+        return concat_rows(parts, out=a[:rows])
 
 
 def join_pieces(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -607,6 +637,8 @@ def _collect(
     eval_u, label_u = _offsets(cfg.seed, writer)
     train_done = sum(1 for s in mine for e in s["episodes"] if e["split"] == "train")
     pending: list[dict] = []
+    # wall seconds: the collecting thread getting rows / waiting for commits; the commit thread
+    host_s = {"rows_to_host": 0.0, "waiting_for_commits": 0.0, "commits": 0.0}
     steps_new = 0
     bytes_new = 0
     t0 = time.time()
@@ -615,10 +647,18 @@ def _collect(
     def commit(carry_after, partial: list[list[dict]], episodes: list[dict], final: bool) -> None:
         """Write `episodes` as the next shard, the resume state (carry_after, partial), then the
         manifest entry: the commit. Runs on the committer thread, one commit at a time, in order."""
+        t_commit = time.perf_counter()
+        try:
+            _commit(carry_after, partial, episodes, final)
+        finally:
+            host_s["commits"] += time.perf_counter() - t_commit
+
+    def _commit(carry_after, partial: list[list[dict]], episodes: list[dict], final: bool) -> None:
         nonlocal shards_done, episodes_done, train_done, bytes_new
         name = store.shard_name(writer, shards_done)
-        # each episode is its list of pieces: one copy, straight into the shard's arrays
-        arrays = {k: concat_rows([p[k] for ep in episodes for p in ep]) for k in ROW_FIELDS}
+        # each episode is its list of pieces: one copy, straight into the shard's arrays (reused:
+        # commits run one at a time, and write_shard has finished with them when it returns)
+        arrays = {k: row_buffers.join(k, [p[k] for ep in episodes for p in ep]) for k in ROW_FIELDS}
         eps, start = [], 0
         for ep in episodes:
             n = episodes_done + len(eps)
@@ -693,13 +733,18 @@ def _collect(
     # snapshots what it saves (the carry after chunk k and the partial rows as they were then), so
     # the result is the same as committing inline.
     committer = ThreadPoolExecutor(1, thread_name_prefix=f"collect-w{writer}-commit")
+    row_buffers = RowBuffers()  # the commit thread's alone
     in_flight = None
 
     def wait_commit() -> None:
         nonlocal in_flight
         if in_flight is not None:
             f, in_flight = in_flight, None
-            f.result()  # a failed commit's error surfaces here, in the collecting thread
+            t_wait = time.perf_counter()
+            try:
+                f.result()  # a failed commit's error surfaces here, in the collecting thread
+            finally:
+                host_s["waiting_for_commits"] += time.perf_counter() - t_wait
 
     def submit_commit(carry_after, final: bool) -> None:
         nonlocal pending, in_flight, commits_submitted
@@ -710,17 +755,22 @@ def _collect(
         commits_submitted += 1
 
     # Pipelining: the next chunk is dispatched (asynchronously) before the host cuts and writes
-    # the one before it, so writing hides behind stepping.
+    # the one before it, so writing hides behind stepping. Each chunk's rows start their copy to
+    # the host as soon as it is dispatched (after its computation, on the device's own queue), so
+    # the copy runs while this thread cuts the chunk before; a 1,024-env chunk is 1.6 GB, and its
+    # copy took ~1 s of this thread on the third lease's H200 host.
     taken = episodes_done  # episodes handed to commits (committed or in flight) or pending
     commits_submitted = 0
     finished = False
     t_first, steps_first = None, 0
     try:
-        out = chunk_fn(carry)
+        out = _with_host_copy(chunk_fn(carry))
         while True:
             carry_k, rows_k = out
-            out = chunk_fn(carry_k)
+            out = _with_host_copy(chunk_fn(carry_k))
+            t_get = time.perf_counter()
             rows = jax.device_get(rows_k)
+            host_s["rows_to_host"] += time.perf_counter() - t_get
             if t_first is None:  # steady-state rate excludes compilation and the first chunk
                 t_first, steps_first = time.time(), steps_new + rows["is_first"].size
             if row_sink is not None:
@@ -764,7 +814,9 @@ def _collect(
     elapsed = time.time() - t0
     log(
         f"writer {writer}: {episodes_done}/{target} episodes in {shards_done} shards; "
-        f"{steps_new} env steps in {elapsed:.1f}s ({steps_new / max(elapsed, 1e-9):.0f} steps/s)"
+        f"{steps_new} env steps in {elapsed:.1f}s ({steps_new / max(elapsed, 1e-9):.0f} steps/s); "
+        f"rows to host {host_s['rows_to_host']:.1f}s, commits {host_s['commits']:.1f}s, "
+        f"waiting for commits {host_s['waiting_for_commits']:.1f}s"
     )
     steady = (steps_new - steps_first) / max(time.time() - t_first, 1e-9) if t_first else 0.0
     return {
@@ -777,4 +829,7 @@ def _collect(
         # from the call to the first chunk's rows on the host: compilation (if not done) + one chunk
         "first_chunk_s": (t_first - t0) if t_first else None,
         "complete": finished,
+        # where the wall time went (seconds; the two threads overlap): copying rows to the host and
+        # waiting for the commit thread (collecting thread), and the commits themselves
+        "host_s": dict(host_s),
     }
