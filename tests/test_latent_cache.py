@@ -79,6 +79,32 @@ def test_loader_reads_latents_in_the_same_order_as_frames(built, dataset):
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_a_batch_read_equals_the_records_read_one_by_one(built, tmp_path):
+    """The loader reads a batch with its large reads started together (all latents in one
+    TensorStore read, or every window's frames before waiting): the same arrays as stacking the
+    records one at a time, repeats and labeled oversampling included; a damaged block is named."""
+    _, source, path, *_ = built
+    cached = source.with_latents(path)
+    n = len(cached)
+    idx = [n - 1, 0, 3, 0, len(source.base_windows)]  # a repeat, and a labeled window's second listing
+    for src, concurrent in ((source, True), (source, False), (cached, True)):
+        got = src.read_batch(np.asarray(idx), concurrent_frames=concurrent)
+        want = {k: np.stack([src[i][k] for i in idx]) for k in src[0]}
+        assert list(got) == list(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype, k
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    # a damaged block: the batch read names the cache
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    block = next(p for p in sorted((bad / "c").rglob("*")) if p.is_file())
+    data = bytearray(block.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    block.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=f"latent cache {bad}: one of windows"):
+        LatentCache(bad).read_many(np.arange(3))
+
+
 KILLED_BUILD = """
 import sys, time
 from conftest import TEST_OVERRIDES, TOK_OVERRIDES, make_test_config

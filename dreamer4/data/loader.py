@@ -121,11 +121,33 @@ class WindowSource(grain.RandomAccessDataSource):
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self._record(index, self.ds.read)
+
+    def read_batch(self, indices, concurrent_frames: bool = True) -> dict[str, np.ndarray]:
+        """The records of these indices stacked (as stacking `self[i]`), their large reads started
+        together so that TensorStore runs them concurrently: the latents of the whole batch in one
+        read, and (`concurrent_frames`) every window's frames before waiting for any. In loader
+        worker processes frames are read one window at a time: there the concurrent reads cut two
+        workers' rate on a 2-core VM to 0.64x, while one process read 2.1x as fast."""
+        indices = [int(i) for i in indices]
+        if self.latents is not None:
+            latents = self.latents.read_many(self.base_index[indices])
+            records = [self._record(i, self.ds.read, with_latents=False) for i in indices]
+            return {"latents": latents, **{k: np.stack([r[k] for r in records]) for k in records[0]}}
+        if not concurrent_frames:
+            records = [self._record(i, self.ds.read) for i in indices]
+        else:
+            records = [self._record(i, self.ds.start_read) for i in indices]
+            for r in records:
+                r["frames"] = r["frames"]()
+        return {k: np.stack([r[k] for r in records]) for k in records[0]}
+
+    def _record(self, index: int, read, with_latents: bool = True) -> dict:
         ei, start = self.windows[int(index)]
         ep = self.episodes[int(ei)]
         T = self.seq_len
         fields = _ROW_FIELDS[1:] if self.latents is not None else _ROW_FIELDS
-        rows = self.ds.read(ep, int(start), int(start) + T, fields)
+        rows = read(ep, int(start), int(start) + T, fields)
         if ep.labeled:
             actions = self.ds.read(ep, int(start), int(start) + T, ("action",))["action"]
             mask = ~rows["is_first"]
@@ -133,11 +155,10 @@ class WindowSource(grain.RandomAccessDataSource):
         else:
             actions = np.full((T,), -1, np.int32)
             mask = np.zeros((T,), bool)
-        seen = (
-            {"latents": self.latents.read(int(self.base_index[int(index)]))}
-            if self.latents is not None
-            else {"frames": rows["frame"]}
-        )
+        if self.latents is None:
+            seen = {"frames": rows["frame"]}
+        else:
+            seen = {"latents": self.latents.read(int(self.base_index[int(index)]))} if with_latents else {}
         return {
             **seen,
             "actions": actions,
@@ -170,12 +191,11 @@ class WindowSource(grain.RandomAccessDataSource):
 class _ReadRows:
     """Global batch of window indices -> this process's rows of it, read and stacked."""
 
-    def __init__(self, source: WindowSource, lo: int, hi: int):
-        self.source, self.lo, self.hi = source, lo, hi
+    def __init__(self, source: WindowSource, lo: int, hi: int, concurrent_frames: bool):
+        self.source, self.lo, self.hi, self.concurrent_frames = source, lo, hi, concurrent_frames
 
     def __call__(self, index_B: np.ndarray) -> dict[str, np.ndarray]:
-        records = [self.source[int(i)] for i in index_B[self.lo : self.hi]]
-        return {k: np.stack([r[k] for r in records]) for k in records[0]}
+        return self.source.read_batch(index_B[self.lo : self.hi], self.concurrent_frames)
 
 
 def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
@@ -208,7 +228,9 @@ class WindowLoader:
         if shuffle:
             ds = ds.shuffle(seed=seed)  # a new permutation every epoch
         ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
-        ds = ds.map(_ReadRows(source, shard_index * local, (shard_index + 1) * local))
+        ds = ds.map(
+            _ReadRows(source, shard_index * local, (shard_index + 1) * local, concurrent_frames=worker_count == 0)
+        )
         if worker_count > 0:
             self._dataset = ds.to_iter_dataset().mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=buffer_size),

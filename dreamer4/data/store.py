@@ -288,10 +288,24 @@ def open_shard_array(root: str | Path, name: str, field: str):
 
 
 def read_shard_array(store, name: str, field: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    return start_shard_read(store, name, field, start, stop)()
+
+
+def start_shard_read(store, name: str, field: str, start: int | None = None, stop: int | None = None):
+    """`read_shard_array`, started: returns a function that waits for the rows. Reads started
+    together run concurrently in TensorStore's threads."""
     try:
-        return store[start:stop].read().result()
+        future = store[start:stop].read()
     except Exception as e:
         raise DatasetError(f"shard {name}: array '{field}' is damaged or truncated: {e}") from None
+
+    def rows() -> np.ndarray:
+        try:
+            return future.result()
+        except Exception as e:
+            raise DatasetError(f"shard {name}: array '{field}' is damaged or truncated: {e}") from None
+
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,13 +428,19 @@ class Dataset:
 
     def read(self, ep: Episode, start: int, stop: int, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Rows [start, stop) of episode `ep` for the given fields."""
+        started = self.start_read(ep, start, stop, fields)
+        return {f: rows() if callable(rows) else rows for f, rows in started.items()}
+
+    def start_read(self, ep: Episode, start: int, stop: int, fields: tuple[str, ...]) -> dict:
+        """`read`, with the frames' read started: {field: rows, or for "frame" a function that
+        waits for them}. Reads started together run concurrently."""
         if not 0 <= start <= stop <= ep.length:
             raise IndexError(f"rows [{start}, {stop}) outside episode {ep.id} of length {ep.length}")
         a, b = ep.start + start, ep.start + stop
         out = {}
         for f in fields:
             if f == "frame":
-                out[f] = read_shard_array(self._store(ep.shard, f), ep.shard, f, a, b)
+                out[f] = start_shard_read(self._store(ep.shard, f), ep.shard, f, a, b)
             else:
                 out[f] = self._small(ep.shard, f)[a:b]
         return out
