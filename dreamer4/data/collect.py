@@ -258,7 +258,7 @@ class RowBuffers:
     """One reused array per field that a commit joins the shard's pieces into (`concat_rows(out=)`).
     A fresh 1.6 GB array per 1,024-env shard pays its page faults at every commit: joining the
     same pieces into a fresh array took 0.13-1.7 s on a 2-core VM, into a reused one 0.07-0.10 s
-    (BENCHMARKS.md, "Collection on a GPU host"). A view stays valid until the next `join` of its
+    (BENCHMARKS.md, "After the third lease"). A view stays valid until the next `join` of its
     field; capacity grows to a quarter beyond the largest request."""
 
     def __init__(self):

@@ -185,7 +185,7 @@ class LatentCache:
     def read_many(self, windows: np.ndarray) -> np.ndarray:
         """latents_WTLN of these windows (in this order; repeats allowed) in one TensorStore read,
         which runs the windows' reads concurrently: a batch of 32 windows took 25-37 us per window
-        on a 2-core VM, one read per window 150-220 us (BENCHMARKS.md, "The loader's reads")."""
+        on a 2-core VM, one read per window 150-220 us (BENCHMARKS.md, "After the third lease")."""
         windows = np.asarray(windows, np.int64)
         try:
             return self._reader()[windows].read().result()
