@@ -195,6 +195,8 @@ def summarize(
     module (the step, not the few tiny programs around it, e.g. fold_in of the key); the others
     are listed under `other_modules_ms`.
         kernel_ms    = sum(dur) / steps          busy_ms = |union of intervals| / steps
+        span_ms      = (last end - first start) / steps   (the traced steps' own wall, less the
+                       last step's idle tail: compare it with wall_ms, timed in another loop)
         idle_share   = 1 - busy_ms / wall_ms     share[kind] = sum(dur of kind) / sum(dur)
         matmul_tflops_if_all_model_flops = model_flops / (matmul kernel s per step) / 1e12
     With `op_names` (`hlo_op_names` of the step's compiled text) the kernel time is also split by
@@ -227,6 +229,11 @@ def summarize(
         "kernels_per_step": len(events) / steps,
         "kernel_ms_per_step": total_ns / steps / 1e6,
         "busy_ms_per_step": busy_ns / steps / 1e6,
+        "span_ms_per_step": (
+            (max(e["start_ns"] + e["dur_ns"] for e in events) - min(e["start_ns"] for e in events)) / steps / 1e6
+            if events
+            else 0.0
+        ),
         "mean_kernel_us": (total_ns / len(events) / 1e3) if events else None,
         "share": {k: (v / total_ns if total_ns else 0.0) for k, v in kind_ns.items()},
         "ms_per_step": {k: v / steps / 1e6 for k, v in kind_ns.items()},
@@ -301,20 +308,21 @@ def profile_calls(fn, steps: int, workdir) -> Path:
 
 
 def markdown(rows: list[tuple[str, dict]]) -> list[str]:
-    """A table of (label, summary) rows: kernels, busy/wall, idle and each kind's share."""
+    """A table of (label, summary) rows: kernels, busy/span/wall, idle and each kind's share."""
     head = (
-        "| step | source | kernels/step | kernel ms | busy ms | wall ms | idle | "
+        "| step | source | kernels/step | kernel ms | busy ms | span ms | wall ms | idle | "
         + " | ".join(KINDS)
         + " | matmul TFLOP/s if all model FLOPs |"
     )
-    lines = [head, "|" + "---|" * (7 + len(KINDS) + 1)]
+    lines = [head, "|" + "---|" * (8 + len(KINDS) + 1)]
     for label, s in rows:
         wall = s.get("wall_ms_per_step")
         idle = s.get("idle_share")
         mm = s.get("matmul_tflops_if_all_model_flops")
         lines.append(
             f"| {label} | {s['source']} | {s['kernels_per_step']:.0f} | {s['kernel_ms_per_step']:.1f} | "
-            f"{s['busy_ms_per_step']:.1f} | {f'{wall:.1f}' if wall else '-'} | {f'{idle:.0%}' if idle is not None else '-'} | "
+            f"{s['busy_ms_per_step']:.1f} | {s.get('span_ms_per_step', 0.0):.1f} | {f'{wall:.1f}' if wall else '-'} | "
+            f"{f'{idle:.0%}' if idle is not None else '-'} | "
             + " | ".join(f"{s['share'][k]:.0%}" for k in KINDS)
             + f" | {f'{mm:.3g}' if mm else '-'} |"
         )

@@ -53,6 +53,9 @@ def test_summarize_worked_example():
     assert s["kernel_ms_per_step"] == pytest.approx(0.006)  # 4 + 2 us
     assert s["busy_ms_per_step"] == pytest.approx(0.005)  # union: [0, 4) u [3, 5) = 5 us
     assert s["idle_share"] == pytest.approx(0.5)  # 1 - 5 / 10
+    assert s["span_ms_per_step"] == pytest.approx(
+        0.0075
+    )  # [0, 15) us over 2 steps: the last one's idle tail is not in it
     assert s["share"]["matmul"] == pytest.approx(4 / 6) and s["share"]["elementwise"] == pytest.approx(2 / 6)
     assert sum(s["share"].values()) == pytest.approx(1.0)
     assert s["matmul_tflops_if_all_model_flops"] == pytest.approx(8e6 / 4e-6 / 1e12)  # 2 TFLOP/s
