@@ -337,7 +337,7 @@ def _train(p, rec: Recorder, stage: str):
     rec["attention"] = attention.IMPLEMENTATION
     shapes = p.get("attention_check_shapes")
     # "auto" also runs the fused kernels on one GPU (capped attention, nn/attention.py): check them there too
-    on_gpu_auto = attention.IMPLEMENTATION == "auto" and jax.default_backend() == "gpu" and jax.device_count() == 1
+    on_gpu_auto = attention.IMPLEMENTATION == "auto" and attention.auto_may_run_fused()
     if attention.IMPLEMENTATION == "pallas" or on_gpu_auto or shapes:
         rec["fused_attention_check"] = (
             fused_attention_check(tuple(map(tuple, shapes))) if shapes else fused_attention_check()

@@ -25,6 +25,7 @@ those of an uninterrupted run) and stops with exit code 75; rerun to continue. A
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -202,6 +203,16 @@ def _copy_tails(rows_TN: dict[str, np.ndarray], tails: list[tuple[int, int]]) ->
     if workers < 2 or len(tails) < 64:
         return copy(tails)
     return [piece for out in _in_thread_batches(copy, tails, workers, "collect-tails") for piece in out]
+
+
+@contextlib.contextmanager
+def _adding_time(seconds: dict[str, float], key: str):
+    """Adds the block's wall time to seconds[key] (also when it raises)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] += time.perf_counter() - t0
 
 
 def _with_host_copy(out):
@@ -647,11 +658,8 @@ def _collect(
     def commit(carry_after, partial: list[list[dict]], episodes: list[dict], final: bool) -> None:
         """Write `episodes` as the next shard, the resume state (carry_after, partial), then the
         manifest entry: the commit. Runs on the committer thread, one commit at a time, in order."""
-        t_commit = time.perf_counter()
-        try:
+        with _adding_time(host_s, "commits"):
             _commit(carry_after, partial, episodes, final)
-        finally:
-            host_s["commits"] += time.perf_counter() - t_commit
 
     def _commit(carry_after, partial: list[list[dict]], episodes: list[dict], final: bool) -> None:
         nonlocal shards_done, episodes_done, train_done, bytes_new
@@ -740,11 +748,8 @@ def _collect(
         nonlocal in_flight
         if in_flight is not None:
             f, in_flight = in_flight, None
-            t_wait = time.perf_counter()
-            try:
+            with _adding_time(host_s, "waiting_for_commits"):
                 f.result()  # a failed commit's error surfaces here, in the collecting thread
-            finally:
-                host_s["waiting_for_commits"] += time.perf_counter() - t_wait
 
     def submit_commit(carry_after, final: bool) -> None:
         nonlocal pending, in_flight, commits_submitted
@@ -768,9 +773,8 @@ def _collect(
         while True:
             carry_k, rows_k = out
             out = _with_host_copy(chunk_fn(carry_k))
-            t_get = time.perf_counter()
-            rows = jax.device_get(rows_k)
-            host_s["rows_to_host"] += time.perf_counter() - t_get
+            with _adding_time(host_s, "rows_to_host"):
+                rows = jax.device_get(rows_k)
             if t_first is None:  # steady-state rate excludes compilation and the first chunk
                 t_first, steps_first = time.time(), steps_new + rows["is_first"].size
             if row_sink is not None:

@@ -125,13 +125,17 @@ class LatentCache:
 
     def _array(self):
         if self._store is None:
-            try:
-                self._store = ts.open(
-                    {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path)}}, open=True
-                ).result()
-            except Exception as e:  # TensorStore raises ValueError / its own status errors
-                raise DatasetError(f"latent cache {self.path}: cannot open ({e}); delete it to rebuild") from None
+            self._store = self._open()
         return self._store
+
+    def _open(self, **spec):
+        """The array, opened with these extra TensorStore spec keys; DatasetError if it cannot be."""
+        try:
+            return ts.open(
+                {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path)}, **spec}, open=True
+            ).result()
+        except Exception as e:  # TensorStore raises ValueError / its own status errors
+            raise DatasetError(f"latent cache {self.path}: cannot open ({e}); delete it to rebuild") from None
 
     # -- blocks ----------------------------------------------------------------------------------
     def present_blocks(self) -> set[int]:
@@ -199,23 +203,15 @@ class LatentCache:
         shard indices, which every window's read would otherwise read again from its file (a
         window's read: 217 -> 160 us on a 2-core VM)."""
         if self._read_store is None:
-            try:
-                self._read_store = ts.open(
-                    {
-                        "driver": "zarr3",
-                        "kvstore": {"driver": "file", "path": str(self.path)},
-                        "context": {
-                            "cache_pool": {"total_bytes_limit": READ_CACHE_BYTES},
-                            # one copy thread per reader: loader workers are processes already, and
-                            # TensorStore's default (a thread per core in each) halved 2 workers' rate
-                            "data_copy_concurrency": {"limit": 1},
-                        },
-                        "recheck_cached_data": "open",  # a complete cache does not change
-                    },
-                    open=True,
-                ).result()
-            except Exception as e:
-                raise DatasetError(f"latent cache {self.path}: cannot open ({e}); delete it to rebuild") from None
+            self._read_store = self._open(
+                context={
+                    "cache_pool": {"total_bytes_limit": READ_CACHE_BYTES},
+                    # one copy thread per reader: loader workers are processes already, and
+                    # TensorStore's default (a thread per core in each) halved 2 workers' rate
+                    "data_copy_concurrency": {"limit": 1},
+                },
+                recheck_cached_data="open",  # a complete cache does not change
+            )
         return self._read_store
 
     def __getstate__(self):  # TensorStore handles stay in their process; reopen lazily

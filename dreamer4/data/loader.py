@@ -121,6 +121,8 @@ class WindowSource(grain.RandomAccessDataSource):
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if self.latents is not None:
+            return {"latents": self.latents.read(int(self.base_index[int(index)])), **self._record(index, self.ds.read)}
         return self._record(index, self.ds.read)
 
     def read_batch(self, indices, concurrent_frames: bool = True) -> dict[str, np.ndarray]:
@@ -132,7 +134,7 @@ class WindowSource(grain.RandomAccessDataSource):
         indices = [int(i) for i in indices]
         if self.latents is not None:
             latents = self.latents.read_many(self.base_index[indices])
-            records = [self._record(i, self.ds.read, with_latents=False) for i in indices]
+            records = [self._record(i, self.ds.read) for i in indices]
             return {"latents": latents, **{k: np.stack([r[k] for r in records]) for k in records[0]}}
         if not concurrent_frames:
             records = [self._record(i, self.ds.read) for i in indices]
@@ -142,7 +144,9 @@ class WindowSource(grain.RandomAccessDataSource):
                 r["frames"] = r["frames"]()
         return {k: np.stack([r[k] for r in records]) for k in records[0]}
 
-    def _record(self, index: int, read, with_latents: bool = True) -> dict:
+    def _record(self, index: int, read) -> dict:
+        """Window `index`'s record less its latents (the callers read those), rows read with `read`
+        (`Dataset.read`, or `Dataset.start_read`: then "frames" is a function to call)."""
         ei, start = self.windows[int(index)]
         ep = self.episodes[int(ei)]
         T = self.seq_len
@@ -155,12 +159,8 @@ class WindowSource(grain.RandomAccessDataSource):
         else:
             actions = np.full((T,), -1, np.int32)
             mask = np.zeros((T,), bool)
-        if self.latents is None:
-            seen = {"frames": rows["frame"]}
-        else:
-            seen = {"latents": self.latents.read(int(self.base_index[int(index)]))} if with_latents else {}
         return {
-            **seen,
+            **({"frames": rows["frame"]} if self.latents is None else {}),
             "actions": actions,
             "action_mask": mask,
             "rewards": rows["reward"],

@@ -136,6 +136,12 @@ def _one_device() -> bool:
     return jax.device_count() == 1
 
 
+def auto_may_run_fused() -> bool:
+    """Whether "auto" runs the fused kernels in this process (for capped bf16/fp16 attention of the
+    shapes `_pallas_takes` names): a GPU backend and a one-device job."""
+    return jax.default_backend() in ("gpu", "cuda") and _one_device()
+
+
 def _pallas_takes(q_NQKH, k_NMGH, v_NMGH) -> bool:
     """Whether "auto" runs the fused soft-capped kernels: `_gpu_half`, a one-device job, shapes they
     take, and at least one full block of 16 queries (the shapes timed on a device; module doc)."""
