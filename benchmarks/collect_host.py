@@ -101,6 +101,13 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def usage() -> tuple[float, float, int]:
+    """(user s, system s, minor page faults) of this process so far, all threads. The kernel's
+    share tells page faults (first touches of freshly mapped memory) from the host's own work."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_minflt
+
+
 class Timers:
     """Wraps module functions so each call's wall time adds up under a name."""
 
@@ -159,9 +166,11 @@ def run(cfg, seconds: float, mean_len: float, frames_from: str | None, chunks: i
     timers = wrap_collect_components(Timers())
     out = Path(tempfile.mkdtemp(prefix="d4collect-host-"))
     try:
-        t0, cpu0 = time.perf_counter(), cpu_s()
+        t0, u0 = time.perf_counter(), usage()
         summary = collect_mod.collect(cfg, out, log=lambda *a: None, stop_after_s=seconds, stepper=fake)
-        wall, cpu = time.perf_counter() - t0, cpu_s() - cpu0
+        wall, u1 = time.perf_counter() - t0, usage()
+        user, system, faults = (b - a for a, b in zip(u0, u1, strict=True))
+        cpu = user + system
         disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     finally:
         timers.restore()
@@ -181,6 +190,8 @@ def run(cfg, seconds: float, mean_len: float, frames_from: str | None, chunks: i
         # all chunks, the first included: what the host's cores spend per env step, all threads
         "cpu_s_per_chunk": cpu / n_chunks,
         "steps_per_cpu_s": n_chunks * N * T / cpu,
+        "system_cpu_share": system / cpu,
+        "minor_faults_per_chunk": faults / n_chunks,
         "steady_steps_per_s": summary["steady_steps_per_s"],
         "share_of_h100_device_only": summary["steady_steps_per_s"] / H100_DEVICE_ONLY_STEPS_PER_S,
         "ms_per_chunk": {
@@ -221,6 +232,8 @@ def main(argv=None):
     print(f"| chunks / episodes / shards | {r['chunks']:.0f} / {r['episodes']} / {r['shards']} |")
     print(f"| CPU s per chunk (all threads) | {r['cpu_s_per_chunk']:.1f} |")
     print(f"| env steps per CPU second | {r['steps_per_cpu_s']:,.0f} |")
+    print(f"| kernel's share of the CPU time | {r['system_cpu_share']:.0%} |")
+    print(f"| minor page faults per chunk | {r['minor_faults_per_chunk']:,.0f} |")
     for k, v in sorted(r["ms_per_chunk"].items(), key=lambda kv: -kv[1]):
         print(f"| {k}, ms per chunk | {v:,.0f} |")
     if a.json:

@@ -415,13 +415,18 @@ def markdown(res: dict) -> str:
         )
     host = [r for r in co.get("rows", []) if "host_cpu_s_per_chunk" in r]
     if host:  # is the host CPU-bound (all cores busy) or bound by one thread?
-        lines += ["", "| envs | host CPU s per chunk | host cores busy (of) | ms per chunk in each host component |"]
-        lines.append("|---|---|---|---|")
+        lines += [
+            "",
+            "| envs | host CPU s per chunk | host cores busy (of) | kernel's share | page faults per chunk "
+            "| ms per chunk in each host component |",
+        ]
+        lines.append("|---|---|---|---|---|---|")
         for r in host:
             parts_ms = "; ".join(f"{k.split(' (')[0]} {v:.0f}" for k, v in r["host_ms_per_chunk"].items())
             lines.append(
                 f"| {r['num_envs']} | {r['host_cpu_s_per_chunk']:.1f} | {r['host_cores_busy']:.1f} "
-                f"({r['host_cpus']}) | {parts_ms} |"
+                f"({r['host_cpus']}) | {_f(r.get('host_system_cpu_share'), '{:.0%}')} | "
+                f"{_f(r.get('host_minor_faults_per_chunk'), '{:,.0f}')} | {parts_ms} |"
             )
     lo = parts.get("loader", {}).get("results", {})
     lines += [

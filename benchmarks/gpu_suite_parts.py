@@ -542,14 +542,16 @@ def part_collect(p, rec: Recorder):
             # where the host's time goes (what benchmarks/collect_host.py measures without a GPU):
             # the process's CPU seconds, all threads, and the wall time inside each host component
             timers = host.wrap_collect_components(host.Timers())
-            t0, cpu0 = time.perf_counter(), host.cpu_s()
+            t0, u0 = time.perf_counter(), host.usage()
             try:
                 summary = collect(
                     cfg, out, log=lambda *a: None, stop_after_s=p.get("collect_seconds", 8.0), stepper=stepper
                 )
             finally:
                 timers.restore()
-            wall, cpu = time.perf_counter() - t0, host.cpu_s() - cpu0
+            wall, u1 = time.perf_counter() - t0, host.usage()
+            user, system, faults = (b - a for a, b in zip(u0, u1, strict=True))
+            cpu = user + system
             steady = summary.get("steady_steps_per_s") or 0.0
             n_chunks = max(summary.get("new_steps") or 0, 1) / (n_envs * cfg.collect.chunk_steps)
             row.update(
@@ -557,6 +559,9 @@ def part_collect(p, rec: Recorder):
                     "host_cpus": os.cpu_count(),
                     "host_cpu_s_per_chunk": cpu / n_chunks,
                     "host_cores_busy": cpu / wall,
+                    # the kernel's share: page faults (first touches of fresh memory) and copies
+                    "host_system_cpu_share": system / max(cpu, 1e-9),
+                    "host_minor_faults_per_chunk": faults / n_chunks,
                     "host_ms_per_chunk": {
                         **{k: 1e3 * v / n_chunks for k, v in timers.s.items()},
                         # collect's own account: which thread waits for which (data/collect.py)
