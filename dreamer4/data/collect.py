@@ -196,13 +196,23 @@ def _copy_tails(rows_TN: dict[str, np.ndarray], tails: list[tuple[int, int]]) ->
     """[{field: rows_TN[field][begin:, n] as a new array} for (n, begin) in tails], in order; in
     parallel threads when there are many."""
 
+    # Allocated here, filled in threads: allocated in the worker threads (their own malloc
+    # arenas), each chunk's pieces came in fresh pages, whose faults cost more CPU than the copy
+    # (BENCHMARKS.md, "Session 35": -70k page faults and -0.9 s per 1,024-env chunk on 2 cores).
+    pieces = [{k: np.empty((len(v) - b, *v.shape[2:]), v.dtype) for k, v in rows_TN.items()} for n, b in tails]
+
     def copy(batch):
-        return [{k: v[b:, n].copy() for k, v in rows_TN.items()} for n, b in batch]
+        for i in batch:
+            n, b = tails[i]
+            for k, v in rows_TN.items():
+                np.copyto(pieces[i][k], v[b:, n])
 
     workers = _copy_threads()
     if workers < 2 or len(tails) < 64:
-        return copy(tails)
-    return [piece for out in _in_thread_batches(copy, tails, workers, "collect-tails") for piece in out]
+        copy(range(len(tails)))
+    else:
+        _in_thread_batches(copy, range(len(tails)), workers, "collect-tails")
+    return pieces
 
 
 @contextlib.contextmanager
