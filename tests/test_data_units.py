@@ -204,6 +204,35 @@ def test_shard_inner_chunks_frames_by_read_chunk_step_fields_by_512_rows(tmp_pat
         assert store.digest_matches(a, digests[field])
 
 
+def test_a_shards_arrays_may_be_overwritten_once_write_shard_returns(tmp_path):
+    """write_shard lets TensorStore reference the arrays rather than copy them; the collector
+    overwrites them with the next shard (RowBuffers). What was written must not change, and no
+    later open in the same process (the loader in `dreamer4 run`) may see the new contents."""
+    from dreamer4.data import store
+
+    n = 103  # not a multiple of the read chunk: the last inner chunk is partly outside the array
+    rng = np.random.default_rng(1)
+    arrays = {
+        "frame": rng.integers(0, 256, (n, 5, 4, 3), dtype=np.uint8),
+        "action": rng.integers(0, 17, n).astype(np.int32),
+        "reward": rng.normal(size=n).astype(np.float32),
+        "is_first": rng.random(n) < 0.1,
+        "is_last": rng.random(n) < 0.1,
+        "is_terminal": rng.random(n) < 0.05,
+        "achievements": rng.random((n, 22)) < 0.3,
+    }
+    want = {k: v.copy() for k, v in arrays.items()}
+    store.write_shard(tmp_path, "w000-s000000", arrays, read_chunk=4, zstd_level=3)
+    for a in arrays.values():
+        a[...] = ~a if a.dtype == np.bool_ else a + 1  # the next shard's rows, in the same memory
+    store.write_shard(tmp_path, "w000-s000001", arrays, read_chunk=4, zstd_level=3)
+    for field in arrays:
+        first = store.open_shard_array(tmp_path, "w000-s000000", field)
+        np.testing.assert_array_equal(store.read_shard_array(first, "s", field), want[field])
+        second = store.open_shard_array(tmp_path, "w000-s000001", field)
+        np.testing.assert_array_equal(store.read_shard_array(second, "s", field), arrays[field])
+
+
 def test_concat_rows_in_threads_equals_numpy_concatenate():
     from dreamer4.data.collect import concat_rows
 
