@@ -12,8 +12,9 @@ machine. The rows are shaped like the real ones (episodes of geometric length, m
 a mixture's policy_id), their frames drawn from a real dataset's frames (--frames-from) so that
 zstd sees Craftax's compressibility, else from synthetic block-textured frames.
 
-Prints a table (steady host-bound steps/s, and per chunk: ms in each host component) and writes
-JSON (--json). Each component is timed by wrapping the function collect calls (no change to it).
+Prints a table (steady host-bound steps/s; per chunk: CPU seconds, the kernel's share of them, minor
+page faults, ms in each host component) and writes JSON (--json). Each component is timed by
+wrapping the function collect calls (no change to it).
 """
 
 from __future__ import annotations
