@@ -176,15 +176,9 @@ def test_digest_of_a_large_array_is_a_parallel_tree_hash_and_old_digests_still_v
     assert not store.digest_matches(big, hashlib.sha256(raw).hexdigest())
 
 
-def test_shard_inner_chunks_frames_by_read_chunk_step_fields_by_512_rows(tmp_path):
-    """Frames are stored in inner chunks of read_chunk rows (the loader's read unit); the small
-    per-step fields in chunks of STEP_FIELD_ROWS rows, so a shard is not mostly per-chunk overhead;
-    any window reads back exactly, across chunk boundaries."""
-    from dreamer4.data import store
-
-    n = 1100
-    rng = np.random.default_rng(0)
-    arrays = {
+def _shard_arrays(n: int, rng) -> dict[str, np.ndarray]:
+    """A shard's fields, n random rows (frames 5 x 4 x 3)."""
+    return {
         "frame": rng.integers(0, 256, (n, 5, 4, 3), dtype=np.uint8),
         "action": rng.integers(0, 17, n).astype(np.int32),
         "reward": rng.normal(size=n).astype(np.float32),
@@ -193,6 +187,16 @@ def test_shard_inner_chunks_frames_by_read_chunk_step_fields_by_512_rows(tmp_pat
         "is_terminal": rng.random(n) < 0.05,
         "achievements": rng.random((n, 22)) < 0.3,
     }
+
+
+def test_shard_inner_chunks_frames_by_read_chunk_step_fields_by_512_rows(tmp_path):
+    """Frames are stored in inner chunks of read_chunk rows (the loader's read unit); the small
+    per-step fields in chunks of STEP_FIELD_ROWS rows, so a shard is not mostly per-chunk overhead;
+    any window reads back exactly, across chunk boundaries."""
+    from dreamer4.data import store
+
+    n = 1100
+    arrays = _shard_arrays(n, np.random.default_rng(0))
     digests = store.write_shard(tmp_path, "w000-s000000", arrays, read_chunk=4, zstd_level=3)
     assert store.STEP_FIELD_ROWS == 512
     for field, a in arrays.items():
@@ -211,16 +215,7 @@ def test_a_shards_arrays_may_be_overwritten_once_write_shard_returns(tmp_path):
     from dreamer4.data import store
 
     n = 103  # not a multiple of the read chunk: the last inner chunk is partly outside the array
-    rng = np.random.default_rng(1)
-    arrays = {
-        "frame": rng.integers(0, 256, (n, 5, 4, 3), dtype=np.uint8),
-        "action": rng.integers(0, 17, n).astype(np.int32),
-        "reward": rng.normal(size=n).astype(np.float32),
-        "is_first": rng.random(n) < 0.1,
-        "is_last": rng.random(n) < 0.1,
-        "is_terminal": rng.random(n) < 0.05,
-        "achievements": rng.random((n, 22)) < 0.3,
-    }
+    arrays = _shard_arrays(n, np.random.default_rng(1))
     want = {k: v.copy() for k, v in arrays.items()}
     store.write_shard(tmp_path, "w000-s000000", arrays, read_chunk=4, zstd_level=3)
     for a in arrays.values():
