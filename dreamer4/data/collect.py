@@ -196,9 +196,9 @@ def _copy_tails(rows_TN: dict[str, np.ndarray], tails: list[tuple[int, int]]) ->
     """[{field: rows_TN[field][begin:, n] as a new array} for (n, begin) in tails], in order; in
     parallel threads when there are many."""
 
-    # Allocated here, filled in threads: allocated in the worker threads (their own malloc
-    # arenas), each chunk's pieces came in fresh pages, whose faults cost more CPU than the copy
-    # (BENCHMARKS.md, "Session 35": -70k page faults and -1.1 CPU-s per 1,024-env chunk).
+    # Allocated here and only filled in the threads: allocated by the threads (in their own
+    # malloc arenas), each chunk's pieces came in fresh pages, whose faults cost more CPU than the
+    # copies (BENCHMARKS.md, "Session 35": -70k page faults and -1.1 CPU-s per 1,024-env chunk).
     pieces = [{k: np.empty((len(v) - b, *v.shape[2:]), v.dtype) for k, v in rows_TN.items()} for n, b in tails]
 
     def copy(batch):
