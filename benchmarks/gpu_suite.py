@@ -461,6 +461,14 @@ def main():
     )
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's budget")
     ap.add_argument(
+        "--collect-seconds",
+        type=float,
+        default=None,
+        help="the collect part's seconds of collection per env count (default 8). The running episodes' "
+        "rows grow to their steady size over the first chunks, in fresh memory, so longer runs come "
+        "closer to the steady rate (BENCHMARKS.md, session 35)",
+    )
+    ap.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -489,6 +497,9 @@ def main():
         for name in ("train_tokenizer", "train_dynamics"):
             budget, params = plan[name]
             plan[name] = (budget, {**params, "compile_only": True, "batches": params["batches"][:1]})
+    if args.collect_seconds is not None:
+        budget, params = plan["collect"]
+        plan["collect"] = (budget, {**params, "collect_seconds": args.collect_seconds})
     res = {
         "meta": {
             "smoke": args.smoke,
