@@ -96,12 +96,6 @@ def make_rows(N: int, T: int, chunks: int, spec, mean_len: float, frames: np.nda
     return [jax.device_put({k: v[c * T : (c + 1) * T] for k, v in rows.items()}) for c in range(chunks)]
 
 
-def cpu_s() -> float:
-    """CPU seconds of this process so far, all threads (user + system)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def usage() -> tuple[float, float, int]:
     """(user s, system s, minor page faults) of this process so far, all threads. The kernel's
     share tells page faults (first touches of freshly mapped memory) from the host's own work."""

@@ -199,7 +199,7 @@ def _copy_tails(rows_TN: dict[str, np.ndarray], tails: list[tuple[int, int]]) ->
     # Allocated here and only filled in the threads: allocated by the threads (in their own
     # malloc arenas), each chunk's pieces came in fresh pages, whose faults cost more CPU than the
     # copies (BENCHMARKS.md, "Session 35": -70k page faults and -1.1 CPU-s per 1,024-env chunk).
-    pieces = [{k: np.empty((len(v) - b, *v.shape[2:]), v.dtype) for k, v in rows_TN.items()} for n, b in tails]
+    pieces = [{k: np.empty((len(v) - b, *v.shape[2:]), v.dtype) for k, v in rows_TN.items()} for _, b in tails]
 
     def copy(batch):
         for i in batch:
