@@ -103,9 +103,10 @@ def full_plan(work: str, cache: str | None) -> dict:
         ),
         # the loader needs no GPU: on CPU its grain workers cannot grab GPU memory either. 8 workers
         # fed 9.6x the dynamics step on the first H100 lease (goal 10x), reading frames; the dynamics
-        # now reads cached latents, its own case (8.0-9.5x on the third lease, before the batched
-        # reads; latents in-process since, to show one reader's rate). 14 frame workers last, so a
-        # part killed at its budget keeps the rows before (each row is flushed as it ends).
+        # now reads cached latents, its own case (8.0-9.5x with 8 workers on the third lease, before
+        # the batched reads; in-process, `loader.read_threads` threads, is its default since session
+        # 36). 14 frame workers last, so a part killed at its budget keeps the rows before (each row
+        # is flushed as it ends).
         "loader": (
             30,
             {
@@ -440,7 +441,9 @@ def markdown(res: dict) -> str:
     for r in lo.get("rows", []):
         over = f" ({r['ratio_over'].removeprefix('train_')})" if "ratio_over" in r else ""
         lines.append(
-            f"| {r.get('reads', 'frames')} | {r['worker_count']} | {_f(r.get('frames_per_s'), '{:.0f}')} | "
+            f"| {r.get('reads', 'frames')} | {r['worker_count']}"
+            + (f" ({r['read_threads']} threads)" if "read_threads" in r else "")
+            + f" | {_f(r.get('frames_per_s'), '{:.0f}')} | "
             f"{_f(r.get('MB_per_s'))} | {_f(r.get('ratio_over_train_step'), '{:.2f}')}{over} | {_f(r.get('startup_s'))} |"
             + (f" {r['error'][:80]}" if "error" in r else "")
         )

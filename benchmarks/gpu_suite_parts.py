@@ -695,7 +695,10 @@ def part_loader(p, rec: Recorder):
                     latents_path = synthetic_latent_cache(cfg, root, work / "synthetic_latents", T)
                     rec["latent_cache_note"] = f"random latents, {time.perf_counter() - t0:.1f} s to write"
                 kw["latents"] = latents_path
-            c = replace(cfg, loader=replace(cfg.loader, worker_count=workers))
+            # the row's worker count, whichever key its reads take it from (frames / latents)
+            c = replace(cfg, loader=replace(cfg.loader, worker_count=workers, latent_worker_count=workers))
+            if workers == 0:
+                row["read_threads"] = c.loader.read_threads
             t0 = time.perf_counter()
             it = iter(make_loader(root, c, batch_size=B, seq_len=T, **kw))
             next(it)

@@ -38,7 +38,7 @@ from dreamer4.runtime.stage import open_dataset
 
 def loader_rate(root, cfg, workers: int, batches: int, latents=None) -> dict:
     tc = cfg.dynamics.train
-    c = replace(cfg, loader=replace(cfg.loader, worker_count=workers))
+    c = replace(cfg, loader=replace(cfg.loader, worker_count=workers, latent_worker_count=workers))
     it = iter(make_loader(root, c, batch_size=tc.batch_size, seq_len=tc.seq_len, latents=latents))
     next(it)  # start-up (workers, first open) excluded
     t0, nbytes = time.perf_counter(), 0

@@ -73,6 +73,12 @@ class LoaderConfig:
     shuffle: bool = True
     # grain worker processes; 0 reads in the main process.
     worker_count: int = 0
+    # The same for a latent cache's reads (the dynamics' default input): a batch of latents is one
+    # TensorStore read of a few ms, and handing it over from a worker process cost more than that
+    # (BENCHMARKS.md, "Session 36"), so by default they are read in the main process.
+    latent_worker_count: int = 0
+    # Threads reading in the main process (where the worker count is 0); the batches stay in order.
+    read_threads: int = 2
     # Batches prefetched per worker (grain's worker_buffer_size).
     worker_buffer_size: int = 2
 
@@ -605,6 +611,8 @@ def validate(cfg: Config) -> None:
         (cfg.loader.window_stride >= 1, "loader.window_stride", "must be >= 1"),
         (cfg.loader.labeled_repeat >= 1, "loader.labeled_repeat", "must be >= 1"),
         (cfg.loader.worker_count >= 0, "loader.worker_count", "must be >= 0"),
+        (cfg.loader.latent_worker_count >= 0, "loader.latent_worker_count", "must be >= 0"),
+        (cfg.loader.read_threads >= 1, "loader.read_threads", "must be >= 1"),
         (
             cfg.tokenizer.width % cfg.tokenizer.num_heads == 0,
             "tokenizer.width",

@@ -280,6 +280,8 @@ def test_disk_full_in_state_checkpoint_and_logs(small_disk):
         ("dynamics.context_prob=-0.1", "dynamics.context_prob"),
         ("dynamics.eval_transitions=0", "dynamics.eval_transitions"),
         ("loader.worker_buffer_size=0", "loader.worker_buffer_size"),
+        ("loader.read_threads=0", "loader.read_threads"),
+        ("loader.latent_worker_count=-1", "loader.latent_worker_count"),
         ("loader.labeled_repeat=0", "loader.labeled_repeat"),
     ],
 )

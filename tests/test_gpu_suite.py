@@ -96,7 +96,8 @@ def test_smoke_suite_reports_every_part_and_survives_a_failing_one(tmp_path):
     # same windows), so each row's ratio is over the step that reads that way
     assert rows["frames", 0]["ratio_over_train_step"] > 0 and rows["frames", 0]["ratio_over"] == "train_tokenizer"
     assert rows["latents", 0]["frames_per_s"] > 0 and rows["latents", 0]["ratio_over"] == "train_dynamics"
-    assert "| latents | 0 |" in md
+    assert rows["latents", 0]["read_threads"] == 2 and "| latents | 0 (2 threads) |" in md  # in-process
+    assert "read_threads" not in rows["frames", 1]
     for name in PARTS:
         assert f"| {name} |" in md
     assert "| tokenizer 2x2 | host-xla |" in md and "| dynamics 2x4 | host-xla |" in md

@@ -79,6 +79,29 @@ def test_loader_reads_latents_in_the_same_order_as_frames(built, dataset):
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_latent_reads_take_their_own_worker_count_and_threads_keep_the_order(built, dataset):
+    """A latent cache's batches are read by `loader.latent_worker_count` workers (default 0: in
+    this process), frames by `loader.worker_count`; reading threads do not change the batches."""
+    _, _, path, *_ = built
+    root, _ = dataset
+    kw = dict(batch_size=4, seq_len=T, seed=5, latents=path)
+    split = config(["loader.worker_count=2"])
+    assert split.loader.latent_worker_count == 0 and split.loader.read_threads == 2  # the defaults
+    assert make_loader(root, split, batch_size=4, seq_len=T).stream_id["worker_count"] == 2
+    assert make_loader(root, split, **kw).stream_id["worker_count"] == 0
+
+    def batches(threads: int, n: int = 6) -> list[dict]:
+        it = iter(make_loader(root, config([f"loader.read_threads={threads}"]), **kw))
+        return [next(it) for _ in range(n)]
+
+    one, three = batches(1), batches(3)
+    assert len({b["latents"].tobytes() for b in one}) == 6  # six different batches
+    for a, b in zip(one, three, strict=True):
+        assert list(a) == list(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_a_batch_read_equals_the_records_read_one_by_one(built, tmp_path):
     """The loader reads a batch with its large reads started together (all latents in one
     TensorStore read, or every window's frames before waiting): the same arrays as stacking the
@@ -256,6 +279,37 @@ def test_benchmark_script_reports_build_and_loader(dataset, tmp_path):
     for kind in ("frames", "latents"):
         r = res["loader"][f"{kind}_workers0"]
         assert r["windows_per_s"] > 0 and r["ratio_over_train_step"] == pytest.approx(r["windows_per_s"] / 40)
+
+
+def test_loader_feed_benchmark_pairs_its_cases(dataset, tmp_path):
+    """benchmarks/loader_feed.py: every case runs once per repetition; differences are paired
+    against the first case of the same reads; a malformed case is refused by name."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("loader_feed", REPO / "benchmarks" / "loader_feed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sets = [a for kv in TEST_SETS + CFG for a in ("--set", kv)]
+    args = ["--data", str(dataset[0]), "--config", str(REPO / "configs" / "tiny.yaml"), *sets, "--work", str(tmp_path)]
+    out = tmp_path / "f.json"
+    res = bench.main(
+        args
+        + ["--cases", "latents:t1,frames:t1,latents:t2", "--reps", "2", "--seconds", "0.2", "--warm", "1"]
+        + ["--json", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    lat1, fr1, lat2 = res["rows"]
+    assert [r["case"] for r in res["rows"]] == ["latents:t1", "frames:t1", "latents:t2"]
+    assert lat2["threads"] == 2 and lat2["workers"] == 0 and lat2["batch"] == [4, T]  # dynamics.train batch
+    for r in res["rows"]:
+        assert len(r["frames_per_s"]) == 2 and min(r["frames_per_s"]) > 0
+    d = lat2["minus_latents:t1"]
+    assert d["n"] == 2 and d["mean"] == pytest.approx(np.mean(np.subtract(lat2["frames_per_s"], lat1["frames_per_s"])))
+    assert not any(k.startswith("minus_") for k in fr1)  # the first frames case is its own baseline
+    with pytest.raises(SystemExit, match="'latents:x2' is not READS:HOW"):
+        bench.main(args + ["--cases", "latents:x2"])
 
 
 def test_a_signal_stops_the_build_after_a_block_with_it_kept(built, tmp_path):

@@ -220,6 +220,7 @@ class WindowLoader:
         num_epochs: int | None,
         worker_count: int,
         buffer_size: int,
+        read_threads: int = 1,
     ):
         self.source, self.batch_size = source, batch_size
         self.shard_index, self.shard_count, self.seed = shard_index, shard_count, seed
@@ -236,8 +237,10 @@ class WindowLoader:
                 grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=buffer_size),
                 worker_init_fn=_ignore_stop_signals,
             )
-        else:  # one reader thread overlaps reading with training
-            self._dataset = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer_size))
+        else:  # reader threads overlap reading with training (grain keeps the batches in order)
+            self._dataset = ds.to_iter_dataset(
+                grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer_size)
+            )
         # What a saved position refers to; the process count is deliberately not part of it.
         self.stream_id = {
             "source": repr(source),
@@ -368,9 +371,12 @@ def source_loader(
 
     The global batch (`batch_size`, default `loader.batch_size`, from config key `batch_key`) is
     split evenly over JAX processes (`shard_index` of `shard_count`, default this process of all);
-    each process reads only its rows.
+    each process reads only its rows. A source that reads a latent cache is read by
+    `loader.latent_worker_count` worker processes, any other by `loader.worker_count`; with none,
+    by `loader.read_threads` threads of this process.
     """
     lc = cfg.loader
+    workers = lc.latent_worker_count if source.latents is not None else lc.worker_count
     batch_size = lc.batch_size if batch_size is None else batch_size
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
@@ -378,7 +384,7 @@ def source_loader(
         raise ConfigError(
             f"config key '{batch_key}' ({batch_size}) must be divisible by the number of JAX processes ({shard_count})"
         )
-    if lc.worker_count > 0:
+    if workers > 0:
         # grain's worker processes read absl flags; a CLI that never parsed absl flags must say so.
         from absl import flags
 
@@ -392,6 +398,7 @@ def source_loader(
         cfg.seed if seed is None else seed,
         lc.shuffle,
         num_epochs,
-        lc.worker_count,
+        workers,
         lc.worker_buffer_size,
+        lc.read_threads,
     )
