@@ -68,19 +68,25 @@ def frame_pool(shape, source: str | None, n: int, rng) -> np.ndarray:
 
 
 def make_rows(N: int, T: int, chunks: int, spec, mean_len: float, frames: np.ndarray, with_policy: bool, rng):
-    """`chunks` chunks of rows (T, N, ...) that join into whole episodes per env, the last step of
-    the last chunk ending every env's episode (so cycling through them stays consistent)."""
+    """(first, cycle): `chunks` chunks of rows (T, N, ...) that repeat as a cycle, and `first`, the
+    cycle's first chunk as the collection's very first chunk, where every env starts an episode.
+
+    Each env's episodes tile its cycle of T * chunks rows circularly, from a random phase: an
+    episode may run over the cycle's end into its start, so the cycle repeats consistently while
+    episodes end at unrelated steps in different envs, as in a real collection. (Before session 36
+    every episode ended at the cycle's last step: every `chunks`-th commit then had no running
+    episode to save, which understated the resume state's cost.) Episode lengths are geometric
+    with mean `mean_len`, one per env and cycle cut at the phase."""
     L = T * chunks
     is_first = np.zeros((L, N), bool)
     is_last = np.zeros((L, N), bool)
     for n in range(N):
-        t = 0
-        while t < L:
-            length = int(rng.geometric(1.0 / mean_len)) + 1
-            is_first[t, n] = True
-            end = min(t + length, L) - 1
-            is_last[end, n] = True
-            t = end + 1
+        phase = int(rng.integers(0, L))
+        t = phase
+        while t < phase + L:
+            is_first[t % L, n] = True
+            is_last[(t - 1) % L, n] = True
+            t += int(rng.geometric(1.0 / mean_len))
     A = len(spec.achievement_names)
     rows = {
         "frame": frames[rng.integers(0, len(frames), (L, N))],
@@ -93,7 +99,16 @@ def make_rows(N: int, T: int, chunks: int, spec, mean_len: float, frames: np.nda
     }
     if with_policy:
         rows["policy_id"] = np.broadcast_to((np.arange(N) % 2).astype(np.int32), (L, N)).copy()
-    return [jax.device_put({k: v[c * T : (c + 1) * T] for k, v in rows.items()}) for c in range(chunks)]
+    cycle = [jax.device_put({k: v[c * T : (c + 1) * T] for k, v in rows.items()}) for c in range(chunks)]
+    # the first chunk ever: reset rows at step 0 (the frames, the large part, are shared)
+    starts = {
+        "is_first": np.concatenate([np.ones((1, N), bool), is_first[1:T]]),
+        "action": np.concatenate([np.full((1, N), -1, np.int32), rows["action"][1:T]]),
+        "reward": np.concatenate([np.zeros((1, N), np.float32), rows["reward"][1:T]]),
+        "achievements": np.concatenate([np.zeros((1, N, A), bool), rows["achievements"][1:T]]),
+    }
+    first = {**cycle[0], **jax.device_put(starts)}
+    return first, cycle
 
 
 def usage() -> tuple[float, float, int]:
@@ -147,15 +162,15 @@ def run(cfg, seconds: float, mean_len: float, frames_from: str | None, chunks: i
     c = cfg.collect
     N, T = c.num_envs, c.chunk_steps
     frames = frame_pool(stepper.spec.frame_shape, frames_from, 4096, rng)
-    chunk_rows = make_rows(N, T, chunks, stepper.spec, mean_len, frames, stepper.policy_ids is not None, rng)
-    jax.block_until_ready(chunk_rows)
+    first, cycle = make_rows(N, T, chunks, stepper.spec, mean_len, frames, stepper.policy_ids is not None, rng)
+    jax.block_until_ready((first, cycle))
 
     def init_fn(key):
         return {"i": jnp.zeros((), jnp.int32), "key": key}
 
     def chunk_fn(carry):  # instant: the rows are already on the device
         i = int(carry["i"])
-        return {"i": carry["i"] + 1, "key": carry["key"]}, chunk_rows[i % chunks]
+        return {"i": carry["i"] + 1, "key": carry["key"]}, first if i == 0 else cycle[i % chunks]
 
     fake = replace(stepper, init_fn=init_fn, chunk_fn=chunk_fn)
     timers = wrap_collect_components(Timers())
