@@ -1,5 +1,6 @@
 """Collector pieces that need no Craftax: split/label picking and episode assembly."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -298,3 +299,34 @@ def test_strong_types_keeps_dtypes_and_drops_weak_types():
         }
         np.testing.assert_array_equal(out["weak"], [1.5, 1.5])
         assert int(out["py_int"]) == 3
+
+
+def test_collect_host_rows_cycle_with_episodes_running_over_every_chunk_end():
+    """benchmarks/collect_host.py's stand-in rows: the first chunk resets every env, the cycle
+    repeats as valid episodes (an episode may run over its end), and, unlike before session 36,
+    not every episode ends at the cycle's last step: every chunk leaves episodes running, as a
+    real collection's commits do."""
+    import importlib.util
+    import types
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("collect_host", REPO / "benchmarks" / "collect_host.py")
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
+    env = types.SimpleNamespace(achievement_names=["a", "b"], num_actions=5)
+    frames = np.arange(7 * 2 * 2 * 3, dtype=np.uint8).reshape(7, 2, 2, 3)
+    N, T, chunks = 16, 8, 3
+    first, cycle = host.make_rows(N, T, chunks, env, 6.0, frames, False, np.random.default_rng(0))
+    first, cycle = jax.device_get((first, cycle))
+    assert first["is_first"][0].all() and (first["action"][0] == -1).all()
+    np.testing.assert_array_equal(first["frame"], cycle[0]["frame"])
+    asm, ended, running = EpisodeAssembler(N), 0, []
+    for c in [first, *cycle[1:]] + cycle * 3:  # as collect_host's chunk_fn; the assembler checks every episode
+        ended += len(asm.add(c))
+        running.append(sum(bool(p) for p in asm.partial))
+    assert ended > N and min(running) > 0
+    is_first = np.concatenate([c["is_first"] for c in cycle])
+    is_last = np.concatenate([c["is_last"] for c in cycle])
+    np.testing.assert_array_equal(np.roll(is_last, 1, axis=0), is_first)  # circular: a reset follows each end
+    assert not is_last[-1].all()
