@@ -87,8 +87,11 @@ def test_latent_reads_take_their_own_worker_count_and_threads_keep_the_order(bui
     kw = dict(batch_size=4, seq_len=T, seed=5, latents=path)
     split = config(["loader.worker_count=2"])
     assert split.loader.latent_worker_count == 0 and split.loader.read_threads == 2  # the defaults
-    assert make_loader(root, split, batch_size=4, seq_len=T).stream_id["worker_count"] == 2
-    assert make_loader(root, split, **kw).stream_id["worker_count"] == 0
+    frames, latents = make_loader(root, split, batch_size=4, seq_len=T), make_loader(root, split, **kw)
+    assert frames.stream_id["worker_count"] == 2 and latents.stream_id["worker_count"] == 0
+    # the train loop logs how its loader reads
+    assert "; frames read by 2 worker processes; global batch 4" in frames.describe()
+    assert f"; latents from {path} read by 2 threads in this process; global batch 4" in latents.describe()
 
     def batches(threads: int, n: int = 6) -> list[dict]:
         it = iter(make_loader(root, config([f"loader.read_threads={threads}"]), **kw))

@@ -189,6 +189,9 @@ def _train(stage: Stage, stage_dir: Path) -> nnx.Module:
         stage_dir, stage.name, to_dict(cfg), mode=cfg.runtime.wandb, project=cfg.runtime.wandb_project
     )
     it = stage.make_iterator()
+    loader = getattr(it, "loader", None)
+    if hasattr(loader, "describe"):
+        log0(f"[{stage.name}] data: {loader.describe()}")
     step = 0
     found = ckpt.restore_latest_good(abstract_like(state, shardings), log=lambda m: log0(f"[{stage.name}] {m}"))
     if found is not None:
