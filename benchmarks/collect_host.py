@@ -101,12 +101,9 @@ def make_rows(N: int, T: int, chunks: int, spec, mean_len: float, frames: np.nda
         rows["policy_id"] = np.broadcast_to((np.arange(N) % 2).astype(np.int32), (L, N)).copy()
     cycle = [jax.device_put({k: v[c * T : (c + 1) * T] for k, v in rows.items()}) for c in range(chunks)]
     # the first chunk ever: reset rows at step 0 (the frames, the large part, are shared)
-    starts = {
-        "is_first": np.concatenate([np.ones((1, N), bool), is_first[1:T]]),
-        "action": np.concatenate([np.full((1, N), -1, np.int32), rows["action"][1:T]]),
-        "reward": np.concatenate([np.zeros((1, N), np.float32), rows["reward"][1:T]]),
-        "achievements": np.concatenate([np.zeros((1, N, A), bool), rows["achievements"][1:T]]),
-    }
+    starts = {k: rows[k][:T].copy() for k in ("is_first", "action", "reward", "achievements")}
+    for k, reset in (("is_first", True), ("action", -1), ("reward", 0.0), ("achievements", False)):
+        starts[k][0] = reset
     first = {**cycle[0], **jax.device_put(starts)}
     return first, cycle
 

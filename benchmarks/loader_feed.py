@@ -90,7 +90,8 @@ def main(argv=None):
     from gpu_suite_parts import synthetic_dataset, synthetic_latent_cache
 
     cfg = load_config(args.config, args.overrides)
-    cases = [parse_case(c.strip()) for c in args.cases.split(",") if c.strip()]
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = [parse_case(name) for name in names]
     work = Path(args.work)
     root = Path(args.data) if args.data else work / "dataset"
     if not args.data and not (root / "manifest.json").exists():
@@ -109,8 +110,7 @@ def main(argv=None):
             reads, w, t = cases[i]
             r = rate(root, cfg, reads, w, t, latents, args.seconds, args.warm)
             runs[i].append(r)
-            print(f"rep {rep} {args.cases.split(',')[i].strip():12} {r['frames_per_s']:>12,.0f} frames/s", flush=True)
-    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+            print(f"rep {rep} {names[i]:12} {r['frames_per_s']:>12,.0f} frames/s", flush=True)
     rows = []
     for i, (reads, w, t) in enumerate(cases):
         fps = np.array([r["frames_per_s"] for r in runs[i]])

@@ -220,9 +220,10 @@ class WindowLoader:
         num_epochs: int | None,
         worker_count: int,
         buffer_size: int,
-        read_threads: int = 1,
+        read_threads: int,
     ):
-        self.source, self.batch_size, self.read_threads = source, batch_size, read_threads
+        self.source, self.batch_size = source, batch_size
+        self.worker_count, self.read_threads = worker_count, read_threads
         self.shard_index, self.shard_count, self.seed = shard_index, shard_count, seed
         local = batch_size // shard_count
         ds = grain.MapDataset.range(len(source))
@@ -255,9 +256,13 @@ class WindowLoader:
 
     def describe(self) -> str:
         """What this loader reads and how, in one line (the train loop logs it at the start)."""
-        src, workers = self.source, self.stream_id["worker_count"]
+        src = self.source
         what = f"latents from {src.latents.path}" if src.latents is not None else "frames"
-        how = f"{workers} worker processes" if workers else f"{self.read_threads} threads in this process"
+        how = (
+            f"{self.worker_count} worker processes"
+            if self.worker_count
+            else f"{self.read_threads} threads in this process"
+        )
         local = self.batch_size // self.shard_count
         part = f" ({local} rows per process)" if self.shard_count > 1 else ""
         return f"{src.describe()}; {what} read by {how}; global batch {self.batch_size}{part}"
