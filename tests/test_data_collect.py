@@ -229,6 +229,60 @@ def test_stop_after_seconds_with_a_prebuilt_stepper(dataset, cfg, tmp_path):
     assert stepper.chunk_fn._cache_size() == 1
 
 
+def _manifest_shards(root):
+    return store.read_manifest(root)["shards"]
+
+
+def test_commits_in_flight_write_the_same_dataset_and_fail_in_order(dataset, cfg, tmp_path, monkeypatch):
+    """Commits at once (collect.commits_in_flight: the fixture's default 2, here 3, then 1) write
+    the same dataset, shard for shard; a failed commit stops the run, and no later shard enters
+    the manifest or leaves a resume state, even one written meanwhile; a rerun with another
+    setting (not a data key) continues it."""
+    import threading
+
+    from dreamer4.data import collect as collect_mod
+
+    root, _ = dataset
+    stepper = build_stepper(cfg, 0)
+    real_write, lock, active, most, fail_at = store.write_shard, threading.Lock(), [0], [0], [None]
+
+    def slow_write(root_, name, arrays, **kw):  # slower than a chunk: commits pile up
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.3)
+            if name == fail_at[0]:
+                raise OSError(f"injected failure writing {name}")
+            return real_write(root_, name, arrays, **kw)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(collect_mod.store, "write_shard", slow_write)
+    three = make_test_config(["collect.commits_in_flight=3"])
+    out = tmp_path / "three"
+    collect(three, out, log=lambda *a: None, stepper=stepper)
+    assert most[0] >= 2  # commits did run at once
+    assert len(_manifest_shards(root)) >= 4
+    assert _manifest_shards(out) == _manifest_shards(root)  # names, frames, sha256, episodes, labels
+    _assert_same_dataset(root, out)
+
+    out, most[0] = tmp_path / "failed", 0
+    fail_at[0] = store.shard_name(0, 1)
+    with pytest.raises(OSError, match="injected failure writing w000-s000001"):
+        collect(three, out, log=lambda *a: None, stepper=stepper)
+    assert most[0] >= 2  # shard 2 was being written when shard 1 failed
+    assert [s["name"] for s in _manifest_shards(out)] == [store.shard_name(0, 0)]
+    assert sorted(p.name for p in (out / "collector" / "w000").glob("state-*")) == ["state-000001.pkl.zp"]
+    fail_at[0] = None
+    one = make_test_config(["collect.commits_in_flight=1"])
+    collect(one, out, log=lambda *a: None, stepper=stepper)  # one at a time: the dataset's header agrees
+    assert verify(out) == ([], [])
+    assert _manifest_shards(out) == _manifest_shards(root)
+    _assert_same_dataset(root, out)
+
+
 def test_resume_after_sigkill_is_byte_identical(dataset, tmp_path):
     root, _ = dataset
     out = tmp_path / "killed"

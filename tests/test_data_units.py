@@ -1,5 +1,7 @@
 """Collector pieces that need no Craftax: split/label picking and episode assembly."""
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -101,6 +103,42 @@ def test_assembler_with_many_envs_copies_running_episodes_in_threads(monkeypatch
     assert [sum((p["frame"].tolist() for p in ps), []) for ps in asm.partial] == left
 
 
+def test_concurrent_resume_state_encodes_compress_each_piece_once(monkeypatch):
+    """Two commits in flight encode overlapping views of the same pieces at once: each piece is
+    compressed by one of them and the other waits for it; both states hold every piece."""
+    import pickle
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dreamer4.data.collect import CollectorState
+
+    asm = EpisodeAssembler(num_envs=2)
+    asm.add(_rows(3, 2, firsts=[(0, 0), (0, 1)], lasts=[], base=0))
+    calls, real, lock = [], CollectorState._compress_piece, threading.Lock()
+
+    def slow(piece):
+        with lock:
+            calls.append(id(piece))
+        time.sleep(0.2)  # long enough that the second encode starts while the first compresses
+        return real(piece)
+
+    monkeypatch.setattr(CollectorState, "_compress_piece", staticmethod(slow))
+    older = EpisodeAssembler(2, partial=[list(ps) for ps in asm.partial], encoded=asm.encoded, lock=asm.lock)
+    asm.add(_rows(3, 2, firsts=[], lasts=[], base=3))  # a second piece per env
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(CollectorState.encode, {"k": 0}, older)
+        time.sleep(0.05)
+        b = pool.submit(CollectorState.encode, {"k": 1}, asm)
+        blobs = [a.result(), b.result()]
+    assert sorted(calls) == sorted(id(p) for ps in asm.partial for p in ps)  # 4 pieces, once each
+    for blob, view in zip(blobs, (older, asm), strict=True):
+        got = [
+            [CollectorState._decompress_piece(e, 3)["frame"].tolist() for e in ps]
+            for ps in pickle.loads(blob)["partial"]
+        ]
+        assert got == [[p["frame"].tolist() for p in ps] for ps in view.partial]
+
+
 def test_resume_state_compresses_each_piece_once_and_reads_every_format(tmp_path):
     import pickle
     import zlib
@@ -110,13 +148,14 @@ def test_resume_state_compresses_each_piece_once_and_reads_every_format(tmp_path
     asm = EpisodeAssembler(num_envs=2)
     asm.add(_rows(3, 2, firsts=[(0, 0), (0, 1)], lasts=[], base=0))  # both envs mid-episode
     first = CollectorState.encode({"k": np.arange(3)}, asm)
-    blobs = {i: enc for i, (_, enc) in asm.encoded.items()}
+    blobs = {i: enc.result() for i, (_, enc) in asm.encoded.items()}
     asm.add(_rows(3, 2, firsts=[(2, 1)], lasts=[(1, 1)], base=3))  # env 1 ends and restarts
+    asm.prune_encoded()  # the collector's, at each commit's submission
     second = CollectorState.encode({"k": np.arange(3)}, asm)
     # env 0's first piece is still partial: its compressed copy is reused, not redone; env 1's
     # ended pieces are forgotten
     p0 = id(asm.partial[0][0])
-    assert p0 in blobs and asm.encoded[p0][1] is blobs[p0]
+    assert p0 in blobs and asm.encoded[p0][1].result() is blobs[p0]
     assert set(asm.encoded) == {id(p) for ps in asm.partial for p in ps}
     assert len(first) > 0
     path = CollectorState.path(tmp_path, 0, 2)

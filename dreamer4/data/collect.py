@@ -13,7 +13,7 @@ action_{t+1}. The collector emits exactly one such row per env per scan iteratio
 last row was `is_last` is reset in the next iteration and emits its first row.
 
 Resumability: after each committed shard the writer saves its whole collector state (env states,
-PRNG key, the unfinished episodes' rows) to `collector/wNNN/state-KKKKKK.pkl.z` *before* the manifest
+PRNG key, the unfinished episodes' rows) to `collector/wNNN/state-KKKKKK.pkl.zp` *before* the manifest
 lists the shard. A restarted writer deletes its uncommitted shard groups, loads the state saved
 with its last committed shard, and continues: the result is byte-identical to an uninterrupted
 run. Episode data never depends on `chunk_steps` (the key is split per step, not per chunk).
@@ -25,14 +25,16 @@ those of an uninterrupted run) and stops with exit code 75; rerun to continue. A
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
 import pickle
 import shutil
+import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,9 +154,19 @@ class EpisodeAssembler:
 
     num_envs: int
     partial: list[list[dict]] = field(default_factory=list)
-    # CollectorState's compressed copy of each partial piece, by id(piece) (with the piece, so the
-    # id cannot be reused): a piece is compressed once, however many commits it stays partial for
-    encoded: dict[int, tuple[dict, dict]] = field(default_factory=dict, repr=False)
+    # CollectorState's compressed copy of each partial piece (a future of it), by id(piece) (with
+    # the piece, so the id cannot be reused): a piece is compressed once, however many commits it
+    # stays partial for
+    encoded: dict[int, tuple[dict, Future]] = field(default_factory=dict, repr=False)
+    # guards `encoded`: commits in flight at once encode (and the collecting thread prunes) together
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def prune_encoded(self) -> None:
+        """Drop the compressed copies of pieces no longer partial (their episodes have ended)."""
+        live = {id(p) for ps in self.partial for p in ps}
+        with self.lock:
+            for key in [k for k in self.encoded if k not in live]:
+                del self.encoded[key]
 
     def __post_init__(self):
         if not self.partial:
@@ -349,8 +361,15 @@ def _config_header(cfg: Config, num_writers: int) -> dict:
         "eval_fraction": c.eval_fraction,
         "step_convention": "row t: frame_t; action_t led into frame_t (-1 at is_first); "
         "reward_t received on arriving at frame_t",
-        "collect_config": to_dict(c),
+        # how fast a run commits is not a property of the data: any value may continue a dataset
+        "collect_config": _data_config(c),
     }
+
+
+def _data_config(c) -> dict:
+    """The collect config without the keys that change how fast a run goes but not one byte of
+    what it writes: a dataset may be continued, and a compiled stepper reused, with any values."""
+    return {k: v for k, v in to_dict(c).items() if k not in ("commits_in_flight",)}
 
 
 def _header(cfg: Config, spec: EnvSpec, num_writers: int) -> dict:
@@ -457,17 +476,29 @@ class CollectorState:
 
     @staticmethod
     def encode(carry, assembler: EpisodeAssembler) -> bytes:
+        """The state file's bytes. A piece is compressed once: `assembler.encoded` holds each
+        piece's compression as a future, so a commit whose encode runs beside another's (commits
+        in flight) waits for the other's compression of a piece instead of redoing it. Pruning
+        it is the caller's (`EpisodeAssembler.prune_encoded`)."""
         pieces = [p for ps in assembler.partial for p in ps]
-        memo = assembler.encoded
-        live = {id(p) for p in pieces}
-        for key in [k for k in memo if k not in live]:  # pieces whose episodes have ended
-            del memo[key]
-        new = [p for p in pieces if id(p) not in memo]
-        if new:
-            with ThreadPoolExecutor(min(len(new), os.cpu_count() or 1, 16)) as pool:
-                for p, enc in zip(new, pool.map(CollectorState._compress_piece, new), strict=True):
-                    memo[id(p)] = (p, enc)
-        partial = [[memo[id(p)][1] for p in ps] for ps in assembler.partial]
+        memo, mine, futures = assembler.encoded, [], {}
+        with assembler.lock:
+            for p in pieces:
+                if id(p) not in memo:
+                    memo[id(p)] = (p, Future())
+                    mine.append(p)
+                futures[id(p)] = memo[id(p)][1]
+        if mine:
+            with ThreadPoolExecutor(min(len(mine), os.cpu_count() or 1, 16)) as pool:
+                for p, job in [(p, pool.submit(CollectorState._compress_piece, p)) for p in mine]:
+                    err = job.exception()
+                    if err is None:
+                        futures[id(p)].set_result(job.result())
+                    else:  # any waiting encode raises it too; the piece is compressed anew next time
+                        with assembler.lock:
+                            memo.pop(id(p), None)
+                        futures[id(p)].set_exception(err)
+        partial = [[futures[id(p)].result() for p in ps] for ps in assembler.partial]
         return pickle.dumps(
             {"format": CollectorState.FORMAT, "carry": jax.device_get(carry), "partial": partial},
             protocol=pickle.HIGHEST_PROTOCOL,
@@ -595,7 +626,7 @@ def build_stepper(cfg: Config, writer: int) -> Stepper:
 
 
 def _stepper_key(cfg: Config, writer: int) -> tuple:
-    return (cfg.env.name, writer, cfg.seed, repr(cfg.collect))
+    return (cfg.env.name, writer, cfg.seed, repr(_data_config(cfg.collect)))
 
 
 def _collect(
@@ -665,24 +696,27 @@ def _collect(
     t0 = time.time()
     bar = Progress(total=target, initial=episodes_done, desc=f"collect w{writer}", unit="ep")
 
-    def commit(carry_after, partial: list[list[dict]], episodes: list[dict], final: bool) -> None:
-        """Write `episodes` as the next shard, the resume state (carry_after, partial), then the
-        manifest entry: the commit. Runs on the committer thread, one commit at a time, in order."""
-        with _adding_time(host_s, "commits"):
-            _commit(carry_after, partial, episodes, final)
+    def commit(index: int, carry_after, partial, episodes, labels, final: bool, before) -> None:
+        """Write `episodes` as shard `index`, then (once the commit `before` has ended) the resume
+        state (carry_after, partial) and the manifest entry: the commit. Runs on a committer
+        thread; up to `collect.commits_in_flight` run at once, and they finish in order."""
+        t = time.perf_counter()
+        try:
+            _commit(index, carry_after, partial, episodes, labels, final, before)
+        finally:
+            with stats_lock:
+                host_s["commits"] += time.perf_counter() - t
 
-    def _commit(carry_after, partial: list[list[dict]], episodes: list[dict], final: bool) -> None:
-        nonlocal shards_done, episodes_done, train_done, bytes_new
-        name = store.shard_name(writer, shards_done)
-        # each episode is its list of pieces: one copy, straight into the shard's arrays (reused:
-        # commits run one at a time, and write_shard has finished with them when it returns)
-        arrays = {k: row_buffers.join(k, [p[k] for ep in episodes for p in ep]) for k in ROW_FIELDS}
+    def _commit(index: int, carry_after, partial, episodes, labels, final: bool, before) -> None:
+        nonlocal shards_done, episodes_done, bytes_new
+        name = store.shard_name(writer, index)
+        # each episode is its list of pieces: one copy, straight into the shard's arrays (this
+        # thread's own, reused: write_shard has finished with them when it returns)
+        if not hasattr(row_buffers, "b"):
+            row_buffers.b = RowBuffers()
+        arrays = {k: row_buffers.b.join(k, [p[k] for ep in episodes for p in ep]) for k in ROW_FIELDS}
         eps, start = [], 0
-        for ep in episodes:
-            n = episodes_done + len(eps)
-            is_eval = stratified_pick(n, c.eval_fraction, eval_u)
-            labeled = True if is_eval else stratified_pick(train_done, c.labeled_fraction, label_u)
-            train_done += 0 if is_eval else 1
+        for ep, (n, is_eval, labeled) in zip(episodes, labels, strict=True):
             L = sum(len(p["frame"]) for p in ep)
             ret = float(arrays["reward"][start + 1 : start + L].sum())  # reward_0 is the reset row's 0
             got = arrays["achievements"][start : start + L].any(0)
@@ -702,7 +736,7 @@ def _collect(
         entry = {
             "name": name,
             "writer": writer,
-            "index": shards_done,
+            "index": index,
             "num_frames": int(len(arrays["frame"])),
             "episodes": eps,
             "target_episodes": target,
@@ -710,7 +744,7 @@ def _collect(
         }
         # The state's zstd and TensorStore's both release the GIL: compress the resume state meanwhile.
         # The state's view of the assembler shares its cache of compressed pieces.
-        state_view = EpisodeAssembler(c.num_envs, partial=partial, encoded=assembler.encoded)
+        state_view = EpisodeAssembler(c.num_envs, partial=partial, encoded=assembler.encoded, lock=assembler.lock)
         with ThreadPoolExecutor(1) as pool:
             encoded = pool.submit(CollectorState.encode, carry_after, state_view)
             digests = store.write_shard(
@@ -722,51 +756,75 @@ def _collect(
                 entry=entry,
                 header=header_now,
             )
-            CollectorState.save(root, writer, shards_done + 1, None, None, data=encoded.result())
+            data = encoded.result()
+        if before is not None:
+            before.result()  # in order: an earlier commit that failed fails this one too (not listed)
+        assert shards_done == index, (shards_done, index)
+        CollectorState.save(root, writer, index + 1, None, None, data=data)
         with store.locked_manifest(root) as m:
             m["shards"].append(
                 {
                     "name": name,
                     "writer": writer,
-                    "index": shards_done,
+                    "index": index,
                     "num_frames": int(len(arrays["frame"])),
                     "sha256": digests,
                     "episodes": eps,
                 }
             )
             m["writers"][str(writer)] = {
-                "committed_shards": shards_done + 1,
+                "committed_shards": index + 1,
                 "episodes": episodes_done + len(eps),
                 "target_episodes": target,
                 "complete": final,
             }
-        CollectorState.prune(root, writer, keep_from=shards_done + 1)
+        CollectorState.prune(root, writer, keep_from=index + 1)
         shards_done += 1
         episodes_done += len(eps)
         bytes_new += sum(a.nbytes for a in arrays.values())
 
-    # Commits run on one background thread, so the device steps and the host cuts rows into
-    # episodes while the last shard is compressed, hashed and written. At most one commit is in
-    # flight (the next waits for it): memory stays bounded and shards commit in order. A commit
-    # snapshots what it saves (the carry after chunk k and the partial rows as they were then), so
-    # the result is the same as committing inline.
-    committer = ThreadPoolExecutor(1, thread_name_prefix=f"collect-w{writer}-commit")
-    row_buffers = RowBuffers()  # the commit thread's alone
-    in_flight = None
+    # Commits run on background threads, so the device steps and the host cuts rows into episodes
+    # while the last shards are compressed, hashed and written. At most `commits_in_flight` are in
+    # flight (the next waits for the oldest): memory stays bounded. Each saves its state and
+    # manifest entry only after the one before it, so shards commit in order. A commit snapshots
+    # what it saves (the carry after chunk k and the partial rows as they were then), and its
+    # shard index, episode numbers, splits and labels are fixed when it is submitted, so the
+    # result is the same as committing inline.
+    committer = ThreadPoolExecutor(c.commits_in_flight, thread_name_prefix=f"collect-w{writer}-commit")
+    row_buffers = threading.local()  # each commit thread joins into its own RowBuffers
+    stats_lock = threading.Lock()
+    in_flight: collections.deque = collections.deque()
+    planned = {"shards": shards_done, "episodes": episodes_done, "train": train_done}
 
-    def wait_commit() -> None:
-        nonlocal in_flight
-        if in_flight is not None:
-            f, in_flight = in_flight, None
+    def wait_commit(all_: bool = True) -> None:
+        """Wait for the commits in flight (all, or only the oldest); the first failure raises."""
+        while in_flight:
+            f = in_flight.popleft()
             with _adding_time(host_s, "waiting_for_commits"):
                 f.result()  # a failed commit's error surfaces here, in the collecting thread
+            if not all_:
+                return
 
     def submit_commit(carry_after, final: bool) -> None:
-        nonlocal pending, in_flight, commits_submitted
-        wait_commit()
+        nonlocal pending, commits_submitted
+        if len(in_flight) >= c.commits_in_flight:
+            wait_commit(all_=False)
         snapshot = [list(ps) for ps in assembler.partial]  # pieces are never mutated, lists are
+        assembler.prune_encoded()
         episodes, pending = pending, []
-        in_flight = committer.submit(commit, carry_after, snapshot, episodes, final)
+        labels = []
+        for _ in episodes:
+            n = planned["episodes"] + len(labels)
+            is_eval = stratified_pick(n, c.eval_fraction, eval_u)
+            labeled = True if is_eval else stratified_pick(planned["train"], c.labeled_fraction, label_u)
+            planned["train"] += 0 if is_eval else 1
+            labels.append((n, is_eval, labeled))
+        before = in_flight[-1] if in_flight else None
+        in_flight.append(
+            committer.submit(commit, planned["shards"], carry_after, snapshot, episodes, labels, final, before)
+        )
+        planned["shards"] += 1
+        planned["episodes"] += len(episodes)
         commits_submitted += 1
 
     # Pipelining: the next chunk is dispatched (asynchronously) before the host cuts and writes
