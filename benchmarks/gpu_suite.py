@@ -12,8 +12,9 @@ Parts, each in its own process with its own time budget (benchmarks/gpu_suite_pa
   train_dynamics   the same for the dynamics (world model) train step
   imagine          frames/s for K = 4, 64 (then 1), single stream (batch 1) and batched, with and
                    without the tokenizer decoder; K=4 / K=64 ratio; compile time of each
-  collect          env steps/s of `dreamer4 collect` (classic, 1024 envs, then 4096 if time is left)
-                   against the collector's own jitted scan alone (the same compiled function)
+  collect          env steps/s of `dreamer4 collect` (classic, 1024 envs with 1, 2 and 4 commits in
+                   flight, then 4096 if time is left) against the collector's own jitted scan
+                   alone (the same compiled function)
   loader           grain loader frames/s, in-process and with worker processes, against the frames/s
                    the classic train steps consume (from the train parts)
 A part that fails, or runs out of its budget, is recorded as such with whatever it measured before
@@ -95,7 +96,9 @@ def full_plan(work: str, cache: str | None) -> dict:
             95,
             {
                 **c,
-                "num_envs": [1024, 4096],
+                # [envs, collect.commits_in_flight]: 1, 2 and 4 at 1,024 envs first, sharing one
+                # compilation (session 37); 4,096 envs (a second compilation) where the budget allows
+                "cases": [[1024, 1], [1024, 2], [1024, 4], [4096, 2], [4096, 1]],
                 "device_seconds": 3,
                 "collect_seconds": 8,
                 "overrides": ["collect.shard_frames=32768"],
@@ -162,7 +165,10 @@ def smoke_plan(work: str, cache: str | None) -> dict:
         ),
         "train_dynamics": (90, {**c, "batches": [[2, 4]], "seconds": 0.0, "warmup_seconds": 0.01, "profile_steps": 2}),
         "imagine": (90, {**c, "batches": [1], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 4, "seconds": 0.0}),
-        "collect": (150, {**c, "num_envs": [4], "chunk_steps": 16, "device_seconds": 0.2, "collect_seconds": 0.5}),
+        "collect": (
+            150,
+            {**c, "cases": [[4, 1], [4, 2]], "chunk_steps": 16, "device_seconds": 0.2, "collect_seconds": 0.5},
+        ),
         "loader": (
             90,
             {
@@ -260,6 +266,12 @@ def _f(x, fmt="{:.1f}"):
 
 def _gib(b):
     return None if b is None else b / 2**30
+
+
+def _envs(row: dict) -> str:
+    """A collect row's env count, with its commits in flight (rows before session 37 have none)."""
+    k = row.get("commits_in_flight")
+    return f"{row['num_envs']}" + (f" ({k})" if k is not None else "")
 
 
 def markdown(res: dict) -> str:
@@ -398,17 +410,17 @@ def markdown(res: dict) -> str:
         "## Collection (env steps/s)",
         "",
         (
-            "| envs | collect steady | device-only scan | collect / device-only | compile s (init + 2 chunks) "
+            "| envs (commits in flight) | collect steady | device-only scan | collect / device-only | compile s (init + 2 chunks) "
             "| collect 1st chunk s | episodes / shards | Craftax auto-reset loop |"
         ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in co.get("rows", []):
         if "skipped" in r:
-            lines.append(f"| {r['num_envs']} | skipped: {r['skipped'][:100]} | | | | | | |")
+            lines.append(f"| {_envs(r)} | skipped: {r['skipped'][:100]} | | | | | | |")
             continue
         lines.append(
-            f"| {r['num_envs']} | {_f(r.get('collect_steady_steps_per_s'), '{:.0f}')} | "
+            f"| {_envs(r)} | {_f(r.get('collect_steady_steps_per_s'), '{:.0f}')} | "
             f"{_f(r.get('device_only_steps_per_s'), '{:.0f}')} | "
             f"{_f(r.get('ratio_collect_over_device_only'), '{:.2f}')} | {_f(r.get('compile_s'))} | "
             f"{_f(r.get('collect_first_chunk_s'))} | {r.get('episodes', 'n/a')} / {r.get('shards', 'n/a')} | "
@@ -418,14 +430,14 @@ def markdown(res: dict) -> str:
     if host:  # is the host CPU-bound (all cores busy) or bound by one thread?
         lines += [
             "",
-            "| envs | host CPU s per chunk | host cores busy (of) | kernel's share | page faults per chunk "
+            "| envs (commits in flight) | host CPU s per chunk | host cores busy (of) | kernel's share | page faults per chunk "
             "| ms per chunk in each host component |",
         ]
         lines.append("|---|---|---|---|---|---|")
         for r in host:
             parts_ms = "; ".join(f"{k.split(' (')[0]} {v:.0f}" for k, v in r["host_ms_per_chunk"].items())
             lines.append(
-                f"| {r['num_envs']} | {r['host_cpu_s_per_chunk']:.1f} | {r['host_cores_busy']:.1f} "
+                f"| {_envs(r)} | {r['host_cpu_s_per_chunk']:.1f} | {r['host_cores_busy']:.1f} "
                 f"({r['host_cpus']}) | {_f(r.get('host_system_cpu_share'), '{:.0%}')} | "
                 f"{_f(r.get('host_minor_faults_per_chunk'), '{:,.0f}')} | {parts_ms} |"
             )
