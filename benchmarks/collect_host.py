@@ -199,6 +199,8 @@ def run(cfg, seconds: float, mean_len: float, frames_from: str | None, chunks: i
         "steps_per_cpu_s": n_chunks * N * T / cpu,
         "system_cpu_share": system / cpu,
         "minor_faults_per_chunk": faults / n_chunks,
+        # the whole process's peak (the prepared rows included): compare runs of equal size
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "steady_steps_per_s": summary["steady_steps_per_s"],
         "share_of_h100_device_only": summary["steady_steps_per_s"] / H100_DEVICE_ONLY_STEPS_PER_S,
         "ms_per_chunk": {
@@ -241,6 +243,7 @@ def main(argv=None):
     print(f"| env steps per CPU second | {r['steps_per_cpu_s']:,.0f} |")
     print(f"| kernel's share of the CPU time | {r['system_cpu_share']:.0%} |")
     print(f"| minor page faults per chunk | {r['minor_faults_per_chunk']:,.0f} |")
+    print(f"| peak resident memory of the process, GiB | {r['peak_rss_gib']:.1f} |")
     for k, v in sorted(r["ms_per_chunk"].items(), key=lambda kv: -kv[1]):
         print(f"| {k}, ms per chunk | {v:,.0f} |")
     if a.json:
