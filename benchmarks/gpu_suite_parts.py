@@ -518,10 +518,11 @@ def part_collect(p, rec: Recorder):
         row = {"num_envs": n_envs, "commits_in_flight": in_flight}
         rows.append(row)
         done = [r for r in rows if "collect_wall_s" in r]
-        if done:  # another size costs about what the last one did (mostly Craftax compilation)
-            need = done[-1]["part_time_s"]
+        if done:  # another size costs about what the last compiled one did (mostly Craftax compilation)
+            compiled = [r["part_time_s"] for r in done if r.get("compile_s") is not None]
+            need = compiled[-1] if compiled else done[-1]["part_time_s"]
             walls = [r["collect_wall_s"] for r in done if r["num_envs"] == n_envs]
-            if n_envs in steppers and walls:
+            if n_envs in steppers and walls:  # the same size again: its collection alone
                 need = max(walls) + 5.0
             if _left(p) < need:
                 row["skipped"] = f"{_left(p):.0f} s of the part's budget left, the row needs about {need:.0f} s"
