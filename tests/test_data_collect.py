@@ -272,7 +272,7 @@ def test_commits_in_flight_write_the_same_dataset_and_fail_in_order(dataset, cfg
     fail_at[0] = store.shard_name(0, 1)
     with pytest.raises(OSError, match="injected failure writing w000-s000001"):
         collect(three, out, log=lambda *a: None, stepper=stepper)
-    assert most[0] >= 2  # shard 2 was being written when shard 1 failed
+    assert most[0] >= 2  # commits overlapped in this run too
     assert [s["name"] for s in _manifest_shards(out)] == [store.shard_name(0, 0)]
     assert sorted(p.name for p in (out / "collector" / "w000").glob("state-*")) == ["state-000001.pkl.zp"]
     fail_at[0] = None
