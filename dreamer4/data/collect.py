@@ -228,13 +228,15 @@ def _copy_tails(rows_TN: dict[str, np.ndarray], tails: list[tuple[int, int]]) ->
 
 
 @contextlib.contextmanager
-def _adding_time(seconds: dict[str, float], key: str):
-    """Adds the block's wall time to seconds[key] (also when it raises)."""
+def _adding_time(seconds: dict[str, float], key: str, lock: threading.Lock | None = None):
+    """Adds the block's wall time to seconds[key] (also when it raises); under `lock` when
+    several threads add to the same key."""
     t0 = time.perf_counter()
     try:
         yield
     finally:
-        seconds[key] += time.perf_counter() - t0
+        with lock or contextlib.nullcontext():
+            seconds[key] += time.perf_counter() - t0
 
 
 def _with_host_copy(out):
@@ -700,12 +702,8 @@ def _collect(
         """Write `episodes` as shard `index`, then (once the commit `before` has ended) the resume
         state (carry_after, partial) and the manifest entry: the commit. Runs on a committer
         thread; up to `collect.commits_in_flight` run at once, and they finish in order."""
-        t = time.perf_counter()
-        try:
+        with _adding_time(host_s, "commits", stats_lock):
             _commit(index, carry_after, partial, episodes, labels, final, before)
-        finally:
-            with stats_lock:
-                host_s["commits"] += time.perf_counter() - t
 
     def _commit(index: int, carry_after, partial, episodes, labels, final: bool, before) -> None:
         nonlocal shards_done, episodes_done, bytes_new
@@ -794,7 +792,9 @@ def _collect(
     row_buffers = threading.local()  # each commit thread joins into its own RowBuffers
     stats_lock = threading.Lock()
     in_flight: collections.deque = collections.deque()
+    # what the commits submitted so far will have committed (the collecting thread's count)
     planned = {"shards": shards_done, "episodes": episodes_done, "train": train_done}
+    first_shard = shards_done
 
     def wait_commit(all_: bool = True) -> None:
         """Wait for the commits in flight (all, or only the oldest); the first failure raises."""
@@ -806,7 +806,7 @@ def _collect(
                 return
 
     def submit_commit(carry_after, final: bool) -> None:
-        nonlocal pending, commits_submitted
+        nonlocal pending
         if len(in_flight) >= c.commits_in_flight:
             wait_commit(all_=False)
         snapshot = [list(ps) for ps in assembler.partial]  # pieces are never mutated, lists are
@@ -825,7 +825,6 @@ def _collect(
         )
         planned["shards"] += 1
         planned["episodes"] += len(episodes)
-        commits_submitted += 1
 
     # Pipelining: the next chunk is dispatched (asynchronously) before the host cuts and writes
     # the one before it, so writing hides behind stepping. Each chunk's rows start their copy to
@@ -833,7 +832,6 @@ def _collect(
     # the copy runs while this thread cuts the chunk before; a 1,024-env chunk is 1.6 GB, and its
     # copy took ~1 s of this thread on the third lease's H200 host.
     taken = episodes_done  # episodes handed to commits (committed or in flight) or pending
-    commits_submitted = 0
     finished = False
     t_first, steps_first = None, 0
     try:
@@ -860,7 +858,7 @@ def _collect(
                 break
             if sum(len(p["frame"]) for ep in pending for p in ep) >= c.shard_frames:
                 submit_commit(carry_k, final=False)
-                if stop_after_shards is not None and commits_submitted >= stop_after_shards:
+                if stop_after_shards is not None and planned["shards"] - first_shard >= stop_after_shards:
                     wait_commit()
                     break
             if stop_after_s is not None and time.time() - t_first >= stop_after_s:
