@@ -326,10 +326,15 @@ def test_transformer_with_jax_nn_attention_equals_einsum(x, monkeypatch):
         (2, 6, 6, 6, 2, 3.0, "per_batch"),  # R = 3 query heads per kv head, an (N, Q, M) mask
         (2, 1, 9, 4, 1, 50.0, "cache"),  # one query against a cache of 9 slots (a cached step)
         (1, 20, 20, 2, 1, 50.0, "causal"),  # longer than one 16-row block
+        (1, 80, 80, 4, 2, 50.0, "causal"),  # the tokenizer's frame: tiles of 64 + 16 positions
+        (2, 20, 40, 4, 2, 5.0, "per_batch"),  # 40 keys: 32 + 16, the last tile part padding
+        (1, 48, 16, 2, 2, 3.0, None),  # 48 queries: 32 + 16 against one key tile
     ],
 )
-def test_fused_attention_equals_the_einsum_reference(N, Q, M, K, G, cap, mask_kind):
-    """Forward and the gradients of q, k and v, in float32, against `einsum_attention`."""
+@pytest.mark.parametrize("tiling", ["binary", "single"])
+def test_fused_attention_equals_the_einsum_reference(N, Q, M, K, G, cap, mask_kind, tiling):
+    """Forward and the gradients of q, k and v, in float32, against `einsum_attention`, with the
+    sequences cut into power-of-two tiles ("binary", the default) or padded to one ("single")."""
     H = 16
     q, k, v = rand(1, (N, Q, K, H)) * 2, rand(2, (N, M, G, H)) * 2, rand(3, (N, M, G, H))
     mask = {
@@ -344,10 +349,29 @@ def test_fused_attention_equals_the_einsum_reference(N, Q, M, K, G, cap, mask_ki
         loss = lambda q, k, v: jnp.sum(fn(q, k, v) * w)  # noqa: E731
         return [fn(q, k, v), *jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)]
 
-    got = run(lambda q, k, v: fused_module.fused_attention(q, k, v, mask, cap))
+    got = run(lambda q, k, v: fused_module.fused_attention(q, k, v, mask, cap, tiling=tiling))
     ref = run(lambda q, k, v: attention_module.einsum_attention(q, k, v, mask, cap))
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_fused_attention_tiles_and_tanh():
+    """The tiles cover a sequence rounded up to 16 with powers of two, largest first; the kernels'
+    tanh (one exp and a division) equals tanh to float32 resolution, also where exp overflows."""
+    tiles = fused_module._tiles
+    assert tiles(80, "binary") == ((0, 64), (64, 16))
+    assert tiles(1, "binary") == tiles(16, "binary") == ((0, 16),)
+    assert tiles(17, "binary") == ((0, 32),)
+    assert tiles(100, "binary") == ((0, 64), (64, 32), (96, 16))
+    assert tiles(256, "binary") == ((0, 256),)
+    assert tiles(80, "single") == ((0, 128),)
+    assert tiles(5, "single") == ((0, 16),)
+    with pytest.raises(ValueError, match="tiling 'wide'"):
+        fused_module.fused_attention(*(rand(i, (1, 4, 2, 16)) for i in range(3)), tiling="wide")
+    x = np.concatenate([np.linspace(-100, 100, 2001), [0.0, 1e-30, -1e-7, 44.5, 89.0, -89.0]]).astype(np.float32)
+    got = np.asarray(fused_module._tanh(jnp.asarray(x)))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, np.tanh(x.astype(np.float64)), rtol=0, atol=3e-7)
 
 
 def test_pallas_attention_falls_back_where_the_kernels_do_not_apply():
