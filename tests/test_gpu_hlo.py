@@ -71,3 +71,31 @@ def test_reads_a_real_compiled_module_and_writes_json(tmp_path):
     out = tmp_path / "s.json"
     gh.main(["--from-hlo", str(f), "--out", str(out)])
     assert json.loads(out.read_text())["results"][str(f)]["bytes"] == 1668
+
+
+def test_kernel_ptx_counts_a_kernels_threads_instructions_and_branches():
+    """benchmarks/kernel_ptx.py's count of a (hand-written) Triton kernel's PTX: threads from
+    .reqntid, instructions (predicated ones too; not labels, directives or declarations), branches."""
+    spec = importlib.util.spec_from_file_location("kernel_ptx", REPO / "benchmarks" / "kernel_ptx.py")
+    kp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kp)
+    ptx = """//
+.version 8.7
+.target sm_90a
+.visible .entry capped_attention_fwd(
+	.param .u64 .ptr .global .align 1 capped_attention_fwd_param_0
+)
+.reqntid 128, 1, 1
+{
+	.reg .pred 	%p<3>;
+	.reg .b32 	%r<9>;
+	ld.param.b64 	%rd1, [capped_attention_fwd_param_0];
+	mov.u32 	%r1, %tid.x;
+	@%p1 ld.global.b32 { %r2 }, [ %rd1 + 0 ];
+	ex2.approx.f32 	%r3, %r2;
+$L__BB0_1:
+	@!%p2 bra 	$L__BB0_1;
+	ret;
+}
+"""
+    assert kp.count_ptx(ptx) == {"threads": 128, "instructions": 6, "branches": 1}
