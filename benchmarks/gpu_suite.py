@@ -17,6 +17,9 @@ Parts, each in its own process with its own time budget (benchmarks/gpu_suite_pa
                    alone (the same compiled function)
   loader           grain loader frames/s, in-process and with worker processes, against the frames/s
                    the classic train steps consume (from the train parts)
+  attention        the attention kernels alone at the classic steps' shapes, ms per call forward and
+                   forward + backward: the fused kernels with power-of-two tiles (the default) and
+                   padded to one block (their first form), and the einsum reference
 A part that fails, or runs out of its budget, is recorded as such with whatever it measured before
 (its process writes results after every measurement); the others go on. A part gets its budget
 plus whatever earlier parts left unused (never what later parts have as theirs), and skips a
@@ -46,7 +49,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import profile_summary  # noqa: E402  (benchmarks/ is not a package; this module imports no JAX at the top)
 
-ORDER = ["env", "train_tokenizer", "train_dynamics", "imagine", "collect", "loader"]
+ORDER = ["env", "train_tokenizer", "train_dynamics", "imagine", "collect", "loader", "attention"]
 
 
 def full_plan(work: str, cache: str | None) -> dict:
@@ -60,7 +63,7 @@ def full_plan(work: str, cache: str | None) -> dict:
     """
     c = {"config": "configs/classic.yaml", "cache_dir": cache, "work": work}
     return {
-        "env": (15, {**c, "require_gpu": True}),
+        "env": (10, {**c, "require_gpu": True}),
         # after the preset batch is timed, 3 more steps run under the profiler (where the time goes,
         # for the MFU goal: ~5-10 s), before the 2x batch is tried
         # warmup_seconds: untimed steps first; the third lease's traced steps ran 2-10% faster than
@@ -74,7 +77,7 @@ def full_plan(work: str, cache: str | None) -> dict:
             {**c, "batches": [[32, 64], [64, 64]], "seconds": 2, "warmup_seconds": 1, "profile_steps": 3},
         ),
         "imagine": (
-            55,
+            50,
             {
                 **c,
                 # [batch, K, decode], most wanted first: the K=4 / K=64 ratio, then decode, then K=1
@@ -93,7 +96,7 @@ def full_plan(work: str, cache: str | None) -> dict:
             },
         ),
         "collect": (
-            95,
+            90,
             {
                 **c,
                 # [envs, collect.commits_in_flight]: 1, 2 and 4 at 1,024 envs first, sharing one
@@ -111,12 +114,27 @@ def full_plan(work: str, cache: str | None) -> dict:
         # 36). 14 frame workers last, so a part killed at its budget keeps the rows before (each row
         # is flushed as it ends).
         "loader": (
-            30,
+            25,
             {
                 **c,
                 "cases": [["frames", 0], ["frames", 8], ["latents", 0], ["latents", 8], ["frames", 14]],
                 "seconds": 3,
                 "_env": {"JAX_PLATFORMS": "cpu"},
+            },
+        ),
+        # last: the kernels alone, paired (session 38 cut the tokenizer's 80-token frames into tiles
+        # of 64 + 16 instead of one padded 128-block); most wanted shape first
+        "attention": (
+            20,
+            {
+                **c,
+                "shapes": [
+                    ["tokenizer space", 1024, 80, 80, 8, 4, 64],
+                    ["dynamics time", 308, 64, 64, 12, 4, 64],
+                    ["tokenizer time", 5120, 16, 16, 8, 4, 64],
+                    ["dynamics space", 1408, 14, 14, 12, 4, 64],
+                ],
+                "seconds": 0.3,
             },
         ),
     }
@@ -181,6 +199,8 @@ def smoke_plan(work: str, cache: str | None) -> dict:
                 "synthetic_size": [4, 16],
             },
         ),
+        # 40 positions: tiles of 32 + 16 against one padded 64-block (both interpreted on a CPU)
+        "attention": (60, {**c, "shapes": [["tiny", 2, 40, 40, 2, 1, 16]], "seconds": 0.0}),
     }
 
 
@@ -459,6 +479,30 @@ def markdown(res: dict) -> str:
             f"{_f(r.get('MB_per_s'))} | {_f(r.get('ratio_over_train_step'), '{:.2f}')}{over} | {_f(r.get('startup_s'))} |"
             + (f" {r['error'][:80]}" if "error" in r else "")
         )
+    at = parts.get("attention", {}).get("results", {})
+    if at:
+        lines += [
+            "",
+            f"## Attention kernels alone ({at.get('note', '')})",
+            "",
+            "| shape | N Q M K G H | kernels | forward ms | forward + backward ms | compile s (fwd / fwd + bwd) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in at.get("rows", []):
+            dims = " ".join(map(str, r["NQMKGH"]))
+            if "fwd_bwd_ms" not in r and "fwd_ms" not in r:
+                lines.append(f"| {r['shape']} | {dims} | {r['impl']} | {r.get('error', 'did not finish')[:80]} | | |")
+                continue
+            lines.append(
+                f"| {r['shape']} | {dims} | {r['impl']} | {_f(r.get('fwd_ms'), '{:.3f}')} | "
+                f"{_f(r.get('fwd_bwd_ms'), '{:.3f}')} | {_f(r.get('fwd_compile_s'))} / {_f(r.get('fwd_bwd_compile_s'))} |"
+            )
+        by = {(r["shape"], r["impl"]): r.get("fwd_bwd_ms") for r in at.get("rows", [])}
+        for shape in dict.fromkeys(r["shape"] for r in at.get("rows", [])):
+            b, o, e = by.get((shape, "binary")), by.get((shape, "single")), by.get((shape, "einsum"))
+            if b and (o or e):
+                vs = "; ".join(f"{name} {x / b:.2f}x" for name, x in (("single", o), ("einsum", e)) if x)
+                lines.append(f"\n{shape}, forward + backward, time of each against binary tiles: {vs}")
     return "\n".join(lines) + "\n"
 
 

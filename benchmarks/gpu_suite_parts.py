@@ -733,9 +733,81 @@ def part_loader(p, rec: Recorder):
         raise RuntimeError("no loader case ran: " + "; ".join(r.get("error", "?") for r in rows))
 
 
+def _seconds_per_call(fn, args, seconds: float, min_calls: int = 3) -> tuple[float, float]:
+    """(compile s, including the first call; s per call after it) of a jitted fn. Calls are
+    dispatched back to back and waited for at the end: throughput, as in a train step."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    calls, t0 = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - t0 < seconds:
+        out = fn(*args)
+        calls += 1
+    jax.block_until_ready(out)
+    return compile_s, (time.perf_counter() - t0) / calls
+
+
+def _attention_case(p, row: dict, N, Q, M, K, G, H, cap: float, impl: str) -> None:
+    from dreamer4.nn import fused_attention as fused
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q = jax.random.normal(keys[0], (N, Q, K, H), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (N, M, G, H), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (N, M, G, H), jnp.bfloat16)
+    w = jax.random.normal(keys[3], (N, Q, K, H), jnp.bfloat16)
+    mask = np.tril(np.ones((Q, M), bool), M - Q)  # causal; the last Q of M positions when Q < M
+    if impl == "einsum":
+        attend = lambda q, k, v: attention.einsum_attention(q, k, v, mask, cap)  # noqa: E731
+    else:
+        attend = lambda q, k, v: fused.fused_attention(q, k, v, mask, cap, tiling=impl)  # noqa: E731
+    fwd = jax.jit(attend)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * w), argnums=(0, 1, 2)))
+    row["fwd_compile_s"], fwd_s = _seconds_per_call(fwd, (q, k, v), p["seconds"])
+    row["fwd_ms"] = fwd_s * 1e3
+    row["fwd_bwd_compile_s"], both_s = _seconds_per_call(grads, (q, k, v), p["seconds"])
+    row["fwd_bwd_ms"] = both_s * 1e3
+
+
+def part_attention(p, rec: Recorder):
+    """The attention kernels alone at the classic steps' shapes, paired on one device: the fused
+    kernels with the sequences cut into power-of-two tiles ("binary", the default since session
+    38) and padded to one ("single", their first form), and the einsum reference. Where both
+    tilings give the same tiles (lengths 14, 16, 64), "single" is not run."""
+    from dreamer4.nn import fused_attention as fused
+
+    cap = float(p.get("cap", 50.0))
+    rec["note"] = (
+        f"ms per call after compilation (bf16, soft-cap {cap:g}, causal mask), forward and forward + backward "
+        "(the gradients of q, k, v); N sequences of Q queries and M keys, K query and G key/value heads of "
+        "width H"
+    )
+    rows = []
+    rec["rows"] = rows
+    for label, N, Q, M, K, G, H in p["shapes"]:
+        same = all(fused._tiles(n, "binary") == fused._tiles(n, "single") for n in (Q, M))
+        for impl in [i for i in p.get("impls", ["binary", "single", "einsum"]) if not (i == "single" and same)]:
+            row = {"shape": label, "NQMKGH": [N, Q, M, K, G, H], "impl": impl}
+            rows.append(row)
+            need = max((r["case_s"] for r in rows if "case_s" in r), default=0.0)
+            if _left(p) < need:
+                row["error"] = f"skipped: {_left(p):.0f} s of the budget left, a case took up to {need:.0f} s"
+                rec.flush()
+                continue
+            t_row = time.perf_counter()
+            try:
+                _attention_case(p, row, N, Q, M, K, G, H, cap, impl)
+                row["case_s"] = time.perf_counter() - t_row
+            except Exception as e:  # noqa: BLE001  (a kernel that fails to compile keeps the other rows)
+                row["error"] = _error(e)
+            rec.flush()
+    if not any("fwd_bwd_ms" in r for r in rows):
+        raise RuntimeError("no attention case ran: " + "; ".join(r.get("error", "?") for r in rows))
+
+
 PARTS = {
     "env": part_env,
     "train_tokenizer": part_train_tokenizer,
+    "attention": part_attention,
     "train_dynamics": part_train_dynamics,
     "imagine": part_imagine,
     "collect": part_collect,

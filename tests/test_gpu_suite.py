@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("profile_summary", REPO / "benchmarks" / "profile_summary.py")
 profile_summary = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(profile_summary)
-PARTS = ["env", "train_tokenizer", "train_dynamics", "imagine", "collect", "loader"]
+PARTS = ["env", "train_tokenizer", "train_dynamics", "imagine", "collect", "loader", "attention"]
 
 
 @pytest.mark.slow
@@ -98,6 +98,11 @@ def test_smoke_suite_reports_every_part_and_survives_a_failing_one(tmp_path):
     assert rows["latents", 0]["frames_per_s"] > 0 and rows["latents", 0]["ratio_over"] == "train_dynamics"
     assert rows["latents", 0]["read_threads"] == 2 and "| latents | 0 (2 threads) |" in md  # in-process
     assert "read_threads" not in rows["frames", 1]
+    # the attention kernels alone: both tilings of the fused kernels (interpreted here) and the reference
+    at = {x["impl"]: x for x in r["attention"]["rows"]}
+    assert set(at) == {"binary", "single", "einsum"}, at
+    assert all(x["fwd_ms"] > 0 and x["fwd_bwd_ms"] > 0 and x["fwd_bwd_compile_s"] > 0 for x in at.values()), at
+    assert "| tiny | 2 40 40 2 1 16 | binary |" in md and "time of each against binary tiles" in md
     for name in PARTS:
         assert f"| {name} |" in md
     assert "| tokenizer 2x2 | host-xla |" in md and "| dynamics 2x4 | host-xla |" in md
