@@ -423,6 +423,28 @@ def _imagine_case(p, row: dict, dyn, tok, decode_step, ts, keys, context_tau: fl
     )  # compile = first call - one frame
 
 
+def _run_cases(p, rec: Recorder, rows: list, cases: list[dict], run) -> None:
+    """`run(row)` for each case's row, in priority order, each appended to `rows` first. A case is
+    skipped when the part's budget left would not hold one more like the slowest so far; one that
+    fails records its error, and the others go on (an out-of-memory batch, a kernel that does not
+    compile). Each row gets `case_s`, its wall time."""
+    for row in cases:
+        rows.append(row)
+        need = max((r["case_s"] for r in rows if "case_s" in r), default=0.0)
+        if _left(p) < need:
+            row["error"] = f"skipped: {_left(p):.0f} s of the budget left, a case took up to {need:.0f} s"
+            rec.flush()
+            continue
+        t_row = time.perf_counter()
+        try:
+            run(row)
+            row["case_s"] = time.perf_counter() - t_row
+        except Exception as e:  # noqa: BLE001
+            row["error"] = _error(e)
+        rec.flush()
+        gc.collect()
+
+
 def part_imagine(p, rec: Recorder):
     cfg = load_config(p["config"], p.get("overrides", []))
     dc = cfg.dynamics
@@ -446,23 +468,13 @@ def part_imagine(p, rec: Recorder):
     cases = p.get("cases") or [
         [b, k, d] for b in p["batches"] for k in p["ks"] for d in (False, True) if not d or k in p.get("decode_ks", [4])
     ]
-    for batch, K, decode in cases:
-        row = {"batch": batch, "K": K, "decode": bool(decode)}
-        rows.append(row)
-        done = [r for r in rows if "case_s" in r]
-        need = max((r["case_s"] for r in done), default=0.0)
-        if _left(p) < need:
-            row["error"] = f"skipped: {_left(p):.0f} s of the budget left, a case took up to {need:.0f} s"
-            rec.flush()
-            continue
-        t_row = time.perf_counter()
-        try:
-            _imagine_case(p, row, dyn, tok, decode_step, ts, keys, dc.context_tau)
-            row["case_s"] = time.perf_counter() - t_row
-        except Exception as e:  # noqa: BLE001
-            row["error"] = _error(e)
-        rec.flush()
-        gc.collect()
+    _run_cases(
+        p,
+        rec,
+        rows,
+        [{"batch": batch, "K": K, "decode": bool(decode)} for batch, K, decode in cases],
+        lambda row: _imagine_case(p, row, dyn, tok, decode_step, ts, keys, dc.context_tau),
+    )
     by = {(r["batch"], r["K"], r["decode"]): r.get("frames_per_s") for r in rows}
     ratios = {}
     k_max = max(k for _, k, _ in cases)
@@ -783,23 +795,12 @@ def part_attention(p, rec: Recorder):
     )
     rows = []
     rec["rows"] = rows
+    cases = []
     for label, N, Q, M, K, G, H in p["shapes"]:
         same = all(fused._tiles(n, "binary") == fused._tiles(n, "single") for n in (Q, M))
         for impl in [i for i in p.get("impls", ["binary", "single", "einsum"]) if not (i == "single" and same)]:
-            row = {"shape": label, "NQMKGH": [N, Q, M, K, G, H], "impl": impl}
-            rows.append(row)
-            need = max((r["case_s"] for r in rows if "case_s" in r), default=0.0)
-            if _left(p) < need:
-                row["error"] = f"skipped: {_left(p):.0f} s of the budget left, a case took up to {need:.0f} s"
-                rec.flush()
-                continue
-            t_row = time.perf_counter()
-            try:
-                _attention_case(p, row, N, Q, M, K, G, H, cap, impl)
-                row["case_s"] = time.perf_counter() - t_row
-            except Exception as e:  # noqa: BLE001  (a kernel that fails to compile keeps the other rows)
-                row["error"] = _error(e)
-            rec.flush()
+            cases.append({"shape": label, "NQMKGH": [N, Q, M, K, G, H], "impl": impl})
+    _run_cases(p, rec, rows, cases, lambda row: _attention_case(p, row, *row["NQMKGH"], cap, row["impl"]))
     if not any("fwd_bwd_ms" in r for r in rows):
         raise RuntimeError("no attention case ran: " + "; ".join(r.get("error", "?") for r in rows))
 
