@@ -21,8 +21,9 @@ cover its length rounded up to 16 (`_tiles`: 80 -> 64 + 16), and the program com
 tokens to a single 128-block instead (`TILING = "single"`, the kernels' first form) made 61% of
 the logits padding. Exponentials go to the multiprocessor's ex2 (`_exp`), tanh takes one of them
 (`_tanh`). In the H100 code that a CPU can compile (`benchmarks/kernel_ptx.py`: Triton's PTX
-through `ptxas`), the tokenizer's space attention takes 61% fewer thread-instructions forward and
-64% fewer backward than the kernels' first form, the other classic shapes 17-41% fewer.
+through `ptxas`), the classic steps' attention calls take 38-68% fewer thread-instructions than
+the kernels' first form (the tokenizer's space attention: 61% forward, 64% backward); sequences
+of up to 16 run one warp per program (`_warps`).
 
 Forward, one program per (n, query head k), g = k // R:
     s = q k^T / sqrt(H);  l = cap * tanh(s / cap) (cap > 0, else l = s);  l = float32 min where masked
@@ -235,11 +236,15 @@ def _specs(Q, M, K, G, H, per_batch_mask: bool, grouped: bool, tiling: str):
 
 
 def _warps(Q: int, M: int, backward: bool, tiling: str) -> int:
-    """Triton warps per program (untuned: a GPU run decides). The backward keeps five float32
-    tiles of logits' size live (logits, tanh, p, dp, ds): twice the warps from 128 x 128 on, to
-    spill less."""
-    big = max(s for _, s in _tiles(Q, tiling)) * max(s for _, s in _tiles(M, tiling)) >= 128 * 128
-    return 8 if backward and big else 4
+    """Triton warps per program (a GPU run decides; `benchmarks/kernel_ptx.py` counts). One warp
+    where every tile is 16 x 16 (sequences of up to 16: the tokenizer's time attention, the
+    dynamics' space attention): more warps repeat the same small tile's work, and one takes
+    ~45% fewer thread-instructions with no spills. The backward keeps five float32 tiles of
+    logits' size live (logits, tanh, p, dp, ds): twice the warps from 128 x 128 on, to spill less."""
+    q_rows, m_rows = (max(s for _, s in _tiles(n, tiling)) for n in (Q, M))
+    if q_rows == m_rows == 16:
+        return 1
+    return 8 if backward and q_rows * m_rows >= 128 * 128 else 4
 
 
 def _pallas(kernel, grid, in_specs, out_specs, out_shape, warps, name, interpret, *args):
