@@ -238,8 +238,8 @@ def _specs(Q, M, K, G, H, per_batch_mask: bool, grouped: bool, tiling: str):
 def _warps(Q: int, M: int, backward: bool, tiling: str) -> int:
     """Triton warps per program (a GPU run decides; `benchmarks/kernel_ptx.py` counts). One warp
     where every tile is 16 x 16 (sequences of up to 16: the tokenizer's time attention, the
-    dynamics' space attention): more warps repeat the same small tile's work, and one takes
-    ~45% fewer thread-instructions with no spills. The backward keeps five float32 tiles of
+    dynamics' space attention): more warps repeat the same small tile's work, and one takes about
+    half the thread-instructions (forward -60%, backward -49%) with no spills. The backward keeps five float32 tiles of
     logits' size live (logits, tanh, p, dp, ds): twice the warps from 128 x 128 on, to spill less."""
     q_rows, m_rows = (max(s for _, s in _tiles(n, tiling)) for n in (Q, M))
     if q_rows == m_rows == 16:
