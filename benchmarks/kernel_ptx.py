@@ -84,7 +84,7 @@ def ptx_stats(ptx: str, ptxas: str) -> dict:
     }
 
 
-def compile_case(fa, topo, dump: Path, N, Q, M, K, G, H, cap: float, tiling: str) -> dict:
+def compile_case(fa, topo, dump: Path, ptxas: str, N, Q, M, K, G, H, cap: float, tiling: str) -> dict:
     """{kernel name: stats} of the forward and backward compiled for the H100 at this shape."""
     import jax
     import jax.numpy as jnp
@@ -109,7 +109,7 @@ def compile_case(fa, topo, dump: Path, N, Q, M, K, G, H, cap: float, tiling: str
         m = re.search(r"\.entry\s+(capped_attention_\w+)", text)
         if m:
             programs = N * (G if "bwd" in m.group(1) else K)
-            s = ptx_stats(text, PTXAS)
+            s = ptx_stats(text, ptxas)
             s["programs"] = programs
             s["thread_instructions_per_call"] = s["instructions"] * s["threads"] * programs
             s["programs_per_sm_by_registers"] = REGS_PER_SM // (s["registers"] * s["threads"])
@@ -117,11 +117,7 @@ def compile_case(fa, topo, dump: Path, N, Q, M, K, G, H, cap: float, tiling: str
     return {"compile_s": secs, "kernels": out}
 
 
-PTXAS = ""
-
-
 def main(argv=None):
-    global PTXAS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tilings", nargs="+", default=["binary", "single"])
     ap.add_argument("--shape", action="append", default=[], metavar="N,Q,M,K,G,H", help="instead of the presets'")
@@ -141,7 +137,7 @@ def main(argv=None):
     spec = importlib.util.spec_from_file_location("gpu_hlo", HERE / "gpu_hlo.py")
     gpu_hlo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_hlo)
-    PTXAS = ptxas_path()
+    ptxas = ptxas_path()
     try:
         topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_hlo.H100_TARGET, topology="1x1x1")
     except Exception as e:  # noqa: BLE001
@@ -149,7 +145,7 @@ def main(argv=None):
     rows = []
     for label, N, Q, M, K, G, H in shapes:
         for tiling in args.tilings:
-            r = compile_case(fa, topo, dump, N, Q, M, K, G, H, args.cap, tiling)
+            r = compile_case(fa, topo, dump, ptxas, N, Q, M, K, G, H, args.cap, tiling)
             rows.append({"shape": label, "NQMKGH": [N, Q, M, K, G, H], "tiling": tiling, **r})
             print(f"compiled {label}, {tiling}: {r['compile_s']:.1f} s", flush=True)
     lines = [
@@ -169,7 +165,7 @@ def main(argv=None):
         print(
             "note: a kernel with branches may run some instructions more than once or not at all; its counts are static"
         )
-    Path(args.out).write_text(json.dumps({"root": args.root, "ptxas": PTXAS, "cap": args.cap, "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"root": args.root, "ptxas": ptxas, "cap": args.cap, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
     shutil.rmtree(dump, ignore_errors=True)
 
