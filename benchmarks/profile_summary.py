@@ -201,7 +201,8 @@ def summarize(
         matmul_tflops_if_all_model_flops = model_flops / (matmul kernel s per step) / 1e12
     With `op_names` (`hlo_op_names` of the step's compiled text) the kernel time is also split by
     `scope_of` each kernel's op (`by_scope`, ms per step; `scope_coverage`: the share of kernel time
-    whose op was found, by its hlo_op stat or else its name with '_' for '.').
+    whose op was found, by its hlo_op stat or else its name with '_' for '.';
+    `scope_coverage_kernels`: the share of kernels, which timing noise does not move).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -263,7 +264,7 @@ def summarize(
         normalised = {k.replace(".", "_"): v for k, v in op_names.items()}
         scope_ns: dict = defaultdict(float)
         scope_kind_ns: dict = defaultdict(lambda: defaultdict(float))
-        found_ns = 0.0
+        found_ns, found = 0.0, 0
         for e in events:
             op = (
                 op_names.get(e["hlo_op"] or "")
@@ -272,6 +273,7 @@ def summarize(
             )
             if op is not None:
                 found_ns += e["dur_ns"]
+                found += 1
             scope = scope_of(op) if op is not None else "unmatched"
             scope_ns[scope] += e["dur_ns"]
             scope_kind_ns[scope][categorize(e["name"])] += e["dur_ns"]
@@ -281,6 +283,7 @@ def summarize(
             for k, d in scope_kind_ns.items()
         }
         out["scope_coverage"] = found_ns / total_ns if total_ns else 0.0
+        out["scope_coverage_kernels"] = found / len(events) if events else 0.0
     matmul_s = kind_ns["matmul"] / steps / 1e9
     if model_flops and matmul_s > 0:
         out["matmul_tflops_if_all_model_flops"] = model_flops / matmul_s / 1e12

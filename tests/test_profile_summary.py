@@ -61,6 +61,10 @@ def test_summarize_worked_example():
     assert s["matmul_tflops_if_all_model_flops"] == pytest.approx(8e6 / 4e-6 / 1e12)  # 2 TFLOP/s
     assert s["top"][0]["name"] == "nvjet_gemm" and s["top"][0]["calls_per_step"] == 1
     assert s["other_modules_ms_per_step"] == {"jit_fold_in": pytest.approx(0.00025)}
+    # only the GEMM's op is known: 4 of 6 us matched, 1 of 2 kernels
+    s = ps.summarize(events, steps=2, op_names={"nvjet_gemm": "jit(step_fn)/jvp(encoder)/mlp/dot_general"})
+    assert s["scope_coverage"] == pytest.approx(4 / 6) and s["scope_coverage_kernels"] == pytest.approx(1 / 2)
+    assert s["by_scope"] == {"forward: encoder/mlp": pytest.approx(0.004), "unmatched": pytest.approx(0.002)}
     with pytest.raises(ValueError, match="steps must be >= 1"):
         ps.summarize(events, steps=0)
 
