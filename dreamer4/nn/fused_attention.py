@@ -215,11 +215,11 @@ def _span(tiles) -> int:
     return tiles[-1][0] + tiles[-1][1]
 
 
-def _specs(Q, M, K, G, H, per_batch_mask: bool, grouped: bool, tiling: str):
+def _specs(d: _Dims, H: int, per_batch_mask: bool, grouped: bool):
     """Block specs (q, k/v, mask, lse/delta rows) for the grid (N, K), or with `grouped` for the
-    grid (N, G) whose program takes the R = K / G query heads of one key/value head. A block spans
-    a whole sequence, through its last tile."""
-    Qb, Mb, R = _span(_tiles(Q, tiling)), _span(_tiles(M, tiling)), K // G
+    grid (N, G) whose program takes the R query heads of one key/value head. A block spans a
+    whole sequence, through its last tile."""
+    Qb, Mb, R = _span(d.q_tiles), _span(d.m_tiles), d.R
     if grouped:
         q_spec = pl.BlockSpec((None, Qb, R, H), lambda n, g: (n, 0, g, 0))
         kv_spec = pl.BlockSpec((None, Mb, None, H), lambda n, g: (n, 0, g, 0))
@@ -235,13 +235,13 @@ def _specs(Q, M, K, G, H, per_batch_mask: bool, grouped: bool, tiling: str):
     return q_spec, kv_spec, mask_spec, row_spec
 
 
-def _warps(Q: int, M: int, backward: bool, tiling: str) -> int:
+def _warps(d: _Dims, backward: bool) -> int:
     """Triton warps per program (a GPU run decides; `benchmarks/kernel_ptx.py` counts). One warp
     where every tile is 16 x 16 (sequences of up to 16: the tokenizer's time attention, the
     dynamics' space attention): more warps repeat the same small tile's work, and one takes about
     half the thread-instructions (forward -60%, backward -49%) with no spills. The backward keeps five float32 tiles of
     logits' size live (logits, tanh, p, dp, ds): twice the warps from 128 x 128 on, to spill less."""
-    q_rows, m_rows = (max(s for _, s in _tiles(n, tiling)) for n in (Q, M))
+    q_rows, m_rows = (max(s for _, s in tiles) for tiles in (d.q_tiles, d.m_tiles))
     if q_rows == m_rows == 16:
         return 1
     return 8 if backward and q_rows * m_rows >= 128 * 128 else 4
@@ -271,12 +271,12 @@ def _pallas(kernel, grid, in_specs, out_specs, out_shape, warps, name, interpret
 
 def _forward(q, k, v, mask_i8, cap, interpret, tiling):
     N, Q, K, H = q.shape
-    M, G = k.shape[1], k.shape[2]
-    q_spec, kv_spec, mask_spec, row_spec = _specs(Q, M, K, G, H, mask_i8.ndim == 3, False, tiling)
-    kernel = functools.partial(_fwd_kernel, d=_Dims.of(q, k, cap, tiling))
+    d = _Dims.of(q, k, cap, tiling)
+    q_spec, kv_spec, mask_spec, row_spec = _specs(d, H, mask_i8.ndim == 3, grouped=False)
+    kernel = functools.partial(_fwd_kernel, d=d)
     out_shape = [jax.ShapeDtypeStruct(q.shape, v.dtype), jax.ShapeDtypeStruct((N, K, Q), jnp.float32)]
     specs = ([q_spec, kv_spec, kv_spec, mask_spec], [q_spec, row_spec])
-    warps = _warps(Q, M, False, tiling)
+    warps = _warps(d, backward=False)
     return _pallas(kernel, (N, K), *specs, out_shape, warps, "capped_attention_fwd", interpret, q, k, v, mask_i8)
 
 
@@ -292,15 +292,15 @@ def _attention_fwd(q, k, v, mask_i8, cap, interpret, tiling):
 
 def _attention_bwd(cap, interpret, tiling, res, do):
     q, k, v, mask_i8, out, lse = res
-    N, Q, K, H = q.shape
-    M, G = k.shape[1], k.shape[2]
+    N, H, G = q.shape[0], q.shape[-1], k.shape[2]
     delta_NKQ = jnp.einsum("nqkh,nqkh->nkq", do.astype(jnp.float32), out.astype(jnp.float32))
-    q_spec, kv_spec, mask_spec, row_spec = _specs(Q, M, K, G, H, mask_i8.ndim == 3, True, tiling)
-    kernel = functools.partial(_bwd_kernel, d=_Dims.of(q, k, cap, tiling))
+    d = _Dims.of(q, k, cap, tiling)
+    q_spec, kv_spec, mask_spec, row_spec = _specs(d, H, mask_i8.ndim == 3, grouped=True)
+    kernel = functools.partial(_bwd_kernel, d=d)
     in_specs = [q_spec, kv_spec, kv_spec, mask_spec, q_spec, row_spec, row_spec]
     out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)]
     args = (q, k, v, mask_i8, do.astype(v.dtype), lse, delta_NKQ)
-    warps = _warps(Q, M, True, tiling)
+    warps = _warps(d, backward=True)
     dq, dk, dv = _pallas(
         kernel, (N, G), in_specs, [q_spec, kv_spec, kv_spec], out_shape, warps, "capped_attention_bwd", interpret, *args
     )
