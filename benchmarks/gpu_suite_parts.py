@@ -306,6 +306,16 @@ def _attention_and_grads(impl, q, k, v, w, mask, cap):
     return [np.asarray(a, np.float32) for a in (y, *grads)]
 
 
+def _attention_inputs(N, Q, M, K, G, H):
+    """Random bf16 q (N, Q, K, H), k and v (N, M, G, H), and float32 weights w of the output for a
+    loss sum(out * w) whose gradients reach every q, k and v."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q = jax.random.normal(keys[0], (N, Q, K, H), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (N, M, G, H), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (N, M, G, H), jnp.bfloat16)
+    return q, k, v, jax.random.normal(keys[3], (N, Q, K, H), jnp.float32)
+
+
 def fused_attention_check(shapes=((8, 80, 8, 4, 64, False), (64, 16, 8, 4, 64, True)), cap: float = 50.0) -> dict:
     """The fused kernels (attention implementation "pallas") against the einsum reference on this
     device: bf16 inputs like the classic steps', forward and the gradients of q, k, v. Returns the
@@ -316,11 +326,7 @@ def fused_attention_check(shapes=((8, 80, 8, 4, 64, False), (64, 16, 8, 4, 64, T
     for N, Q, K, G, H, causal in shapes:
         label = f"N{N} Q{Q} K{K} G{G} H{H}" + (" causal" if causal else "")
         try:
-            keys = jax.random.split(jax.random.PRNGKey(0), 4)
-            q = jax.random.normal(keys[0], (N, Q, K, H), jnp.bfloat16)
-            k = jax.random.normal(keys[1], (N, Q, G, H), jnp.bfloat16)
-            v = jax.random.normal(keys[2], (N, Q, G, H), jnp.bfloat16)
-            w = jax.random.normal(keys[3], (N, Q, K, H), jnp.float32)
+            q, k, v, w = _attention_inputs(N, Q, Q, K, G, H)
             mask = attention.causal_time_mask(Q) if causal else None
             got, ref = (_attention_and_grads(impl, q, k, v, w, mask, cap) for impl in ("pallas", "einsum"))
             out[label] = {
@@ -745,28 +751,19 @@ def part_loader(p, rec: Recorder):
         raise RuntimeError("no loader case ran: " + "; ".join(r.get("error", "?") for r in rows))
 
 
-def _seconds_per_call(fn, args, seconds: float, min_calls: int = 3) -> tuple[float, float]:
-    """(compile s, including the first call; s per call after it) of a jitted fn. Calls are
-    dispatched back to back and waited for at the end: throughput, as in a train step."""
+def _seconds_per_call(fn, args, seconds: float) -> tuple[float, float]:
+    """(compile s, including the first call; s per call after it, `_timed_steps`) of a jitted fn."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
-    calls, t0 = 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - t0 < seconds:
-        out = fn(*args)
-        calls += 1
-    jax.block_until_ready(out)
-    return compile_s, (time.perf_counter() - t0) / calls
+    n, dt = _timed_steps(lambda _: fn(*args), seconds, 3, 10_000)
+    return compile_s, dt / n
 
 
 def _attention_case(p, row: dict, N, Q, M, K, G, H, cap: float, impl: str) -> None:
     from dreamer4.nn import fused_attention as fused
 
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    q = jax.random.normal(keys[0], (N, Q, K, H), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (N, M, G, H), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (N, M, G, H), jnp.bfloat16)
-    w = jax.random.normal(keys[3], (N, Q, K, H), jnp.bfloat16)
+    q, k, v, w = _attention_inputs(N, Q, M, K, G, H)
     mask = np.tril(np.ones((Q, M), bool), M - Q)  # causal; the last Q of M positions when Q < M
     if impl == "einsum":
         attend = lambda q, k, v: attention.einsum_attention(q, k, v, mask, cap)  # noqa: E731
