@@ -25,7 +25,7 @@ from dreamer4.nn import (
 )
 from dreamer4.nn import attention as attention_module
 from dreamer4.nn import fused_attention as fused_module
-from dreamer4.nn.layers import broadcast_param
+from dreamer4.nn.layers import broadcast_param, fused_linear, glu
 
 B, T, S, D = 2, 6, 5, 32
 # Token S-1 is an "agent" token: it reads every token of its step, no other token reads it.
@@ -97,8 +97,9 @@ def test_swiglu_matches_formula():
 
 
 def test_swiglu_gradients_match_numpy():
-    """The activation is recomputed in the backward pass (`jax.checkpoint`): every gradient of
-    L = sum(y * w) still equals the chain rule worked in float64 numpy,
+    """The gate and up projections run as one matmul and the activation has its own backward
+    (`nn.layers.glu`, which returns [da | db] as one array): every gradient of L = sum(y * w)
+    equals the chain rule worked in float64 numpy,
         a = x G, b = x U, s = sigmoid(a), h = a s b, y = h D;
         dh = w D^T, dD = h^T w, db = dh a s, da = dh b (s + a s (1 - s)),
         dG = x^T da, dU = x^T db, dx = da G^T + db U^T."""
@@ -125,6 +126,31 @@ def test_swiglu_gradients_match_numpy():
     np.testing.assert_allclose(g_x, want["x"], rtol=1e-4, atol=1e-5)
     for name in ("w_gate", "w_up", "w_down"):
         np.testing.assert_allclose(getattr(g_mlp, name).kernel[...], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_fused_linear_equals_each_layer_and_glu_backward_in_bf16():
+    """fused_linear (one matmul over [W_1 | W_2 | W_3]) gives each bf16-compute layer's output
+    exactly; glu's bf16 gradient matches float64 autodiff of silu(g) * u to bf16 resolution."""
+    rngs = nnx.Rngs(3)
+    lins = [nnx.Linear(16, n, use_bias=False, dtype=jnp.bfloat16, rngs=rngs) for n in (24, 8, 8)]
+    x = rand(4, (2, 5, 16))
+    outs = fused_linear(x, lins)
+    for lin, y in zip(lins, outs, strict=True):
+        assert y.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(lin(x), np.float32))
+    (whole,) = fused_linear(x, lins, split=False)
+    np.testing.assert_array_equal(
+        np.asarray(whole, np.float32), np.concatenate([np.asarray(y, np.float32) for y in outs], -1)
+    )
+
+    gu = (3 * rand(5, (6, 10))).astype(jnp.bfloat16)
+    w = rand(6, (6, 5))
+    got = jax.grad(lambda gu: jnp.sum(glu(gu).astype(jnp.float32) * w))(gu)
+    a, b, w64 = (np.asarray(v, np.float64) for v in (gu[:, :5].astype(jnp.float32), gu[:, 5:].astype(jnp.float32), w))
+    s = 1 / (1 + np.exp(-a))
+    want = np.concatenate([w64 * b * (s + a * s * (1 - s)), w64 * a * s], -1)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=1e-2)
 
 
 def test_rope_dot_depends_only_on_offset():
