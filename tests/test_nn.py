@@ -87,19 +87,38 @@ def test_soft_cap_values():
     np.testing.assert_array_equal(soft_cap(x, -1.0), x)
 
 
-def test_swiglu_matches_formula():
+@pytest.mark.parametrize("form", ["__call__", "fused"])
+def test_swiglu_matches_formula(form):
     mlp = SwiGLU(8, 12, rngs=nnx.Rngs(0))
     x_np = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
     g, u, d = (np.asarray(w.kernel[...]) for w in (mlp.w_gate, mlp.w_up, mlp.w_down))
     a = x_np @ g
     ref = (a / (1 + np.exp(-a)) * (x_np @ u)) @ d
-    np.testing.assert_allclose(mlp(jnp.asarray(x_np)), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(getattr(mlp, form)(jnp.asarray(x_np)), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_swiglu_gradients_match_numpy():
-    """The gate and up projections run as one matmul and the activation has its own backward
-    (`nn.layers.glu`, which returns [da | db] as one array): every gradient of L = sum(y * w)
-    equals the chain rule worked in float64 numpy,
+def test_swiglu_form_is_chosen_by_the_platform_it_is_lowered_for():
+    """One process, three lowerings (`jax.export`, no device needed): for CPU the gate and up
+    projections are two matmuls x (3 x 8) @ W (8 x 12), for CUDA and TPU one x @ [G | U] (8 x 24)."""
+    mlp = SwiGLU(8, 12, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(mlp)
+
+    def loss(state, x):
+        return jnp.sum(nnx.merge(graphdef, state)(x))
+
+    for platform, fused in (("cpu", False), ("cuda", True), ("tpu", True)):
+        module = jax.export.export(jax.jit(jax.grad(loss)), platforms=(platform,))(state, jnp.ones((3, 8)))
+        dots = " ".join(line for line in module.mlir_module().splitlines() if "dot_general" in line)
+        one = "(tensor<3x8xf32>, tensor<8x24xf32>) -> tensor<3x24xf32>"
+        two = "(tensor<3x8xf32>, tensor<8x12xf32>) -> tensor<3x12xf32>"
+        assert (dots.count(one), dots.count(two)) == ((1, 0) if fused else (0, 2)), platform
+
+
+@pytest.mark.parametrize("form", ["__call__", "fused"])
+def test_swiglu_gradients_match_numpy(form):
+    """Both forms (on a CPU, calling the module runs `separate`: two matmuls and a checkpointed
+    activation; `fused`: one matmul over [G | U] and `glu`'s own backward, which returns [da | db]
+    as one array): every gradient of L = sum(y * w) equals the chain rule worked in float64 numpy,
         a = x G, b = x U, s = sigmoid(a), h = a s b, y = h D;
         dh = w D^T, dD = h^T w, db = dh a s, da = dh b (s + a s (1 - s)),
         dG = x^T da, dU = x^T db, dx = da G^T + db U^T."""
@@ -120,7 +139,7 @@ def test_swiglu_gradients_match_numpy():
     }
 
     def loss(mlp, x):
-        return jnp.sum(mlp(x) * jnp.asarray(w, jnp.float32))
+        return jnp.sum(getattr(mlp, form)(x) * jnp.asarray(w, jnp.float32))
 
     g_mlp, g_x = jax.jit(nnx.grad(loss, argnums=(0, 1)))(mlp, jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(g_x, want["x"], rtol=1e-4, atol=1e-5)

@@ -50,11 +50,14 @@ class RMSNorm(nnx.Module):
 class SwiGLU(nnx.Module):
     """Gated MLP:  y = W_down (silu(W_gate x) * (W_up x)),  silu(a) = a * sigmoid(a).
 
-    `hidden` is the gate/up width F; no biases (as in most modern transformers). The gate and up
-    projections run as one matmul (`fused_linear`) and the activation has its own backward (`glu`),
-    so the backward's dx is one matmul too. Compiled for an H100 (`benchmarks/gpu_hlo.py`), that
-    moved 202.2 GB per classic tokenizer step instead of 208.9 (dynamics 167.2 instead of 170.2),
-    in 48 (120) fewer GEMMs; the parameters are the same three layers as before.
+    `hidden` is the gate/up width F; no biases (as in most modern transformers).
+
+    Compiled for a GPU or TPU, the gate and up projections run as one matmul (`fused_linear`) and
+    the activation has its own backward (`glu`), so the backward's dx is one matmul too: for an
+    H100 (`benchmarks/gpu_hlo.py`), 202.2 GB of memory traffic per classic tokenizer step instead of
+    208.9 (dynamics 167.2 instead of 170.2), in 48 (120) fewer GEMMs. XLA:CPU ran that form slower
+    (the tiny tokenizer step ~8%, the layer alone ~20%), so a CPU keeps two matmuls and a
+    checkpointed activation (`_glu`). The parameters are the same three layers either way.
     """
 
     def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -64,8 +67,26 @@ class SwiGLU(nnx.Module):
         self.w_down = nnx.Linear(hidden, dim, **kw)
 
     def __call__(self, x_ND):
+        # chosen when the step is lowered for its platform, not by the backend of this process
+        return jax.lax.platform_dependent(x_ND, cpu=self.separate, default=self.fused)
+
+    def separate(self, x_ND):
+        """The CPU form: y = W_down _glu(W_gate x, W_up x)."""
+        return self.w_down(_glu(self.w_gate(x_ND), self.w_up(x_ND)))
+
+    def fused(self, x_ND):
+        """The GPU/TPU form: y = W_down glu(x [W_gate | W_up]); the same values as `separate`."""
         (gu_N2F,) = fused_linear(x_ND, (self.w_gate, self.w_up), split=False)
         return self.w_down(glu(gu_N2F))
+
+
+@jax.checkpoint
+def _glu(g_NF, u_NF):
+    """h = silu(g) * u, recomputed in the backward pass from g and u (saved anyway, as the outputs
+    of the gate and up matmuls): XLA then computes dg and du in one kernel that reads dh, g and u
+    (compiled for an H100, the classic tokenizer step moved 251.2 GB instead of 261.9 with it;
+    BENCHMARKS.md, "Session 33"). Used on a CPU; elsewhere `glu`."""
+    return jax.nn.silu(g_NF) * u_NF
 
 
 def fused_linear(x_ND, linears, split: bool = True):
