@@ -438,10 +438,10 @@ def test_pallas_attention_falls_back_where_the_kernels_do_not_apply():
 
 
 def test_auto_attention_runs_the_fused_kernels_for_capped_gpu_shapes(monkeypatch):
-    """On one GPU with bf16 inputs, "auto" sends soft-capped attention of >= 16 queries to the fused
-    kernels (the shapes timed on a device) and keeps the einsum reference for a single cached
-    query, a bias, uncapped logits (cuDNN's turn), float32 and a multi-device job. On this CPU it
-    never picks them."""
+    """On one GPU with bf16 inputs, "auto" sends soft-capped attention of more than one query to
+    the fused kernels (16 queries; 14, the dynamics' space attention) and keeps the einsum
+    reference for a single cached query, a bias, uncapped logits (cuDNN's turn), float32 and a
+    multi-device job. On this CPU it never picks them."""
     q, k = rand(1, (2, 16, 4, 16), jnp.bfloat16), rand(2, (2, 16, 2, 16), jnp.bfloat16)
     assert not attention_module._gpu_half(q, k, k)  # CPU backend: "auto" stays off the kernels here
     monkeypatch.setattr(attention_module, "_gpu_half", lambda q, k, v: q.dtype == jnp.bfloat16)
@@ -459,6 +459,7 @@ def test_auto_attention_runs_the_fused_kernels_for_capped_gpu_shapes(monkeypatch
     assert n == 1
     ref = dot_product_attention(q, k, k, mask, 5.0, implementation="einsum")
     np.testing.assert_allclose(out, np.asarray(ref, np.float32), atol=2e-2)
+    assert auto(q[:, :14], k[:, :14], mask=space_mask(["z"] * 12 + ["a"] * 2, {"z": ["z"]}))[1] == 1
     assert auto(q[:, :1], k, mask=cached_time_mask(3, 16))[1] == 0  # one cached query
     assert auto(q, k, bias=rand(3, (2, 16, 4, 16)))[1] == 0
     assert auto(q, k, cap=0.0)[1] == 0  # uncapped: cuDNN is tried (refused on CPU), then einsum

@@ -27,8 +27,8 @@ Attention kernels (`dot_product_attention(..., implementation=)`; default: the m
             forward and backward (GPU; elsewhere Pallas' interpreter, for tests); sequences up to
             256, no bias: other calls run "einsum";
   "auto"    on a GPU backend with bf16/fp16 inputs: soft-capped logits run "pallas" in a
-            one-device job where the kernels take the shapes and there are at least 16 queries
-            (one block of rows), other logits "cudnn" where it takes them; all else "einsum".
+            one-device job where the kernels take the shapes and there is more than one query,
+            other logits "cudnn" where it takes them; all else "einsum".
 jax.nn's kernels cannot soft-cap logits: with logit_cap > 0 every choice but "pallas" and "auto"
 (as above) runs "einsum". Why "auto" picks "pallas" for capped training shapes: on an H200 (third
 lease, BENCHMARKS.md) it took 6-8% off the classic tokenizer and dynamics steps and 16% off the
@@ -144,12 +144,13 @@ def auto_may_run_fused() -> bool:
 
 def _pallas_takes(q_NQKH, k_NMGH, v_NMGH) -> bool:
     """Whether "auto" runs the fused soft-capped kernels: `_gpu_half`, a one-device job, shapes they
-    take, and at least one full block of 16 queries (the shapes timed on a device; module doc)."""
+    take, and more than one query. A single cached query (generation's time attention) would fill
+    one row of a 16-row tile and was never timed: it keeps the einsum reference. The dynamics'
+    space attention (14 queries) runs the kernels, as in the third lease's fused dynamics step
+    (41.6% MFU); with it on einsum, the step compiled for an H100 moved 163.2 GB instead of 156.9
+    (BENCHMARKS.md, "Session 39")."""
     return (
-        _gpu_half(q_NQKH, k_NMGH, v_NMGH)
-        and _one_device()
-        and q_NQKH.shape[1] >= 16
-        and fused.supported(q_NQKH, k_NMGH)
+        _gpu_half(q_NQKH, k_NMGH, v_NMGH) and _one_device() and q_NQKH.shape[1] > 1 and fused.supported(q_NQKH, k_NMGH)
     )
 
 
