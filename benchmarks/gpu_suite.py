@@ -3,7 +3,9 @@
     python benchmarks/gpu_suite.py [--smoke] [--out DIR] [--parts a,b] [--total-s 350]
 
 Parts, each in its own process with its own time budget (benchmarks/gpu_suite_parts.py):
-  env              jax version, devices, device kind, dense bf16 peak, package versions
+  env              jax version, devices, device kind, dense bf16 peak, package versions; device-to-host
+                   copies of a 1,024-env chunk's frames (1.6 GB) three ways: device_get,
+                   copy_to_host_async (the collector's), via pinned host memory
   train_tokenizer  classic tokenizer train step (bf16) at the preset batch and 2x: step time,
                    tokens/s, XLA and analytic FLOPs, MFU, peak GPU memory, compiled memory analysis,
                    compile time, a check that a step makes no host transfer, and a profile of
@@ -63,7 +65,8 @@ def full_plan(work: str, cache: str | None) -> dict:
     """
     c = {"config": "configs/classic.yaml", "cache_dir": cache, "work": work}
     return {
-        "env": (10, {**c, "require_gpu": True}),
+        # transfer: device-to-host copies of a 1,024-env chunk's frames, three ways (~5 s)
+        "env": (16, {**c, "require_gpu": True, "transfer_mb": 1585, "transfer_reps": 2}),
         # after the preset batch is timed, 3 more steps run under the profiler (where the time goes,
         # for the MFU goal: ~5-10 s), before the 2x batch is tried
         # warmup_seconds: untimed steps first; the third lease's traced steps ran 2-10% faster than
@@ -77,7 +80,7 @@ def full_plan(work: str, cache: str | None) -> dict:
             {**c, "batches": [[32, 64], [64, 64]], "seconds": 2, "warmup_seconds": 1, "profile_steps": 3},
         ),
         "imagine": (
-            50,
+            44,
             {
                 **c,
                 # [batch, K, decode], most wanted first: the K=4 / K=64 ratio, then decode, then K=1
@@ -167,7 +170,7 @@ def smoke_plan(work: str, cache: str | None) -> dict:
         "max_frames": 3,
     }
     return {
-        "env": (60, {**c}),
+        "env": (60, {**c, "transfer_mb": 4, "transfer_reps": 2}),
         # the fused (Pallas) attention kernels' on-device check, at a small shape (on the CPU the
         # kernels are interpreted; the step itself keeps the default kernel: an interpreted kernel
         # would swamp the CPU profile with the interpreter's thousands of small ops)
@@ -425,6 +428,20 @@ def markdown(res: dict) -> str:
     for k, v in (im.get("speedup_k4_over_kmax") or {}).items():
         lines.append(f"\n{k}: {_f(v)}x (goal >= 12x)")
     co = parts.get("collect", {}).get("results", {})
+    if env.get("transfer"):  # beside collection: is the collector's copy to the host the slow part?
+        lines += [
+            "",
+            "## Device-to-host copy of a chunk's frames (fastest of the reps, fresh device array each)",
+            "",
+            "| method | MB | s | GB/s | of which the start (device_put / copy_to_host_async) s | np.asarray s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in env["transfer"]:
+            lines.append(
+                f"| {r['method']} | {r['MB']:.0f} | {_f(r.get('s'), '{:.3f}')} | {_f(r.get('GB_per_s'), '{:.2f}')} | "
+                f"{_f(r.get('start_s'), '{:.3f}')} | {_f(r.get('asarray_s'), '{:.3f}')} |"
+                + (f" {r['error'][:100]}" if "error" in r else "")
+            )
     lines += [
         "",
         "## Collection (env steps/s)",

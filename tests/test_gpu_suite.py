@@ -53,6 +53,11 @@ def test_smoke_suite_reports_every_part_and_survives_a_failing_one(tmp_path):
         assert part["status"] == "ok", (name, part.get("reason"), part.get("log_tail"))
     r = {k: v["results"] for k, v in res["parts"].items()}
     assert r["env"]["platform"] == "cpu" and r["env"]["peak_bf16_flops"] is None
+    # device-to-host copies of a chunk's frames three ways (4 MB here), each a positive rate
+    copies = {row["method"]: row for row in r["env"]["transfer"]}
+    assert list(copies) == ["device_get", "copy_to_host_async", "pinned_host"], copies
+    assert all("error" not in row and row["GB_per_s"] > 0 and row["MB"] > 3.9 for row in copies.values()), copies
+    assert "| pinned_host | 4 |" in md
     # the fused attention kernels' check ran (on a CPU: interpreted) beside the default kernel's step
     assert r["train_tokenizer"]["attention"] == r["train_dynamics"]["attention"] == "auto"
     ((label, check),) = r["train_tokenizer"]["fused_attention_check"].items()
