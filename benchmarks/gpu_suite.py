@@ -66,7 +66,7 @@ def full_plan(work: str, cache: str | None) -> dict:
     c = {"config": "configs/classic.yaml", "cache_dir": cache, "work": work}
     return {
         # transfer: device-to-host copies of a 1,024-env chunk's frames, three ways (~5 s)
-        "env": (16, {**c, "require_gpu": True, "transfer_mb": 1585, "transfer_reps": 2}),
+        "env": (16, {**c, "require_gpu": True, "transfer_mb": 1561, "transfer_reps": 2}),
         # after the preset batch is timed, 3 more steps run under the profiler (where the time goes,
         # for the MFU goal: ~5-10 s), before the 2x batch is tried
         # warmup_seconds: untimed steps first; the third lease's traced steps ran 2-10% faster than

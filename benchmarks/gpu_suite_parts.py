@@ -189,13 +189,13 @@ def part_env(p, rec: Recorder):
             rec.flush()
 
 
-# The rows of one `collect` chunk at 1,024 classic envs: 1,024 x 128 frames of 63 x 63 x 3 bytes.
+# One classic frame's bytes; a 1,024-env chunk holds 1,024 x 128 of them (1,561 MB).
 CHUNK_FRAME_BYTES = 63 * 63 * 3
 
 
 def _transfer_rates(dev, mb: float, reps: int, rows: list, rec) -> None:
     """Device-to-host copies of one uint8 array of `mb` MB (a 1,024-env classic chunk's frames:
-    1,585 MB), each from a fresh device array; seconds = the fastest of `reps`:
+    1,561 MB), each from a fresh device array; seconds = the fastest of `reps`:
       device_get          np.asarray(x), as a synchronous jax.device_get does;
       copy_to_host_async  x.copy_to_host_async(), then np.asarray(x): the collector's way;
       pinned_host         jax.device_put(x) into the device's pinned host memory, then np.asarray.
