@@ -1,6 +1,8 @@
 """Shared nn blocks: norms, soft-cap, RoPE, GQA attention vs a numpy reference, masks, the axial
 transformer's causality and space visibility, KV-cache stepping == full pass, bf16 compute, remat."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +27,7 @@ from dreamer4.nn import (
 )
 from dreamer4.nn import attention as attention_module
 from dreamer4.nn import fused_attention as fused_module
-from dreamer4.nn.layers import broadcast_param, fused_linear, glu
+from dreamer4.nn.layers import broadcast_param, glu, stacked_linear
 
 B, T, S, D = 2, 6, 5, 32
 # Token S-1 is an "agent" token: it reads every token of its step, no other token reads it.
@@ -99,7 +101,7 @@ def test_swiglu_matches_formula(form):
 
 def test_swiglu_form_is_chosen_by_the_platform_it_is_lowered_for():
     """One process, three lowerings (`jax.export`, no device needed): for CPU the gate and up
-    projections are two matmuls x (3 x 8) @ W (8 x 12), for CUDA and TPU one x @ [G | U] (8 x 24)."""
+    projections are two matmuls x (3 x 8) @ W (8 x 12), for CUDA and TPU one x @ [G, U] (8 x 2 x 12)."""
     mlp = SwiGLU(8, 12, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(mlp)
 
@@ -109,16 +111,64 @@ def test_swiglu_form_is_chosen_by_the_platform_it_is_lowered_for():
     for platform, fused in (("cpu", False), ("cuda", True), ("tpu", True)):
         module = jax.export.export(jax.jit(jax.grad(loss)), platforms=(platform,))(state, jnp.ones((3, 8)))
         dots = " ".join(line for line in module.mlir_module().splitlines() if "dot_general" in line)
-        one = "(tensor<3x8xf32>, tensor<8x24xf32>) -> tensor<3x24xf32>"
+        one = "(tensor<3x8xf32>, tensor<8x2x12xf32>) -> tensor<3x2x12xf32>"
         two = "(tensor<3x8xf32>, tensor<8x12xf32>) -> tensor<3x12xf32>"
         assert (dots.count(one), dots.count(two)) == ((1, 0) if fused else (0, 2)), platform
+
+
+_FSDP_SWIGLU = """
+import collections, re, jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from dreamer4.nn.layers import SwiGLU
+from dreamer4.runtime.mesh import fsdp_spec
+mesh = Mesh(np.array(jax.devices()).reshape(1, 4), ("data", "fsdp"))
+graphdef, state = nnx.split(SwiGLU(64, 256, rngs=nnx.Rngs(0)))
+state = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, fsdp_spec(a.shape, 4))), state)
+x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 10, 64)), NamedSharding(mesh, P(("data", "fsdp"))))
+out = {}
+for form in ("separate", "fused"):
+    f = jax.jit(jax.value_and_grad(lambda st, x: jnp.sum(getattr(nnx.merge(graphdef, st), form)(x) ** 2)))
+    hlo = f.lower(state, x).compile().as_text()
+    ops = re.findall(r"\\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\\(", hlo)
+    value, grads = f(state, x)
+    out[form] = {"collectives": dict(collections.Counter(ops)), "value": float(value),
+                 "grads": [np.asarray(g).tolist() for g in jax.tree.leaves(grads)]}
+import json; print(json.dumps(out))
+"""
+
+
+def test_swiglu_fused_form_keeps_each_weights_fsdp_shard():
+    """Over 4 FSDP devices (weights sharded along F; more activations than weights, as in
+    training), the fused form gathers its two stacked weights like the separate form gathers
+    each, with no all-to-all (concatenating along the sharded F made XLA reshard with 3), and
+    gives the same loss and gradients. (With fewer activations than weights, XLA's partitioner
+    keeps the weights sharded and moves activations instead, for either form.)"""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, xla_flags
+
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _FSDP_SWIGLU], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    sep, fused = out["separate"], out["fused"]
+    assert "all-to-all" not in fused["collectives"] and fused["collectives"].get("all-gather", 0) >= 1, out
+    assert sum(fused["collectives"].values()) <= sum(sep["collectives"].values()), out
+    assert fused["value"] == pytest.approx(sep["value"], rel=1e-5)
+    for a, b in zip(fused["grads"], sep["grads"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("form", ["__call__", "fused"])
 def test_swiglu_gradients_match_numpy(form):
     """Both forms (on a CPU, calling the module runs `separate`: two matmuls and a checkpointed
-    activation; `fused`: one matmul over [G | U] and `glu`'s own backward, which returns [da | db]
-    as one array): every gradient of L = sum(y * w) equals the chain rule worked in float64 numpy,
+    activation; `fused`: one matmul over [G, U] stacked and `glu`'s own backward, which returns
+    [da, db] as one array): every gradient of L = sum(y * w) equals the chain rule worked in float64 numpy,
         a = x G, b = x U, s = sigmoid(a), h = a s b, y = h D;
         dh = w D^T, dD = h^T w, db = dh a s, da = dh b (s + a s (1 - s)),
         dG = x^T da, dU = x^T db, dx = da G^T + db U^T."""
@@ -147,25 +197,25 @@ def test_swiglu_gradients_match_numpy(form):
         np.testing.assert_allclose(getattr(g_mlp, name).kernel[...], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_fused_linear_equals_each_layer_and_glu_backward_in_bf16():
-    """fused_linear (one matmul over [W_1 | W_2 | W_3]) gives each bf16-compute layer's output
-    exactly, side by side; glu's bf16 gradient matches float64 autodiff of silu(g) * u to bf16
+def test_stacked_linear_equals_each_layer_and_glu_backward_in_bf16():
+    """stacked_linear (one matmul over the weights stacked as D x 3 x F) gives each bf16-compute
+    layer's output exactly; glu's bf16 gradient matches float64 autodiff of silu(g) * u to bf16
     resolution."""
     rngs = nnx.Rngs(3)
-    lins = [nnx.Linear(16, n, use_bias=False, dtype=jnp.bfloat16, rngs=rngs) for n in (24, 8, 8)]
+    lins = [nnx.Linear(16, 8, use_bias=False, dtype=jnp.bfloat16, rngs=rngs) for _ in range(3)]
     x = rand(4, (2, 5, 16))
-    y = fused_linear(x, lins)
-    assert y.dtype == jnp.bfloat16 and y.shape == (2, 5, 40)
-    want = np.concatenate([np.asarray(lin(x), np.float32) for lin in lins], -1)
-    np.testing.assert_array_equal(np.asarray(y, np.float32), want)
+    y = stacked_linear(x, lins)
+    assert y.dtype == jnp.bfloat16 and y.shape == (2, 5, 3, 8)
+    for k, lin in enumerate(lins):
+        np.testing.assert_array_equal(np.asarray(y[..., k, :], np.float32), np.asarray(lin(x), np.float32))
 
-    gu = (3 * rand(5, (6, 10))).astype(jnp.bfloat16)
+    gu = (3 * rand(5, (6, 2, 5))).astype(jnp.bfloat16)
     w = rand(6, (6, 5))
     got = jax.grad(lambda gu: jnp.sum(glu(gu).astype(jnp.float32) * w))(gu)
-    a, b, w64 = (np.asarray(v, np.float64) for v in (gu[:, :5].astype(jnp.float32), gu[:, 5:].astype(jnp.float32), w))
+    a, b, w64 = (np.asarray(v, np.float64) for v in (gu[:, 0].astype(jnp.float32), gu[:, 1].astype(jnp.float32), w))
     s = 1 / (1 + np.exp(-a))
-    want = np.concatenate([w64 * b * (s + a * s * (1 - s)), w64 * a * s], -1)
-    assert got.dtype == jnp.bfloat16
+    want = np.stack([w64 * b * (s + a * s * (1 - s)), w64 * a * s], 1)
+    assert got.dtype == jnp.bfloat16 and got.shape == gu.shape
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=1e-2)
 
 

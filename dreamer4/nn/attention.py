@@ -147,7 +147,7 @@ def _pallas_takes(q_NQKH, k_NMGH, v_NMGH) -> bool:
     take, and more than one query. A single cached query (generation's time attention) would fill
     one row of a 16-row tile and was never timed: it keeps the einsum reference. The dynamics'
     space attention (14 queries) runs the kernels, as in the third lease's fused dynamics step
-    (41.6% MFU); with it on einsum, the step compiled for an H100 moved 163.2 GB instead of 156.9
+    (41.6% MFU); with it on einsum, the step compiled for an H100 moved 163.0 GB instead of 156.7
     (BENCHMARKS.md, "Session 39")."""
     return (
         _gpu_half(q_NQKH, k_NMGH, v_NMGH) and _one_device() and q_NQKH.shape[1] > 1 and fused.supported(q_NQKH, k_NMGH)

@@ -3,8 +3,7 @@
 Shape key (suffixes of array names in this file):
     N    any number of leading dims (batch, time, tokens, heads ...)
     D    model width
-    F    MLP hidden width (2F: the gate and up projections side by side)
-    O    the summed output widths of several layers run as one matmul
+    F    MLP hidden width (2F: the gate and up projections stacked, (..., 2, F))
     H    head width (the last dim RoPE rotates; must be even)
     J    H / 2 rotation frequencies
 
@@ -52,10 +51,10 @@ class SwiGLU(nnx.Module):
 
     `hidden` is the gate/up width F; no biases (as in most modern transformers).
 
-    Compiled for a GPU or TPU, the gate and up projections run as one matmul (`fused_linear`) and
+    Compiled for a GPU or TPU, the gate and up projections run as one matmul (`stacked_linear`) and
     the activation has its own backward (`glu`), so the backward's dx is one matmul too: for an
-    H100 (`benchmarks/gpu_hlo.py`), 202.2 GB of memory traffic per classic tokenizer step instead of
-    208.9 (dynamics 167.2 instead of 170.2), in 48 (120) fewer GEMMs. XLA:CPU ran that form slower
+    H100 (`benchmarks/gpu_hlo.py`), 201.5 GB of memory traffic per classic tokenizer step instead of
+    208.9 (dynamics 167.0 instead of 170.2), in 48 (120) fewer GEMMs. XLA:CPU ran that form slower
     (the tiny tokenizer step ~8%, the layer alone ~20%), so a CPU keeps two matmuls and a
     checkpointed activation (`_glu`). The parameters are the same three layers either way.
     """
@@ -75,8 +74,8 @@ class SwiGLU(nnx.Module):
         return self.w_down(_glu(self.w_gate(x_ND), self.w_up(x_ND)))
 
     def fused(self, x_ND):
-        """The GPU/TPU form: y = W_down glu(x [W_gate | W_up]); the same values as `separate`."""
-        return self.w_down(glu(fused_linear(x_ND, (self.w_gate, self.w_up))))
+        """The GPU/TPU form: y = W_down glu(x [W_gate, W_up]) (stacked); the same values as `separate`."""
+        return self.w_down(glu(stacked_linear(x_ND, (self.w_gate, self.w_up))))
 
 
 @jax.checkpoint
@@ -88,29 +87,31 @@ def _glu(g_NF, u_NF):
     return jax.nn.silu(g_NF) * u_NF
 
 
-def fused_linear(x_ND, linears):
-    """y = x [W_1 | W_2 | ...]: bias-free nnx.Linear layers that read the same x, as ONE matmul
-    (their outputs side by side, the same values as calling each layer). x is read once, and the
-    backward's dx is one matmul instead of a sum of several. (Not used for attention's q, k, v:
-    their gradients come from separate kernels, and joining them into one array for the backward
-    cost more memory traffic than the fused matmul saved.)"""
+def stacked_linear(x_ND, linears):
+    """y[..., k, :] = x W_k for bias-free nnx.Linear layers of one shape that read the same x, as
+    ONE matmul over the weights stacked on a new leading axis (the same values as calling each
+    layer). x is read once, and the backward's dx is one matmul instead of a sum of several.
+    Stacked, not concatenated along the output dim: each weight keeps its FSDP sharding (a
+    concatenation along a sharded dim made XLA reshard with all-to-alls). (Not used for
+    attention's q, k, v: their gradients come from separate kernels, and joining them into one
+    array for the backward cost more memory traffic than the fused matmul saved.)"""
     kernels = [lin.kernel[...] for lin in linears]
     x_ND, *kernels = linears[0].promote_dtype((x_ND, *kernels), dtype=linears[0].dtype)
-    return jnp.dot(x_ND, jnp.concatenate(kernels, axis=1))
+    return jnp.einsum("...d,dkf->...kf", x_ND, jnp.stack(kernels, axis=1))
 
 
 @jax.custom_vjp
 def glu(gu_N2F):
-    """h = silu(g) * u  for  gu = [g | u]  (the gate and up projections side by side).
+    """h = silu(g) * u  for  gu[..., 0, :] = g, gu[..., 1, :] = u  (the gate and up projections
+    stacked, as `stacked_linear` returns them).
 
     Backward, with s = sigmoid(g):  dg = dh u s (1 + g (1 - s)),  du = dh silu(g), returned as one
-    [dg | du] array, computed in float32 from dh, g and u (saved anyway: the matmul's output), in
-    one kernel that reads dh and gu and writes [dg | du]. With autodiff through the split, XLA
+    array like gu, computed in float32 from dh, g and u (saved anyway: the matmul's output), in
+    one kernel that reads dh and gu and writes [dg, du]. With autodiff through the split, XLA
     joined dg and du in a second pass (the classic tokenizer step for an H100: 271.3 GB instead
-    of 202.2).
+    of ~202).
     """
-    g_NF, u_NF = jnp.split(gu_N2F, 2, axis=-1)
-    return jax.nn.silu(g_NF) * u_NF
+    return jax.nn.silu(gu_N2F[..., 0, :]) * gu_N2F[..., 1, :]
 
 
 def _glu_fwd(gu_N2F):
@@ -118,15 +119,15 @@ def _glu_fwd(gu_N2F):
 
 
 def _glu_bwd(gu_N2F, dh_NF):
-    # Written over (n, 2, f) with a select rather than as concatenate([dg, du]): XLA then emits one
-    # elementwise kernel that reads dh, g, u and writes [dg | du] (a concatenate was a second pass).
-    gu_N2F32 = gu_N2F.astype(jnp.float32).reshape(*gu_N2F.shape[:-1], 2, -1)
-    g, u = gu_N2F32[..., :1, :], gu_N2F32[..., 1:, :]
+    # A select over (..., 2, f) rather than stack([dg, du]): XLA then emits one elementwise kernel
+    # that reads dh, g, u and writes [dg, du] (a concatenate was a second pass).
+    gu32 = gu_N2F.astype(jnp.float32)
+    g, u = gu32[..., :1, :], gu32[..., 1:, :]
     dh = dh_NF.astype(jnp.float32)[..., None, :]
     s = jax.nn.sigmoid(g)
-    is_gate = jax.lax.broadcasted_iota(jnp.int32, gu_N2F32.shape, gu_N2F32.ndim - 2) == 0
+    is_gate = jax.lax.broadcasted_iota(jnp.int32, gu32.shape, gu32.ndim - 2) == 0
     dgu = jnp.where(is_gate, dh * u * s * (1 + g * (1 - s)), dh * g * s)
-    return (dgu.reshape(gu_N2F.shape).astype(gu_N2F.dtype),)
+    return (dgu.astype(gu_N2F.dtype),)
 
 
 glu.defvjp(_glu_fwd, _glu_bwd)
