@@ -89,10 +89,11 @@ def _glu(g_NF, u_NF):
 
 def stacked_linear(x_ND, linears):
     """y[..., k, :] = x W_k for bias-free nnx.Linear layers of one shape that read the same x, as
-    ONE matmul over the weights stacked on a new leading axis (the same values as calling each
-    layer). x is read once, and the backward's dx is one matmul instead of a sum of several.
-    Stacked, not concatenated along the output dim: each weight keeps its FSDP sharding (a
-    concatenation along a sharded dim made XLA reshard with all-to-alls). (Not used for
+    ONE matmul over the weights stacked as D x K x F (the same values as calling each layer; with
+    K between the contracted D and F, the stack is one D x KF matrix in memory, no transpose).
+    x is read once, and the backward's dx is one matmul instead of a sum of several. Stacked on a
+    new axis, not concatenated along F: each weight keeps its FSDP sharding (a concatenation along
+    the sharded F made XLA reshard with all-to-alls). (Not used for
     attention's q, k, v: their gradients come from separate kernels, and joining them into one
     array for the backward cost more memory traffic than the fused matmul saved.)"""
     kernels = [lin.kernel[...] for lin in linears]
