@@ -146,12 +146,19 @@ def _valid(mask_ref, rows, cols, qt, mt):
     return inside & (plgpu.load(sub, mask=inside, other=0) != 0)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, d: _Dims):
-    """One program per (n, query head k): each query tile against every key tile; the softmax
-    over the key tiles together (their logits are all on chip: no online rescaling)."""
+def _kv_tiles(k_ref, v_ref, d: _Dims):
+    """(cols, ks, vs) per key tile: which positions are inside the sequence, and k and v loaded
+    (zeros past its end)."""
     cols = [_rows(*mt, d.M) for mt in d.m_tiles]
     ks = [plgpu.load(k_ref.at[pl.ds(*mt)], mask=c[:, None], other=0.0) for mt, c in zip(d.m_tiles, cols)]
     vs = [plgpu.load(v_ref.at[pl.ds(*mt)], mask=c[:, None], other=0.0) for mt, c in zip(d.m_tiles, cols)]
+    return cols, ks, vs
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, d: _Dims):
+    """One program per (n, query head k): each query tile against every key tile; the softmax
+    over the key tiles together (their logits are all on chip: no online rescaling)."""
+    cols, ks, vs = _kv_tiles(k_ref, v_ref, d)
     for qt in d.q_tiles:
         rows = _rows(*qt, d.Q)
         q = plgpu.load(q_ref.at[pl.ds(*qt)], mask=rows[:, None], other=0.0)
@@ -171,9 +178,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, d: _Dims):
 def _bwd_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *, d: _Dims):
     """One program per (n, key/value head g): the R query heads that read g in turn, tile by
     tile; dk and dv summed over them on chip."""
-    cols = [_rows(*mt, d.M) for mt in d.m_tiles]
-    ks = [plgpu.load(k_ref.at[pl.ds(*mt)], mask=c[:, None], other=0.0) for mt, c in zip(d.m_tiles, cols)]
-    vs = [plgpu.load(v_ref.at[pl.ds(*mt)], mask=c[:, None], other=0.0) for mt, c in zip(d.m_tiles, cols)]
+    cols, ks, vs = _kv_tiles(k_ref, v_ref, d)
     dks = [jnp.zeros(k.shape, jnp.float32) for k in ks]
     dvs = [jnp.zeros(v.shape, jnp.float32) for v in vs]
     for qt in d.q_tiles:
