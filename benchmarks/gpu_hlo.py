@@ -185,6 +185,21 @@ def table(label: str, s: dict) -> list[str]:
     return lines
 
 
+def h100_topology():
+    """The compile-only CUDA client's one-device topology for `H100_TARGET` (jax's CUDA plugin in
+    this environment; SystemExit saying how to install it otherwise)."""
+    import jax
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET, topology="1x1x1")
+    except Exception as e:  # noqa: BLE001
+        raise SystemExit(
+            f"no compile-only CUDA client ({type(e).__name__}: {e}). Install jax's CUDA plugin in this "
+            f'environment: pip install "jax[cuda13]=={jax.__version__}" (see benchmarks/gpu_hlo.py\'s docstring)'
+        ) from e
+
+
 def compile_for_h100(
     stage: str, batch: int, seq_len: int, overrides: list[str], config: str
 ) -> tuple[str, float, dict]:
@@ -195,7 +210,6 @@ def compile_for_h100(
     import jax
     import numpy as np
     import train_step as bench
-    from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from dreamer4.config import load_config
@@ -203,13 +217,7 @@ def compile_for_h100(
     from dreamer4.runtime.mesh import batch_sharding
     from dreamer4.runtime.train_loop import compile_train_step, train_state
 
-    try:
-        topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET, topology="1x1x1")
-    except Exception as e:  # noqa: BLE001
-        raise SystemExit(
-            f"no compile-only CUDA client ({type(e).__name__}: {e}). Install jax's CUDA plugin in this "
-            f'environment: pip install "jax[cuda13]=={jax.__version__}" (see this file\'s docstring)'
-        ) from e
+    topo = h100_topology()
     cfg = load_config(config, overrides)
     tc = cfg.tokenizer.train if stage == "tokenizer" else cfg.dynamics.train
     case = bench.tokenizer_case if stage == "tokenizer" else bench.dynamics_case
