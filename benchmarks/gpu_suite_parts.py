@@ -869,11 +869,11 @@ def part_attention(p, rec: Recorder):
 PARTS = {
     "env": part_env,
     "train_tokenizer": part_train_tokenizer,
-    "attention": part_attention,
     "train_dynamics": part_train_dynamics,
     "imagine": part_imagine,
     "collect": part_collect,
     "loader": part_loader,
+    "attention": part_attention,
 }
 
 
