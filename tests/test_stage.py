@@ -106,5 +106,6 @@ def test_report_summary_states_grounding_and_agent_verdicts_with_their_intervals
     assert "did not beat" in summary_lines(dream, ev)[3]
     # results written before the probe measured pixels: no pixel line
     del dream["grounding"]["pixel_mse_generated_minus_copy"]
-    assert len(summary_lines(dream, ev)) == 3
+    lines = summary_lines(dream, ev)
+    assert len(lines) == 4 and "not the spread between training seeds" in lines[-1]
     assert summary_lines({}, {}) == []
