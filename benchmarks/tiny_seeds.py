@@ -76,7 +76,7 @@ FIGURES = [
         (
             f"{a} - {b}, real return (paired)",
             "evaluate/results.json",
-            ("comparisons", f"{key}", "mean"),
+            ("comparisons", key, "mean"),
             (("comparisons", key, "ci95", 0), ("comparisons", key, "ci95", 1)),
             0.0,
         )
@@ -172,16 +172,16 @@ def markdown(res: dict) -> str:
         "|---|" + "---|" * len(names) + "---|---|---|",
     ]
     for label, _, _, _, ref in FIGURES:
-        cells, sd = [], ref == 0.0  # a difference: signed
+        cells, signed = [], ref == 0.0  # a difference: printed with its sign
         for n in names:
             v = res["runs"][n]["figures"][label]
-            ci = f" [{_f(v['ci95'][0], sd)}, {_f(v['ci95'][1], sd)}]" if v["ci95"] else ""
-            cells.append(_f(v["value"], sd) + ci)
+            ci = f" [{_f(v['ci95'][0], signed)}, {_f(v['ci95'][1], signed)}]" if v["ci95"] else ""
+            cells.append(_f(v["value"], signed) + ci)
         p = res["pooled"][label]
         side = f"{p['runs_above']} / {p['runs_below']} (ref {ref:g})" if ref is not None else ""
         lines.append(
-            f"| {label} | " + " | ".join(cells) + f" | {_f(p['mean'], sd)} [{_f(p['ci95'][0], sd)}, "
-            f"{_f(p['ci95'][1], sd)}] | {_f(p['sd'], False)} | {side} |"
+            f"| {label} | " + " | ".join(cells) + f" | {_f(p['mean'], signed)} [{_f(p['ci95'][0], signed)}, "
+            f"{_f(p['ci95'][1], signed)}] | {_f(p['sd'], False)} | {side} |"
         )
     return "\n".join(lines)
 
