@@ -102,9 +102,19 @@ def full_plan(work: str, cache: str | None) -> dict:
             90,
             {
                 **c,
-                # [envs, collect.commits_in_flight]: 1, 2 and 4 at 1,024 envs first, sharing one
-                # compilation (session 37); 4,096 envs (a second compilation) where the budget allows
-                "cases": [[1024, 1], [1024, 2], [1024, 4], [4096, 2], [4096, 1]],
+                # [envs, collect.commits_in_flight, collect.host_copy]: the rows' copy into pageable
+                # memory ("async", ~1.7 GB/s on the third lease's H200, slower than the device steps)
+                # against pinned host memory (session 41), then 1 and 4 commits in flight (session
+                # 37), all at 1,024 envs sharing one compilation; 4,096 envs (a second compilation)
+                # where the budget allows, pinned first
+                "cases": [
+                    [1024, 2, "async"],
+                    [1024, 2, "pinned"],
+                    [1024, 1, "async"],
+                    [1024, 4, "async"],
+                    [4096, 2, "pinned"],
+                    [4096, 2, "async"],
+                ],
                 "device_seconds": 3,
                 "collect_seconds": 8,
                 "overrides": ["collect.shard_frames=32768"],
@@ -188,7 +198,13 @@ def smoke_plan(work: str, cache: str | None) -> dict:
         "imagine": (90, {**c, "batches": [1], "ks": [1, 4, 64], "decode_ks": [4], "max_len": 4, "seconds": 0.0}),
         "collect": (
             150,
-            {**c, "cases": [[4, 1], [4, 2]], "chunk_steps": 16, "device_seconds": 0.2, "collect_seconds": 0.5},
+            {
+                **c,
+                "cases": [[4, 1, "async"], [4, 2, "pinned"]],
+                "chunk_steps": 16,
+                "device_seconds": 0.2,
+                "collect_seconds": 0.5,
+            },
         ),
         "loader": (
             90,
@@ -292,9 +308,10 @@ def _gib(b):
 
 
 def _envs(row: dict) -> str:
-    """A collect row's env count, with its commits in flight (rows before session 37 have none)."""
-    k = row.get("commits_in_flight")
-    return f"{row['num_envs']}" + (f" ({k})" if k is not None else "")
+    """A collect row's env count, with its commits in flight (rows before session 37 have none)
+    and how its rows reached the host (before session 41: always "async")."""
+    k, copy = row.get("commits_in_flight"), row.get("host_copy")
+    return f"{row['num_envs']}" + (f" ({k}{', ' + copy if copy else ''})" if k is not None else "")
 
 
 def markdown(res: dict) -> str:
@@ -447,7 +464,7 @@ def markdown(res: dict) -> str:
         "## Collection (env steps/s)",
         "",
         (
-            "| envs (commits in flight) | collect steady | device-only scan | collect / device-only | compile s (init + 2 chunks) "
+            "| envs (commits in flight, host copy) | collect steady | device-only scan | collect / device-only | compile s (init + 2 chunks) "
             "| collect 1st chunk s | episodes / shards | Craftax auto-reset loop |"
         ),
         "|---|---|---|---|---|---|---|---|",
@@ -467,7 +484,7 @@ def markdown(res: dict) -> str:
     if host:  # is the host CPU-bound (all cores busy) or bound by one thread?
         lines += [
             "",
-            "| envs (commits in flight) | host CPU s per chunk | host cores busy (of) | kernel's share | page faults per chunk "
+            "| envs (commits in flight, host copy) | host CPU s per chunk | host cores busy (of) | kernel's share | page faults per chunk "
             "| ms per chunk in each host component |",
         ]
         lines.append("|---|---|---|---|---|---|")

@@ -593,11 +593,13 @@ def part_collect(p, rec: Recorder):
         "auto-reset env in a jitted scan, frames to uint8, compiled separately"
     )
     work = Path(p["work"])
-    # [num_envs, collect.commits_in_flight] per row; rows of one env count share its compiled chunk
-    # (the commits' setting is not part of it), so a second setting costs only its collection
+    # [num_envs, collect.commits_in_flight, collect.host_copy (default "async")] per row; rows of
+    # one env count share its compiled chunk (neither setting is part of it), so another setting
+    # costs only its collection
     steppers: dict[int, tuple] = {}
-    for n_envs, in_flight in p["cases"]:
-        row = {"num_envs": n_envs, "commits_in_flight": in_flight}
+    for n_envs, in_flight, *copy in p["cases"]:
+        host_copy = copy[0] if copy else "async"
+        row = {"num_envs": n_envs, "commits_in_flight": in_flight, "host_copy": host_copy}
         rows.append(row)
         done = [r for r in rows if "collect_wall_s" in r]
         if done:  # another size costs about what the last compiled one did (mostly Craftax compilation)
@@ -617,6 +619,7 @@ def part_collect(p, rec: Recorder):
                 # an episode target collection never reaches: it stops after collect_seconds
                 f"collect.num_episodes={10**7}",
                 f"collect.commits_in_flight={in_flight}",
+                f"collect.host_copy={host_copy}",
             ]
             if p.get("chunk_steps"):
                 ov.append(f"collect.chunk_steps={p['chunk_steps']}")

@@ -54,6 +54,11 @@ class CollectConfig:
     # collected 6% faster than one on a 2-core CPU, where one commit left half a core idle
     # (BENCHMARKS.md, "Session 37"); each costs one more shard of host memory.
     commits_in_flight: int = 2
+    # How a chunk's rows reach the host. "async": `copy_to_host_async` as the chunk is dispatched,
+    # into pageable memory (a GPU copies that way at ~1.7 GB/s: the third lease's H200, slower than
+    # the device steps). "pinned": `device_put` into the device's pinned host memory, which a GPU's
+    # copy engine writes at full link speed. On a CPU both are host memory ("async" copies nothing).
+    host_copy: str = "async"
     # Share of train episodes whose actions training code may see; the rest is unlabeled video.
     labeled_fraction: float = 0.1
     # Share of episodes held out for evaluation (their actions are kept for evaluation only).
@@ -612,6 +617,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= c.sticky_repeat_prob < 1.0, "collect.sticky_repeat_prob", "must be in [0, 1)"),
         (1 <= c.zstd_level <= 22, "collect.zstd_level", "must be in [1, 22]"),
         (c.commits_in_flight >= 1, "collect.commits_in_flight", "must be >= 1"),
+        (c.host_copy in ("async", "pinned"), "collect.host_copy", f"must be 'async' or 'pinned', got {c.host_copy!r}"),
         (cfg.loader.batch_size >= 1, "loader.batch_size", "must be >= 1"),
         (cfg.loader.seq_len >= 1, "loader.seq_len", "must be >= 1"),
         (cfg.loader.window_stride >= 1, "loader.window_stride", "must be >= 1"),

@@ -65,6 +65,8 @@ def test_wrong_types_and_choices():
         load_config(None, ["collect.labeled_fraction=1.5"])
     with pytest.raises(ConfigError, match=r"'collect.commits_in_flight' must be >= 1"):
         load_config(None, ["collect.commits_in_flight=0"])
+    with pytest.raises(ConfigError, match=r"'collect.host_copy' must be 'async' or 'pinned', got 'pinnned'"):
+        load_config(None, ["collect.host_copy=pinnned"])
     with pytest.raises(ConfigError, match=r"'collect' is a section"):
         load_config(None, ["collect=3"])
     with pytest.raises(ConfigError, match="does not exist"):

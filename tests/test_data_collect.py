@@ -6,6 +6,7 @@ import shutil
 import signal
 import time
 
+import jax
 import numpy as np
 import pytest
 from conftest import TEST_OVERRIDES, cli_subprocess, make_test_config
@@ -234,8 +235,8 @@ def _manifest_shards(root):
 
 
 def test_commits_in_flight_write_the_same_dataset_and_fail_in_order(dataset, cfg, tmp_path, monkeypatch):
-    """Commits at once (collect.commits_in_flight: the fixture's default 2, here 3, then 1) write
-    the same dataset, shard for shard; a failed commit stops the run, and no later shard enters
+    """Commits at once (collect.commits_in_flight: the fixture's default 2, here 3 with the rows
+    copied through pinned host memory, then 1) write the same dataset, shard for shard; a failed commit stops the run, and no later shard enters
     the manifest or leaves a resume state, even one written meanwhile; a rerun with another
     setting (not a data key) continues it."""
     import threading
@@ -262,9 +263,19 @@ def test_commits_in_flight_write_the_same_dataset_and_fail_in_order(dataset, cfg
                 active[0] -= 1
 
     monkeypatch.setattr(collect_mod.store, "write_shard", slow_write)
-    three = make_test_config(["collect.commits_in_flight=3"])
+    # ...and the rows reach the host through pinned host memory (collect.host_copy), not a data key
+    real_copy, kinds = collect_mod._with_host_copy, set()
+
+    def spy_copy(out_, mode="async"):
+        carry, rows = real_copy(out_, mode)
+        kinds.update(x.sharding.memory_kind for x in jax.tree.leaves(rows))
+        return carry, rows
+
+    monkeypatch.setattr(collect_mod, "_with_host_copy", spy_copy)
+    three = make_test_config(["collect.commits_in_flight=3", "collect.host_copy=pinned"])
     out = tmp_path / "three"
     collect(three, out, log=lambda *a: None, stepper=stepper)
+    assert kinds == {"pinned_host"}
     assert most[0] >= 2  # commits did run at once
     assert len(_manifest_shards(root)) >= 4
     assert _manifest_shards(out) == _manifest_shards(root)  # names, frames, sha256, episodes, labels

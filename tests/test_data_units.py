@@ -320,6 +320,30 @@ def test_row_buffers_reuse_one_array_per_field():
         concat_rows(p1, min_bytes=0, out=out[1:])
 
 
+def test_pinned_host_copy_keeps_the_rows_and_a_device_without_pinned_memory_is_refused():
+    from dreamer4.config import ConfigError
+    from dreamer4.data.collect import _with_host_copy, check_host_copy
+
+    rows = {"frame": jax.numpy.arange(24, dtype=jax.numpy.uint8).reshape(2, 3, 4), "reward": jax.numpy.ones((2, 3))}
+    carry, got = _with_host_copy(("carry", rows), "pinned")
+    assert carry == "carry"
+    assert {k: v.sharding.memory_kind for k, v in got.items()} == {"frame": "pinned_host", "reward": "pinned_host"}
+    for k, v in jax.device_get(got).items():
+        np.testing.assert_array_equal(v, np.asarray(rows[k]))
+    assert _with_host_copy(("carry", rows))[1] is rows  # "async": the same arrays, copies started
+
+    class NoPinned:
+        def addressable_memories(self):
+            return []
+
+        def __str__(self):
+            return "gpu:7"
+
+    check_host_copy("async", NoPinned())  # nothing to check
+    with pytest.raises(ConfigError, match=r"'collect.host_copy': 'pinned' needs .* but gpu:7 has only \[\]; use 'async'"):
+        check_host_copy("pinned", NoPinned())
+
+
 def test_strong_types_keeps_dtypes_and_drops_weak_types():
     import jax
     import jax.numpy as jnp

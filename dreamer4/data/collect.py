@@ -239,12 +239,33 @@ def _adding_time(seconds: dict[str, float], key: str, lock: threading.Lock | Non
             seconds[key] += time.perf_counter() - t0
 
 
-def _with_host_copy(out):
-    """`out` (a chunk's (carry, rows)), its rows' copy to the host started (no-op where there is none)."""
-    for leaf in jax.tree.leaves(out[1]):
+def _with_host_copy(out, mode: str = "async"):
+    """`out` (a chunk's (carry, rows)) with its rows' copy to the host started (`collect.host_copy`).
+
+    "async": each row array's `copy_to_host_async` (into pageable memory; no-op where the arrays
+    already are on the host). "pinned": the rows `device_put` into the device's pinned host memory,
+    one batched asynchronous transfer; `jax.device_get` then reads host memory."""
+    carry, rows = out
+    if mode == "pinned":
+        kinds = jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), rows)
+        return carry, jax.device_put(rows, kinds)
+    for leaf in jax.tree.leaves(rows):
         if hasattr(leaf, "copy_to_host_async"):
             leaf.copy_to_host_async()
     return out
+
+
+def check_host_copy(mode: str, device=None) -> None:
+    """ConfigError unless `device` (default: the first local one) has the memory `mode` copies into."""
+    if mode != "pinned":
+        return
+    device = device or jax.local_devices()[0]
+    kinds = [m.kind for m in device.addressable_memories()]
+    if "pinned_host" not in kinds:
+        raise ConfigError(
+            f"config key 'collect.host_copy': 'pinned' needs the device's pinned host memory, but "
+            f"{device} has only {kinds}; use 'async'"
+        )
 
 
 def _copy_threads() -> int:
@@ -371,7 +392,7 @@ def _config_header(cfg: Config, num_writers: int) -> dict:
 def _data_config(c) -> dict:
     """The collect config without the keys that change how fast a run goes but not one byte of
     what it writes: a dataset may be continued, and a compiled stepper reused, with any values."""
-    return {k: v for k, v in to_dict(c).items() if k not in ("commits_in_flight",)}
+    return {k: v for k, v in to_dict(c).items() if k not in ("commits_in_flight", "host_copy")}
 
 
 def _header(cfg: Config, spec: EnvSpec, num_writers: int) -> dict:
@@ -581,6 +602,7 @@ def collect(
     """
     root = Path(out)
     writer, num_writers = resolve_writer(writer_id, num_writers)
+    check_host_copy(cfg.collect.host_copy)
     precheck_dataset(cfg, root, num_writers)
     # Each writer owns its shards: a second process writing as the same writer id is refused.
     with stage_lock(CollectorState.lock_path(root, writer), f"collect w{writer}", shared=False, log=log):
@@ -835,10 +857,10 @@ def _collect(
     finished = False
     t_first, steps_first = None, 0
     try:
-        out = _with_host_copy(chunk_fn(carry))
+        out = _with_host_copy(chunk_fn(carry), c.host_copy)
         while True:
             carry_k, rows_k = out
-            out = _with_host_copy(chunk_fn(carry_k))
+            out = _with_host_copy(chunk_fn(carry_k), c.host_copy)
             with _adding_time(host_s, "rows_to_host"):
                 rows = jax.device_get(rows_k)
             if t_first is None:  # steady-state rate excludes compilation and the first chunk
