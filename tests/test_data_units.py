@@ -340,7 +340,9 @@ def test_pinned_host_copy_keeps_the_rows_and_a_device_without_pinned_memory_is_r
             return "gpu:7"
 
     check_host_copy("async", NoPinned())  # nothing to check
-    with pytest.raises(ConfigError, match=r"'collect.host_copy': 'pinned' needs .* but gpu:7 has only \[\]; use 'async'"):
+    with pytest.raises(
+        ConfigError, match=r"'collect.host_copy': 'pinned' needs .* but gpu:7 has only \[\]; use 'async'"
+    ):
         check_host_copy("pinned", NoPinned())
 
 
