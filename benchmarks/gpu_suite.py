@@ -104,16 +104,16 @@ def full_plan(work: str, cache: str | None) -> dict:
                 **c,
                 # [envs, collect.commits_in_flight, collect.host_copy]: the rows' copy into pageable
                 # memory ("async", ~1.7 GB/s on the third lease's H200, slower than the device steps)
-                # against pinned host memory (session 41), then 1 and 4 commits in flight (session
-                # 37), all at 1,024 envs sharing one compilation; 4,096 envs (a second compilation)
-                # where the budget allows, pinned first
+                # against pinned host memory (session 41), then 4 commits in flight both ways (with
+                # a faster copy the commits may become the bound), all at 1,024 envs sharing one
+                # compilation; 4,096 envs (a second compilation) where the budget allows
                 "cases": [
                     [1024, 2, "async"],
                     [1024, 2, "pinned"],
-                    [1024, 1, "async"],
+                    [1024, 4, "pinned"],
                     [1024, 4, "async"],
                     [4096, 2, "pinned"],
-                    [4096, 2, "async"],
+                    [4096, 4, "pinned"],
                 ],
                 "device_seconds": 3,
                 "collect_seconds": 8,
