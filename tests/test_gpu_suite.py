@@ -125,6 +125,13 @@ def test_full_plan_fits_the_default_total_and_budgets_pass_unused_time_on():
     spec.loader.exec_module(suite)
     plan = suite.full_plan("/nowhere", None)
     assert list(plan) == PARTS and sum(b for b, _ in plan.values()) <= 350
+    # collect pairs the rows' copies first: same envs and commits in flight, "async" then "pinned"
+    cases = plan["collect"][1]["cases"]
+    assert all(copy in ("async", "pinned") for _, _, copy in cases)
+    assert cases[0][:2] == cases[1][:2] and [cases[0][2], cases[1][2]] == ["async", "pinned"]
+    assert suite._envs({"num_envs": 1024, "commits_in_flight": 2, "host_copy": "pinned"}) == "1024 (2, pinned)"
+    assert suite._envs({"num_envs": 1024, "commits_in_flight": 2}) == "1024 (2)"  # rows before session 41
+    assert suite._envs({"num_envs": 1024}) == "1024"  # before session 37
     # a part gets its own budget, or what is left beyond later parts' budgets when that is more
     assert suite.budget_now(60, left=300, reserved=200) == 100
     assert suite.budget_now(60, left=250, reserved=200) == 60
