@@ -907,7 +907,7 @@ def _collect(
     log(
         f"writer {writer}: {episodes_done}/{target} episodes in {shards_done} shards; "
         f"{steps_new} env steps in {elapsed:.1f}s ({steps_new / max(elapsed, 1e-9):.0f} steps/s); "
-        f"rows to host {host_s['rows_to_host']:.1f}s, commits {host_s['commits']:.1f}s, "
+        f"rows to host ({c.host_copy}) {host_s['rows_to_host']:.1f}s, commits {host_s['commits']:.1f}s, "
         f"waiting for commits {host_s['waiting_for_commits']:.1f}s"
     )
     steady = (steps_new - steps_first) / max(time.time() - t_first, 1e-9) if t_first else 0.0
