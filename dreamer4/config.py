@@ -57,7 +57,7 @@ class CollectConfig:
     # How a chunk's rows reach the host. "async": `copy_to_host_async` as the chunk is dispatched,
     # into pageable memory (a GPU copies that way at ~1.7 GB/s: the third lease's H200, slower than
     # the device steps). "pinned": `device_put` into the device's pinned host memory, which a GPU's
-    # copy engine writes at full link speed. On a CPU both are host memory ("async" copies nothing).
+    # copy engine writes directly (not yet timed on a GPU). On a CPU "async" copies nothing.
     host_copy: str = "async"
     # Share of train episodes whose actions training code may see; the rest is unlabeled video.
     labeled_fraction: float = 0.1
