@@ -593,12 +593,10 @@ def part_collect(p, rec: Recorder):
         "auto-reset env in a jitted scan, frames to uint8, compiled separately"
     )
     work = Path(p["work"])
-    # [num_envs, collect.commits_in_flight, collect.host_copy (default "async")] per row; rows of
-    # one env count share its compiled chunk (neither setting is part of it), so another setting
-    # costs only its collection
+    # [num_envs, collect.commits_in_flight, collect.host_copy] per row; rows of one env count share
+    # its compiled chunk (neither setting is part of it), so another setting costs only its collection
     steppers: dict[int, tuple] = {}
-    for n_envs, in_flight, *copy in p["cases"]:
-        host_copy = copy[0] if copy else "async"
+    for n_envs, in_flight, host_copy in p["cases"]:
         row = {"num_envs": n_envs, "commits_in_flight": in_flight, "host_copy": host_copy}
         rows.append(row)
         done = [r for r in rows if "collect_wall_s" in r]

@@ -236,9 +236,9 @@ def _manifest_shards(root):
 
 def test_commits_in_flight_write_the_same_dataset_and_fail_in_order(dataset, cfg, tmp_path, monkeypatch):
     """Commits at once (collect.commits_in_flight: the fixture's default 2, here 3 with the rows
-    copied through pinned host memory, then 1) write the same dataset, shard for shard; a failed commit stops the run, and no later shard enters
-    the manifest or leaves a resume state, even one written meanwhile; a rerun with another
-    setting (not a data key) continues it."""
+    copied through pinned host memory, then 1) write the same dataset, shard for shard; a failed
+    commit stops the run, and no later shard enters the manifest or leaves a resume state, even
+    one written meanwhile; a rerun with another setting (not a data key) continues it."""
     import threading
 
     from dreamer4.data import collect as collect_mod
