@@ -61,6 +61,13 @@ def test_lost_manifest_refused_then_rebuilt(dataset, tmp_path, monkeypatch, caps
         with pytest.raises(DatasetError, match="rebuild-manifest"):  # another seed: same refusal
             collect(make_test_config(["seed=8"]), d, **QUIET)
     assert _tree_digest(d / "shards") == before  # nothing deleted or changed
+    # Shards in flight together finish writing in any order (a short last one often first): make
+    # their write times run backwards, so that the rebuild must follow the commit order instead.
+    for g in store.shard_groups(d):
+        group = json.loads((g / "zarr.json").read_text())
+        entry = group["attributes"][store.SHARD_ATTR]
+        entry["written_at"] = -entry["index"]
+        (g / "zarr.json").write_text(json.dumps(group))
 
     from dreamer4.cli import main
 

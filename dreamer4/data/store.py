@@ -609,7 +609,13 @@ def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> d
                     skipped.extend(f"{e['name']}: its import was interrupted before the commit" for e, _ in b)
                     break
                 run.extend(b)
-        committed.extend(run)
+        # A writer commits in index order, each shard once it and every one before it is written;
+        # shards written concurrently finish in any order, so a shard's write time alone is not
+        # its commit time, while the latest write time up to it bounds that from below.
+        written = float("-inf")
+        for entry, header in run:
+            written = max(written, entry["written_at"])
+            committed.append(((written, str(w), entry["index"]), entry, header))
         if w != "video" and run:
             last = run[-1][0]
             writers[str(w)] = {
@@ -623,7 +629,7 @@ def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> d
             f"{root}: no shard carries the metadata a rebuild needs ({len(skipped)} shard group(s): "
             f"{'; '.join(skipped[:3])}); move them aside with `dreamer4 dataset rebuild-manifest --move-aside {root}`"
         )
-    committed.sort(key=lambda x: x[0]["written_at"])  # commit order, as the manifest listed them
+    committed = [(e, h) for _, e, h in sorted(committed, key=lambda x: x[0])]  # the manifest's order
     headers = [h for _, h in committed]
     video = [h for e, h in committed if e["writer"] == "video"]
     collectors = [h for e, h in committed if e["writer"] != "video"]
