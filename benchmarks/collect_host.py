@@ -4,7 +4,7 @@
 
 On an H100 the collector's jitted chunk steps 1,024 classic envs at ~173k env steps/s, but
 `dreamer4 collect` around it ran at 6.7k (BENCHMARKS.md, GPU suite, second lease): the host work
-per chunk (copy to host, cutting rows into episodes, shard writes with zstd and sha256, the
+per chunk (copy to host, cutting rows into episodes, shard writes with zstd and digests, the
 resume state) set the pace. That host work does not need a GPU to be measured: this script runs
 the real `collect()` with a stand-in stepper whose chunk function returns prepared rows that
 already sit on the (CPU) device, so the steady rate it reports is the host side's ceiling on this
@@ -146,7 +146,7 @@ def wrap_collect_components(timers: Timers) -> Timers:
     """Time the host components `collect` calls (also used by the GPU suite's collect part)."""
     timers.wrap(collect_mod.jax, "device_get", "device_get (copy to host)")
     timers.wrap(collect_mod.EpisodeAssembler, "add", "assembler.add (rows -> episodes)")
-    timers.wrap(collect_mod.store, "write_shard", "store.write_shard (zstd + files + sha256)")
+    timers.wrap(collect_mod.store, "write_shard", "store.write_shard (zstd + files + digests)")
     timers.wrap(collect_mod.CollectorState, "encode", "CollectorState.encode (resume state)")
     timers.wrap(collect_mod.CollectorState, "save", "CollectorState.save (write state file)")
     timers.wrap(collect_mod, "concat_rows", "concat_rows (join a shard's pieces)")

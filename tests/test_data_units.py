@@ -197,23 +197,30 @@ def test_resume_state_compresses_each_piece_once_and_reads_every_format(tmp_path
         CollectorState.load(tmp_path, 0, 5)
 
 
-def test_digest_of_a_large_array_is_a_parallel_tree_hash_and_old_digests_still_verify():
+def test_digest_is_xxh3_128_and_earlier_sha256_digests_still_verify():
     import hashlib
 
     from dreamer4.data import store
 
-    small = np.arange(1000, dtype=np.int32)
-    assert store.digest(small) == hashlib.sha256(small.tobytes()).hexdigest()  # unchanged below 32 MiB
+    # XXH3-128 (seed 0) of no bytes, from the reference implementation's published test vector
+    assert store.digest(np.zeros(0, np.uint8)) == "xxh3-128:99aa06d3014798d86001c324468d497f"
     big = np.random.default_rng(0).integers(0, 256, store.DIGEST_BLOCK * 2 + 123, dtype=np.uint8)
+    d = store.digest(big)
+    assert d.startswith(store.DIGEST_PREFIX) and len(d) == len(store.DIGEST_PREFIX) + 32
+    # the bytes in C order: a transposed view hashes as its contiguous copy, not as its buffer
+    grid = np.arange(12, dtype=np.int32).reshape(3, 4)
+    assert store.digest(grid.T) == store.digest(np.ascontiguousarray(grid.T)) != store.digest(grid)
+    # what earlier versions recorded: a plain sha256, and above 32 MiB a tree of 32 MiB blocks
     raw = big.tobytes()
     blocks = [raw[i : i + store.DIGEST_BLOCK] for i in range(0, len(raw), store.DIGEST_BLOCK)]
-    worked = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in blocks)).hexdigest()
-    assert len(blocks) == 3 and store.digest(big) == store.TREE_PREFIX + worked
-    assert store.digest_matches(big, store.TREE_PREFIX + worked)
-    assert store.digest_matches(big, hashlib.sha256(raw).hexdigest())  # what earlier versions recorded
-    big[store.DIGEST_BLOCK + 7] ^= 1
-    assert not store.digest_matches(big, store.TREE_PREFIX + worked)
-    assert not store.digest_matches(big, hashlib.sha256(raw).hexdigest())
+    tree = store.TREE_PREFIX + hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in blocks)).hexdigest()
+    plain = hashlib.sha256(raw).hexdigest()
+    assert len(blocks) == 3
+    assert all(store.digest_matches(big, r) for r in (d, tree, plain))
+    big[store.DIGEST_BLOCK + 7] ^= 1  # one flipped bit fails every form
+    assert not any(store.digest_matches(big, r) for r in (d, tree, plain))
+    assert store.shard_digests({"digests": {"frame": d}}) == {"frame": d}
+    assert store.shard_digests({"sha256": {"frame": plain}}) == {"frame": plain}
 
 
 def _shard_arrays(n: int, rng) -> dict[str, np.ndarray]:

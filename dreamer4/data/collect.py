@@ -788,7 +788,7 @@ def _collect(
                     "writer": writer,
                     "index": index,
                     "num_frames": int(len(arrays["frame"])),
-                    "sha256": digests,
+                    "digests": digests,
                     "episodes": eps,
                 }
             )

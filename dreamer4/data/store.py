@@ -14,8 +14,8 @@ Each array has one `sharding_indexed` chunk covering the whole shard (the write 
 chunks (the read unit) of `read_chunk_frames` rows for frames and of at least STEP_FIELD_ROWS rows
 for the small per-step fields, zstd, and crc32c on both the inner chunks and the shard index, so a
 flipped or truncated byte fails loudly on read. The manifest also stores a
-sha256 of every array (a block-wise tree sha256 above 32 MiB, see `digest`), which `verify`
-re-computes.
+digest of every array (XXH3-128; earlier versions' sha256 still verify, see `digest`), which
+`verify` re-computes.
 
 A shard exists for readers only once the manifest lists it: a writer killed mid-shard leaves a
 group that no reader opens and the next writer run deletes.
@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import tensorstore as ts
+import xxhash
 
 from dreamer4.runtime.faults import DiskFullError, disk_guard  # noqa: F401  (re-exported)
 
@@ -194,23 +195,27 @@ def _array_spec(path: Path, shape: tuple[int, ...], dtype, read_chunk: int, zstd
     }
 
 
-# Arrays larger than one block get a tree digest, hashed block by block in parallel threads: a
-# shard of 131,072 Craftax frames (1.6 GB) took 2 s of one core as a single sha256, as long as the
-# GPU takes to step the next 170,000 env steps.
+# A shard's arrays are recorded by their XXH3-128 digest: ~20 GB/s on one core, where sha256 ran
+# at 1.8 and took ~0.9 CPU-s of the collector's ~6 per 1,024-env chunk (BENCHMARKS.md, "Session
+# 42"). Corruption on disk is caught by zarr's crc32c on every read; the digest proves a shard's
+# content end to end (`dreamer4 dataset verify`, a rebuilt manifest, a resumed run against an
+# uninterrupted one), for which a non-cryptographic 128-bit hash suffices.
+DIGEST_PREFIX = "xxh3-128:"
+# What earlier versions recorded (still verified): a plain sha256 hex digest, and above 32 MiB a
+# tree sha256 of the consecutive 32 MiB blocks' sha256 digests.
 DIGEST_BLOCK = 32 * 2**20
 TREE_PREFIX = "sha256-tree-32MiB:"
 
 
 def digest(array: np.ndarray) -> str:
-    """Content digest of the array's bytes in C order (hashed in place, no copy of a contiguous array).
+    """Content digest of the array's bytes in C order (hashed in place, no copy of a contiguous
+    array): DIGEST_PREFIX + the XXH3 128-bit hex digest (seed 0). `digest_matches` also accepts
+    the sha256 forms earlier versions recorded."""
+    return DIGEST_PREFIX + xxhash.xxh3_128_hexdigest(_bytes_of(array))
 
-    Up to DIGEST_BLOCK bytes: the plain sha256 hex digest. Above: TREE_PREFIX + the sha256 of the
-    concatenated sha256 digests of the consecutive DIGEST_BLOCK-byte blocks (the last one shorter),
-    computed in threads (hashlib releases the GIL). `digest_matches` also accepts a plain sha256
-    recorded for a large array by earlier versions."""
-    buf = _bytes_of(array)
-    if len(buf) <= DIGEST_BLOCK:
-        return hashlib.sha256(buf).hexdigest()
+
+def _sha256_tree(buf: memoryview) -> str:
+    """TREE_PREFIX + sha256 of the concatenated sha256 digests of the DIGEST_BLOCK-byte blocks."""
     blocks = [buf[i : i + DIGEST_BLOCK] for i in range(0, len(buf), DIGEST_BLOCK)]
     with ThreadPoolExecutor(min(len(blocks), os.cpu_count() or 1, 16)) as pool:
         parts = list(pool.map(lambda b: hashlib.sha256(b).digest(), blocks))
@@ -218,10 +223,18 @@ def digest(array: np.ndarray) -> str:
 
 
 def digest_matches(array: np.ndarray, recorded: str) -> bool:
-    """Whether `array` has the digest `recorded` (either form `digest` has written)."""
-    if recorded.startswith(TREE_PREFIX):
+    """Whether `array` has the digest `recorded`, in whichever form it was recorded: `digest`'s,
+    or earlier versions' tree sha256 (TREE_PREFIX) or plain sha256 hex digest."""
+    if recorded.startswith(DIGEST_PREFIX):
         return digest(array) == recorded
+    if recorded.startswith(TREE_PREFIX):
+        return _sha256_tree(_bytes_of(array)) == recorded
     return hashlib.sha256(_bytes_of(array)).hexdigest() == recorded
+
+
+def shard_digests(entry: dict) -> dict[str, str]:
+    """A manifest shard entry's digest per array: `digests` (this version), `sha256` (earlier)."""
+    return entry["digests"] if "digests" in entry else entry["sha256"]
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:
@@ -239,10 +252,10 @@ def write_shard(
     entry: dict | None = None,
     header: dict | None = None,
 ) -> dict[str, str]:
-    """Write one shard group in a single TensorStore transaction; returns sha256 per array.
+    """Write one shard group in a single TensorStore transaction; returns the digest per array.
 
     Any leftover of an earlier, uncommitted attempt at the same shard is removed first. `entry`
-    (the shard's manifest entry without sha256) and `header` (the dataset's manifest header), when
+    (the shard's manifest entry without digests) and `header` (the dataset's manifest header), when
     given, are stored in the group's zarr.json attributes once the arrays are written, so that
     `rebuild_manifest` can restore a lost manifest from the shards alone. A disk that fills up
     mid-write removes the partial group and raises `DiskFullError`.
@@ -276,7 +289,7 @@ def write_shard(
             txn.commit_async().result()
             digests = digests_f.result()
         if entry is not None:
-            attrs = {SHARD_ATTR: {**entry, "sha256": digests, "written_at": time.time()}}
+            attrs = {SHARD_ATTR: {**entry, "digests": digests, "written_at": time.time()}}
             if header is not None:
                 attrs[HEADER_ATTR] = {k: v for k, v in header.items() if k not in ("shards", "writers")}
             _write_json_atomic(d / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
@@ -477,8 +490,8 @@ def verify(root: str | Path) -> tuple[list[str], list[str]]:
             except DatasetError as e:
                 problems.append(str(e))
                 continue
-            if not digest_matches(data, s["sha256"][field]):
-                problems.append(f"shard {name}: array '{field}' content differs from the manifest's sha256")
+            if not digest_matches(data, shard_digests(s)[field]):
+                problems.append(f"shard {name}: array '{field}' content differs from the manifest's digest")
         ends = [e["start"] + e["length"] for e in s["episodes"]]
         if sorted(e["start"] for e in s["episodes"]) != [0] + sorted(ends)[:-1] or max(ends) != n:
             problems.append(f"shard {name}: episodes do not tile its {n} rows")
@@ -523,15 +536,15 @@ def _shard_attributes(d: Path) -> dict:
 
 
 def _shard_ok(root: Path, entry: dict) -> str | None:
-    """None if every array of the shard reads back with its recorded sha256, else the problem."""
+    """None if every array of the shard reads back with its recorded digest, else the problem."""
     name = entry["name"]
     for field in FIELD_DTYPES:
         try:
             store = open_shard_array(root, name, field)
             if store.shape[0] != entry["num_frames"]:
                 return f"array '{field}' has {store.shape[0]} rows, its attributes say {entry['num_frames']}"
-            if not digest_matches(read_shard_array(store, name, field), entry["sha256"][field]):
-                return f"array '{field}' differs from its recorded sha256"
+            if not digest_matches(read_shard_array(store, name, field), shard_digests(entry)[field]):
+                return f"array '{field}' differs from its recorded digest"
         except DatasetError as e:
             return str(e)
     return None
@@ -542,7 +555,7 @@ def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> d
 
     Shards written since the metadata existed carry their manifest entry and the dataset header
     in their zarr.json attributes (written after the arrays, so a shard with attributes is whole).
-    Each is re-read against its sha256; per writer the contiguous run of good shards from index 0
+    Each is re-read against its digests; per writer the contiguous run of good shards from index 0
     is committed, and an import batch of videos only when all its shards are there. Shards that
     cannot be restored (written before the metadata existed, damaged, or beyond a gap) are listed
     and left where they are; with `move_aside` every shard group and the collector state are moved

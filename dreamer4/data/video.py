@@ -318,7 +318,7 @@ def import_videos(
             new_shards.append(
                 {
                     **{k2: v for k2, v in entry.items() if k2 != "episodes"},
-                    "sha256": digests,
+                    "digests": digests,
                     "episodes": entry["episodes"],
                 }
             )

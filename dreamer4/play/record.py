@@ -147,7 +147,7 @@ class Recorder:
             header=header,
         )
         with store.locked_manifest(self.root) as m:  # the commit
-            m["shards"].append({**entry, "sha256": digests})
+            m["shards"].append({**entry, "digests": digests})
             m.setdefault("writers", {})[WRITER] = {
                 "committed_shards": self.shards + 1,
                 "episodes": self.episodes + 1,
