@@ -278,7 +278,7 @@ def test_commits_in_flight_write_the_same_dataset_and_fail_in_order(dataset, cfg
     assert kinds == {"pinned_host"}
     assert most[0] >= 2  # commits did run at once
     assert len(_manifest_shards(root)) >= 4
-    assert _manifest_shards(out) == _manifest_shards(root)  # names, frames, sha256, episodes, labels
+    assert _manifest_shards(out) == _manifest_shards(root)  # names, frames, digests, episodes, labels
     _assert_same_dataset(root, out)
 
     out, most[0] = tmp_path / "failed", 0
