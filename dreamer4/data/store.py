@@ -642,7 +642,8 @@ def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> d
             f"{root}: no shard carries the metadata a rebuild needs ({len(skipped)} shard group(s): "
             f"{'; '.join(skipped[:3])}); move them aside with `dreamer4 dataset rebuild-manifest --move-aside {root}`"
         )
-    committed = [(e, h) for _, e, h in sorted(committed, key=lambda x: x[0])]  # the manifest's order
+    # each writer's commit order; writers interleaved close to (not always exactly) their commit order
+    committed = [(e, h) for _, e, h in sorted(committed, key=lambda x: x[0])]
     headers = [h for _, h in committed]
     video = [h for e, h in committed if e["writer"] == "video"]
     collectors = [h for e, h in committed if e["writer"] != "video"]
