@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -323,6 +324,7 @@ def test_resume_after_sigkill_is_byte_identical(dataset, tmp_path):
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log
     assert "resuming after" in log
+    assert re.search(r"replayed \d+ chunks: [1-9]\d* running episodes restored", log), log  # rows made again
     assert verify(out) == ([], [])
     _assert_same_dataset(root, out)
     # a third run finds the work done

@@ -1,6 +1,6 @@
 """Collector pieces that need no Craftax: split/label picking and episode assembly."""
 
-import time
+import pickle
 
 import jax
 import numpy as np
@@ -103,98 +103,144 @@ def test_assembler_with_many_envs_copies_running_episodes_in_threads(monkeypatch
     assert [sum((p["frame"].tolist() for p in ps), []) for ps in asm.partial] == left
 
 
-def test_concurrent_resume_state_encodes_compress_each_piece_once(monkeypatch):
-    """Two commits in flight encode overlapping views of the same pieces at once: each piece is
-    compressed by one of them and the other waits for it; both states hold every piece."""
-    import pickle
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
+def _toy_chunk_fn(T: int, lengths):
+    """A deterministic stand-in for the collector's chunk function (numpy, no env): env n's
+    episode e lasts lengths(n, e) rows; a frame encodes (episode, step, env). Carry: each env's
+    episode and step, and `done` (the next row resets), as the real carry has."""
 
-    from dreamer4.data.collect import CollectorState
+    def chunk(carry):
+        ep, step, done = (np.array(carry[k]) for k in ("ep", "step", "done"))
+        rows = {k: [] for k in ("frame", "is_first", "is_last")}
+        for _ in range(T):
+            first = done.copy()
+            ep, step = np.where(first, ep + 1, ep), np.where(first, 0, step + 1)
+            done = step == np.array([lengths(n, e) - 1 for n, e in enumerate(ep)])
+            rows["frame"].append(ep * 1000 + step * 10 + np.arange(len(ep)))
+            rows["is_first"].append(first)
+            rows["is_last"].append(done)
+        return {"ep": ep, "step": step, "done": done}, {k: np.stack(v) for k, v in rows.items()}
 
-    asm = EpisodeAssembler(num_envs=2)
-    asm.add(_rows(3, 2, firsts=[(0, 0), (0, 1)], lasts=[], base=0))
-    calls, real, lock = [], CollectorState._compress_piece, threading.Lock()
-
-    def slow(piece):
-        with lock:
-            calls.append(id(piece))
-        time.sleep(0.2)  # long enough that the second encode starts while the first compresses
-        return real(piece)
-
-    monkeypatch.setattr(CollectorState, "_compress_piece", staticmethod(slow))
-    older = EpisodeAssembler(2, partial=[list(ps) for ps in asm.partial], encoded=asm.encoded, lock=asm.lock)
-    asm.add(_rows(3, 2, firsts=[], lasts=[], base=3))  # a second piece per env
-    with ThreadPoolExecutor(2) as pool:
-        a = pool.submit(CollectorState.encode, {"k": 0}, older)
-        time.sleep(0.05)
-        b = pool.submit(CollectorState.encode, {"k": 1}, asm)
-        blobs = [a.result(), b.result()]
-    assert sorted(calls) == sorted(id(p) for ps in asm.partial for p in ps)  # 4 pieces, once each
-    for blob, view in zip(blobs, (older, asm), strict=True):
-        got = [
-            [CollectorState._decompress_piece(e, 3)["frame"].tolist() for e in ps]
-            for ps in pickle.loads(blob)["partial"]
-        ]
-        assert got == [[p["frame"].tolist() for p in ps] for ps in view.partial]
+    return chunk
 
 
-def test_resume_state_compresses_each_piece_once_and_reads_every_format(tmp_path):
-    import pickle
+def _toy_start(N):
+    return {"ep": np.full(N, -1), "step": np.zeros(N, np.int64), "done": np.ones(N, bool)}
+
+
+def _run(fn, carry, asm, log, chunks, first_index=0):
+    """Collect `chunks` chunks the way collect does: record the carry before each, cut rows."""
+    for j in range(first_index, first_index + chunks):
+        log.record(j, carry)
+        carry, rows = fn(carry)
+        asm.add(rows, join=False)
+    return carry
+
+
+def _frames(partial):
+    return [[p["frame"].tolist() for p in ps] for ps in partial]
+
+
+def test_resume_state_replays_the_running_episodes_and_drops_them_if_replay_differs(tmp_path):
+    """Format 4 saves no rows: the carry before the chunk in which the oldest running episode
+    began, and how many of the replayed rows each env keeps. Resuming makes the same pieces and
+    carry again; a replay that differs (another machine) drops the running episodes instead."""
+    from dreamer4.data import resume_state as rs
+
+    T, N = 4, 3
+    fn = _toy_chunk_fn(T, lambda n, e: [3, 9, 14][n] + e)  # env 2's episodes span 4-5 chunks
+    asm, log = EpisodeAssembler(N), rs.CarryLog()
+    carry = _run(fn, _toy_start(N), asm, log, 6)
+    plan = log.plan(carry, 5, asm.partial)
+    # env 0: episodes of 3, 4, 5, 6 rows (18 rows) -> the running one began at row 18, in chunk 4;
+    # env 1: 9 + 10 rows -> began at row 19 (chunk 4); env 2: 14 rows, then from row 14 (chunk 3)
+    assert (plan.replay_chunks, plan.replay_index, plan.episode_rows) == (3, 3, [6, 5, 10])
+    assert sorted(log._carries) == [3, 4, 5]  # the carries of chunks before 3 are forgotten
+    assert plan.explicit == [[], [], []]
+    data = rs.encode(plan, log)
+    assert log.encoded(3, None) is log.encoded(3, None)  # the replay start is compressed once
+    rs.save(tmp_path, 0, 7, data)
+    saved = rs.load(tmp_path, 0, 7)
+    assert saved.replay["chunks"] == 3 and pickle.loads(data)["carry"][:4] == b"\x28\xb5\x2f\xfd"  # zstd
+    msgs = []
+    carry2, partial2, log2, nxt = rs.resume(saved, fn, msgs.append)
+    assert (
+        nxt == 3
+        and _frames(partial2) == _frames(asm.partial)
+        and msgs == ["replayed 3 chunks: 3 running episodes restored"]
+    )
+    assert all(np.array_equal(np.asarray(carry2[k]), carry[k]) for k in carry)
+    # continuing from the replay is continuing the original run
+    asm2 = EpisodeAssembler(N, partial=partial2)
+    carry = _run(fn, carry, asm, log, 3, first_index=6)
+    carry2 = _run(fn, carry2, asm2, log2, 3, first_index=3)
+    assert _frames(asm2.partial) == _frames(asm.partial)
+    a, b = log.plan(carry, 8, asm.partial), log2.plan(carry2, 5, asm2.partial)
+    assert (a.replay_chunks, a.episode_rows) == (b.replay_chunks, b.episode_rows)
+
+    # replayed with other episode lengths, as if on a machine whose floats differ: dropped, reset
+    other = _toy_chunk_fn(T, lambda n, e: [3, 9, 13][n] + e)
+    carry3, partial3, log3, nxt = rs.resume(saved, other, msgs.append)
+    assert nxt == 0 and partial3 == [[], [], []] and "did not reproduce the saved run" in msgs[-1]
+    assert np.asarray(carry3["done"]).all()  # every env resets at the next step...
+    _, rows = other(carry3)
+    assert rows["is_first"][0].all()  # ...so the dataset still holds only whole episodes
+    # nothing running: nothing to replay
+    fin = _toy_chunk_fn(T, lambda n, e: 4)
+    asm, log = EpisodeAssembler(N), rs.CarryLog()
+    carry = _run(fin, _toy_start(N), asm, log, 2)
+    plan = log.plan(carry, 1, asm.partial)
+    assert plan.replay_chunks == 0 and plan.replay_carry is None and not log._carries
+
+
+def test_resume_state_reads_every_earlier_format_and_keeps_their_rows(tmp_path):
+    """Formats 3 (zstd pieces) and 2 (zlib pieces) of state-K.pkl.zp, .pkl.z and .pkl still
+    load; their running episodes' rows are saved as rows (`explicit`) until those episodes end,
+    the rows made since by replay."""
     import zlib
 
-    from dreamer4.data.collect import CollectorState
+    from dreamer4.data import resume_state as rs
 
-    asm = EpisodeAssembler(num_envs=2)
-    asm.add(_rows(3, 2, firsts=[(0, 0), (0, 1)], lasts=[], base=0))  # both envs mid-episode
-    first = CollectorState.encode({"k": np.arange(3)}, asm)
-    blobs = {i: enc.result() for i, (_, enc) in asm.encoded.items()}
-    asm.add(_rows(3, 2, firsts=[(2, 1)], lasts=[(1, 1)], base=3))  # env 1 ends and restarts
-    asm.prune_encoded()  # the collector's, at each commit's submission
-    second = CollectorState.encode({"k": np.arange(3)}, asm)
-    # env 0's first piece is still partial: its compressed copy is reused, not redone; env 1's
-    # ended pieces are forgotten
-    p0 = id(asm.partial[0][0])
-    assert p0 in blobs and asm.encoded[p0][1].result() is blobs[p0]
-    assert set(asm.encoded) == {id(p) for ps in asm.partial for p in ps}
-    assert len(first) > 0
-    path = CollectorState.path(tmp_path, 0, 2)
-    assert path.name == "state-000002.pkl.zp"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(second)
-    carry, partial = CollectorState.load(tmp_path, 0, 2)
-    assert carry["k"].tolist() == [0, 1, 2]
-    assert [[p["frame"].tolist() for p in ps] for ps in partial] == [
-        [p["frame"].tolist() for p in ps] for ps in asm.partial
-    ]
-    # pieces are zstd frames (format 3): the file holds no zlib stream
-    state = pickle.loads(second)
-    blob = state["partial"][0][0]["frame"][2]
-    assert state["format"] == 3 and blob[:4] == b"\x28\xb5\x2f\xfd"  # zstd's magic number
-    # format 2 (the same file name, zlib pieces) still loads
-    state["format"] = 2
-    state["partial"] = [
+    T, N = 4, 2
+    fn = _toy_chunk_fn(T, lambda n, e: [13, 6][n])
+    asm = EpisodeAssembler(N)
+    carry = _run(fn, _toy_start(N), asm, rs.CarryLog(), 2)  # rows 0-7: env 0 running since row 0
+    d = tmp_path / "collector" / "w000"
+    d.mkdir(parents=True)
+    fmt3 = {"format": 3, "carry": carry, "partial": [[rs._compress_piece(p) for p in ps] for ps in asm.partial]}
+    (d / "state-000002.pkl.zp").write_bytes(pickle.dumps(fmt3))
+    fmt2 = {**fmt3, "format": 2}
+    fmt2["partial"] = [
         [
             {k: (a.dtype.str, a.shape, zlib.compress(np.ascontiguousarray(a).tobytes(), 1)) for k, a in p.items()}
             for p in ps
         ]
         for ps in asm.partial
     ]
-    path.write_bytes(pickle.dumps(state))
-    carry, partial = CollectorState.load(tmp_path, 0, 2)
-    assert [[p["frame"].tolist() for p in ps] for ps in partial] == [
-        [p["frame"].tolist() for p in ps] for ps in asm.partial
-    ]
-    # the whole-state zlib of earlier versions (.pkl.z) and the plain pickle (.pkl) still load
-    legacy = {"carry": {"k": np.arange(2)}, "partial": asm.partial}
-    d = tmp_path / "collector" / "w000"
-    (d / "state-000003.pkl.z").write_bytes(zlib.compress(pickle.dumps(legacy), 1))
-    (d / "state-000004.pkl").write_bytes(pickle.dumps(legacy))
-    for k in (3, 4):
-        carry, partial = CollectorState.load(tmp_path, 0, k)
-        assert carry["k"].tolist() == [0, 1] and len(partial) == 2
-    with pytest.raises(Exception, match="state-000005.pkl.zp is missing"):
-        CollectorState.load(tmp_path, 0, 5)
+    (d / "state-000003.pkl.zp").write_bytes(pickle.dumps(fmt2))
+    legacy = {"carry": carry, "partial": asm.partial}
+    (d / "state-000004.pkl.z").write_bytes(zlib.compress(pickle.dumps(legacy), 1))
+    (d / "state-000005.pkl").write_bytes(pickle.dumps(legacy))
+    for k in (2, 3, 4, 5):
+        saved = rs.load(tmp_path, 0, k)
+        assert saved.replay is None and _frames(saved.explicit) == _frames(asm.partial)
+        assert saved.carry["ep"].tolist() == carry["ep"].tolist()
+    with pytest.raises(Exception, match="state-000006.pkl.zp is missing"):
+        rs.load(tmp_path, 0, 6)
+
+    # resumed from format 3, one more chunk (rows 8-11): env 0's episode (rows 0-12) still runs,
+    # env 1's second (rows 6-11) has ended
+    carry2, partial, log, nxt = rs.resume(rs.load(tmp_path, 0, 2), fn)
+    assert nxt == 0 and _frames(partial) == _frames(asm.partial)
+    asm2 = EpisodeAssembler(N, partial=partial)
+    carry = _run(fn, carry, asm, rs.CarryLog(), 1)  # the original run, one chunk on: rows 8-11
+    carry2 = _run(fn, carry2, asm2, log, 1)
+    plan = log.plan(carry2, 0, asm2.partial)
+    assert [len(ps) for ps in plan.explicit] == [2, 0] and plan.replay_chunks == 1
+    assert plan.episode_rows == [4, 0]  # env 0: rows 8-11 replayed, rows 0-7 stored
+    rs.save(tmp_path, 0, 7, rs.encode(plan, log))
+    carry3, partial3, _, _ = rs.resume(rs.load(tmp_path, 0, 7), fn)
+    assert _frames(partial3) == _frames(asm.partial) == _frames(asm2.partial)
+    assert all(np.array_equal(np.asarray(carry3[k]), carry[k]) for k in carry)
 
 
 def test_digest_is_xxh3_128_and_earlier_sha256_digests_still_verify():

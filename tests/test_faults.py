@@ -17,8 +17,8 @@ from flax import nnx
 
 from dreamer4.config import ConfigError, load_config
 from dreamer4.data import collect as collect_mod
-from dreamer4.data import store
-from dreamer4.data.collect import CollectorState, EpisodeAssembler, collect
+from dreamer4.data import resume_state, store
+from dreamer4.data.collect import collect
 from dreamer4.data.store import DatasetError, rebuild_manifest, verify
 from dreamer4.runtime.checkpoint import Checkpointer
 from dreamer4.runtime.faults import CheckpointError, DiskFullError
@@ -273,9 +273,8 @@ def test_disk_full_in_state_checkpoint_and_logs(small_disk):
     filler = _fill(small_disk, 100_000)
     rng = np.random.default_rng(0)
     big = rng.integers(0, 255, (400_000,), np.uint8)  # incompressible
-    asm = EpisodeAssembler(1)
     with pytest.raises(DiskFullError, match="collector resume state"):
-        CollectorState.save(small_disk, 0, 1, {"x": big}, asm)
+        resume_state.save(small_disk, 0, 1, big.tobytes())
     assert not list((small_disk / "collector").rglob("*.tmp"))
 
     ck = Checkpointer(small_disk / "ckpt", async_save=False)

@@ -12,11 +12,12 @@ So the dynamics at step t sees action_t and predicts frame_t, and an agent actin
 action_{t+1}. The collector emits exactly one such row per env per scan iteration: an env whose
 last row was `is_last` is reset in the next iteration and emits its first row.
 
-Resumability: after each committed shard the writer saves its whole collector state (env states,
-PRNG key, the unfinished episodes' rows) to `collector/wNNN/state-KKKKKK.pkl.zp` *before* the manifest
-lists the shard. A restarted writer deletes its uncommitted shard groups, loads the state saved
-with its last committed shard, and continues: the result is byte-identical to an uninterrupted
-run. Episode data never depends on `chunk_steps` (the key is split per step, not per chunk).
+Resumability: after each committed shard the writer saves its collector state (the carry: env
+states, PRNG key; and the carry before the chunk in which its oldest unfinished episode began) to
+`collector/wNNN/state-KKKKKK.pkl.zp` *before* the manifest lists the shard (resume_state.py). A
+restarted writer deletes its uncommitted shard groups, loads the state saved with its last committed
+shard, replays the chunks that made the unfinished episodes' rows, and continues: on the same kind
+of machine the result is byte-identical to an uninterrupted run. Episode data never depends on `chunk_steps` (the key is split per step, not per chunk).
 After a SIGTERM, SIGUSR1 or SIGINT (runtime/preempt.py) the writer commits its finished episodes
 at the end of the current chunk (a shorter shard; the episodes, their order, split and labels are
 those of an uninterrupted run) and stops with exit code 75; rerun to continue. A writer holds
@@ -29,26 +30,22 @@ import collections
 import contextlib
 import math
 import os
-import pickle
 import shutil
 import threading
 import time
-import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import zstandard
 
 from dreamer4.config import Config, ConfigError, save_config, to_dict
-from dreamer4.data import store
+from dreamer4.data import resume_state, store
 from dreamer4.data.behavior import BehaviorPolicy, assign_envs, mixture_policy, parse_mix
 from dreamer4.data.env import EnvSpec, make_env, strong_types, to_uint8
 from dreamer4.data.policies import make_policy
-from dreamer4.runtime.faults import disk_guard
 from dreamer4.runtime.lock import stage_lock
 from dreamer4.runtime.preempt import Preempted, requested
 from dreamer4.runtime.progress import Progress
@@ -154,19 +151,6 @@ class EpisodeAssembler:
 
     num_envs: int
     partial: list[list[dict]] = field(default_factory=list)
-    # CollectorState's compressed copy of each partial piece (a future of it), by id(piece) (with
-    # the piece, so the id cannot be reused): a piece is compressed once, however many commits it
-    # stays partial for
-    encoded: dict[int, tuple[dict, Future]] = field(default_factory=dict, repr=False)
-    # guards `encoded`: commits in flight at once encode (and the collecting thread prunes) together
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def prune_encoded(self) -> None:
-        """Drop the compressed copies of pieces no longer partial (their episodes have ended)."""
-        live = {id(p) for ps in self.partial for p in ps}
-        with self.lock:
-            for key in [k for k in self.encoded if k not in live]:
-                del self.encoded[key]
 
     def __post_init__(self):
         if not self.partial:
@@ -450,125 +434,6 @@ def precheck_dataset(cfg: Config, root: Path, num_writers: int) -> None:
     )
 
 
-class CollectorState:
-    """What a writer needs to continue exactly where its last committed shard left it.
-
-    `collector/wNNN/state-KKKKKK.pkl.zp`: a pickle of the carry (env states, policy state, frames,
-    key) and the rows of the episodes still running, each piece of rows (one env's rows from one
-    chunk) as its arrays zstd-compressed at level 1 (format 3). The rows are mostly frames: on
-    Craftax-Classic frames zstd-1 compresses 7.4x at ~700 MB/s per core, where zlib-1 (format 2,
-    before) did 7.0x at ~140 MB/s (BENCHMARKS.md, "Collection on a GPU host"); every row of a
-    long episode passes through here once, so this was a third of the host's work per chunk.
-    A piece stays partial over several commits while its episode runs: it is compressed once (the
-    assembler keeps the result) and new pieces are compressed in parallel threads, so a commit's
-    cost follows the rows added since the last one, not all rows of the running episodes (with
-    1,024 envs the whole-state zlib of earlier versions took 12 s per commit on 2 cores).
-    Written to a temp file, fsynced and renamed; a full disk removes the temp file and raises
-    `DiskFullError`. Earlier formats are still read: zlib pieces (format 2, same file name),
-    whole-state zlib `state-KKKKKK.pkl.z` and uncompressed `state-KKKKKK.pkl`.
-    """
-
-    FORMAT = 3  # pieces compressed with zstd; 2: with zlib
-
-    SUFFIX = ".pkl.zp"
-    LEGACY_SUFFIXES = (".pkl.z", ".pkl")
-
-    @staticmethod
-    def lock_path(root: Path, writer: int) -> Path:
-        """Held by the process writing as this writer (runtime/lock.py)."""
-        return root / "collector" / f"w{writer:03d}" / "lock"
-
-    @staticmethod
-    def path(root: Path, writer: int, shards_done: int) -> Path:
-        return root / "collector" / f"w{writer:03d}" / f"state-{shards_done:06d}{CollectorState.SUFFIX}"
-
-    @staticmethod
-    def _compress_piece(piece: dict) -> dict:
-        """{field: (dtype, shape, zstd level-1 bytes)}; zstd releases the GIL, so threads overlap."""
-        zc = zstandard.ZstdCompressor(level=1)  # one per call: a compressor is not thread-safe
-        out = {}
-        for k, a in piece.items():
-            a = np.ascontiguousarray(a)
-            out[k] = (a.dtype.str, a.shape, zc.compress(memoryview(a).cast("B")))
-        return out
-
-    @staticmethod
-    def _decompress_piece(enc: dict, fmt: int) -> dict:
-        unpack = zstandard.ZstdDecompressor().decompress if fmt >= 3 else zlib.decompress
-        return {k: np.frombuffer(unpack(b), np.dtype(dt)).reshape(shape) for k, (dt, shape, b) in enc.items()}
-
-    @staticmethod
-    def encode(carry, assembler: EpisodeAssembler) -> bytes:
-        """The state file's bytes. A piece is compressed once: `assembler.encoded` holds each
-        piece's compression as a future, so a commit whose encode runs beside another's (commits
-        in flight) waits for the other's compression of a piece instead of redoing it. Pruning
-        it is the caller's (`EpisodeAssembler.prune_encoded`)."""
-        pieces = [p for ps in assembler.partial for p in ps]
-        memo, mine, futures = assembler.encoded, [], {}
-        with assembler.lock:
-            for p in pieces:
-                if id(p) not in memo:
-                    memo[id(p)] = (p, Future())
-                    mine.append(p)
-                futures[id(p)] = memo[id(p)][1]
-        if mine:
-            with ThreadPoolExecutor(min(len(mine), os.cpu_count() or 1, 16)) as pool:
-                for p, job in [(p, pool.submit(CollectorState._compress_piece, p)) for p in mine]:
-                    err = job.exception()
-                    if err is None:
-                        futures[id(p)].set_result(job.result())
-                    else:  # any waiting encode raises it too; the piece is compressed anew next time
-                        with assembler.lock:
-                            memo.pop(id(p), None)
-                        futures[id(p)].set_exception(err)
-        partial = [[futures[id(p)].result() for p in ps] for ps in assembler.partial]
-        return pickle.dumps(
-            {"format": CollectorState.FORMAT, "carry": jax.device_get(carry), "partial": partial},
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
-
-    @staticmethod
-    def save(
-        root: Path, writer: int, shards_done: int, carry, assembler: EpisodeAssembler, data: bytes | None = None
-    ) -> None:
-        """`data`: the state already encoded (collect encodes it while the shard is written)."""
-        p = CollectorState.path(root, writer, shards_done)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        data = CollectorState.encode(carry, assembler) if data is None else data
-        tmp = p.with_name(p.name + ".tmp")
-        with disk_guard(p.parent, len(data), f"the collector resume state {p.name}", cleanup=[tmp]):
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-
-    @staticmethod
-    def load(root: Path, writer: int, shards_done: int):
-        p = CollectorState.path(root, writer, shards_done)
-        if p.exists():
-            s = pickle.loads(p.read_bytes())
-            partial = [[CollectorState._decompress_piece(e, s["format"]) for e in ps] for ps in s["partial"]]
-            return s["carry"], partial
-        for suffix in CollectorState.LEGACY_SUFFIXES:
-            old = p.with_name(f"state-{shards_done:06d}{suffix}")
-            if old.exists():
-                raw = old.read_bytes()
-                s = pickle.loads(zlib.decompress(raw) if suffix.endswith(".z") else raw)
-                return s["carry"], s["partial"]
-        raise store.DatasetError(
-            f"{p} is missing: writer {writer} has {shards_done} committed shards but no saved "
-            f"collector state to continue from deterministically"
-        )
-
-    @staticmethod
-    def prune(root: Path, writer: int, keep_from: int) -> None:
-        d = root / "collector" / f"w{writer:03d}"
-        for p in d.glob("state-*"):
-            if p.name.endswith(".tmp") or int(p.name.split("-")[1].split(".")[0]) < keep_from:
-                p.unlink(missing_ok=True)
-
-
 def resolve_writer(writer_id: int | None, num_writers: int | None) -> tuple[int, int]:
     """Default to the JAX process index/count so a multi-host job splits writers by itself."""
     if num_writers is None:
@@ -605,7 +470,7 @@ def collect(
     check_host_copy(cfg.collect.host_copy)
     precheck_dataset(cfg, root, num_writers)
     # Each writer owns its shards: a second process writing as the same writer id is refused.
-    with stage_lock(CollectorState.lock_path(root, writer), f"collect w{writer}", shared=False, log=log):
+    with stage_lock(resume_state.lock_path(root, writer), f"collect w{writer}", shared=False, log=log):
         return _collect(cfg, root, writer, num_writers, log, stop_after_shards, row_sink, stop_after_s, stepper)
 
 
@@ -703,12 +568,13 @@ def _collect(
 
     init_fn, chunk_fn = stepper.init_fn, stepper.chunk_fn
     assembler = EpisodeAssembler(c.num_envs)
+    carries, chunk_no = resume_state.CarryLog(), 0  # chunk_no: the next chunk's index in this process
     if shards_done == 0:
         carry = init_fn(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), writer))
     else:
-        host_carry, assembler.partial = CollectorState.load(root, writer, shards_done)
-        carry = jax.device_put(host_carry)
+        saved = resume_state.load(root, writer, shards_done)
         log(f"writer {writer}: resuming after {shards_done} committed shards ({episodes_done} episodes)")
+        carry, assembler.partial, carries, chunk_no = resume_state.resume(saved, chunk_fn, log, f"writer {writer}: ")
 
     eval_u, label_u = _offsets(cfg.seed, writer)
     train_done = sum(1 for s in mine for e in s["episodes"] if e["split"] == "train")
@@ -720,14 +586,14 @@ def _collect(
     t0 = time.time()
     bar = Progress(total=target, initial=episodes_done, desc=f"collect w{writer}", unit="ep")
 
-    def commit(index: int, carry_after, partial, episodes, labels, final: bool, before) -> None:
+    def commit(index: int, plan, episodes, labels, final: bool, before) -> None:
         """Write `episodes` as shard `index`, then (once the commit `before` has ended) the resume
-        state (carry_after, partial) and the manifest entry: the commit. Runs on a committer
-        thread; up to `collect.commits_in_flight` run at once, and they finish in order."""
+        state (`plan`) and the manifest entry: the commit. Runs on a committer thread; up to
+        `collect.commits_in_flight` run at once, and they finish in order."""
         with _adding_time(host_s, "commits", stats_lock):
-            _commit(index, carry_after, partial, episodes, labels, final, before)
+            _commit(index, plan, episodes, labels, final, before)
 
-    def _commit(index: int, carry_after, partial, episodes, labels, final: bool, before) -> None:
+    def _commit(index: int, plan, episodes, labels, final: bool, before) -> None:
         nonlocal shards_done, episodes_done, bytes_new
         name = store.shard_name(writer, index)
         # each episode is its list of pieces: one copy, straight into the shard's arrays (this
@@ -763,10 +629,8 @@ def _collect(
             "final": final,
         }
         # The state's zstd and TensorStore's both release the GIL: compress the resume state meanwhile.
-        # The state's view of the assembler shares its cache of compressed pieces.
-        state_view = EpisodeAssembler(c.num_envs, partial=partial, encoded=assembler.encoded, lock=assembler.lock)
         with ThreadPoolExecutor(1) as pool:
-            encoded = pool.submit(CollectorState.encode, carry_after, state_view)
+            encoded = pool.submit(resume_state.encode, plan, carries)
             digests = store.write_shard(
                 root,
                 name,
@@ -780,7 +644,7 @@ def _collect(
         if before is not None:
             before.result()  # in order: an earlier commit that failed fails this one too (not listed)
         assert shards_done == index, (shards_done, index)
-        CollectorState.save(root, writer, index + 1, None, None, data=data)
+        resume_state.save(root, writer, index + 1, data)
         with store.locked_manifest(root) as m:
             m["shards"].append(
                 {
@@ -798,7 +662,7 @@ def _collect(
                 "target_episodes": target,
                 "complete": final,
             }
-        CollectorState.prune(root, writer, keep_from=index + 1)
+        resume_state.prune(root, writer, keep_from=index + 1)
         shards_done += 1
         episodes_done += len(eps)
         bytes_new += sum(a.nbytes for a in arrays.values())
@@ -828,11 +692,11 @@ def _collect(
                 return
 
     def submit_commit(carry_after, final: bool) -> None:
+        """Commit the pending episodes with the state after chunk `chunk_no`."""
         nonlocal pending
         if len(in_flight) >= c.commits_in_flight:
             wait_commit(all_=False)
-        snapshot = [list(ps) for ps in assembler.partial]  # pieces are never mutated, lists are
-        assembler.prune_encoded()
+        plan = carries.plan(carry_after, chunk_no, assembler.partial)
         episodes, pending = pending, []
         labels = []
         for _ in episodes:
@@ -842,9 +706,7 @@ def _collect(
             planned["train"] += 0 if is_eval else 1
             labels.append((n, is_eval, labeled))
         before = in_flight[-1] if in_flight else None
-        in_flight.append(
-            committer.submit(commit, planned["shards"], carry_after, snapshot, episodes, labels, final, before)
-        )
+        in_flight.append(committer.submit(commit, planned["shards"], plan, episodes, labels, final, before))
         planned["shards"] += 1
         planned["episodes"] += len(episodes)
 
@@ -858,8 +720,10 @@ def _collect(
     t_first, steps_first = None, 0
     try:
         out = _with_host_copy(chunk_fn(carry), c.host_copy)
+        carry_in = carry  # the carry chunk `chunk_no` started from
         while True:
             carry_k, rows_k = out
+            carries.record(chunk_no, carry_in)  # a reference: copied only if a commit saves it
             out = _with_host_copy(chunk_fn(carry_k), c.host_copy)
             with _adding_time(host_s, "rows_to_host"):
                 rows = jax.device_get(rows_k)
@@ -900,6 +764,7 @@ def _collect(
                     signal_name,
                     saved=f"{shards_done} shards of writer {writer} committed in {root}",
                 )
+            carry_in, chunk_no = carry_k, chunk_no + 1
     finally:
         committer.shutdown(wait=True)  # an exception here still lets the commit in flight finish
     bar.close()
