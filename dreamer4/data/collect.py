@@ -17,7 +17,8 @@ states, PRNG key; and the carry before the chunk in which its oldest unfinished 
 `collector/wNNN/state-KKKKKK.pkl.zp` *before* the manifest lists the shard (resume_state.py). A
 restarted writer deletes its uncommitted shard groups, loads the state saved with its last committed
 shard, replays the chunks that made the unfinished episodes' rows, and continues: on the same kind
-of machine the result is byte-identical to an uninterrupted run. Episode data never depends on `chunk_steps` (the key is split per step, not per chunk).
+of machine the result is byte-identical to an uninterrupted run. Episode data never depends on
+`chunk_steps` (the key is split per step, not per chunk).
 After a SIGTERM, SIGUSR1 or SIGINT (runtime/preempt.py) the writer commits its finished episodes
 at the end of the current chunk (a shorter shard; the episodes, their order, split and labels are
 those of an uninterrupted run) and stops with exit code 75; rerun to continue. A writer holds

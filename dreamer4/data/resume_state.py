@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -263,6 +264,7 @@ def resume(saved: Saved, chunk_fn: Callable, log: Callable = print, where: str =
     clog = CarryLog(saved.explicit)
     partial = [list(ps) for ps in saved.explicit]
     carry = jax.device_put(saved.replay["carry"])
+    t0 = time.perf_counter()
     for j in range(R):
         clog.record(j, carry)
         carry, rows = chunk_fn(carry)
@@ -274,7 +276,10 @@ def resume(saved: Saved, chunk_fn: Callable, log: Callable = print, where: str =
                 partial[n].append({k: np.array(v[max(begin, 0) :, n]) for k, v in rows.items()})
     why = _mismatch(saved, partial, carry)
     if why is None:
-        log(f"{where}replayed {R} chunks: {sum(1 for r in rows_n if r)} running episodes restored")
+        log(
+            f"{where}replayed {R} chunks: {sum(1 for r in rows_n if r)} running episodes restored "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
         return carry, partial, clog, R
     log(
         f"{where}WARNING: replaying the last {R} chunks did not reproduce the saved run ({why}; "
