@@ -8,14 +8,15 @@ shard left it, without storing the rows of the episodes still running.
                   its running episode (0: none running)
     explicit      per env, rows of a running episode that began before this process's first chunk
                   (only after resuming from a format-3-or-older state; otherwise all empty)
-each carry pickled and zstd-compressed at level 1 (~2 MB for 1,024 classic envs).
+each carry pickled and zstd-compressed at level 1 (~0.6 MB each for 256 classic envs).
 
 Why replay: the chunk function is deterministic, so the rows of the running episodes can be made
 again from the carry before the chunk their oldest began in. Storing them (format 3) meant
 zstd-compressing every row of every episode that ran over a commit, about a GB of frames per
-1,024-env chunk: ~1.2 CPU-s of the collector's ~5.8 per chunk (BENCHMARKS.md, session 43), and a
-~100 MB state file per commit. A restarted writer replays those chunks (Craftax-Classic episodes
-of the default behaviour policies span 1-3 chunks of 128 steps) and checks that it got the saved
+1,024-env chunk, into a ~100 MB state file per commit; replaying instead took the collector's host
+work from 7.9 to 5.1 CPU-s per chunk (BENCHMARKS.md, session 43). The cost moves to the resume: a
+restarted writer replays those chunks (Craftax-Classic episodes of the default behaviour policies
+span 1-3 chunks of 128 steps; seconds on a GPU, minutes on a 2-core CPU) and checks that it got the saved
 carry back and that each running episode begins with a reset row where it should. If not (a
 different kind of CPU or GPU, other software: float results may differ), the running episodes are
 dropped and their envs reset at the next step; what was committed is untouched, and the dataset
