@@ -480,6 +480,13 @@ def markdown(res: dict) -> str:
             f"{_f(r.get('collect_first_chunk_s'))} | {r.get('episodes', 'n/a')} / {r.get('shards', 'n/a')} | "
             f"{_f(r.get('craftax_loop_steps_per_s'), '{:.0f}')} |" + (f" {r['error'][:80]}" if "error" in r else "")
         )
+    replays = [
+        f"{r['num_envs']} envs: {'yes' if r['chunk_replays_exactly'] else 'NO'}"
+        for r in co.get("rows", [])
+        if "chunk_replays_exactly" in r
+    ]
+    if replays:  # a resumed collection replays chunks and needs the same bits (data/resume_state.py)
+        lines += ["", "Chunk replayed from the same carry gives the same bits: " + "; ".join(replays)]
     host = [r for r in co.get("rows", []) if "host_cpu_s_per_chunk" in r]
     if host:  # is the host CPU-bound (all cores busy) or bound by one thread?
         lines += [

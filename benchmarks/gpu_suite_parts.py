@@ -568,6 +568,12 @@ def _device_only_steps_per_s(stepper, cfg, seconds: float, info: dict) -> float:
         carry, rows = stepper.chunk_fn(carry)
         jax.block_until_ready(rows)
     info["compile_s"] = time.perf_counter() - t0
+    # A resumed writer replays chunks and requires the same bits (data/resume_state.py): does this
+    # device give them? (If not, each resume drops the running episodes instead.)
+    (c1, r1), (c2, r2) = stepper.chunk_fn(carry), stepper.chunk_fn(carry)
+    same = [jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves((c1, r1)), jax.tree.leaves((c2, r2)), strict=True)]
+    info["chunk_replays_exactly"] = bool(jnp.all(jnp.stack(same)))
+    carry = c1
     steps, t0 = 0, time.perf_counter()
     while steps == 0 or time.perf_counter() - t0 < seconds:
         carry, rows = stepper.chunk_fn(carry)
@@ -629,6 +635,7 @@ def part_collect(p, rec: Recorder):
                 rate = _device_only_steps_per_s(stepper, cfg, p.get("device_seconds", 3.0), info)
                 steppers[n_envs] = (stepper, rate)
                 row["compile_s"] = info["compile_s"]  # rows after it reuse the compiled chunk: none
+                row["chunk_replays_exactly"] = info["chunk_replays_exactly"]
             stepper, row["device_only_steps_per_s"] = steppers[n_envs]
             rec.flush()
             out = work / f"collect_ds_{n_envs}_{in_flight}"
