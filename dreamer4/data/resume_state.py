@@ -168,13 +168,17 @@ def encode(plan: Plan, log: CarryLog) -> bytes:
     )
 
 
+def _writer_dir(root: Path, writer: int) -> Path:
+    return root / "collector" / f"w{writer:03d}"
+
+
 def lock_path(root: Path, writer: int) -> Path:
     """Held by the process writing as this writer (runtime/lock.py)."""
-    return root / "collector" / f"w{writer:03d}" / "lock"
+    return _writer_dir(root, writer) / "lock"
 
 
 def path(root: Path, writer: int, shards_done: int) -> Path:
-    return root / "collector" / f"w{writer:03d}" / f"state-{shards_done:06d}{SUFFIX}"
+    return _writer_dir(root, writer) / f"state-{shards_done:06d}{SUFFIX}"
 
 
 def save(root: Path, writer: int, shards_done: int, data: bytes) -> None:
@@ -226,18 +230,15 @@ def load(root: Path, writer: int, shards_done: int) -> Saved:
 
 
 def prune(root: Path, writer: int, keep_from: int) -> None:
-    d = root / "collector" / f"w{writer:03d}"
-    for p in d.glob("state-*"):
+    for p in _writer_dir(root, writer).glob("state-*"):
         if p.name.endswith(".tmp") or int(p.name.split("-")[1].split(".")[0]) < keep_from:
             p.unlink(missing_ok=True)
 
 
 def _equal(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return (
-        jax.tree.structure(a) == jax.tree.structure(b)
-        and len(la) == len(lb)
-        and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
 
 
