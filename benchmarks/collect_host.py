@@ -14,7 +14,10 @@ zstd sees Craftax's compressibility, else from synthetic block-textured frames.
 
 Prints a table (steady host-bound steps/s; per chunk: CPU seconds, the kernel's share of them, minor
 page faults, ms in each host component) and writes JSON (--json). Each component is timed by
-wrapping the function collect calls (no change to it).
+wrapping the function collect calls (no change to it). The rate, CPU seconds and page faults are
+also given over the run's second half (`ChunkClock`): the whole run's include its start, when the
+memory the collection settles into is first touched, and run a third or more above what a long
+collection pays per chunk on a 2-vCPU VM (BENCHMARKS.md, "Session 44"); use --seconds 120 for them.
 """
 
 from __future__ import annotations
@@ -142,6 +145,53 @@ class Timers:
             setattr(owner, attr, fn)
 
 
+class ChunkClock:
+    """The time and this process's CPU usage at each call of a stepper's chunk function.
+
+    The collecting thread calls it once per chunk, so consecutive calls are one turn of the
+    collection loop apart. The figures over a run's whole length include its start: the first
+    touches of the memory the collection settles into (the commit threads' row buffers, the rows of
+    running episodes, growing to their steady size), which cost the most on this project's
+    2-vCPU VMs. `late` gives the figures over the run's second half instead: what a collection that
+    runs for hours pays per chunk."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, float, float, int]] = []  # (wall, user s, system s, faults)
+
+    def wrap(self, stepper):
+        fn = stepper.chunk_fn
+
+        def chunk_fn(carry):
+            self.marks.append((time.perf_counter(), *usage()))
+            return fn(carry)
+
+        return replace(stepper, chunk_fn=chunk_fn)
+
+    def late(self, steps_per_chunk: int, share: float = 0.5) -> dict | None:
+        """Rate, CPU s, kernel's share and page faults per chunk from the first call in the last
+        `share` of the time between the second call (the first was before the loop) and the last,
+        to the last; None when fewer than 2 chunks fall in that window."""
+        m = self.marks[1:]
+        if len(m) < 3:
+            return None
+        t_from = m[-1][0] - share * (m[-1][0] - m[0][0])
+        i = next(i for i, x in enumerate(m) if x[0] >= t_from)
+        chunks = len(m) - 1 - i
+        if chunks < 2:
+            return None
+        (t0, u0, s0, f0), (t1, u1, s1, f1) = m[i], m[-1]
+        cpu = (u1 - u0) + (s1 - s0)
+        return {
+            "chunks": chunks,
+            "seconds": t1 - t0,
+            "steps_per_s": chunks * steps_per_chunk / (t1 - t0),
+            "cpu_s_per_chunk": cpu / chunks,
+            "cores_busy": cpu / (t1 - t0),
+            "system_cpu_share": (s1 - s0) / max(cpu, 1e-9),
+            "minor_faults_per_chunk": (f1 - f0) / chunks,
+        }
+
+
 def wrap_collect_components(timers: Timers) -> Timers:
     """Time the host components `collect` calls (also used by the GPU suite's collect part)."""
     timers.wrap(collect_mod.jax, "device_get", "device_get (copy to host)")
@@ -173,7 +223,8 @@ def run(cfg, seconds: float, mean_len: float, frames_from: str | None, chunks: i
         i = int(carry["i"])
         return {**carry, "i": carry["i"] + 1}, first if i == 0 else cycle[i % chunks]
 
-    fake = replace(stepper, init_fn=init_fn, chunk_fn=chunk_fn)
+    clock = ChunkClock()
+    fake = clock.wrap(replace(stepper, init_fn=init_fn, chunk_fn=chunk_fn))
     timers = wrap_collect_components(Timers())
     out = Path(tempfile.mkdtemp(prefix="d4collect-host-"))
     try:
@@ -213,6 +264,7 @@ def run(cfg, seconds: float, mean_len: float, frames_from: str | None, chunks: i
         },
         "calls": dict(timers.n),
         "bytes_on_disk": disk,
+        "second_half": clock.late(N * T),
     }
 
 
@@ -248,6 +300,17 @@ def main(argv=None):
     print(f"| kernel's share of the CPU time | {r['system_cpu_share']:.0%} |")
     print(f"| minor page faults per chunk | {r['minor_faults_per_chunk']:,.0f} |")
     print(f"| peak resident memory of the process, GiB | {r['peak_rss_gib']:.1f} |")
+    late = r["second_half"]
+    if late:
+        print(
+            f"| second half of the run ({late['chunks']} chunks, {late['seconds']:.0f} s): env steps/s | {late['steps_per_s']:,.0f} |"
+        )
+        print(
+            f"| second half: CPU s per chunk / cores busy | {late['cpu_s_per_chunk']:.1f} / {late['cores_busy']:.1f} |"
+        )
+        print(
+            f"| second half: kernel's share / page faults per chunk | {late['system_cpu_share']:.0%} / {late['minor_faults_per_chunk']:,.0f} |"
+        )
     for k, v in sorted(r["ms_per_chunk"].items(), key=lambda kv: -kv[1]):
         print(f"| {k}, ms per chunk | {v:,.0f} |")
     if a.json:

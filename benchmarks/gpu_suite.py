@@ -464,19 +464,21 @@ def markdown(res: dict) -> str:
         "## Collection (env steps/s)",
         "",
         (
-            "| envs (commits in flight, host copy) | collect steady | device-only scan | collect / device-only | compile s (init + 2 chunks) "
-            "| collect 1st chunk s | episodes / shards | Craftax auto-reset loop |"
+            "| envs (commits in flight, host copy) | collect steady | collect, 2nd half | device-only scan | collect / device-only "
+            "(2nd half) | compile s (init + 2 chunks) | collect 1st chunk s | episodes / shards | Craftax auto-reset loop |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in co.get("rows", []):
         if "skipped" in r:
-            lines.append(f"| {_envs(r)} | skipped: {r['skipped'][:100]} | | | | | | |")
+            lines.append(f"| {_envs(r)} | skipped: {r['skipped'][:100]} | | | | | | | |")
             continue
+        late = r.get("second_half") or {}
         lines.append(
             f"| {_envs(r)} | {_f(r.get('collect_steady_steps_per_s'), '{:.0f}')} | "
-            f"{_f(r.get('device_only_steps_per_s'), '{:.0f}')} | "
-            f"{_f(r.get('ratio_collect_over_device_only'), '{:.2f}')} | {_f(r.get('compile_s'))} | "
+            f"{_f(late.get('steps_per_s'), '{:.0f}')} | {_f(r.get('device_only_steps_per_s'), '{:.0f}')} | "
+            f"{_f(r.get('ratio_collect_over_device_only'), '{:.2f}')} "
+            f"({_f(r.get('ratio_second_half_over_device_only'), '{:.2f}')}) | {_f(r.get('compile_s'))} | "
             f"{_f(r.get('collect_first_chunk_s'))} | {r.get('episodes', 'n/a')} / {r.get('shards', 'n/a')} | "
             f"{_f(r.get('craftax_loop_steps_per_s'), '{:.0f}')} |" + (f" {r['error'][:80]}" if "error" in r else "")
         )
@@ -491,16 +493,19 @@ def markdown(res: dict) -> str:
     if host:  # is the host CPU-bound (all cores busy) or bound by one thread?
         lines += [
             "",
-            "| envs (commits in flight, host copy) | host CPU s per chunk | host cores busy (of) | kernel's share | page faults per chunk "
-            "| ms per chunk in each host component |",
+            "| envs (commits in flight, host copy) | host CPU s per chunk (2nd half) | host cores busy (2nd half) "
+            "| kernel's share (2nd half) | page faults per chunk (2nd half) | ms per chunk in each host component |",
         ]
         lines.append("|---|---|---|---|---|---|")
         for r in host:
             parts_ms = "; ".join(f"{k.split(' (')[0]} {v:.0f}" for k, v in r["host_ms_per_chunk"].items())
+            late = r.get("second_half") or {}
             lines.append(
-                f"| {_envs(r)} | {r['host_cpu_s_per_chunk']:.1f} | {r['host_cores_busy']:.1f} "
-                f"({r['host_cpus']}) | {_f(r.get('host_system_cpu_share'), '{:.0%}')} | "
-                f"{_f(r.get('host_minor_faults_per_chunk'), '{:,.0f}')} | {parts_ms} |"
+                f"| {_envs(r)} | {r['host_cpu_s_per_chunk']:.1f} ({_f(late.get('cpu_s_per_chunk'), '{:.1f}')}) | "
+                f"{r['host_cores_busy']:.1f} of {r['host_cpus']} ({_f(late.get('cores_busy'), '{:.1f}')}) | "
+                f"{_f(r.get('host_system_cpu_share'), '{:.0%}')} ({_f(late.get('system_cpu_share'), '{:.0%}')}) | "
+                f"{_f(r.get('host_minor_faults_per_chunk'), '{:,.0f}')} "
+                f"({_f(late.get('minor_faults_per_chunk'), '{:,.0f}')}) | {parts_ms} |"
             )
     lo = parts.get("loader", {}).get("results", {})
     lines += [

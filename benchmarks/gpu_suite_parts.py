@@ -643,10 +643,15 @@ def part_collect(p, rec: Recorder):
             # where the host's time goes (what benchmarks/collect_host.py measures without a GPU):
             # the process's CPU seconds, all threads, and the wall time inside each host component
             timers = host.wrap_collect_components(host.Timers())
+            clock = host.ChunkClock()  # the run's second half: what an hours-long collection pays
             t0, u0 = time.perf_counter(), host.usage()
             try:
                 summary = collect(
-                    cfg, out, log=lambda *a: None, stop_after_s=p.get("collect_seconds", 8.0), stepper=stepper
+                    cfg,
+                    out,
+                    log=lambda *a: None,
+                    stop_after_s=p.get("collect_seconds", 8.0),
+                    stepper=clock.wrap(stepper),
                 )
             finally:
                 timers.restore()
@@ -675,8 +680,13 @@ def part_collect(p, rec: Recorder):
                     "shards": summary.get("shards"),
                     "collect_first_chunk_s": summary.get("first_chunk_s"),
                     "ratio_collect_over_device_only": steady / row["device_only_steps_per_s"],
+                    "second_half": clock.late(n_envs * cfg.collect.chunk_steps),
                 }
             )
+            if row["second_half"]:
+                row["ratio_second_half_over_device_only"] = (
+                    row["second_half"]["steps_per_s"] / row["device_only_steps_per_s"]
+                )
             if p.get("craftax_loop_seconds"):  # Craftax's own auto-reset loop: a separate compilation
                 info = {}
                 row["craftax_loop_steps_per_s"] = data_bench.bare_loop_steps_per_s(

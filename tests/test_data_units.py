@@ -419,19 +419,55 @@ def test_strong_types_keeps_dtypes_and_drops_weak_types():
         assert int(out["py_int"]) == 3
 
 
-def test_collect_host_rows_cycle_with_episodes_running_over_every_chunk_end():
-    """benchmarks/collect_host.py's stand-in rows: the first chunk resets every env, the cycle
-    repeats as valid episodes (an episode may run over its end), and, unlike before session 36,
-    not every episode ends at the cycle's last step: every chunk leaves episodes running, as a
-    real collection's commits do."""
+def _collect_host_module():
     import importlib.util
-    import types
 
     from conftest import REPO
 
     spec = importlib.util.spec_from_file_location("collect_host", REPO / "benchmarks" / "collect_host.py")
     host = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host)
+    return host
+
+
+def test_chunk_clock_reports_the_runs_second_half_from_its_chunk_calls():
+    """benchmarks/collect_host.py's ChunkClock (also the GPU suite's): one mark per chunk-function
+    call; `late` covers the marks from the first one in the last half of the time between the
+    second call and the last, against hand-worked values."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Stepper:
+        chunk_fn: object
+
+    host = _collect_host_module()
+    clock = host.ChunkClock()
+    calls = []
+    stepper = clock.wrap(Stepper(lambda c: calls.append(c) or c + 1))
+    assert stepper.chunk_fn(41) == 42 and calls == [41] and len(clock.marks) == 1  # calls through
+    # (wall s, user s, system s, faults) at each call; the first (before the loop) is left out.
+    # Two calls after it span one chunk: too few
+    clock.marks = [(0.0, 0, 0, 0), (1.0, 1, 0, 10), (7.0, 9, 1, 70)]
+    assert clock.late(100) is None
+    # span 1..9 s, last half from 5 s: marks at 5, 7, 9 s = 2 chunks in 4 s
+    clock.marks = [(0.0, 0, 0, 0), (1.0, 1.0, 0.0, 10), (3.0, 2.0, 0.5, 20), (5.0, 3.0, 1.0, 30), (7.0, 5.0, 1.5, 60)]
+    clock.marks.append((9.0, 6.0, 2.0, 100))
+    late = clock.late(100)
+    assert late["chunks"] == 2 and late["seconds"] == 4.0
+    assert late["steps_per_s"] == 50.0  # 2 x 100 steps in 4 s
+    assert late["cpu_s_per_chunk"] == 2.0  # (6 - 3) user + (2 - 1) system over 2 chunks
+    assert late["cores_busy"] == 1.0 and late["system_cpu_share"] == 0.25
+    assert late["minor_faults_per_chunk"] == 35.0  # (100 - 30) / 2
+
+
+def test_collect_host_rows_cycle_with_episodes_running_over_every_chunk_end():
+    """benchmarks/collect_host.py's stand-in rows: the first chunk resets every env, the cycle
+    repeats as valid episodes (an episode may run over its end), and, unlike before session 36,
+    not every episode ends at the cycle's last step: every chunk leaves episodes running, as a
+    real collection's commits do."""
+    import types
+
+    host = _collect_host_module()
     env = types.SimpleNamespace(achievement_names=["a", "b"], num_actions=5)
     frames = np.arange(7 * 2 * 2 * 3, dtype=np.uint8).reshape(7, 2, 2, 3)
     N, T, chunks = 16, 8, 3
