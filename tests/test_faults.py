@@ -128,6 +128,42 @@ def test_earlier_sha256_digests_still_verify_and_rebuild(dataset, tmp_path):
     assert problems == [f"shard {m['shards'][1]['name']}: array 'reward' content differs from the manifest's digest"]
 
 
+def test_rebuild_restores_only_shards_that_read_back_whole_and_verify_names_each_problem(dataset, tmp_path):
+    """A rebuild re-reads every shard against the digests in its own attributes: a damaged shard
+    and the shards after it (a writer commits in order) stay out, each listed with why; verify
+    names each array's problem against the manifest."""
+    root, _ = dataset
+    d = tmp_path / "damaged"
+    shutil.copytree(root, d)
+    m = json.loads((d / "manifest.json").read_text())
+    names = [s["name"] for s in m["shards"]]
+    assert len(names) >= 3 and len({s["writer"] for s in m["shards"]}) == 1, names
+    # the manifest claims another row count for shard 0 and another reward digest for shard 1
+    m["shards"][0]["num_frames"] += 1
+    m["shards"][1]["digests"]["reward"] = store.digest(np.zeros(3, np.float32))
+    (d / "manifest.json").write_text(json.dumps(m))
+    problems, _ = verify(d)
+    n0 = m["shards"][0]["num_frames"]
+    assert problems[: len(store.FIELD_DTYPES)] == [
+        f"shard {names[0]}: array '{f}' has {n0 - 1} rows, manifest says {n0}" for f in store.FIELD_DTYPES
+    ]
+    assert f"shard {names[1]}: array 'reward' content differs from the manifest's digest" in problems
+    # the shard's own record of its reward digest is wrong too: it cannot be restored
+    g = store.shard_dir(d, names[1]) / "zarr.json"
+    group = json.loads(g.read_text())
+    group["attributes"][store.SHARD_ATTR]["digests"]["reward"] = m["shards"][1]["digests"]["reward"]
+    g.write_text(json.dumps(group))
+    (d / "manifest.json").unlink()
+    out = rebuild_manifest(d, **QUIET)
+    assert (
+        out["shards"] == 1
+        and out["skipped"][0] == f"{names[1]}: array 'reward' content differs from its recorded digest"
+    )
+    w = m["shards"][0]["writer"]
+    assert out["skipped"][1:] == [f"{n}: shard index 1 of writer {w} is missing before it" for n in names[2:]]
+    assert [s["name"] for s in json.loads((d / "manifest.json").read_text())["shards"]] == names[:1]
+
+
 # 2. A damaged newest checkpoint: resume from the previous one, move the bad one aside.
 
 

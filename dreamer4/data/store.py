@@ -469,6 +469,25 @@ class Dataset:
         return state
 
 
+def _array_problems(root: Path, entry: dict, says: str, digest: str, first_only: bool = False) -> list[str]:
+    """What is wrong with a shard's arrays against its entry (the manifest's, or the one in the
+    shard's attributes), worded "<says> N" for a row count and "<digest>" for a digest: at most
+    one problem per array, an unreadable array included; with `first_only`, the first."""
+    name, n, problems = entry["name"], entry["num_frames"], []
+    for field in FIELD_DTYPES:
+        try:
+            store = open_shard_array(root, name, field)
+            if store.shape[0] != n:
+                problems.append(f"array '{field}' has {store.shape[0]} rows, {says} {n}")
+            elif not digest_matches(read_shard_array(store, name, field), shard_digests(entry)[field]):
+                problems.append(f"array '{field}' content differs from {digest}")
+        except DatasetError as e:
+            problems.append(str(e).removeprefix(f"shard {name}: "))
+        if problems and first_only:
+            break
+    return problems
+
+
 def verify(root: str | Path) -> tuple[list[str], list[str]]:
     """Re-read every committed shard and compare with the manifest.
 
@@ -480,18 +499,7 @@ def verify(root: str | Path) -> tuple[list[str], list[str]]:
     problems, notes = [], []
     for name, s in ds.shards.items():
         n = s["num_frames"]
-        for field in FIELD_DTYPES:
-            try:
-                store = open_shard_array(root, name, field)
-                if store.shape[0] != n:
-                    problems.append(f"shard {name}: array '{field}' has {store.shape[0]} rows, manifest says {n}")
-                    continue
-                data = read_shard_array(store, name, field)
-            except DatasetError as e:
-                problems.append(str(e))
-                continue
-            if not digest_matches(data, shard_digests(s)[field]):
-                problems.append(f"shard {name}: array '{field}' content differs from the manifest's digest")
+        problems += [f"shard {name}: {p}" for p in _array_problems(root, s, "manifest says", "the manifest's digest")]
         ends = [e["start"] + e["length"] for e in s["episodes"]]
         if sorted(e["start"] for e in s["episodes"]) != [0] + sorted(ends)[:-1] or max(ends) != n:
             problems.append(f"shard {name}: episodes do not tile its {n} rows")
@@ -536,18 +544,8 @@ def _shard_attributes(d: Path) -> dict:
 
 
 def _shard_ok(root: Path, entry: dict) -> str | None:
-    """None if every array of the shard reads back with its recorded digest, else the problem."""
-    name = entry["name"]
-    for field in FIELD_DTYPES:
-        try:
-            store = open_shard_array(root, name, field)
-            if store.shape[0] != entry["num_frames"]:
-                return f"array '{field}' has {store.shape[0]} rows, its attributes say {entry['num_frames']}"
-            if not digest_matches(read_shard_array(store, name, field), shard_digests(entry)[field]):
-                return f"array '{field}' differs from its recorded digest"
-        except DatasetError as e:
-            return str(e)
-    return None
+    """None if every array of the shard reads back with its recorded digest, else the first problem."""
+    return next(iter(_array_problems(root, entry, "its attributes say", "its recorded digest", first_only=True)), None)
 
 
 def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> dict:
