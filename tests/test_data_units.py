@@ -484,3 +484,84 @@ def test_collect_host_rows_cycle_with_episodes_running_over_every_chunk_end():
     is_last = np.concatenate([c["is_last"] for c in cycle])
     np.testing.assert_array_equal(np.roll(is_last, 1, axis=0), is_first)  # circular: a reset follows each end
     assert not is_last[-1].all()
+
+
+# The manifest's commit log (store.append_commit): a commit appends a line instead of rewriting
+# manifest.json; readers apply the log; it is folded into manifest.json when it grows.
+
+
+def _log_commit(root, i, writer="0"):
+    from dreamer4.data import store
+
+    entry = {"name": f"w000-s{i:06d}", "writer": 0, "index": i, "num_frames": 3, "episodes": [{"length": 3}]}
+    status = {"committed_shards": i + 1, "episodes": i + 1, "target_episodes": 9, "complete": False}
+    store.append_commit(root, [entry], {writer: status})
+    return entry, status
+
+
+def test_commit_log_appends_without_rewriting_the_manifest_and_folds_when_it_grows(tmp_path, monkeypatch):
+    import json
+
+    from dreamer4.data import store
+
+    with store.locked_manifest(tmp_path) as m:
+        m.update({"format": store.FORMAT, "seed": 1, "shards": [], "writers": {}})
+    mp, lp = store.manifest_path(tmp_path), store.manifest_log_path(tmp_path)
+    before = (mp.stat().st_ino, mp.read_bytes())
+    entries = [_log_commit(tmp_path, i) for i in range(3)]
+    assert (mp.stat().st_ino, mp.read_bytes()) == before  # the commits did not rewrite it
+    assert len(lp.read_text().splitlines()) == 3
+    m = store.read_manifest(tmp_path)
+    assert m["shards"] == [e for e, _ in entries] and m["writers"] == {"0": entries[-1][1]} and m["seed"] == 1
+    # the log folds into manifest.json once it holds LOG_FOLD_SHARE of it (here: of any size)
+    monkeypatch.setattr(store, "LOG_FOLD_MIN_BYTES", 0)
+    monkeypatch.setattr(store, "LOG_FOLD_SHARE", 100.0)
+    _log_commit(tmp_path, 3)
+    assert lp.exists()
+    monkeypatch.setattr(store, "LOG_FOLD_SHARE", 0.25)
+    _log_commit(tmp_path, 4)
+    assert not lp.exists()
+    folded = json.loads(mp.read_text())
+    assert [s["index"] for s in folded["shards"]] == [0, 1, 2, 3, 4] and folded["writers"]["0"]["committed_shards"] == 5
+    assert store.read_manifest(tmp_path) == folded
+    # a writer that stops folds what is left (collect does, in its finally)
+    monkeypatch.setattr(store, "LOG_FOLD_SHARE", 100.0)
+    _log_commit(tmp_path, 5)
+    store.fold_manifest_log(tmp_path)
+    assert not lp.exists() and len(json.loads(mp.read_text())["shards"]) == 6
+
+
+def test_commit_log_ignores_an_unfinished_line_and_applies_each_record_once(tmp_path):
+    import json
+
+    from dreamer4.data import store
+
+    with store.locked_manifest(tmp_path) as m:
+        m.update({"shards": [], "writers": {}})
+    lp = store.manifest_log_path(tmp_path)
+    _log_commit(tmp_path, 0)
+    _log_commit(tmp_path, 1)
+    # a commit killed mid-write leaves a line without its newline: not committed
+    with open(lp, "a") as f:
+        f.write('{"shards": [{"name": "w000-s000002"')
+    m = store.read_manifest(tmp_path)
+    assert [s["index"] for s in m["shards"]] == [0, 1] and m["writers"]["0"]["committed_shards"] == 2
+    _log_commit(tmp_path, 2)  # cuts the unfinished line off, then appends
+    assert all(json.loads(x) for x in lp.read_text().splitlines())
+    assert [s["index"] for s in store.read_manifest(tmp_path)["shards"]] == [0, 1, 2]
+    # a fold killed after writing manifest.json and before removing the log: nothing twice, and
+    # a record older than manifest.json's writer status does not set it back
+    full = store.read_manifest(tmp_path)
+    kept = lp.read_text()
+    store.fold_manifest_log(tmp_path)
+    lp.write_text(kept.splitlines(keepends=True)[0])  # the log holds commit 0 only
+    assert store.read_manifest(tmp_path) == full
+    lp.write_text(kept)
+    assert store.read_manifest(tmp_path) == full
+    # a damaged complete line is an error naming the file and line
+    lp.write_text(kept + "not json\n")
+    with pytest.raises(store.DatasetError, match=r"manifest\.log: line 4 is not a commit record"):
+        store.read_manifest(tmp_path)
+    # a commit needs the manifest
+    with pytest.raises(store.DatasetError, match=r"manifest\.json is missing"):
+        _log_commit(tmp_path / "elsewhere", 0)

@@ -154,7 +154,11 @@ def test_rebuild_restores_only_shards_that_read_back_whole_and_verify_names_each
     group["attributes"][store.SHARD_ATTR]["digests"]["reward"] = m["shards"][1]["digests"]["reward"]
     g.write_text(json.dumps(group))
     (d / "manifest.json").unlink()
+    # commits logged on top of the lost manifest are not applied to the rebuilt one, but kept
+    log = d / store.MANIFEST_LOG
+    log.write_text(json.dumps({"shards": m["shards"][1:], "writers": m["writers"]}) + "\n")
     out = rebuild_manifest(d, **QUIET)
+    assert not log.exists() and len(list(d.glob(f"{store.MANIFEST_LOG}.orphaned-*"))) == 1
     assert (
         out["shards"] == 1
         and out["skipped"][0] == f"{names[1]}: array 'reward' content differs from its recorded digest"

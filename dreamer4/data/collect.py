@@ -646,8 +646,10 @@ def _collect(
             before.result()  # in order: an earlier commit that failed fails this one too (not listed)
         assert shards_done == index, (shards_done, index)
         resume_state.save(root, writer, index + 1, data)
-        with store.locked_manifest(root) as m:
-            m["shards"].append(
+        # the commit: one line appended to the manifest's log, not a rewrite of the manifest
+        store.append_commit(
+            root,
+            [
                 {
                     "name": name,
                     "writer": writer,
@@ -656,13 +658,16 @@ def _collect(
                     "digests": digests,
                     "episodes": eps,
                 }
-            )
-            m["writers"][str(writer)] = {
-                "committed_shards": index + 1,
-                "episodes": episodes_done + len(eps),
-                "target_episodes": target,
-                "complete": final,
-            }
+            ],
+            {
+                str(writer): {
+                    "committed_shards": index + 1,
+                    "episodes": episodes_done + len(eps),
+                    "target_episodes": target,
+                    "complete": final,
+                }
+            },
+        )
         resume_state.prune(root, writer, keep_from=index + 1)
         shards_done += 1
         episodes_done += len(eps)
@@ -768,6 +773,10 @@ def _collect(
             carry_in, chunk_no = carry_k, chunk_no + 1
     finally:
         committer.shutdown(wait=True)  # an exception here still lets the commit in flight finish
+        try:  # a writer that stops leaves one manifest.json, as readers of earlier versions expect
+            store.fold_manifest_log(root)
+        except Exception as e:  # noqa: BLE001  (the log is read as it is; do not hide the real error)
+            log(f"writer {writer}: could not fold manifest.log into manifest.json ({e}); readers apply it")
     bar.close()
     elapsed = time.time() - t0
     log(

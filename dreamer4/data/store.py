@@ -3,7 +3,9 @@
     DATASET_DIR/
       zarr.json                 zarr v3 group (so any zarr v3 reader can walk the tree)
       manifest.json             header + committed shards with their episodes; replaced atomically
-      manifest.lock             fcntl lock serialising writers' read-modify-write of the manifest
+      manifest.log              commits appended since manifest.json was written (one JSON line
+                                each; folded into manifest.json when it grows, and at the end)
+      manifest.lock             fcntl lock serialising writers' changes to the manifest and its log
       config.yaml               the resolved config of the (first) collection
       shards/zarr.json          group
       shards/w000-s000000/      one group per shard: arrays frame, action, reward, is_first,
@@ -17,8 +19,8 @@ flipped or truncated byte fails loudly on read. The manifest also stores a
 digest of every array (XXH3-128; earlier versions' sha256 still verify, see `digest`), which
 `verify` re-computes.
 
-A shard exists for readers only once the manifest lists it: a writer killed mid-shard leaves a
-group that no reader opens and the next writer run deletes.
+A shard exists for readers only once the manifest (with its log) lists it: a writer killed
+mid-shard leaves a group that no reader opens and the next writer run deletes.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from dreamer4.runtime.faults import DiskFullError, disk_guard  # noqa: F401  (re
 FORMAT = "dreamer4-dataset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_LOG = "manifest.log"  # commits since manifest.json was last written (`append_commit`)
 # zarr.json attributes of a shard group: its manifest entry and the dataset header (rebuild_manifest).
 SHARD_ATTR = "dreamer4_shard"
 HEADER_ATTR = "dreamer4_header"
@@ -92,15 +95,72 @@ def env_header(spec, frame_shape=None) -> dict:
     }
 
 
+def manifest_log_path(root: str | Path) -> Path:
+    return Path(root) / MANIFEST_LOG
+
+
+# The commit log. Rewriting the whole manifest at every commit cost time in proportion to the
+# dataset: 1.3 CPU-s per commit at 13M frames, 5.6 s at 52M (BENCHMARKS.md, "Session 44"), on
+# the commit thread under the lock, against ~0.6 s for a GPU to step a 1,024-env chunk. So a
+# commit appends its shard entries and writer status as one JSON line to manifest.log
+# (`append_commit`), and the log is folded into manifest.json (one rewrite, then the log is
+# removed) once it has grown to a quarter of the manifest, and when a writer stops. A record
+# applies once: shards already listed (by name) and a writer status older than the one held (by
+# committed_shards) are skipped, so a fold interrupted between the rewrite and the removal
+# leaves a log whose records change nothing. A last line without its newline is a commit that
+# did not finish: readers ignore it, the next commit cuts it off.
+LOG_FOLD_MIN_BYTES = 4 * 2**20
+LOG_FOLD_SHARE = 0.25
+
+
+def _apply_log(m: dict, root: Path, text: str) -> None:
+    """Apply manifest.log's complete records to the manifest `m`, each at most once."""
+    lines = text[: text.rfind("\n") + 1].split("\n")[:-1]
+    if not lines:
+        return
+    shards, writers = m.setdefault("shards", []), m.setdefault("writers", {})
+    names = {s["name"] for s in shards}
+    for i, line in enumerate(lines, start=1):
+        try:
+            rec = json.loads(line)
+            for s in rec["shards"]:
+                if s["name"] not in names:
+                    shards.append(s)
+                    names.add(s["name"])
+            for w, status in rec["writers"].items():
+                if status["committed_shards"] >= writers.get(w, {}).get("committed_shards", 0):
+                    writers[w] = status
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{manifest_log_path(root)}: line {i} is not a commit record ({e!r})") from None
+
+
 def read_manifest(root: str | Path) -> dict | None:
-    """The manifest, or None when the directory holds none yet."""
-    p = manifest_path(root)
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{p} is not valid JSON ({e}); the dataset's commit record is damaged") from None
+    """The manifest with the commits in its log, or None when the directory holds none yet."""
+    p, lp = manifest_path(root), manifest_log_path(root)
+    for _ in range(100):
+        try:
+            with open(p) as f:
+                ino = os.fstat(f.fileno()).st_ino
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            m = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{p} is not valid JSON ({e}); the dataset's commit record is damaged") from None
+        try:
+            log = lp.read_text()
+        except FileNotFoundError:
+            log = ""
+        # A fold between the two reads replaced manifest.json (a new inode): read both again.
+        try:
+            if os.stat(p).st_ino != ino:
+                continue
+        except FileNotFoundError:
+            continue
+        _apply_log(m, Path(root), log)
+        return m
+    raise DatasetError(f"{p} kept changing while it was read (100 tries)")
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -112,8 +172,11 @@ def _write_json_atomic(path: Path, data: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    # fsync the directory so the rename itself survives a power cut.
-    dfd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)  # so that the rename itself survives a power cut
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
@@ -121,24 +184,82 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def locked_manifest(root: str | Path) -> Iterator[dict]:
-    """Read-modify-write the manifest under an exclusive lock shared by all writer processes.
-
-    Yields the current manifest (an empty dict when none exists); whatever the block leaves in it
-    is written back atomically (temp file + rename), so readers never see a half-written manifest.
-    """
-    root = Path(root)
+def _manifest_lock(root: Path) -> Iterator[None]:
+    """The exclusive lock all writer processes take to change the manifest or its log."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "manifest.lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            data = read_manifest(root) or {}
-            before = json.dumps(data, sort_keys=True)
-            yield data
-            if json.dumps(data, sort_keys=True) != before:
-                _write_json_atomic(manifest_path(root), data)
+            yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _fold_log(root: Path, data: dict) -> None:
+    """Write `data` (the manifest with its log applied) as manifest.json, then remove the log.
+    Under the lock."""
+    _write_json_atomic(manifest_path(root), data)
+    manifest_log_path(root).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked_manifest(root: str | Path) -> Iterator[dict]:
+    """Read-modify-write the manifest under an exclusive lock shared by all writer processes.
+
+    Yields the current manifest, its log's commits included (an empty dict when none exists);
+    whatever the block leaves in it is written back atomically (temp file + rename), so readers
+    never see a half-written manifest, and the log is folded into it. Commits use `append_commit`,
+    which does not rewrite the manifest.
+    """
+    root = Path(root)
+    with _manifest_lock(root):
+        data = read_manifest(root) or {}
+        before = json.dumps(data, sort_keys=True)
+        yield data
+        if json.dumps(data, sort_keys=True) != before or manifest_log_path(root).exists():
+            _fold_log(root, data)
+
+
+def append_commit(root: str | Path, shards: list[dict], writers: dict) -> None:
+    """Commit `shards` (manifest entries, appended to the manifest's list in order) and set
+    `writers` (writer -> its status): one line appended to manifest.log and fsynced, under the
+    writers' lock. The manifest must exist. Folds the log into manifest.json once it has grown to
+    LOG_FOLD_SHARE of it (at least LOG_FOLD_MIN_BYTES), so a commit costs what its own entries do
+    and the folds, each proportional to the dataset, come ever more rarely."""
+    root = Path(root)
+    line = json.dumps({"shards": shards, "writers": writers}) + "\n"
+    lp = manifest_log_path(root)
+    if not manifest_path(root).exists():
+        raise DatasetError(f"{manifest_path(root)} is missing: a commit needs the dataset's manifest")
+    with _manifest_lock(root):
+        with disk_guard(root, len(line) + 100, MANIFEST_LOG):
+            with open(lp, "a+b") as f:
+                end = f.seek(0, os.SEEK_END)
+                if end:
+                    f.seek(end - 1)
+                    if f.read(1) != b"\n":  # an unfinished commit's line: cut it off
+                        f.seek(0)
+                        end = f.read().rfind(b"\n") + 1
+                        f.truncate(end)
+                f.write(line.encode())
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+        if end == 0:  # a new log file: its directory entry must survive a power cut too
+            _fsync_dir(root)
+        if size >= max(LOG_FOLD_MIN_BYTES, LOG_FOLD_SHARE * manifest_path(root).stat().st_size):
+            _fold_log(root, read_manifest(root))
+
+
+def fold_manifest_log(root: str | Path) -> None:
+    """Fold manifest.log into manifest.json, if there is one (a writer that ends calls this, so a
+    finished dataset is one manifest.json, as readers of earlier versions expect)."""
+    root = Path(root)
+    if manifest_log_path(root).exists():
+        with _manifest_lock(root):
+            m = read_manifest(root)
+            if m is not None and manifest_log_path(root).exists():
+                _fold_log(root, m)
 
 
 def write_group_json(path: Path, attributes: dict | None = None) -> None:
@@ -575,6 +696,11 @@ def rebuild_manifest(root: str | Path, move_aside: bool = False, log=print) -> d
             bad = mp.with_name(f"{MANIFEST}.damaged-{int(time.time())}")
             os.replace(mp, bad)
             log(f"{mp} is not valid JSON: moved it to {bad.name}")
+    lp = manifest_log_path(root)
+    if lp.exists():  # commits on top of the lost manifest: not applied to the rebuilt one, kept
+        kept = lp.with_name(f"{MANIFEST_LOG}.orphaned-{int(time.time())}")
+        os.replace(lp, kept)
+        log(f"{lp} belonged to the lost manifest: moved it to {kept.name}")
     groups = shard_groups(root)
     if move_aside:
         aside = root / f"shards-aside-{time.strftime('%Y%m%d-%H%M%S')}"
