@@ -100,7 +100,7 @@ def manifest_log_path(root: str | Path) -> Path:
 
 
 # The commit log. Rewriting the whole manifest at every commit cost time in proportion to the
-# dataset: 1.3 CPU-s per commit at 13M frames, 5.6 s at 52M (BENCHMARKS.md, "Session 44"), on
+# dataset: 1.8 CPU-s per commit at 13M frames, 6.5 s at 52M (BENCHMARKS.md, "Session 44"), on
 # the commit thread under the lock, against ~0.6 s for a GPU to step a 1,024-env chunk. So a
 # commit appends its shard entries and writer status as one JSON line to manifest.log
 # (`append_commit`), and the log is folded into manifest.json (one rewrite, then the log is
@@ -139,25 +139,27 @@ def read_manifest(root: str | Path) -> dict | None:
     p, lp = manifest_path(root), manifest_log_path(root)
     for _ in range(100):
         try:
-            with open(p) as f:
-                ino = os.fstat(f.fileno()).st_ino
-                text = f.read()
+            f = open(p)
         except FileNotFoundError:
             return None
+        # A fold between reading manifest.json and its log replaces manifest.json: then read both
+        # again. The file stays open meanwhile, so that its inode number cannot be reused.
+        with f:
+            text = f.read()
+            try:
+                log = lp.read_text()
+            except FileNotFoundError:
+                log = ""
+            try:
+                replaced = os.stat(p).st_ino != os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                replaced = True
+        if replaced:
+            continue
         try:
             m = json.loads(text)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{p} is not valid JSON ({e}); the dataset's commit record is damaged") from None
-        try:
-            log = lp.read_text()
-        except FileNotFoundError:
-            log = ""
-        # A fold between the two reads replaced manifest.json (a new inode): read both again.
-        try:
-            if os.stat(p).st_ino != ino:
-                continue
-        except FileNotFoundError:
-            continue
         _apply_log(m, Path(root), log)
         return m
     raise DatasetError(f"{p} kept changing while it was read (100 tries)")
@@ -248,7 +250,9 @@ def append_commit(root: str | Path, shards: list[dict], writers: dict) -> None:
         if end == 0:  # a new log file: its directory entry must survive a power cut too
             _fsync_dir(root)
         if size >= max(LOG_FOLD_MIN_BYTES, LOG_FOLD_SHARE * manifest_path(root).stat().st_size):
-            _fold_log(root, read_manifest(root))
+            m = read_manifest(root)
+            if m is not None:
+                _fold_log(root, m)
 
 
 def fold_manifest_log(root: str | Path) -> None:
