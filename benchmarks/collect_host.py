@@ -16,8 +16,8 @@ Prints a table (steady host-bound steps/s; per chunk: CPU seconds, the kernel's 
 page faults, ms in each host component) and writes JSON (--json). Each component is timed by
 wrapping the function collect calls (no change to it). The rate, CPU seconds and page faults are
 also given over the run's second half (`ChunkClock`): the whole run's include its start, when the
-memory the collection settles into is first touched, and run a third or more above what a long
-collection pays per chunk on a 2-vCPU VM (BENCHMARKS.md, "Session 44"); use --seconds 120 for them.
+memory the collection settles into is first touched (on a 2-vCPU VM a 30-s run's whole rate was a
+fifth below its second half's; BENCHMARKS.md, "Session 44"). Use --seconds 90 or more.
 """
 
 from __future__ import annotations
