@@ -4,6 +4,7 @@ Craftax compiles slowly on CPU (~40 s per scan shape), so every test that collec
 config (TEST_OVERRIDES) and the persistent JAX compilation cache is shared with subprocesses.
 """
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -46,6 +47,15 @@ enable_compilation_cache(str(_CACHE))
 import framehash_policy  # noqa: E402,F401  (registers the "framehash:" policy)
 
 REPO = Path(__file__).parent.parent
+
+
+def bench_module(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 # Parallel runs (`pytest -n 2`, pytest-xdist, as the README and .ci/run do): tests are handed to
 # the workers by group, one group per module, so a module's fixtures are built once, except the

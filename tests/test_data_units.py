@@ -419,17 +419,6 @@ def test_strong_types_keeps_dtypes_and_drops_weak_types():
         assert int(out["py_int"]) == 3
 
 
-def _collect_host_module():
-    import importlib.util
-
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("collect_host", REPO / "benchmarks" / "collect_host.py")
-    host = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(host)
-    return host
-
-
 def test_chunk_clock_reports_the_runs_second_half_from_its_chunk_calls():
     """benchmarks/collect_host.py's ChunkClock (also the GPU suite's): one mark per chunk-function
     call; `late` covers the marks from the first one in the last half of the time between the
@@ -440,7 +429,9 @@ def test_chunk_clock_reports_the_runs_second_half_from_its_chunk_calls():
     class Stepper:
         chunk_fn: object
 
-    host = _collect_host_module()
+    from conftest import bench_module
+
+    host = bench_module("collect_host")
     clock = host.ChunkClock()
     calls = []
     stepper = clock.wrap(Stepper(lambda c: calls.append(c) or c + 1))
@@ -467,7 +458,9 @@ def test_collect_host_rows_cycle_with_episodes_running_over_every_chunk_end():
     real collection's commits do."""
     import types
 
-    host = _collect_host_module()
+    from conftest import bench_module
+
+    host = bench_module("collect_host")
     env = types.SimpleNamespace(achievement_names=["a", "b"], num_actions=5)
     frames = np.arange(7 * 2 * 2 * 3, dtype=np.uint8).reshape(7, 2, 2, 3)
     N, T, chunks = 16, 8, 3

@@ -1,17 +1,13 @@
 """benchmarks/gpu_hlo.py: the memory traffic per kernel of an optimized module (read offline)."""
 
 import gzip
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from conftest import bench_module
 
-REPO = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("gpu_hlo", REPO / "benchmarks" / "gpu_hlo.py")
-gh = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gh)
+gh = bench_module("gpu_hlo")
 
 # A hand-written module in XLA:GPU's printed form: a transpose fusion (its body is not a kernel),
 # a free bitcast, a reduction (its reducer is not a kernel either), a Pallas (Triton) kernel and a
@@ -76,9 +72,7 @@ def test_reads_a_real_compiled_module_and_writes_json(tmp_path):
 def test_kernel_ptx_counts_a_kernels_threads_instructions_and_branches():
     """benchmarks/kernel_ptx.py's count of a (hand-written) Triton kernel's PTX: threads from
     .reqntid, instructions (predicated ones too; not labels, directives or declarations), branches."""
-    spec = importlib.util.spec_from_file_location("kernel_ptx", REPO / "benchmarks" / "kernel_ptx.py")
-    kp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kp)
+    kp = bench_module("kernel_ptx")
     ptx = """//
 .version 8.7
 .target sm_90a

@@ -5,19 +5,15 @@ to fail (DREAMER4_SUITE_FAIL): the others must still report numbers, and collect
 collect part itself (Craftax compilation: a minute or more on a 2-core CPU) is left out of CI.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO, bench_module
 
-REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("profile_summary", REPO / "benchmarks" / "profile_summary.py")
-profile_summary = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(profile_summary)
+profile_summary = bench_module("profile_summary")
 PARTS = ["env", "train_tokenizer", "train_dynamics", "imagine", "collect", "loader", "attention"]
 
 
@@ -118,11 +114,7 @@ def test_smoke_suite_reports_every_part_and_survives_a_failing_one(tmp_path):
 
 
 def test_full_plan_fits_the_default_total_and_budgets_pass_unused_time_on():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
+    suite = bench_module("gpu_suite")
     plan = suite.full_plan("/nowhere", None)
     assert list(plan) == PARTS and sum(b for b, _ in plan.values()) <= 350
     # collect pairs the rows' copies first: same envs and commits in flight, "async" then "pinned"

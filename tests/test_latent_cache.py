@@ -9,7 +9,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
+from conftest import TEST_OVERRIDES, TOK_OVERRIDES, bench_module, make_test_config
 from flax import nnx
 from test_dynamics import DYN_OVERRIDES
 
@@ -264,13 +264,10 @@ def test_train_dynamics_wrote_the_cache_of_its_tokenizer(world_run):
 
 
 def test_benchmark_script_reports_build_and_loader(dataset, tmp_path):
-    import importlib.util
 
     from conftest import REPO
 
-    spec = importlib.util.spec_from_file_location("latent_bench", REPO / "benchmarks" / "latent_cache.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("latent_cache")
     sets = [a for kv in TEST_SETS + CFG for a in ("--set", kv)]
     out = tmp_path / "b.json"
     res = bench.main(
@@ -287,13 +284,10 @@ def test_benchmark_script_reports_build_and_loader(dataset, tmp_path):
 def test_loader_feed_benchmark_pairs_its_cases(dataset, tmp_path):
     """benchmarks/loader_feed.py: every case runs once per repetition; differences are paired
     against the first case of the same reads; a malformed case is refused by name."""
-    import importlib.util
 
     from conftest import REPO
 
-    spec = importlib.util.spec_from_file_location("loader_feed", REPO / "benchmarks" / "loader_feed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("loader_feed")
     sets = [a for kv in TEST_SETS + CFG for a in ("--set", kv)]
     args = ["--data", str(dataset[0]), "--config", str(REPO / "configs" / "tiny.yaml"), *sets, "--work", str(tmp_path)]
     out = tmp_path / "f.json"

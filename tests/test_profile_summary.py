@@ -1,17 +1,13 @@
 """benchmarks/profile_summary.py: the breakdown of a step's device time that the GPU suite reports."""
 
 import gzip
-import importlib.util
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import bench_module
 
-REPO = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("profile_summary", REPO / "benchmarks" / "profile_summary.py")
-ps = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ps)
+ps = bench_module("profile_summary")
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,13 @@
 """benchmarks/tiny_seeds.py: reading finished runs and pooling their figures over seeds."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
-REPO = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("tiny_seeds", REPO / "benchmarks" / "tiny_seeds.py")
-ts = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ts)
+ts = bench_module("tiny_seeds")
 
 
 def _fake_run(root: Path, k: float) -> Path:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, make_test_config
+from conftest import REPO, TEST_OVERRIDES, TOK_OVERRIDES, bench_module, make_test_config
 from flax import nnx
 
 from dreamer4.data.store import Dataset, DatasetError
@@ -215,17 +215,11 @@ def test_patch_layout_one_latent_per_patch(frames):
 def test_tokenizer_ab_compares_runs_on_the_same_held_out_clips(trained_tokenizer, dataset, tmp_path):
     """benchmarks/tokenizer_ab.py: per-frame PSNR as computed independently here; a run against
     itself differs by exactly 0 (the pairing is by episode, on the same clips)."""
-    import importlib.util
-    from pathlib import Path
 
     from dreamer4.runtime.loading import load_tokenizer
     from dreamer4.runtime.stage import open_dataset
 
-    spec = importlib.util.spec_from_file_location(
-        "tokenizer_ab", Path(__file__).parent.parent / "benchmarks" / "tokenizer_ab.py"
-    )
-    ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab)
+    ab = bench_module("tokenizer_ab")
     run, root = trained_tokenizer[0], dataset[0]
     out = tmp_path / "ab.json"
     ab.main(["--data", str(root), "--runs", str(run), str(run), "--frames", "4", "--json", str(out)])
