@@ -441,8 +441,14 @@ def test_chunk_clock_reports_the_runs_second_half_from_its_chunk_calls():
     clock.marks = [(0.0, 0, 0, 0), (1.0, 1, 0, 10), (7.0, 9, 1, 70)]
     assert clock.late(100) is None
     # span 1..9 s, last half from 5 s: marks at 5, 7, 9 s = 2 chunks in 4 s
-    clock.marks = [(0.0, 0, 0, 0), (1.0, 1.0, 0.0, 10), (3.0, 2.0, 0.5, 20), (5.0, 3.0, 1.0, 30), (7.0, 5.0, 1.5, 60)]
-    clock.marks.append((9.0, 6.0, 2.0, 100))
+    clock.marks = [
+        (0.0, 0.0, 0.0, 0),
+        (1.0, 1.0, 0.0, 10),
+        (3.0, 2.0, 0.5, 20),
+        (5.0, 3.0, 1.0, 30),
+        (7.0, 5.0, 1.5, 60),
+        (9.0, 6.0, 2.0, 100),
+    ]
     late = clock.late(100)
     assert late["chunks"] == 2 and late["seconds"] == 4.0
     assert late["steps_per_s"] == 50.0  # 2 x 100 steps in 4 s
