@@ -104,6 +104,45 @@ def test_recorder_refuses_other_env_a_second_recorder_and_cleans_uncommitted_sha
     rec.close()
 
 
+def test_recorder_commits_by_the_manifest_log_and_folds_it_when_closed(tmp_path):
+    """An episode's commit appends to manifest.log (manifest.json untouched, as collect's commits);
+    readers see it at once; closing folds the log; a new recording continues the numbering."""
+    _, _, spec = make_env("classic")
+    root = tmp_path / "rec"
+
+    def episode(T, seed):
+        r = np.random.default_rng(seed)
+        return {
+            "frame": r.integers(0, 256, (T, *spec.frame_shape), np.uint8),
+            "action": np.r_[-1, r.integers(0, spec.num_actions, T - 1)].astype(np.int32),
+            "reward": np.r_[0.0, r.random(T - 1)].astype(np.float32),
+            "is_first": np.arange(T) == 0,
+            "is_last": np.arange(T) == T - 1,
+            "is_terminal": np.zeros(T, bool),
+            "achievements": np.zeros((T, len(spec.achievement_names)), bool),
+        }
+
+    rec = Recorder(root, spec, 4, 3, log=lambda *a: None)
+    mpath, lpath = store.manifest_path(root), store.manifest_log_path(root)
+    before = (mpath.stat().st_ino, mpath.read_bytes())
+    eps = [episode(5, 0), episode(3, 1)]
+    assert [rec.commit(e) for e in eps] == ["human-e000000", "human-e000001"]
+    assert (mpath.stat().st_ino, mpath.read_bytes()) == before  # no rewrite per episode
+    assert len(lpath.read_text().splitlines()) == 2
+    m = store.read_manifest(root)
+    assert [s["name"] for s in m["shards"]] == ["human-s000000", "human-s000001"]
+    assert m["writers"]["human"] == {"committed_shards": 2, "episodes": 2}
+    rec.close()
+    assert not lpath.exists() and json.loads(mpath.read_text()) == m
+    rec = Recorder(root, spec, 4, 3, log=lambda *a: None)
+    assert rec.commit(episode(4, 2)) == "human-e000002"
+    rec.close()
+    assert store.verify(root) == ([], [])
+    ds = Dataset.open(root)
+    assert [e.length for e in ds.episodes] == [5, 3, 4]
+    np.testing.assert_array_equal(ds.read(ds.episodes[1], 0, 3, ("frame",))["frame"], eps[1]["frame"])
+
+
 # ----------------------------------------------------------------------------- the command's refusals
 def test_cli_refuses_missing_run_busy_port_and_a_dataset_of_another_env(trained_agent, tmp_path, capsys):
     assert main(["play", "--run", str(tmp_path / "none")]) == 2

@@ -146,12 +146,13 @@ class Recorder:
             entry={**entry, "target_episodes": None, "final": False},
             header=header,
         )
-        with store.locked_manifest(self.root) as m:  # the commit
-            m["shards"].append({**entry, "digests": digests})
-            m.setdefault("writers", {})[WRITER] = {
-                "committed_shards": self.shards + 1,
-                "episodes": self.episodes + 1,
-            }
+        # The commit: one line appended to the manifest's log, as collect's commits are, so a
+        # recording into a large collected dataset does not rewrite its whole manifest per episode.
+        store.append_commit(
+            self.root,
+            [{**entry, "digests": digests}],
+            {WRITER: {"committed_shards": self.shards + 1, "episodes": self.episodes + 1}},
+        )
         self.shards += 1
         self.episodes += 1
         self.log(f"recorded {ep_id}: {T} steps, return {episode['return']:.1f} -> {self.root}")
@@ -159,6 +160,7 @@ class Recorder:
 
     def close(self) -> None:
         if not self._lock.closed:
+            store.fold_manifest_log(self.root)  # a finished recording leaves one manifest.json
             # the lock file stays (as manifest.lock does): unlinking it could let two processes lock
             # two different files of the same name
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
