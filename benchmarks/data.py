@@ -40,9 +40,9 @@ def bare_loop_steps_per_s(cfg, seconds: float = 20.0, info: dict | None = None) 
     """Steady env steps/s of the bare loop; `info`, if given, gets "compile_s" (init + first chunk)."""
     from craftax.craftax_env import make_craftax_env_from_name
 
+    _, _, spec = make_env(cfg.env.name)  # first: it builds Craftax's texture cache safely if missing
     env = make_craftax_env_from_name(ENV_IDS[cfg.env.name], auto_reset=True)
     params = env.default_params
-    _, _, spec = make_env(cfg.env.name)
     policy = make_policy(cfg.collect.policy, spec, cfg.collect)
     N, T = cfg.collect.num_envs, cfg.collect.chunk_steps
 

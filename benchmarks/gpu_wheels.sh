@@ -82,8 +82,9 @@ TEXPY=$PY
 "$TEXPY" - "$DEST" <<'EOF' || echo "no texture cache carried (craftax not importable here); the device builds it"
 import shutil, sys
 from craftax.craftax_classic import constants as c
-c.load_all_textures()  # builds and saves the cache when it is missing
-shutil.copy(c.TEXTURE_CACHE_FILE, sys.argv[1])
+from dreamer4.data.env import texture_cache
+# builds it when missing, under a lock (a test or collect starting meanwhile may be building it too)
+shutil.copy(texture_cache(c), sys.argv[1])
 print("carried Craftax-Classic's texture cache")
 EOF
 n=$(ls "$DEST"/*.whl | wc -l)

@@ -419,6 +419,86 @@ def test_strong_types_keeps_dtypes_and_drops_weak_types():
         assert int(out["py_int"]) == 3
 
 
+def test_texture_cache_is_built_once_under_a_lock_and_never_seen_half_written(tmp_path):
+    """Craftax writes its texture cache in place, slowly; `texture_cache` builds it under a lock
+    into a file renamed into place: a process waiting on the lock uses the other's file, and a
+    reader meanwhile sees no file or the whole one."""
+    import fcntl
+    import threading
+    import time
+
+    from dreamer4.data import env
+
+    path = tmp_path / "assets" / "texture_cache.pbz2"
+    path.parent.mkdir()
+    whole = bytes(range(256)) * 64
+    builds = []
+
+    class C:  # stands in for a Craftax constants module: load_all_textures saves where its global says
+        TEXTURE_CACHE_FILE = str(path)
+
+        @staticmethod
+        def load_all_textures():
+            builds.append(C.TEXTURE_CACHE_FILE)
+            with open(C.TEXTURE_CACHE_FILE, "wb") as f:
+                for i in range(0, len(whole), 1024):
+                    f.write(whole[i : i + 1024])
+                    f.flush()
+                    time.sleep(0.005)
+
+    # 1. another process holds the lock while it builds: this one waits, then uses that file
+    lock = open(path.with_name(path.name + ".lock"), "a+")
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    waiter = threading.Thread(target=env.texture_cache, args=(C,), kwargs={"log": lambda *a: None})
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()
+    path.write_bytes(whole)
+    fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    lock.close()
+    waiter.join(10)
+    assert not waiter.is_alive() and builds == []
+
+    # 2. missing: built once, and a reader polling meanwhile never sees part of it
+    path.unlink()
+    seen, done = set(), threading.Event()
+
+    def poll():
+        while not done.is_set():
+            try:
+                seen.add(path.read_bytes() == whole)
+            except FileNotFoundError:
+                seen.add(None)
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    logs = []
+    assert env.texture_cache(C, log=logs.append) == path
+    done.set()
+    reader.join()
+    assert len(builds) == 1 and builds[0] != str(path) and C.TEXTURE_CACHE_FILE == str(path)
+    assert path.read_bytes() == whole and None in seen and False not in seen
+    assert "building Craftax's texture cache" in logs[0] and not list(path.parent.glob(".*.tmp"))
+    env.texture_cache(C)  # 3. present: nothing to build
+    assert len(builds) == 1
+
+
+def test_a_damaged_texture_cache_is_named_with_what_to_do(tmp_path, monkeypatch):
+    import bz2
+
+    from craftax.craftax_classic import constants as C
+
+    from dreamer4.data.env import make_env
+
+    torn = tmp_path / "texture_cache_classic.pbz2"
+    monkeypatch.setattr(C, "TEXTURE_CACHE_FILE", str(torn))
+    whole = bz2.compress(pickle.dumps({"textures": np.arange(100_000)}))
+    for damaged in (whole[: len(whole) // 2], b"not bz2 at all"):  # a build killed part-way; another file
+        torn.write_bytes(damaged)
+        with pytest.raises(RuntimeError, match=rf"texture cache {torn} could not be read .*delete it and run again"):
+            make_env("classic")
+
+
 def test_chunk_clock_reports_the_runs_second_half_from_its_chunk_calls():
     """benchmarks/collect_host.py's ChunkClock (also the GPU suite's): one mark per chunk-function
     call; `late` covers the marks from the first one in the last half of the time between the

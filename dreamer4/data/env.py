@@ -6,8 +6,13 @@ device (`to_uint8`) so only bytes leave it.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pickle
+import threading
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +43,24 @@ def make_env(name: str):
     """
     if name not in ENV_IDS:
         raise ValueError(f"unknown env.name {name!r}; expected one of {sorted(ENV_IDS)}")
-    from craftax.craftax_env import make_craftax_env_from_name
-
-    env = make_craftax_env_from_name(ENV_IDS[name], auto_reset=False)
-    params = env.default_params
     if name == "classic":
         from craftax.craftax_classic import constants as C
     else:
         from craftax.craftax import constants as C
+    cache = texture_cache(C)
+    from craftax.craftax_env import make_craftax_env_from_name
+
+    try:
+        env = make_craftax_env_from_name(ENV_IDS[name], auto_reset=False)
+    except (EOFError, pickle.UnpicklingError, OSError) as e:  # bz2: EOFError, or OSError "Invalid data stream"
+        if isinstance(e, OSError) and "Invalid data stream" not in str(e):
+            raise
+        raise RuntimeError(
+            f"Craftax's texture cache {cache} could not be read ({e!r}): it is damaged, e.g. written by "
+            f"a build that was interrupted, or not Craftax's; delete it and run again (it is rebuilt, "
+            f"about a minute)"
+        ) from None
+    params = env.default_params
     obs_shape = tuple(int(s) for s in env.observation_space(params).shape)
     spec = EnvSpec(
         name=name,
@@ -58,6 +73,36 @@ def make_env(name: str):
         craftax_version=metadata.version("craftax"),
     )
     return env, params, spec
+
+
+_build_lock = threading.Lock()
+
+
+def texture_cache(C, log=print) -> Path:
+    """Craftax's texture cache file for constants module `C`, built first if it is missing.
+
+    Craftax builds the cache on first use (about a minute of one core) and writes it in place, not
+    atomically: a second process that starts meanwhile (a CI worker, another task of a multi-process
+    collect on a fresh install) finds the file half-written and fails in bz2 with EOFError. Here the
+    first process builds it under an exclusive lock next to it, into a temporary file renamed into
+    place, so the others wait for it and never read part of it. Where the package folder is not
+    writable, Craftax cannot save a cache either, and this leaves it to Craftax.
+    """
+    path = Path(C.TEXTURE_CACHE_FILE)
+    if path.exists() or not os.access(path.parent, os.W_OK):
+        return path
+    with _build_lock, open(path.with_name(path.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if not path.exists():  # not built by another process while this one waited
+            log(f"building Craftax's texture cache {path} (once per install, about a minute)")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            C.TEXTURE_CACHE_FILE = str(tmp)  # load_all_textures saves where this global says
+            try:
+                C.load_all_textures()
+            finally:
+                C.TEXTURE_CACHE_FILE = str(path)
+            os.replace(tmp, path)
+    return path
 
 
 def to_uint8(obs_float):
