@@ -1,7 +1,10 @@
 """`dreamer4 dataset import-video`: generated GIF / MP4 / PNG folders round-trip into the dataset
 format as unlabeled episodes; bad files are rejected naming the file, with nothing written."""
 
+import warnings
+
 import imageio.v3 as iio
+import jax
 import numpy as np
 import pytest
 from conftest import REPO, make_test_config
@@ -54,7 +57,9 @@ def _psnr(a, b):
     return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
-def test_gif_png_mp4_round_trip(tmp_path):
+def test_gif_png_mp4_round_trip(tmp_path, monkeypatch):
+    jax.numpy.zeros(1).block_until_ready()  # JAX's threads run: forking with Python code is unsafe now
+    monkeypatch.setenv("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")  # for this test's own mp4 writer
     gif_frames = _palette_frames()
     gif = tmp_path / "clip.gif"
     iio.imwrite(gif, gif_frames, duration=100, loop=0)  # 100 ms per frame = 10 fps
@@ -78,7 +83,12 @@ def test_gif_png_mp4_round_trip(tmp_path):
 
     root = tmp_path / "ds"
     cfg = _cfg()
-    s = import_videos(cfg, root, [str(gif), str(png_dir), str(mp4)], frame_shape="32,40,3", log=lambda *a: None)
+    monkeypatch.delenv("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = import_videos(cfg, root, [str(gif), str(png_dir), str(mp4)], frame_shape="32,40,3", log=lambda *a: None)
+    # ffmpeg was started without Python code between fork and exec (JAX warns of a deadlock otherwise)
+    assert not [w for w in caught if "os.fork()" in str(w.message)]
     assert s["episodes"] == 3 and s["frames"] == 6 + 5 + 12
     m = read_manifest(root)
     assert m["has_actions"] is False and m["has_rewards"] is False and m["frame_shape"] == [32, 40, 3]

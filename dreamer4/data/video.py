@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, float | None]:
     """(frames_THW3 uint8, frames per second or None) of a video file or a folder of PNGs."""
     import imageio.v3 as iio
 
+    # imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp (keeping Ctrl+C from it), i.e. Python
+    # code run between fork and exec: unsafe in a multithreaded process such as JAX's (its
+    # "os.fork() ... will likely lead to a deadlock" warning; imageio-ffmpeg issue #58, a hang). This
+    # variable drops that preexec_fn; ffmpeg then also receives a Ctrl+C, which stops the import anyway.
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"{p}: no such file or folder")
