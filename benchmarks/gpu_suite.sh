@@ -35,7 +35,7 @@ if [ "$SMOKE" = 0 ]; then
   if [ -n "$TEX" ] && [ -f .whl/texture_cache_classic.pbz2 ]; then
     cp .whl/texture_cache_classic.pbz2 "$TEX" && echo "[suite.sh] Craftax texture cache installed from .whl"
   else
-    (JAX_PLATFORMS=cpu "$PY" -c 'from craftax.craftax_classic.constants import load_all_textures; load_all_textures()' \
+    (JAX_PLATFORMS=cpu "$PY" -c 'from craftax.craftax_classic import constants as c; from dreamer4.data.env import texture_cache; texture_cache(c)' \
         > "$OUT/craftax_textures.log" 2>&1; touch "$OUT/texture_cache.done") &
     export DREAMER4_TEXTURES_PENDING="$OUT/texture_cache.done"
   fi
