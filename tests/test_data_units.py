@@ -1,6 +1,8 @@
-"""Collector pieces that need no Craftax: split/label picking and episode assembly."""
+"""Collector pieces that need no Craftax env (split/label picking, episode assembly, the store, the
+manifest log), and the guard around Craftax's texture cache."""
 
 import pickle
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -481,6 +483,35 @@ def test_texture_cache_is_built_once_under_a_lock_and_never_seen_half_written(tm
     assert "building Craftax's texture cache" in logs[0] and not list(path.parent.glob(".*.tmp"))
     env.texture_cache(C)  # 3. present: nothing to build
     assert len(builds) == 1
+
+
+def test_texture_cache_of_a_read_only_craftax_lives_in_the_users_cache(tmp_path, monkeypatch):
+    """A shared, read-only install: Craftax could not save its cache there; it goes to
+    $XDG_CACHE_HOME/dreamer4/craftax-VERSION/ and Craftax's loader is pointed at it."""
+    from importlib import metadata
+
+    from dreamer4.data import env
+
+    ro = tmp_path / "site-packages" / "craftax" / "assets"
+    ro.mkdir(parents=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # tests run as root, for whom every folder is writable: say this one is not
+    monkeypatch.setattr(env.os, "access", lambda p, mode: Path(p) != ro)
+    builds = []
+
+    class C:
+        TEXTURE_CACHE_FILE = str(ro / "texture_cache.pbz2")
+
+        @staticmethod
+        def load_all_textures():
+            builds.append(C.TEXTURE_CACHE_FILE)
+            Path(C.TEXTURE_CACHE_FILE).write_bytes(b"textures")
+
+    want = tmp_path / "cache" / "dreamer4" / f"craftax-{metadata.version('craftax')}" / "texture_cache.pbz2"
+    assert env.texture_cache(C, log=lambda *a: None) == want
+    assert want.read_bytes() == b"textures" and C.TEXTURE_CACHE_FILE == str(want) and not list(ro.iterdir())
+    C.TEXTURE_CACHE_FILE = str(ro / "texture_cache.pbz2")  # a new process: found, not rebuilt
+    assert env.texture_cache(C) == want and C.TEXTURE_CACHE_FILE == str(want) and len(builds) == 1
 
 
 def test_a_damaged_texture_cache_is_named_with_what_to_do(tmp_path, monkeypatch):

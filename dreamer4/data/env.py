@@ -85,12 +85,22 @@ def texture_cache(C, log=print) -> Path:
     atomically: a second process that starts meanwhile (a CI worker, another task of a multi-process
     collect on a fresh install) finds the file half-written and fails in bz2 with EOFError. Here the
     first process builds it under an exclusive lock next to it, into a temporary file renamed into
-    place, so the others wait for it and never read part of it. Where the package folder is not
-    writable, Craftax cannot save a cache either, and this leaves it to Craftax.
+    place, so the others wait for it and never read part of it.
+
+    Where Craftax's package folder is read-only (a shared cluster environment), Craftax fails with
+    PermissionError when it saves the cache; then the cache lives in the user's cache folder
+    ($XDG_CACHE_HOME or ~/.cache, under dreamer4/craftax-VERSION/) and `C` is pointed there.
     """
     path = Path(C.TEXTURE_CACHE_FILE)
-    if path.exists() or not os.access(path.parent, os.W_OK):
+    if path.exists():
         return path
+    if not os.access(path.parent, os.W_OK):
+        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        path = home / "dreamer4" / f"craftax-{metadata.version('craftax')}" / path.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        C.TEXTURE_CACHE_FILE = str(path)  # where Craftax's loader reads (and builder saves) it
+        if path.exists():
+            return path
     with _build_lock, open(path.with_name(path.name + ".lock"), "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if not path.exists():  # not built by another process while this one waited
