@@ -109,9 +109,10 @@ def texture_cache(C, log=print) -> Path:
             C.TEXTURE_CACHE_FILE = str(tmp)  # load_all_textures saves where this global says
             try:
                 C.load_all_textures()
+                os.replace(tmp, path)
             finally:
                 C.TEXTURE_CACHE_FILE = str(path)
-            os.replace(tmp, path)
+                tmp.unlink(missing_ok=True)  # left only by a build that failed or was interrupted
     return path
 
 
