@@ -1,4 +1,4 @@
-"""The dataset format: zarr v3 shards written with TensorStore, and manifest.json as commit marker.
+"""The dataset format: zarr v3 shards written with TensorStore; manifest.json and its log commit them.
 
     DATASET_DIR/
       zarr.json                 zarr v3 group (so any zarr v3 reader can walk the tree)
