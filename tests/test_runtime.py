@@ -87,3 +87,16 @@ def test_nan_stops_run_and_keeps_good_checkpoint(tmp_path):
     m = train(stage2)
     assert it2.i == 6  # restored iterator position 4, then two more batches
     assert np.all(np.isfinite(np.asarray(m.kernel[...])))
+
+
+def test_compilation_cache_that_cannot_be_created_is_a_warning_not_a_failure(tmp_path, capsys):
+    from dreamer4.runtime.jax_setup import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where the cache's parent folder would be")
+    assert enable_compilation_cache(str(blocker / ".cache" / "jax")) is None
+    err = capsys.readouterr().err
+    assert f"cannot create {blocker / '.cache' / 'jax'}" in err and "DREAMER4_JAX_CACHE" in err
+    assert jax.config.jax_compilation_cache_dir == before  # the session's cache stays as it was
+    assert enable_compilation_cache("off") is None
