@@ -33,7 +33,9 @@ from dreamer4.runtime.preempt import EXIT_PREEMPTED, Preempted, handling
 
 
 def config_args(p: argparse.ArgumentParser, default: str | None = "configs/tiny.yaml") -> None:
-    p.add_argument("--config", default=default, help="YAML preset (configs/tiny.yaml, classic.yaml, full.yaml)")
+    p.add_argument(
+        "--config", default=default, help="YAML preset (configs/tiny.yaml, grounded.yaml, classic.yaml, full.yaml)"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -72,7 +74,7 @@ def _collect_args(p):
     p.add_argument(
         "--policy",
         default=None,
-        help="behaviour policy: random, sticky or ppo:CHECKPOINT (collect.policy; replaces the preset's collect.mix)",
+        help="behaviour policy: random, sticky, walk or ppo:CHECKPOINT (collect.policy; replaces the preset's collect.mix)",
     )
     p.add_argument("--epsilon", type=float, default=None, help="probability of a random action (collect.epsilon)")
     p.add_argument(
