@@ -204,6 +204,16 @@ def test_another_tokenizer_or_other_windows_rebuild_or_refuse(built, dataset, tm
     log = []
     build_latent_cache(tok, source, out, block=3, log=log.append)
     assert "continuing" in log[0]  # same tokenizer, same windows: reused
+    # another block size (the BC phase's batch differs from the dynamics'): reused as well, and a
+    # missing block is encoded in the cache's own blocks, not rebuilt in the new size
+    shutil.rmtree(out / path.name / "c" / "1")
+    assert LatentCache(out / path.name).missing() == [1]
+    log = []
+    build_latent_cache(tok, source, out, block=5, log=log.append)
+    again = LatentCache(out / path.name)
+    assert "continuing" in log[0] and again.meta["block"] == 3 and not again.missing()
+    for w in range(3, 6):  # block 1's windows
+        np.testing.assert_array_equal(again.read(w), LatentCache(path).read(w))
     # other weights: another digest, rebuilt
     other = nnx.clone(tok)
     leaf = nnx.state(other, nnx.Param)

@@ -74,14 +74,15 @@ class LatentCache:
         m = self.meta
         return -(-m["shape"][0] // m["block"])
 
-    def matches(self, identity: dict, shape: tuple[int, ...], dtype, block: int) -> bool:
+    def matches(self, identity: dict, shape: tuple[int, ...], dtype) -> bool:
+        """Whether this cache holds (or is building) these latents. Its block size is not compared:
+        a block is only the write unit (reads are per window), and a build continues with its own."""
         m = self.meta
         return (
             m is not None
             and m.get("identity") == identity
             and tuple(m.get("shape", ())) == tuple(shape)
             and m.get("dtype") == _zarr_dtype(dtype)
-            and m.get("block") == block
         )
 
     def create(self, identity: dict, shape: tuple[int, ...], dtype, block: int) -> None:

@@ -82,8 +82,10 @@ def build_latent_cache(
     tokenizer: nnx.Module, source: WindowSource, latents_dir: str | Path, block: int, log=print
 ) -> WindowSource:
     """Make sure `latents_dir/<split>-T<T>-s<stride>` holds the latents of every window of `source`;
-    encode what is missing (this process's blocks). Returns `source` reading that cache (its records
-    carry "latents" instead of "frames"). Call from every process."""
+    encode what is missing (this process's blocks). `block` windows are encoded at a time and
+    written as one file when the cache is new; an existing one keeps its own block size. Returns
+    `source` reading that cache (its records carry "latents" instead of "frames"). Call from every
+    process."""
     cache = LatentCache(Path(latents_dir) / cache_name(source.split, source.seq_len, source.stride))
     graphdef, state = _local_state(tokenizer)
     identity = {**source.identity(), "tokenizer": _digest(tokenizer.cfg, state)}
@@ -94,7 +96,7 @@ def build_latent_cache(
     )
     shape, dtype = (W, *out.shape[1:]), out.dtype
     if jax.process_index() == 0:
-        if cache.matches(identity, shape, dtype, block):
+        if cache.matches(identity, shape, dtype):
             done = cache.num_blocks - len(cache.missing())
             log(f"[latents] {cache.path}: {done} of {cache.num_blocks} blocks present, continuing")
         else:
@@ -103,6 +105,9 @@ def build_latent_cache(
             cache.create(identity, shape, dtype, block)
     barrier("latent cache created")
     cache = LatentCache(cache.path)  # re-read the metadata process 0 may have written
+    # An existing cache keeps its block size (the dynamics' and the BC phase's batches may differ:
+    # each would otherwise rebuild the other's cache), so missing blocks are encoded in its blocks.
+    block = cache.meta["block"]
     P, p = jax.process_count(), jax.process_index()
     missing = set(cache.missing())  # the same set in every process
     # Round r: process p encodes block r * P + p if missing. Every process walks the same rounds
