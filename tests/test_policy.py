@@ -238,6 +238,18 @@ def test_alive_weights_hand_values():
     np.testing.assert_allclose(w, [[1.0, 0.9, 0.45, 0.45]], rtol=1e-6)
 
 
+def test_expected_return_counts_the_reward_into_a_death_and_nothing_after():
+    # a death at state 2 (c_2 = 0) whose arrival reward is -1 (Craftax's health penalty): the real
+    # game counts it, so the imagined return must too: 1 + (-1) = 0, and state 3's 100 never counts
+    r = jnp.array([[0.0, 1.0, -1.0, 100.0], [5.0, 1.0, 2.0, 4.0]])
+    c = jnp.array([[1.0, 1.0, 0.0, 1.0], [0.3, 0.5, 0.5, 1.0]])
+    # row 2: w = [1, 0.5, 0.25, 0.25] -> 1 * 1 + 0.5 * 2 + 0.25 * 4 = 3 (r_0 and c_0 ignored)
+    np.testing.assert_allclose(Lo.expected_return(r, c), [0.0, 3.0], rtol=1e-6)
+    # = lambda_returns' R_0 at gamma = lambda = 1 with zero values
+    R = Lo.lambda_returns(r, jnp.zeros_like(r), c, gamma=1.0, lam=1.0)
+    np.testing.assert_allclose(R[:, 0], [0.0, 3.0], rtol=1e-6)
+
+
 def test_lambda_returns_stop_at_an_imagined_death():
     # death at state 2 (c_2 = 0): R_1 = r_2 only, nothing after the death leaks back
     r = jnp.array([[0.0, 1.0, 2.0, 100.0]])

@@ -41,7 +41,7 @@ from dreamer4.dynamics.evaluate import write_video
 from dreamer4.dynamics.sampler import context_inputs
 from dreamer4.policy.heads import Agent
 from dreamer4.policy.imagine import imagine_rollout, imagined_reward_cont
-from dreamer4.policy.losses import alive_weights
+from dreamer4.policy.losses import expected_return
 from dreamer4.runtime.loading import load_agent
 from dreamer4.runtime.stage import StageDir, open_dataset, write_json
 
@@ -231,9 +231,8 @@ def imagined_returns(
         z = agent.world.latents(frames)
         roll = imagine_rollout(agent, z, actions, mask, jnp.zeros((B,), jnp.int32), key, horizon, sampling)
         r, c = imagined_reward_cont(agent, roll, z[:, -1], cfg)
-        alive = alive_weights(c)
         video = agent.world.decode(jnp.concatenate([z, roll["z"]], 1))
-        return (r * alive)[:, 1:].sum(1), video
+        return expected_return(r, c), video
 
     r, video = jax.device_get(
         run(

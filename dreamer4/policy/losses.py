@@ -106,6 +106,19 @@ def alive_weights(cont_BT):
     return jnp.cumprod(c.at[:, 0].set(1.0), axis=1)
 
 
+def expected_return(rewards_BT, cont_BT):
+    """The undiscounted return of an imagined trajectory s_0..s_{T-1}, weighted by survival:
+
+        G = sum_{i=1}^{T-1} w_{i-1} r_i,   w_i = prod_{j=1}^{i} c_j (alive_weights; w_0 = 1),
+
+    with r_i the reward on arriving at s_i. The reward of a step into a death (c_i ~ 0) still
+    counts, weighted by P(s_{i-1} alive), as in the real game and in lambda_returns: G is the
+    gamma = lambda = 1, v = 0 case of R_0 = r_1 + c_1 (r_2 + c_2 (...)). Shape (B,).
+    """
+    r = jnp.asarray(rewards_BT, jnp.float32)
+    return jnp.sum(r[:, 1:] * alive_weights(cont_BT)[:, :-1], axis=1)
+
+
 def state_heads_loss(reward_logits_BTK, cont_logit_BT, rewards_BT, is_terminal_BT, valid_BT, bins_K):
     """Reward and continuation of the transition into step t from (z_{t-1}, z_t):
 
