@@ -673,6 +673,52 @@ def validate(cfg: Config) -> None:
         (cfg.agent.eval_envs >= 1, "agent.eval_envs", "must be >= 1"),
         (cfg.agent.eval_max_steps >= 2, "agent.eval_max_steps", "must be >= 2"),
     ]
+    for prefix, net in (("tokenizer", cfg.tokenizer), ("dynamics", cfg.dynamics)):
+        head = net.width // net.num_heads
+        checks += [
+            (
+                net.time_every <= net.depth,
+                f"{prefix}.time_every",
+                f"must be <= {prefix}.depth ({net.depth}): with {net.time_every} no layer attends across time",
+            ),
+            (
+                head % 2 == 0,
+                f"{prefix}.num_heads",
+                f"gives heads of width {head} ({prefix}.width / num_heads): rotary embeddings need an even width",
+            ),
+        ]
+    dy, ag = cfg.dynamics, cfg.agent
+    n_img = int(round(dy.train.batch_size * dy.single_image_share))
+    checks += [
+        (
+            not dy.space_rope or (dy.width // dy.num_heads) % 4 == 0,
+            "dynamics.space_rope",
+            f"needs heads of a width divisible by 4 (dynamics.width / num_heads = {dy.width // dy.num_heads})",
+        ),
+        (
+            dy.train.seq_len == 1 or n_img < dy.train.batch_size,
+            "dynamics.single_image_share",
+            f"leaves no sequences in a batch of dynamics.train.batch_size={dy.train.batch_size} "
+            f"({n_img} single images)",
+        ),
+        (
+            ag.critic_warmup < ag.imagine.steps,
+            "agent.critic_warmup",
+            f"must be < agent.imagine.steps ({ag.imagine.steps}): the policy learns only after the warm-up",
+        ),
+    ]
+    # TrainConfig keys the agent's phases do not read: refused rather than silently ignored.
+    unused = {
+        "precision": "the agent runs at dynamics.train.precision",
+        "residual": "the agent runs with dynamics.train.residual",
+        "seq_len": "imagination starts from agent.context_len real frames",
+    }
+    default = TrainConfig()
+    for section, t, keys in (("agent.bc", ag.bc, ("precision", "residual")), ("agent.imagine", ag.imagine, unused)):
+        checks += [
+            (getattr(t, k) == getattr(default, k), f"{section}.{k}", f"is not used ({unused[k]}); leave it out")
+            for k in keys
+        ]
     b = cfg.behavior
     checks += [
         (0.0 <= c.epsilon <= 1.0, "collect.epsilon", "must be in [0, 1]"),

@@ -73,6 +73,39 @@ def test_wrong_types_and_choices():
         load_config("no/such/file.yaml")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # no layer would attend across time; the model would still build and train
+        ("dynamics.time_every=5", r"'dynamics.time_every' must be <= dynamics.depth \(4\)"),
+        ("tokenizer.time_every=3", r"'tokenizer.time_every' must be <= tokenizer.depth \(2\)"),
+        # RoPE's error came at the first trace, without the key
+        ("tokenizer.width=12", r"'tokenizer.num_heads' gives heads of width 3"),
+        # every sample a single image: the dynamics would never see a sequence
+        ("dynamics.single_image_share=0.95", r"'dynamics.single_image_share' leaves no sequences .*batch_size=8"),
+        # the policy would never learn
+        ("agent.critic_warmup=500", r"'agent.critic_warmup' must be < agent.imagine.steps \(500\)"),
+        # keys of the shared TrainConfig that the agent's phases do not read
+        (
+            "agent.imagine.seq_len=16",
+            r"'agent.imagine.seq_len' is not used \(imagination starts from agent.context_len",
+        ),
+        ("agent.bc.precision=bf16", r"'agent.bc.precision' is not used \(the agent runs at dynamics.train.precision"),
+    ],
+)
+def test_values_no_stage_would_run_as_meant_are_refused_naming_the_key(override, message):
+    load_config(REPO / "configs" / "tiny.yaml")  # the preset itself is fine
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "tiny.yaml", [override])
+
+
+def test_a_space_rope_needs_heads_of_a_width_divisible_by_4():
+    rope = ["dynamics.space_rope=true", "dynamics.num_heads=4"]  # grounded: latents on the patch grid
+    load_config(REPO / "configs" / "grounded.yaml", rope + ["dynamics.width=64"])  # heads of 16
+    with pytest.raises(ConfigError, match=r"'dynamics.space_rope' needs heads of a width divisible by 4 .*= 18\)"):
+        load_config(REPO / "configs" / "grounded.yaml", rope + ["dynamics.width=72"])
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["collect.num_envs=5"])
     path = save_config(cfg, tmp_path)
