@@ -146,6 +146,31 @@ def test_cli_errors_name_the_missing_stage(dataset, tmp_path, capsys):
     assert rc == 2 and "holds no trained agent" in capsys.readouterr().err
 
 
+def test_bc_refuses_a_dataset_without_labeled_episodes(world_run, dataset, tmp_path):
+    """collect.labeled_fraction=0: the BC loss would be 0 at every step, the prior left untrained."""
+    import json
+    import shutil
+
+    from dreamer4.data.store import DatasetError
+    from dreamer4.policy.train import train_bc
+
+    data = tmp_path / "ds"
+    shutil.copytree(dataset[0], data)
+    m = json.loads((data / "manifest.json").read_text())
+    assert not (data / "manifest.log").exists()  # a finished dataset is one manifest.json
+    for shard in m["shards"]:
+        for ep in shard["episodes"]:
+            ep["labeled"] = False
+    m["labeled_fraction"] = 0.0
+    (data / "manifest.json").write_text(json.dumps(m))
+    run = tmp_path / "run"
+    for stage in ("tokenizer", "dynamics"):
+        shutil.copytree(world_run / stage, run / stage)
+    with pytest.raises(DatasetError, match=r"no labeled 'train' episode .*labeled_fraction was 0.0\)"):
+        train_bc(agent_config(), data, run)
+    assert not (run / "agent_bc" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_evaluate_real_episodes_and_report(trained_agent):
     from dreamer4.pipelines.report import write_report

@@ -36,6 +36,7 @@ from flax import nnx
 
 from dreamer4.config import Config, DynamicsConfig, DynamicsSampling
 from dreamer4.data.loader import window_source
+from dreamer4.data.store import DatasetError
 from dreamer4.dynamics.latent_cache import build_latent_cache
 from dreamer4.dynamics.model import batch_latents, observed
 from dreamer4.dynamics.sampler import context_inputs
@@ -208,6 +209,12 @@ def train_bc(cfg: Config, data_dir, run_dir) -> dict:
         _checked_dataset(stage, data_dir, cfg, facts)
         tc = cfg.agent.bc
         source = window_source(data_dir, cfg, "train", tc.seq_len, seq_len_key="agent.bc.seq_len")
+        if not any(source.episodes[i].labeled for i in source.base_windows[:, 0]):  # BC loss 0 at every step
+            raise DatasetError(
+                f"dataset {data_dir} has no labeled 'train' episode of at least agent.bc.seq_len={tc.seq_len} "
+                f"steps (collect.labeled_fraction was {source.ds.manifest.get('labeled_fraction')}): the BC "
+                f"phase learns the policy from labeled actions"
+            )
         if cfg.dynamics.latent_cache:  # with dynamics' seq_len and stride: the cache it built, reused
             source = build_latent_cache(agent.world.tokenizer, source, Path(run_dir) / "latents", tc.batch_size, log0)
 
