@@ -53,7 +53,8 @@ def sample_tau_d(key, shape, k_max: int, flow_share: float = 0.0, context_prob: 
     * flow_share > 0: d = d_min (a flow-matching target) with this probability, else d uniform
       over the coarser sizes {1, ..., 2 d_min} (bootstrap targets), as shortcut models do;
     * context_prob > 0: with this probability an entry is a near-clean history step as seen at
-      generation time: d = d_min and tau uniform on the k_max grid in [context_tau, 1 - d_min].
+      generation time: d = d_min and tau uniform on the k_max grid from the point nearest
+      context_tau (round(context_tau k_max) / k_max, the tau embedding's row for it) to 1 - d_min.
       Under uniform per-step levels a step's history is pure noise 39% of the time and at
       tau >= 0.75 only 15% of the time, so the use of clean context is rarely trained.
     """

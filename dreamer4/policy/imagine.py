@@ -82,7 +82,8 @@ def imagine_rollout(
 
 
 def imagined_reward_cont(agent: Agent, roll: dict, z_last_BLN, cfg: Config):
-    """Rewards r_BH1 (r[:, i] = reward on arriving at step i; r[:, 0] = 0) and continuation c_BH1 of the
+    """Rewards r_BH1 (r[:, i] = reward on arriving at step i; r[:, 0], the reward into the real start,
+    is 0 or the token head's prediction, and no return reads it) and continuation c_BH1 of the
     rollout's H + 1 states (c[:, 0] = 1, the real start), both stop-gradient.
 
     reward_source "state": the state heads on consecutive latents (z_last -> z_1 -> ... -> z_H), which

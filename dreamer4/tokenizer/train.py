@@ -48,7 +48,10 @@ def middle_clips(ds: Dataset, frames: int, max_episodes: int | None = None, key:
     (the first `max_episodes` of them; all without it). `key` names F in the error when none is long enough."""
     eps = [e for e in ds.split("eval") if e.length >= frames][:max_episodes]
     if not eps:
-        raise DatasetError(f"dataset {ds.root} has no eval episode of >= {key}={frames} steps")
+        raise DatasetError(
+            f"dataset {ds.root} has no eval episode of >= {key}={frames} steps "
+            f"({len(ds.split('eval'))} eval episodes; collect.eval_fraction was {ds.manifest.get('eval_fraction')})"
+        )
     start = [(e.length - frames) // 2 for e in eps]
     return np.stack([ds.read(e, s0, s0 + frames, ("frame",))["frame"] for e, s0 in zip(eps, start)])
 
