@@ -426,8 +426,10 @@ def test_texture_cache_is_built_once_under_a_lock_and_never_seen_half_written(tm
     into a file renamed into place: a process waiting on the lock uses the other's file, and a
     reader meanwhile sees no file or the whole one."""
     import fcntl
+    import functools
     import threading
     import time
+    import types
 
     from dreamer4.data import env
 
@@ -436,17 +438,17 @@ def test_texture_cache_is_built_once_under_a_lock_and_never_seen_half_written(tm
     whole = bytes(range(256)) * 64
     builds = []
 
-    class C:  # stands in for a Craftax constants module: load_all_textures saves where its global says
-        TEXTURE_CACHE_FILE = str(path)
+    @functools.cache  # as Craftax's: one copy of the textures per process
+    def load_all_textures():
+        builds.append(C.TEXTURE_CACHE_FILE)
+        with open(C.TEXTURE_CACHE_FILE, "wb") as f:  # where the module's global says, in place, slowly
+            for i in range(0, len(whole), 1024):
+                f.write(whole[i : i + 1024])
+                f.flush()
+                time.sleep(0.005)
+        return "textures"
 
-        @staticmethod
-        def load_all_textures():
-            builds.append(C.TEXTURE_CACHE_FILE)
-            with open(C.TEXTURE_CACHE_FILE, "wb") as f:
-                for i in range(0, len(whole), 1024):
-                    f.write(whole[i : i + 1024])
-                    f.flush()
-                    time.sleep(0.005)
+    C = types.SimpleNamespace(TEXTURE_CACHE_FILE=str(path), load_all_textures=load_all_textures)
 
     # 1. another process holds the lock while it builds: this one waits, then uses that file
     lock = open(path.with_name(path.name + ".lock"), "a+")
@@ -483,6 +485,8 @@ def test_texture_cache_is_built_once_under_a_lock_and_never_seen_half_written(tm
     assert "building Craftax's texture cache" in logs[0] and not list(path.parent.glob(".*.tmp"))
     env.texture_cache(C)  # 3. present: nothing to build
     assert len(builds) == 1
+    path.unlink()  # 4. removed while this process holds the textures in memory: built again
+    assert env.texture_cache(C, log=lambda *a: None) == path and path.read_bytes() == whole and len(builds) == 2
 
 
 def test_texture_cache_of_a_read_only_craftax_lives_in_the_users_cache(tmp_path, monkeypatch):
@@ -523,6 +527,7 @@ def test_a_damaged_texture_cache_is_named_with_what_to_do(tmp_path, monkeypatch)
 
     torn = tmp_path / "texture_cache_classic.pbz2"
     monkeypatch.setattr(C, "TEXTURE_CACHE_FILE", str(torn))
+    C.load_all_textures.cache_clear()  # Craftax keeps textures per process: read the file again
     whole = bz2.compress(pickle.dumps({"textures": np.arange(100_000)}))
     for damaged in (whole[: len(whole) // 2], b"not bz2 at all"):  # a build killed part-way; another file
         torn.write_bytes(damaged)

@@ -107,6 +107,9 @@ def texture_cache(C, log=print) -> Path:
             log(f"building Craftax's texture cache {path} (once per install, about a minute)")
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             C.TEXTURE_CACHE_FILE = str(tmp)  # load_all_textures saves where this global says
+            # Craftax keeps the textures in an lru_cache per process: a copy already in memory would
+            # return without building (and without writing the file)
+            getattr(C.load_all_textures, "cache_clear", lambda: None)()
             try:
                 C.load_all_textures()
                 os.replace(tmp, path)
