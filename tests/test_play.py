@@ -75,15 +75,23 @@ def test_key_bindings_are_craftaxs_own():
 
 def test_decode_prefill_continues_like_decode():
     tok = build_tokenizer(make_test_config(TOK_OVERRIDES), (16, 16, 3))
+    # the read-out starts at zero (every frame the bias): give it weights, or zeros equal zeros
+    k = tok.patch_out.kernel
+    k[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(1), k.shape)
     z = jax.random.uniform(jax.random.PRNGKey(0), (1, 4, tok.cfg.num_latents, tok.cfg.latent_dim), minval=-1)
     full = nnx.jit(lambda m, z: m.decode(z))(tok, z)
+    assert not np.allclose(full[:, 2], full[:, 3], atol=1e-3)  # frames differ: the checks can fail
     head, dec = nnx.jit(lambda m, z: m.decode_prefill(z, 4))(tok, z[:, :2])
     np.testing.assert_allclose(head, full[:, :2], atol=1e-5)
     step = nnx.jit(lambda m, z, c, t: m.decode_step(z, c, t))
+    fresh = dec
     for t in (2, 3):
         out, cache = step(tok, z[:, t : t + 1], {"dec": dec}, jnp.int32(t))
         dec = cache["dec"]
         np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5)
+    # the step reads its cache: frame 3 after only the prefill (frame 2 never stepped) differs
+    out, _ = step(tok, z[:, 3:4], {"dec": fresh}, jnp.int32(3))
+    assert not np.allclose(out[:, 0], full[:, 3], atol=1e-4)
 
 
 def test_recorder_refuses_other_env_a_second_recorder_and_cleans_uncommitted_shards(tmp_path):

@@ -72,6 +72,7 @@ def test_a_run_that_is_not_finished_is_named(tmp_path):
         ts.read_run(run)
 
 
-def test_seed_comes_from_seeds_not_set(tmp_path):
-    with pytest.raises(SystemExit):
+def test_seed_comes_from_seeds_not_set(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         ts.main(["--seeds", "1", "--root", str(tmp_path), "--set", "seed=3"])
+    assert exit_.value.code == 2 and "--set seed=... is what --seeds sets" in capsys.readouterr().err
