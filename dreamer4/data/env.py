@@ -92,15 +92,13 @@ def texture_cache(C, log=print) -> Path:
     ($XDG_CACHE_HOME or ~/.cache, under dreamer4/craftax-VERSION/) and `C` is pointed there.
     """
     path = Path(C.TEXTURE_CACHE_FILE)
-    if path.exists():
-        return path
-    if not os.access(path.parent, os.W_OK):
+    if not path.exists() and not os.access(path.parent, os.W_OK):
         home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         path = home / "dreamer4" / f"craftax-{metadata.version('craftax')}" / path.name
         path.parent.mkdir(parents=True, exist_ok=True)
         C.TEXTURE_CACHE_FILE = str(path)  # where Craftax's loader reads (and builder saves) it
-        if path.exists():
-            return path
+    if path.exists():
+        return path
     with _build_lock, open(path.with_name(path.name + ".lock"), "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if not path.exists():  # not built by another process while this one waited
