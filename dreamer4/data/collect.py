@@ -552,7 +552,7 @@ def _collect(
             _check_header(root, m, header)
         mine = [s for s in m["shards"] if s["writer"] == writer]
         wstate = m["writers"].get(str(writer), {})
-        header_now = {k: v for k, v in m.items() if k not in ("shards", "writers")}
+        header_now = store.manifest_header(m)
     target = episodes_for_writer(c.num_episodes, writer, num_writers)
     shards_done = len(mine)
     episodes_done = sum(len(s["episodes"]) for s in mine)

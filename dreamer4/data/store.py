@@ -95,6 +95,12 @@ def env_header(spec, frame_shape=None) -> dict:
     }
 
 
+def manifest_header(m: dict) -> dict:
+    """The dataset's header: the manifest without its committed shards and writers' status (what
+    every shard's group attributes carry, so `rebuild_manifest` can restore a lost manifest)."""
+    return {k: v for k, v in m.items() if k not in ("shards", "writers")}
+
+
 def manifest_log_path(root: str | Path) -> Path:
     return Path(root) / MANIFEST_LOG
 
@@ -416,7 +422,7 @@ def write_shard(
         if entry is not None:
             attrs = {SHARD_ATTR: {**entry, "digests": digests, "written_at": time.time()}}
             if header is not None:
-                attrs[HEADER_ATTR] = {k: v for k, v in header.items() if k not in ("shards", "writers")}
+                attrs[HEADER_ATTR] = manifest_header(header)
             _write_json_atomic(d / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
     return digests
 

@@ -319,7 +319,7 @@ def import_videos(
                 read_chunk=cfg.collect.read_chunk_frames,
                 zstd_level=cfg.collect.zstd_level,
                 entry={**entry, "batch": {"first": len(mine), "count": len(todo)}},
-                header={k2: v for k2, v in m.items() if k2 not in ("shards", "writers")},
+                header=store.manifest_header(m),
             )
             new_shards.append(
                 {

@@ -106,6 +106,7 @@ class Recorder:
             if not m:
                 m.update(new_header(spec))
             mine = [s for s in m["shards"] if s["writer"] == WRITER]
+            self.header = store.manifest_header(m)  # fixed once the dataset is made
         self.shards = len(mine)
         self.episodes = sum(len(s["episodes"]) for s in mine)
         sdir = self.root / "shards"
@@ -136,7 +137,6 @@ class Recorder:
             "context_steps": int(context_steps),
         }
         entry = {"name": name, "writer": WRITER, "index": self.shards, "num_frames": T, "episodes": [episode]}
-        header = {k: v for k, v in (store.read_manifest(self.root) or {}).items() if k not in ("shards", "writers")}
         digests = store.write_shard(
             self.root,
             name,
@@ -144,7 +144,7 @@ class Recorder:
             read_chunk=self.read_chunk,
             zstd_level=self.zstd_level,
             entry={**entry, "target_episodes": None, "final": False},
-            header=header,
+            header=self.header,
         )
         # The commit: one line appended to the manifest's log, as collect's commits are, so a
         # recording into a large collected dataset does not rewrite its whole manifest per episode.
